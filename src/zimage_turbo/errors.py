@@ -1,0 +1,106 @@
+"""The errors zimage-turbo raises.
+
+Every error the library raises on purpose derives from :class:`ZImageError`, so an app can catch one class.
+Errors about bad input also derive from :class:`ValueError`, and "model not found" from
+:class:`FileNotFoundError`, so code written against the built-in exceptions keeps working.
+
+    ZImageError
+    ├── InvalidRequestError (ValueError)      a generate() argument is out of range or of the wrong type
+    ├── InvalidSettingsError (ValueError)     a setting (argument, ZIMAGE_* variable, .env line) is invalid
+    ├── UnknownStrategyError (ValueError)     a strategy name or object that we do not know
+    ├── StrategyUnavailableError              the strategy cannot run on this machine (no GPU, say)
+    ├── CheckpointError                       make_checkpoint() could not build what was asked
+    ├── ModelSourceError                      the model could not be found or fetched
+    │   ├── ModelNotFoundError (FileNotFoundError)
+    │   ├── IncompleteModelError              the folder is not a complete Z-Image pipeline
+    │   └── DownloadError                     every hub we tried failed
+    ├── ModelLoadError                        the files are there, but loading them failed
+    ├── NumericalError                        the denoiser produced NaN/inf (a black image otherwise)
+    └── GeneratorClosedError                  the Generator was closed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "CheckpointError",
+    "DownloadError",
+    "GeneratorClosedError",
+    "IncompleteModelError",
+    "InvalidRequestError",
+    "InvalidSettingsError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "ModelSourceError",
+    "NumericalError",
+    "StrategyUnavailableError",
+    "UnknownStrategyError",
+    "ZImageError",
+]
+
+
+class ZImageError(Exception):
+    """Base class of every error zimage-turbo raises on purpose."""
+
+
+class InvalidRequestError(ZImageError, ValueError):
+    """A generation argument is invalid; raised before any weights are loaded or GPU memory is touched."""
+
+
+class InvalidSettingsError(ZImageError, ValueError):
+    """A setting is invalid. The message names the field and its ``ZIMAGE_*`` variable."""
+
+
+class UnknownStrategyError(ZImageError, ValueError):
+    """A strategy name (or object) that zimage-turbo does not know."""
+
+
+class StrategyUnavailableError(ZImageError):
+    """The requested strategy cannot run on this machine."""
+
+
+class CheckpointError(ZImageError):
+    """``make_checkpoint`` could not build the requested checkpoint."""
+
+
+class ModelSourceError(ZImageError):
+    """The model could not be resolved to a complete local folder."""
+
+
+class ModelNotFoundError(ModelSourceError, FileNotFoundError):
+    """The model is neither a local folder nor in any cache we searched, and we may not download it.
+
+    ``searched`` lists the places that were looked at.
+    """
+
+    def __init__(self, message: str, searched: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.searched: tuple[str, ...] = tuple(searched)
+
+
+class IncompleteModelError(ModelSourceError):
+    """The folder exists but is not a complete Z-Image pipeline.
+
+    ``missing`` lists every file (relative to the folder) that is absent or unusable.
+    """
+
+    def __init__(self, message: str, missing: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.missing: tuple[str, ...] = tuple(missing)
+
+
+class DownloadError(ModelSourceError):
+    """No hub could provide the model; the message lists each attempt and why it failed."""
+
+
+class ModelLoadError(ZImageError):
+    """The model folder is complete, but diffusers/transformers failed to load it."""
+
+
+class NumericalError(ZImageError):
+    """The denoised latents contain NaN or infinity; the image would have been black or noise."""
+
+
+class GeneratorClosedError(ZImageError):
+    """The Generator was closed; create a new one."""

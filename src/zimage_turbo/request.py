@@ -1,0 +1,141 @@
+"""One generation request, validated before any weights move.
+
+The checks here are the cheap ones that need no model: types, ranges, multiples of 16. Everything that
+:meth:`Generator.generate` accepts passes through :class:`GenerationRequest`, so a bad argument raises
+:class:`~zimage_turbo.errors.InvalidRequestError` before a byte of weights is read.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import secrets
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .errors import InvalidRequestError
+
+__all__ = [
+    "DEFAULT_STEPS",
+    "MAX_IMAGES",
+    "MAX_SEED",
+    "MAX_SIDE",
+    "MAX_STEPS",
+    "MIN_SIDE",
+    "SIDE_MULTIPLE",
+    "GenerationRequest",
+    "random_seed",
+]
+
+# The transformer works on 2x2 patches of a latent that is 8x smaller than the image.
+SIDE_MULTIPLE = 16
+MIN_SIDE = 256
+MAX_SIDE = 2048
+# diffusers >= 0.39 counts steps as transformer passes: 8 passes reproduce the official "9 step" schedule
+# of Z-Image-Turbo (whose last step was a no-op). See docs/usage.md.
+DEFAULT_STEPS = 8
+MAX_STEPS = 200
+MAX_IMAGES = 16
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate. Construction validates every field.
+
+    ``seed`` may be None (a random seed is drawn by :meth:`with_seed`). Image ``k`` of a request starts from
+    the noise of seed ``seed + k``, so any image of a batch can be reproduced alone (up to float rounding:
+    batched matrix products round differently from single ones).
+    """
+
+    prompt: str
+    height: int = 1024
+    width: int = 1024
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = 0.0
+    negative_prompt: str | None = None
+    num_images: int = 1
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompt", _check_prompt("prompt", self.prompt))
+        if self.negative_prompt is not None:
+            object.__setattr__(self, "negative_prompt", _check_text("negative_prompt", self.negative_prompt))
+        for side in ("height", "width"):
+            object.__setattr__(self, side, _check_side(side, getattr(self, side)))
+        object.__setattr__(self, "steps", _check_int("steps", self.steps, 1, MAX_STEPS))
+        object.__setattr__(self, "num_images", _check_int("num_images", self.num_images, 1, MAX_IMAGES))
+        object.__setattr__(self, "guidance_scale", _check_guidance(self.guidance_scale))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", _check_int("seed", self.seed, 0, MAX_SEED))
+            if self.seed + self.num_images - 1 > MAX_SEED:
+                raise InvalidRequestError(
+                    f"seed {self.seed} + {self.num_images - 1} exceeds the largest seed {MAX_SEED}: image k of "
+                    "a request uses seed + k"
+                )
+
+    def with_seed(self) -> GenerationRequest:
+        """This request with a concrete seed (a random one if none was given)."""
+        return self if self.seed is not None else replace(self, seed=random_seed(self.num_images))
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """One seed per image: ``seed, seed + 1, ...``. Empty until a seed is set."""
+        if self.seed is None:
+            return ()
+        return tuple(self.seed + k for k in range(self.num_images))
+
+
+def random_seed(count: int = 1) -> int:
+    """A random seed that leaves room for ``count`` consecutive seeds."""
+    return secrets.randbelow(2**63 - count)
+
+
+def _check_text(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{name} must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise InvalidRequestError(f"{name} contains a NUL character")
+    return value
+
+
+def _check_prompt(name: str, value: object) -> str:
+    text = _check_text(name, value)
+    if not text.strip():
+        raise InvalidRequestError(f"{name} is empty; describe the image to generate")
+    return text
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> int:
+    # operator.index accepts int and numpy integers but not floats, strings or None; bool is an int
+    # subclass that is almost always a mistake here.
+    if isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be an integer, got a bool ({value})")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise InvalidRequestError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if not low <= number <= high:
+        raise InvalidRequestError(f"{name} must be between {low} and {high}, got {number}")
+    return number
+
+
+def _check_side(name: str, value: object) -> int:
+    side = _check_int(name, value, -(2**31), 2**31)
+    if not MIN_SIDE <= side <= MAX_SIDE or side % SIDE_MULTIPLE:
+        nearest = min(max(math.floor(side / SIDE_MULTIPLE + 0.5) * SIDE_MULTIPLE, MIN_SIDE), MAX_SIDE)
+        raise InvalidRequestError(
+            f"{name} must be a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE} pixels, "
+            f"got {side} (nearest allowed: {nearest})"
+        )
+    return side
+
+
+def _check_guidance(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidRequestError(f"guidance_scale must be a number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise InvalidRequestError(f"guidance_scale must be a finite number >= 0, got {number}")
+    return number

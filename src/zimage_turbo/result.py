@@ -1,0 +1,135 @@
+"""What a generation returns: the images and an account of how they were made."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import InvalidRequestError
+
+__all__ = ["GenerationResult", "Timings", "check_output_path", "save_image_atomically"]
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent in each phase of one call. ``load`` is non-zero only for the call that loaded the model."""
+
+    load: float = 0.0
+    encode: float = 0.0
+    denoise: float = 0.0
+    decode: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.load + self.encode + self.denoise + self.decode
+
+
+@dataclass(frozen=True, eq=False)
+class GenerationResult:
+    """Images of one ``generate`` call and how they were made.
+
+    In Jupyter the result shows its first image. ``result.save("out.png")`` writes it.
+
+    Attributes:
+        images: the generated images, in seed order.
+        seeds: the seed of each image (image ``k`` used ``seeds[k]``); pass ``seed=seeds[0]`` to repeat.
+        strategy: the load strategy that produced the images (e.g. ``"full_gpu"``).
+        device: where the denoiser ran (e.g. ``"cuda:0"``).
+        timings: seconds per phase.
+        peak_memory: peak bytes per device: ``"cuda:N"`` is the peak allocated by torch during this
+            call; ``"host"`` is the peak resident memory of the whole process so far.
+        fallbacks: each change of plan taken to get here, with its reason (empty when none).
+        warnings: things the caller should know (a prompt cut at the token limit, an ignored option).
+    """
+
+    images: tuple[Image.Image, ...]
+    prompt: str
+    seeds: tuple[int, ...]
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    strategy: str
+    device: str
+    dtype: str
+    timings: Timings
+    peak_memory: Mapping[str, int] = field(default_factory=dict)
+    fallbacks: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def image(self) -> Image.Image:
+        """The first image."""
+        return self.images[0]
+
+    @property
+    def seed(self) -> int:
+        """The seed of the first image."""
+        return self.seeds[0]
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = True) -> list[Path]:
+        """Write the images; returns the paths written.
+
+        One image goes to ``path``. Several go to ``<stem>-<k><suffix>`` (``out-0.png``, ``out-1.png``...).
+        Each file is written to a temporary name and renamed, so a crash never leaves a partial image.
+        """
+        target = Path(path)
+        if len(self.images) == 1:
+            targets = [target]
+        else:
+            targets = [target.with_name(f"{target.stem}-{k}{target.suffix}") for k in range(len(self.images))]
+        for each in targets:
+            check_output_path(each, overwrite=overwrite)
+        for image, each in zip(self.images, targets, strict=True):
+            save_image_atomically(image, each)
+        return targets
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def __repr__(self) -> str:
+        return (
+            f"GenerationResult({len(self.images)} image(s) {self.width}x{self.height}, seed={self.seeds[0]}, "
+            f"steps={self.steps}, strategy={self.strategy!r}, device={self.device!r}, "
+            f"{self.timings.total:.2f} s)"
+        )
+
+
+def check_output_path(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Refuse an output path that cannot be written, before any expensive work happens."""
+    target = Path(path).expanduser()
+    if not target.suffix:
+        raise InvalidRequestError(f"output path {str(target)!r} has no file extension (.png, .jpg, .webp...)")
+    if target.suffix.lower() not in Image.registered_extensions():
+        raise InvalidRequestError(f"output path {str(target)!r}: Pillow cannot write {target.suffix!r} files")
+    folder = target.parent
+    if not folder.is_dir():
+        raise InvalidRequestError(f"output folder {str(folder)!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise InvalidRequestError(f"output folder {str(folder)!r} is not writable")
+    if target.is_dir():
+        raise InvalidRequestError(f"output path {str(target)!r} is a folder; give a file name")
+    if target.exists() and not overwrite:
+        raise InvalidRequestError(f"{str(target)!r} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    return target
+
+
+def save_image_atomically(image: Image.Image, path: Path) -> None:
+    """Save to a temporary file beside ``path``, then rename: readers never see half a file."""
+    image_format = Image.registered_extensions()[path.suffix.lower()]
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            image.save(stream, format=image_format)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,136 @@
+"""Settings: one validated object, filled from arguments, ``ZIMAGE_*`` environment variables and ``.env``.
+
+Precedence, highest first: keyword arguments, environment variables, the ``.env`` file in the current
+directory, the defaults below. Settings are read when you build a ``ZImageSettings`` (or a ``Generator``
+without one), never at import time, so importing the library never reads a stray ``.env``.
+
+    >>> ZImageSettings(dtype="bfloat16", vram_reserve_gib=2).dtype
+    'bfloat16'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import InvalidSettingsError
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "STRATEGY_NAMES",
+    "DtypeName",
+    "SourceName",
+    "StrategyName",
+    "ZImageSettings",
+]
+
+DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+ENV_PREFIX = "ZIMAGE_"
+
+SourceName = Literal["auto", "huggingface", "modelscope", "local"]
+DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
+# "auto" lets the library choose; the others name a LoadStrategy (see zimage_turbo.strategies).
+StrategyName = Literal["auto", "full_gpu", "cpu"]
+STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
+
+
+class ZImageSettings(BaseSettings):
+    """Everything that configures how the model is found, loaded and run.
+
+    Each field can also be set through an environment variable named ``ZIMAGE_<FIELD>`` (for example
+    ``ZIMAGE_CACHE_DIR``), or a line of that form in a ``.env`` file. Invalid values raise
+    :class:`~zimage_turbo.errors.InvalidSettingsError` at construction, naming the field.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        # A .env file usually holds other programs' variables too: ignore them. Misspelt keyword
+        # arguments are still refused, in __init__ below.
+        extra="ignore",
+        frozen=True,
+        validate_default=True,
+    )
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        min_length=1,
+        description="A Hugging Face / ModelScope repo id ('owner/name') or a local folder.",
+    )
+    source: SourceName = Field(
+        "auto",
+        description="Where to look: 'auto' tries a local folder, then the Hugging Face and ModelScope "
+        "caches, then downloads (Hugging Face first).",
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="Root of the model caches, like HF_HOME and MODELSCOPE_CACHE: Hugging Face files go "
+        "under <cache_dir>/hub, ModelScope files under <cache_dir>/models. Unset: each hub's own "
+        "variables (HF_HUB_CACHE, HF_HOME, MODELSCOPE_CACHE) or its default.",
+    )
+    revision: str | None = Field(None, min_length=1, description="Branch, tag or commit on the hub.")
+    offline: bool = Field(
+        False, description="Never touch the network; use caches only (HF_HUB_OFFLINE=1 has the same effect)."
+    )
+    dtype: DtypeName = Field(
+        "auto",
+        description="Weight and compute dtype. 'auto': bfloat16 on GPUs that support it natively "
+        "(compute capability 8.0+) and on Apple MPS, float32 on CPUs and older GPUs.",
+    )
+    strategy: StrategyName = Field("auto", description="How to place the model: 'auto' or a strategy name.")
+    vram_reserve_gib: float = Field(
+        1.0, ge=0, le=1024, description="GPU memory (GiB) left free for the CUDA context and other programs."
+    )
+    vram_budget_gib: float | None = Field(
+        None,
+        gt=0,
+        le=1024,
+        description="Use at most this much memory (GiB) per GPU, for cards shared with other programs.",
+    )
+    allow_downscale: bool = Field(
+        False,
+        description="When nothing fits, allow a lower resolution (aspect ratio kept); the result says so.",
+    )
+    progress: bool = Field(True, description="Show progress bars (loading, denoising).")
+
+    def __init__(self, **values: Any) -> None:
+        unknown = sorted(set(values) - set(type(self).model_fields))
+        if unknown:
+            known = ", ".join(type(self).model_fields)
+            raise InvalidSettingsError(f"Unknown setting(s) {', '.join(unknown)}; known settings: {known}.")
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise InvalidSettingsError(_describe_validation_error(exc)) from None
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value.strip()
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand_cache_dir(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
+    def replace(self, **changes: Any) -> ZImageSettings:
+        """Return a copy with some fields changed, validated like a new object.
+
+        Environment variables do not leak into the copy: every field comes from this object or ``changes``.
+        """
+        return type(self)(**{**self.model_dump(), **changes})
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "settings"
+        env_name = ENV_PREFIX + field.upper()
+        lines.append(f"{field} (env {env_name}): {error['msg']}; got {error.get('input')!r}")
+    return "Invalid zimage-turbo settings:\n  " + "\n  ".join(lines)
