@@ -1,0 +1,184 @@
+"""Is a folder a complete Z-Image pipeline? Checked before loading, so that a missing file is named
+up front instead of surfacing as a confusing error halfway through a 20 GB load.
+
+The expected layout is the one diffusers writes and the hubs serve::
+
+    model_index.json
+    scheduler/scheduler_config.json
+    tokenizer/tokenizer_config.json + tokenizer.json (or vocab.json + merges.txt)
+    text_encoder/config.json + model.safetensors (or model.safetensors.index.json + its shards)
+    transformer/config.json + diffusion_pytorch_model.safetensors (or an index + shards)
+    vae/config.json + diffusion_pytorch_model.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import IncompleteModelError
+
+__all__ = ["PIPELINE_CLASS", "WEIGHTED_COMPONENTS", "PipelineLayout", "check_pipeline_dir"]
+
+PIPELINE_CLASS = "ZImagePipeline"
+# component -> the class names diffusers/transformers may record for it in model_index.json
+EXPECTED_CLASSES: dict[str, tuple[str, ...]] = {
+    "transformer": ("ZImageTransformer2DModel",),
+    "text_encoder": ("Qwen3Model", "Qwen3ForCausalLM"),
+    "vae": ("AutoencoderKL",),
+    "tokenizer": ("Qwen2Tokenizer", "Qwen2TokenizerFast", "PreTrainedTokenizerFast", "TokenizersBackend"),
+    "scheduler": ("FlowMatchEulerDiscreteScheduler",),
+}
+CONFIG_FILES = {
+    "transformer": "config.json",
+    "text_encoder": "config.json",
+    "vae": "config.json",
+    "scheduler": "scheduler_config.json",
+    "tokenizer": "tokenizer_config.json",
+}
+WEIGHTED_COMPONENTS = ("transformer", "text_encoder", "vae")
+# (file relative to the root, what is wrong with it)
+Problems = list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """The files of a complete pipeline folder."""
+
+    root: Path
+    # component -> its safetensors files, relative to root, in shard order
+    weight_files: dict[str, tuple[str, ...]]
+    # component -> the class model_index.json names for it (one of EXPECTED_CLASSES)
+    classes: dict[str, str]
+
+    def weight_paths(self, component: str) -> tuple[Path, ...]:
+        return tuple(self.root / name for name in self.weight_files[component])
+
+
+def check_pipeline_dir(path: str | Path) -> PipelineLayout:
+    """Check that ``path`` holds a complete Z-Image pipeline; return its weight files.
+
+    Raises :class:`~zimage_turbo.errors.IncompleteModelError` listing every missing or unusable file.
+    """
+    root = Path(path)
+    problems: Problems = []
+    index_file = root / "model_index.json"
+    index = _read_json(index_file, problems, "model_index.json")
+    if index is None:
+        _raise(root, problems)
+    assert index is not None
+
+    class_name = index.get("_class_name")
+    if class_name != PIPELINE_CLASS:
+        problems.append(("model_index.json", f"pipeline class is {class_name!r}, expected {PIPELINE_CLASS!r}"))
+
+    weight_files: dict[str, tuple[str, ...]] = {}
+    classes: dict[str, str] = {}
+    for component, expected in EXPECTED_CLASSES.items():
+        entry = index.get(component)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1] is not None):
+            problems.append(("model_index.json", f"no {component!r} component"))
+            continue
+        classes[component] = str(entry[1])
+        if entry[1] not in expected:
+            problems.append(
+                (
+                    "model_index.json",
+                    f"{component} class is {entry[1]!r}, expected one of {', '.join(expected)}",
+                )
+            )
+        folder = root / component
+        config_name = f"{component}/{CONFIG_FILES[component]}"
+        if not (root / config_name).is_file():
+            problems.append((config_name, "missing"))
+        if component == "tokenizer":
+            _check_tokenizer_files(folder, problems)
+        elif component in WEIGHTED_COMPONENTS:
+            weight_files[component] = _check_weights(root, component, problems)
+
+    if problems:
+        _raise(root, problems)
+    return PipelineLayout(root=root, weight_files=weight_files, classes=classes)
+
+
+def _read_json(path: Path, problems: Problems, name: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        problems.append((name, "missing"))
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append((name, f"unreadable: {exc}"))
+        return None
+    if not isinstance(data, dict):
+        problems.append((name, "not a JSON object"))
+        return None
+    return data
+
+
+def _check_tokenizer_files(folder: Path, problems: Problems) -> None:
+    if (folder / "tokenizer.json").is_file():
+        return
+    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        problems.append(("tokenizer/tokenizer.json", "missing (and no vocab.json + merges.txt either)"))
+
+
+def _check_weights(root: Path, component: str, problems: Problems) -> tuple[str, ...]:
+    folder = root / component
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        return _check_sharded(root, component, indexes[0], problems)
+    singles = sorted(folder.glob("*.safetensors"))
+    if singles:
+        return tuple(f"{component}/{file.name}" for file in singles[:1])
+    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickled:
+        problems.append(
+            (
+                f"{component}/*.safetensors",
+                f"missing; found only pickle files ({', '.join(pickled)}), which zimage-turbo does not load "
+                "because loading them can run code",
+            )
+        )
+    else:
+        problems.append((f"{component}/*.safetensors", "missing"))
+    return ()
+
+
+def _check_sharded(root: Path, component: str, index_path: Path, problems: Problems) -> tuple[str, ...]:
+    label = f"{component}/{index_path.name}"
+    index = _read_json(index_path, problems, label)
+    if index is None:
+        return ()
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        problems.append((label, "no weight_map"))
+        return ()
+    shards: list[str] = []
+    for shard in weight_map.values():
+        if shard not in shards:
+            shards.append(str(shard))
+    present: list[str] = []
+    for shard in shards:
+        # A shard name is a plain file name beside the index; anything else could point outside the model.
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            problems.append((label, f"refusing shard name {shard!r}: not a plain file name"))
+            continue
+        if not (root / component / shard).is_file():
+            problems.append((f"{component}/{shard}", f"missing (named by {index_path.name})"))
+            continue
+        present.append(f"{component}/{shard}")
+    return tuple(present)
+
+
+def _raise(root: Path, problems: Problems) -> None:
+    missing = list(dict.fromkeys(name for name, _ in problems))
+    listing = "\n  ".join(f"{name}: {reason}" for name, reason in problems)
+    raise IncompleteModelError(
+        f"{root} is not a complete Z-Image pipeline:\n  {listing}\n"
+        "Download the missing files again (zimage-turbo resumes a partial download), or point --model at a "
+        "complete folder.",
+        missing=missing,
+    )
