@@ -1,0 +1,245 @@
+"""The ``zimage-turbo`` command (also ``python -m zimage_turbo``).
+
+    zimage-turbo generate "a red fox in the snow" -o fox.png --seed 7 --size 1024x768
+    zimage-turbo demo                      # tiny random-weight model, no download: checks the install
+    zimage-turbo make-checkpoint tiny DIR  # or: full DIR (real sizes, random weights; needs a GPU)
+    zimage-turbo hardware                  # what the library sees
+
+Exit status: 0 success, 2 bad arguments or settings, 1 any other error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .errors import InvalidRequestError, InvalidSettingsError, UnknownStrategyError, ZImageError
+from .request import DEFAULT_STEPS
+from .settings import STRATEGY_NAMES, ZImageSettings
+
+__all__ = ["main"]
+
+logger = logging.getLogger("zimage_turbo")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEMO_PROMPT = "a lighthouse on a rocky coast at sunset, oil painting"
+DEMO_SIZE = 512
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    _configure_logging(quiet=args.quiet, verbose=args.verbose)
+    try:
+        return int(args.handler(args))
+    except (InvalidRequestError, InvalidSettingsError, UnknownStrategyError) as exc:
+        print(f"zimage-turbo: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ZImageError as exc:
+        print(f"zimage-turbo: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("zimage-turbo: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        # main() may be called in-process (tests, notebooks): leave the library's logger as we found it.
+        logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+
+    parser = argparse.ArgumentParser(
+        prog="zimage-turbo",
+        description="Run Z-Image-Turbo text-to-image on whatever hardware you have.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", parents=[common], help="generate an image from a prompt")
+    generate.add_argument("prompt", help="what to draw")
+    generate.add_argument("-o", "--output", default="out.png", help="image file to write (default: out.png)")
+    generate.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    generate.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    generate.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"transformer passes (default {DEFAULT_STEPS})"
+    )
+    generate.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 16 (default 1024x1024)")
+    generate.add_argument("--guidance", type=float, default=0.0, help="guidance scale (default 0 for Turbo)")
+    generate.add_argument("--negative-prompt", default=None, help="used only with --guidance > 0")
+    generate.add_argument("--num-images", type=int, default=1, help="images for this prompt (default 1)")
+    _add_model_options(generate)
+    generate.set_defaults(handler=_cmd_generate)
+
+    demo = commands.add_parser(
+        "demo", parents=[common], help="generate with the built-in tiny random-weight model (no download)"
+    )
+    demo.add_argument("-o", "--output", default="demo.png", help="image file to write (default: demo.png)")
+    demo.set_defaults(handler=_cmd_demo)
+
+    make = commands.add_parser(
+        "make-checkpoint", parents=[common], help="build a random-weight checkpoint (tiny or full size)"
+    )
+    make.add_argument("preset", choices=["tiny", "full"])
+    make.add_argument("directory", type=Path)
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--device", default=None, help="build device for 'full' (default: cuda if available)")
+    make.add_argument("--overwrite", action="store_true", help="replace a checkpoint made earlier")
+    make.set_defaults(handler=_cmd_make_checkpoint)
+
+    hardware = commands.add_parser("hardware", parents=[common], help="show the GPUs and memory the library sees")
+    hardware.set_defaults(handler=_cmd_hardware)
+    return parser
+
+
+def _add_model_options(command: argparse.ArgumentParser) -> None:
+    group = command.add_argument_group("model (defaults come from ZIMAGE_* variables and .env)")
+    group.add_argument("--model", default=None, help="repo id or local folder (default Tongyi-MAI/Z-Image-Turbo)")
+    group.add_argument("--source", choices=["auto", "huggingface", "modelscope", "local"], default=None)
+    group.add_argument("--strategy", choices=STRATEGY_NAMES, default=None, help="how to place the model")
+    group.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None)
+    group.add_argument("--cache-dir", type=Path, default=None, help="root of the model caches (like HF_HOME)")
+    group.add_argument("--offline", action="store_true", default=None, help="use caches only, never download")
+
+
+def _settings_from(args: argparse.Namespace, **fixed: Any) -> ZImageSettings:
+    """Settings from the environment, overridden by the options given on the command line."""
+    given = {
+        name: getattr(args, name)
+        for name in ("model", "source", "strategy", "dtype", "cache_dir", "offline")
+        if getattr(args, name, None) is not None
+    }
+    if args.quiet:
+        given["progress"] = False
+    return ZImageSettings(**given, **fixed)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("*", "x").split("x")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        raise InvalidRequestError(f"--size must look like 1024x768 (WIDTHxHEIGHT), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generator import Generator
+    from .request import GenerationRequest
+    from .result import check_output_path
+
+    width, height = _parse_size(args.size)
+    output = Path(args.output)
+    # Everything that can be wrong with the request is checked before the model is loaded.
+    request = GenerationRequest(
+        prompt=args.prompt,
+        height=height,
+        width=width,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative_prompt,
+        num_images=args.num_images,
+        seed=args.seed,
+    )
+    _check_outputs(output, request.num_images, overwrite=args.overwrite, check=check_output_path)
+    settings = _settings_from(args)
+    generator = Generator(settings=settings)
+    result = generator.generate(
+        request.prompt,
+        height=request.height,
+        width=request.width,
+        steps=request.steps,
+        seed=request.seed,
+        guidance_scale=request.guidance_scale,
+        negative_prompt=request.negative_prompt,
+        num_images=request.num_images,
+    )
+    written = result.save(output, overwrite=args.overwrite)
+    _report(result, written)
+    return EXIT_OK
+
+
+def _check_outputs(output: Path, count: int, *, overwrite: bool, check: Any) -> None:
+    if count == 1:
+        check(output, overwrite=overwrite)
+        return
+    for k in range(count):
+        check(output.with_name(f"{output.stem}-{k}{output.suffix}"), overwrite=overwrite)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .checkpoints import make_checkpoint
+    from .generator import Generator
+    from .result import check_output_path
+
+    output = check_output_path(Path(args.output), overwrite=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="zimage-turbo-demo-") as folder:
+        checkpoint = make_checkpoint("tiny", Path(folder) / "tiny")
+        built = time.perf_counter() - started
+        settings = ZImageSettings(model=str(checkpoint), source="local", progress=not args.quiet)
+        with Generator(settings=settings) as generator:
+            result = generator.generate(DEMO_PROMPT, height=DEMO_SIZE, width=DEMO_SIZE, seed=0)
+        written = result.save(output)
+    total = time.perf_counter() - started
+    print(f"Built the tiny random-weight checkpoint in {built:.1f} s (its images are noise by design).")
+    _report(result, written)
+    print(f"Demo finished in {total:.1f} s.")
+    return EXIT_OK
+
+
+def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    from .checkpoints import make_checkpoint
+
+    started = time.perf_counter()
+    path = make_checkpoint(args.preset, args.directory, seed=args.seed, device=args.device, overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(
+        f"Wrote the {args.preset} checkpoint to {path} ({size / 1e9:.2f} GB) in {time.perf_counter() - started:.1f} s"
+    )
+    return EXIT_OK
+
+
+def _cmd_hardware(args: argparse.Namespace) -> int:
+    from .hardware import detect_hardware
+
+    print(detect_hardware().describe())
+    return EXIT_OK
+
+
+def _report(result: Any, written: list[Path]) -> None:
+    timings = result.timings
+    names = ", ".join(str(path.resolve()) for path in written)
+    print(f"Saved {names}")
+    print(
+        f"  {result.width}x{result.height}, {result.steps} steps, seed {result.seed}, strategy {result.strategy} "
+        f"on {result.device} ({result.dtype})"
+    )
+    load = f"load {timings.load:.1f} s, " if timings.load else ""
+    print(
+        f"  {timings.total:.2f} s: {load}encode {timings.encode:.2f} s, denoise {timings.denoise:.2f} s, "
+        f"decode {timings.decode:.2f} s"
+    )
+    peaks = ", ".join(f"{device} {value / 2**30:.2f} GiB" for device, value in result.peak_memory.items())
+    print(f"  peak memory: {peaks}")
+    for warning in result.warnings:
+        print(f"  warning: {warning}")
+
+
+def _configure_logging(*, quiet: bool, verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
