@@ -1,0 +1,56 @@
+"""Draw a benchmark JSON (from benchmarks/full_gpu.py) as a PNG next to it.
+
+python benchmarks/plot.py benchmarks/results/full_gpu-h200.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def plot_full_gpu(report: dict, target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for c in report["cases"] if "error" not in c]
+    step_counts = sorted({s for c in cases for s in c["steps"]}, key=int)
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / max(len(step_counts), 1)
+    for k, steps in enumerate(step_counts):
+        values = [c["steps"][steps]["median_s"] for c in cases]
+        bars = speed.bar([i + k * width for i in range(len(cases))], values, width, label=f"{steps} passes")
+        speed.bar_label(bars, fmt="%.2f", fontsize=8)
+    speed.set_xticks([i + width * (len(step_counts) - 1) / 2 for i in range(len(cases))])
+    speed.set_xticklabels([c["mode"] for c in cases], fontsize=8)
+    speed.set_ylabel("seconds per 1024x1024 image (median)")
+    speed.legend()
+    names = [c["mode"] for c in cases]
+    positions = range(len(cases))
+    memory.bar([p - 0.2 for p in positions], [c["peak_allocated_gib"] for c in cases], 0.4, label="GPU peak allocated")
+    memory.bar([p + 0.2 for p in positions], [c["host_peak_rss_gib"] for c in cases], 0.4, label="host peak RSS")
+    memory.set_xticks(list(positions))
+    memory.set_xticklabels(names, fontsize=8)
+    memory.set_ylabel("GiB")
+    memory.legend()
+    env = report["environment"]
+    fig.suptitle(f"Full GPU, bf16, {env['gpu']}, torch {env['torch']}, diffusers {env['diffusers']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+
+
+def main() -> None:
+    source = Path(sys.argv[1])
+    report = json.loads(source.read_text())
+    target = source.with_suffix(".png")
+    if report.get("benchmark") != "full_gpu":
+        raise SystemExit(f"{source}: no plot for benchmark {report.get('benchmark')!r}")
+    plot_full_gpu(report, target)
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Shared fixtures: one tiny checkpoint per session, and a clean environment for every test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from zimage_turbo.checkpoints import make_checkpoint
+
+# Variables that would change what the library does; tests must not inherit them from the developer.
+_ISOLATED_PREFIXES = ("ZIMAGE_", "HF_", "MODELSCOPE_")
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith(_ISOLATED_PREFIXES):
+            monkeypatch.delenv(name)
+    # No stray .env, and caches that point nowhere real unless a test says otherwise.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / ".cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight checkpoint, built once. Tests must not modify it (copy it first)."""
+    return make_checkpoint("tiny", tmp_path_factory.mktemp("checkpoints") / "tiny")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,140 @@
+"""GPU tests: run them on a CUDA machine (`make gpu-test`, or `pytest -m gpu tests/gpu`).
+
+The full-size checkpoint takes about a minute to build on an H100/H200. Set ZIMAGE_TEST_FULL_CHECKPOINT to
+a folder made by `zimage-turbo make-checkpoint full DIR` to reuse one; otherwise each session builds its own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from zimage_turbo import Generator, ZImageSettings, check_pipeline_dir, make_checkpoint
+from zimage_turbo.hardware import GIB
+
+pytestmark = pytest.mark.gpu
+
+# Read at import: the autouse fixture in conftest.py clears ZIMAGE_* variables for each test.
+_FULL_CHECKPOINT = os.environ.get("ZIMAGE_TEST_FULL_CHECKPOINT")
+PROMPT = "a lighthouse on a rocky coast at sunset, oil painting"
+
+
+@pytest.fixture(scope="session")
+def full_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if _FULL_CHECKPOINT and Path(_FULL_CHECKPOINT, "model_index.json").is_file():
+        return Path(_FULL_CHECKPOINT)
+    return make_checkpoint("full", tmp_path_factory.mktemp("full") / "full", device="cuda")
+
+
+def _pixels(image: object) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def test_full_checkpoint_is_complete_and_real_sized(full_checkpoint: Path) -> None:
+    layout = check_pipeline_dir(full_checkpoint)
+    sizes = {c: sum(p.stat().st_size for p in layout.weight_paths(c)) / 1e9 for c in layout.weight_files}
+    assert sizes["transformer"] == pytest.approx(12.31, abs=0.05)  # 6.15 B parameters in bf16
+    assert sizes["text_encoder"] == pytest.approx(8.04, abs=0.05)  # 4.02 B
+    assert sizes["vae"] == pytest.approx(0.168, abs=0.01)  # 84 M
+
+
+def test_full_gpu_1024_matches_plain_diffusers(full_checkpoint: Path) -> None:
+    from diffusers import ZImagePipeline
+
+    generator = Generator(model=full_checkpoint, strategy="full_gpu", settings=ZImageSettings(progress=False))
+    result = generator.generate(PROMPT, height=1024, width=1024, seed=42)
+    assert result.strategy == "full_gpu" and result.device == "cuda:0" and result.dtype == "bfloat16"
+    assert result.image.size == (1024, 1024)
+    assert result.timings.load > 0
+    # Weights (20.5 GB) plus activations: the reference run of plain diffusers peaked at 21.7 GiB.
+    assert 19 * GIB < result.peak_memory["cuda:0"] < 26 * GIB
+    assert all(p.device.type == "cuda" for p in generator.pipeline.transformer.parameters())
+
+    reference = ZImagePipeline.from_pretrained(full_checkpoint, torch_dtype=torch.bfloat16).to("cuda")
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference(
+        PROMPT,
+        height=1024,
+        width=1024,
+        num_inference_steps=8,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(42),
+    ).images[0]
+    difference = np.abs(_pixels(result.image) - _pixels(theirs))
+    print(f"full_gpu vs plain diffusers: max abs diff {difference.max()}, mean {difference.mean():.4f}")
+    # Same weights, same kernels, same noise: expected bit-identical; allow rounding-level noise at most.
+    assert difference.mean() < 0.5 and difference.max() <= 8
+    del reference
+
+
+def test_strategy_remove_and_apply_round_trip_on_gpu(tiny_checkpoint: Path) -> None:
+    generator = Generator(model=tiny_checkpoint, strategy="full_gpu", settings=ZImageSettings(progress=False))
+    first = generator.generate(PROMPT, height=512, width=512, seed=3)
+    strategy, pipe = generator.strategy, generator.pipeline
+    assert strategy is not None and generator.hardware is not None
+    strategy.remove(pipe)
+    assert all(p.device.type == "cpu" for p in pipe.transformer.parameters())
+    assert all(p.device.type == "cpu" for p in pipe.text_encoder.parameters())
+    strategy.apply(pipe, generator.hardware)
+    second = generator.generate(PROMPT, height=512, width=512, seed=3)
+    assert np.array_equal(_pixels(first.image), _pixels(second.image))
+
+
+def test_tiny_on_gpu_matches_plain_diffusers_on_gpu(tiny_checkpoint: Path) -> None:
+    from diffusers import ZImagePipeline
+
+    ours = Generator(model=tiny_checkpoint, settings=ZImageSettings(progress=False, dtype="float32"))
+    result = ours.generate(PROMPT, height=512, width=384, steps=5, seed=11)
+    assert result.strategy == "full_gpu"
+    reference = ZImagePipeline.from_pretrained(tiny_checkpoint).to("cuda")
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference(
+        PROMPT,
+        height=512,
+        width=384,
+        num_inference_steps=5,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(11),
+    ).images[0]
+    assert np.abs(_pixels(result.image) - _pixels(theirs)).max() <= 1
+
+
+def test_close_gives_the_memory_back(tiny_checkpoint: Path) -> None:
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated()
+    generator = Generator(model=tiny_checkpoint, strategy="full_gpu", settings=ZImageSettings(progress=False))
+    generator.generate(PROMPT, height=512, width=512, seed=0)
+    assert torch.cuda.memory_allocated() > baseline
+    generator.close()
+    assert torch.cuda.memory_allocated() - baseline < 64 * 2**20
+
+
+def test_detection_sees_the_per_process_cap() -> None:
+    """mem_get_info ignores set_per_process_memory_fraction; detect_hardware must not (fresh process)."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from zimage_turbo import detect_hardware
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(16 * 2**30 / total, 0)
+        free_driver = torch.cuda.mem_get_info(0)[0]
+        gpu = detect_hardware().gpus[0]
+        budget = detect_hardware(vram_budget_bytes=6 * 2**30).gpus[0]
+        print(free_driver, gpu.free_bytes, gpu.memory_fraction, budget.free_bytes)
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    driver_free, usable, fraction, budgeted = (float(x) for x in run.stdout.split())
+    print(f"driver says {driver_free / GIB:.1f} GiB free; usable under a 16 GiB cap: {usable / GIB:.2f} GiB")
+    assert driver_free > 20 * GIB
+    assert 15 * GIB < usable <= 16 * GIB
+    assert fraction < 1
+    assert 5 * GIB < budgeted <= 6 * GIB

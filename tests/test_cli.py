@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zimage_turbo import Generator, ZImageSettings, __version__
+from zimage_turbo.cli import main
+
+
+def test_generate_writes_the_image_the_library_makes(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fox.png"
+    status = main(
+        [
+            "generate",
+            "a red fox",
+            "-o",
+            str(out),
+            "--size",
+            "320x256",
+            "--seed",
+            "3",
+            "--steps",
+            "2",
+            "--model",
+            str(tiny_checkpoint),
+            "--quiet",
+        ]
+    )
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert str(out.resolve()) in printed and "seed 3" in printed and "320x256" in printed
+    expected = Generator(model=tiny_checkpoint, settings=ZImageSettings(progress=False)).generate(
+        "a red fox", width=320, height=256, seed=3, steps=2
+    )
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected.image))
+
+
+def test_several_images(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "many.png"
+    assert (
+        main(
+            [
+                "generate",
+                "a cat",
+                "-o",
+                str(out),
+                "--size",
+                "256x256",
+                "--num-images",
+                "2",
+                "--steps",
+                "1",
+                "--model",
+                str(tiny_checkpoint),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in tmp_path.glob("many-*.png")) == ["many-0.png", "many-1.png"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "1000x1000"], "multiple of 16"),
+        (["--size", "big"], "WIDTHxHEIGHT"),
+        (["--steps", "0"], "steps"),
+        (["--num-images", "0"], "num_images"),
+        (["-o", "no-such-folder/x.png"], "does not exist"),
+        (["-o", "picture"], "extension"),
+    ],
+)
+def test_bad_arguments_fail_before_loading(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # The model named here does not exist: reaching the loader would be a different error.
+    status = main(["generate", "a cat", "--model", "/nonexistent/model", *args])
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
+def test_existing_output_needs_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "taken.png"
+    out.write_bytes(b"keep me")
+    assert main(["generate", "a cat", "-o", str(out), "--model", "/nonexistent/model"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+
+
+def test_empty_prompt(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "  ", "--model", "/nonexistent/model"]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+
+
+def test_unknown_strategy_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["generate", "a cat", "--strategy", "warp"])
+    assert caught.value.code == 2
+    assert "full_gpu" in capsys.readouterr().err
+
+
+def test_model_not_found_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["generate", "a cat", "-o", str(tmp_path / "x.png"), "--offline", "--cache-dir", str(tmp_path / "c")])
+    assert status == 1
+    error = capsys.readouterr().err
+    assert "ModelNotFoundError" in error and str(tmp_path / "c" / "hub") in error
+
+
+def test_demo_writes_a_png_and_reports_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo.png"
+    assert main(["demo", "-o", str(out), "-q"]) == 0
+    assert Image.open(out).size == (512, 512)
+    printed = capsys.readouterr().out
+    assert str(out.resolve()) in printed and "Demo finished in" in printed
+
+
+def test_make_checkpoint_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["make-checkpoint", "tiny", str(tmp_path / "ck"), "-q"]) == 0
+    assert (tmp_path / "ck" / "model_index.json").is_file()
+    assert main(["make-checkpoint", "tiny", str(tmp_path / "ck"), "-q"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_hardware_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["hardware"]) == 0
+    assert "host RAM" in capsys.readouterr().out
+
+
+def test_module_entry_point_and_version() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "zimage_turbo", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0
+    assert run.stdout.strip() == f"zimage-turbo {__version__}"
+
+
+def test_main_leaves_the_library_logger_alone() -> None:
+    import logging
+
+    library = logging.getLogger("zimage_turbo")
+    before = (list(library.handlers), library.level, library.propagate)
+    main(["hardware", "-q"])
+    assert (list(library.handlers), library.level, library.propagate) == before

@@ -1,0 +1,180 @@
+"""Model resolution against real folders and caches laid out as the hub clients lay them out."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from hub_caches import huggingface_cache, modelscope_cache
+from zimage_turbo import (
+    DownloadError,
+    IncompleteModelError,
+    ModelNotFoundError,
+    ZImageSettings,
+    resolve_model,
+)
+from zimage_turbo.sources import huggingface_cache_dir, modelscope_cache_dir
+
+REPO = "Tongyi-MAI/Z-Image-Turbo"
+
+
+def test_local_folder(tiny_checkpoint: Path) -> None:
+    resolved = resolve_model(ZImageSettings(model=str(tiny_checkpoint)))
+    assert resolved.path == tiny_checkpoint
+    assert resolved.source == "local"
+    assert not resolved.downloaded
+
+
+def test_local_source_with_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model(ZImageSettings(model=str(tmp_path / "nowhere"), source="local"))
+
+
+def test_not_a_folder_and_not_a_repo_id(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="neither an existing folder nor a repo id"):
+        resolve_model(ZImageSettings(model=str(tmp_path / "a" / "b" / "c")))
+
+
+def test_huggingface_cache_via_hf_home_set_after_import(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # huggingface_hub was imported long ago (by diffusers); HF_HOME set now must still count, as it does in
+    # the background articles' scripts.
+    huggingface_cache(tiny_checkpoint, tmp_path / "hf-home" / "hub", REPO)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    resolved = resolve_model(ZImageSettings(offline=True))
+    assert resolved.source == "huggingface"
+    assert resolved.path.parent.parent.name == "models--Tongyi-MAI--Z-Image-Turbo"
+    assert (resolved.path / "model_index.json").is_symlink()
+
+
+def test_huggingface_cache_via_hf_hub_cache(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    huggingface_cache(tiny_checkpoint, tmp_path / "hub-cache", REPO)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    assert resolve_model(ZImageSettings(offline=True)).source == "huggingface"
+
+
+def test_huggingface_cache_with_a_pinned_revision(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    snapshot = huggingface_cache(tiny_checkpoint, tmp_path / "root" / "hub", REPO, ref="v1.0")
+    settings = ZImageSettings(cache_dir=tmp_path / "root", revision="v1.0", offline=True)
+    assert resolve_model(settings).path == snapshot
+    with pytest.raises(ModelNotFoundError):
+        resolve_model(settings.replace(revision="v2.0"))
+
+
+@pytest.mark.parametrize("layout", ["snapshots", "models", "flat"])
+def test_modelscope_cache_layouts(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    folder = modelscope_cache(tiny_checkpoint, tmp_path / "ms", REPO, layout=layout)
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    resolved = resolve_model(ZImageSettings(offline=True))
+    assert resolved.source == "modelscope"
+    assert resolved.path.resolve() == folder.resolve()
+
+
+def test_background_article_setup_one_folder_for_both_hubs(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MODELSCOPE_CACHE=HF_HOME=<dir>, model downloaded with modelscope: found without any other setting.
+    shared = tmp_path / "model_cache"
+    modelscope_cache(tiny_checkpoint, shared, REPO, layout="flat")
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(shared))
+    monkeypatch.setenv("HF_HOME", str(shared))
+    assert resolve_model(ZImageSettings(offline=True)).source == "modelscope"
+
+
+def test_cache_dir_setting_covers_both_hubs(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    settings = ZImageSettings(cache_dir=root, offline=True)
+    assert huggingface_cache_dir(settings)[0] == root / "hub"
+    assert modelscope_cache_dir(settings)[0] == root
+    modelscope_cache(tiny_checkpoint, root, REPO, layout="snapshots")
+    assert resolve_model(settings).source == "modelscope"
+
+
+def test_huggingface_wins_when_both_caches_hold_the_model(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    huggingface_cache(tiny_checkpoint, tmp_path / "root" / "hub", REPO)
+    modelscope_cache(tiny_checkpoint, tmp_path / "root", REPO, layout="snapshots")
+    settings = ZImageSettings(cache_dir=tmp_path / "root", offline=True)
+    assert resolve_model(settings).source == "huggingface"
+    assert resolve_model(settings.replace(source="modelscope")).source == "modelscope"
+
+
+def test_offline_and_not_cached_names_every_cache_and_the_fixes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    started = time.monotonic()
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model(ZImageSettings(offline=True))
+    assert time.monotonic() - started < 10
+    message = str(caught.value)
+    assert str(tmp_path / "hf" / "hub") in message and "HF_HOME" in message
+    assert str(tmp_path / "ms") in message and "MODELSCOPE_CACHE" in message
+    assert "offline" in message and "ZIMAGE_CACHE_DIR" in message
+    assert len(caught.value.searched) == 2
+    assert isinstance(caught.value, FileNotFoundError)
+
+
+def test_hf_hub_offline_variable_means_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="offline"):
+        resolve_model(ZImageSettings(cache_dir=tmp_path))
+
+
+def test_incomplete_cached_copy_offline_names_the_missing_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    snapshot = huggingface_cache(tiny_checkpoint, tmp_path / "root" / "hub", REPO)
+    (snapshot / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(IncompleteModelError) as caught:
+        resolve_model(ZImageSettings(cache_dir=tmp_path / "root", offline=True))
+    assert caught.value.missing == ("vae/*.safetensors",)
+
+
+def test_incomplete_local_folder(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_checkpoint, copy)
+    (copy / "transformer" / "config.json").unlink()
+    with pytest.raises(IncompleteModelError, match=r"transformer/config\.json"):
+        resolve_model(ZImageSettings(model=str(copy)))
+
+
+def test_download_failure_is_clear_and_fast(tmp_path: Path) -> None:
+    """The network path for real: both hubs' clients against an address that refuses connections."""
+    script = textwrap.dedent(
+        f"""
+        from zimage_turbo import DownloadError, ZImageSettings, resolve_model
+        try:
+            resolve_model(ZImageSettings(cache_dir={str(tmp_path / "cache")!r}))
+        except DownloadError as exc:
+            print("DOWNLOAD-ERROR", exc)
+        """
+    )
+    env = {k: v for k, v in os.environ.items()}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", MODELSCOPE_ENDPOINT="http://127.0.0.1:9")
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert "DOWNLOAD-ERROR" in run.stdout, run.stdout + run.stderr
+    assert time.monotonic() - started < 60
+    assert "Hugging Face:" in run.stdout and "ModelScope:" in run.stdout
+    assert "Connection refused" in run.stdout or "connect" in run.stdout.lower()
+    # Nothing that looks like a model was left behind.
+    leftovers = list((tmp_path / "cache").rglob("*.safetensors")) if (tmp_path / "cache").exists() else []
+    assert leftovers == []
+
+
+def test_download_error_is_a_model_source_error() -> None:
+    from zimage_turbo import ModelSourceError
+
+    assert issubclass(DownloadError, ModelSourceError)
