@@ -7,8 +7,8 @@ warm-up image, then times N images at each step count. Both sides run the same n
     python benchmarks/plot.py benchmarks/results/full_gpu.json     # bar chart next to the JSON
 
 Modes: ``zimage_turbo`` (Generator, strategy full_gpu), ``diffusers_to_cuda``
-(``from_pretrained(torch_dtype=bf16).to("cuda")``) and ``diffusers_device_map``
-(``from_pretrained(torch_dtype=bf16, device_map="cuda")``).
+(``from_pretrained(dtype=bf16).to("cuda")``) and ``diffusers_device_map``
+(``from_pretrained(dtype=bf16, device_map="cuda")``).
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def worker(mode: str, checkpoint: str, steps_list: list[int], images: int) -> di
         from diffusers import ZImagePipeline
 
         if mode == "diffusers_to_cuda":
-            pipe = ZImagePipeline.from_pretrained(checkpoint, torch_dtype=torch.bfloat16).to("cuda")
+            pipe = ZImagePipeline.from_pretrained(checkpoint, dtype=torch.bfloat16).to("cuda")
         else:
-            pipe = ZImagePipeline.from_pretrained(checkpoint, torch_dtype=torch.bfloat16, device_map="cuda")
+            pipe = ZImagePipeline.from_pretrained(checkpoint, dtype=torch.bfloat16, device_map="cuda")
         pipe.set_progress_bar_config(disable=True)
 
         def run(steps: int, seed: int) -> None:

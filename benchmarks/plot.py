@@ -27,7 +27,8 @@ def plot_full_gpu(report: dict, target: Path) -> None:
     speed.set_xticks([i + width * (len(step_counts) - 1) / 2 for i in range(len(cases))])
     speed.set_xticklabels([c["mode"] for c in cases], fontsize=8)
     speed.set_ylabel("seconds per 1024x1024 image (median)")
-    speed.legend()
+    speed.set_ylim(0, 1.25 * max(c["steps"][s]["median_s"] for c in cases for s in step_counts))
+    speed.legend(loc="upper right", ncols=len(step_counts))
     names = [c["mode"] for c in cases]
     positions = range(len(cases))
     memory.bar([p - 0.2 for p in positions], [c["peak_allocated_gib"] for c in cases], 0.4, label="GPU peak allocated")
@@ -35,7 +36,8 @@ def plot_full_gpu(report: dict, target: Path) -> None:
     memory.set_xticks(list(positions))
     memory.set_xticklabels(names, fontsize=8)
     memory.set_ylabel("GiB")
-    memory.legend()
+    memory.set_ylim(0, 1.3 * max(max(c["peak_allocated_gib"], c["host_peak_rss_gib"]) for c in cases))
+    memory.legend(loc="upper right", ncols=2)
     env = report["environment"]
     fig.suptitle(f"Full GPU, bf16, {env['gpu']}, torch {env['torch']}, diffusers {env['diffusers']}", fontsize=10)
     fig.tight_layout()

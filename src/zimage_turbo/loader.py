@@ -57,14 +57,12 @@ def load_pipeline(layout: PipelineLayout, *, dtype: torch.dtype, device: torch.d
     text_encoder_class = Qwen3ForCausalLM if layout.classes["text_encoder"] == "Qwen3ForCausalLM" else Qwen3Model
     # device_map puts weights straight on the device; None loads them to the CPU.
     device_map = None if device.type == "cpu" else str(device)
-    common: dict[str, Any] = {"torch_dtype": dtype, "device_map": device_map, "use_safetensors": True}
+    common: dict[str, Any] = {"dtype": dtype, "device_map": device_map, "use_safetensors": True}
     try:
         with _progress_bars(progress):
             transformer = ZImageTransformer2DModel.from_pretrained(root / "transformer", **common)
             vae = AutoencoderKL.from_pretrained(root / "vae", **common)
-            text_encoder = text_encoder_class.from_pretrained(
-                root / "text_encoder", dtype=dtype, device_map=device_map, use_safetensors=True
-            )
+            text_encoder = text_encoder_class.from_pretrained(root / "text_encoder", **common)
             tokenizer = Qwen2Tokenizer.from_pretrained(root / "tokenizer")
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
     except torch.OutOfMemoryError:

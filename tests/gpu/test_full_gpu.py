@@ -57,7 +57,7 @@ def test_full_gpu_1024_matches_plain_diffusers(full_checkpoint: Path) -> None:
     assert 19 * GIB < result.peak_memory["cuda:0"] < 26 * GIB
     assert all(p.device.type == "cuda" for p in generator.pipeline.transformer.parameters())
 
-    reference = ZImagePipeline.from_pretrained(full_checkpoint, torch_dtype=torch.bfloat16).to("cuda")
+    reference = ZImagePipeline.from_pretrained(full_checkpoint, dtype=torch.bfloat16).to("cuda")
     reference.set_progress_bar_config(disable=True)
     theirs = reference(
         PROMPT,

@@ -1,0 +1,35 @@
+"""The docs promise what the code does: every setting is documented where users look."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from zimage_turbo.settings import ENV_PREFIX, ZImageSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/configuration.md"])
+def test_every_setting_is_in_the_configuration_tables(document: str) -> None:
+    text = (ROOT / document).read_text(encoding="utf-8")
+    for field in ZImageSettings.model_fields:
+        assert f"`{field}`" in text, f"{document} does not document {field}"
+        assert f"`{ENV_PREFIX}{field.upper()}`" in text, f"{document} lacks {ENV_PREFIX}{field.upper()}"
+
+
+def test_changelog_has_this_version() -> None:
+    from zimage_turbo import __version__
+
+    assert f"## [{__version__}]" in (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+
+
+def test_benchmark_numbers_in_the_docs_have_their_json() -> None:
+    names = set()
+    for document in ("README.md", "docs/benchmarks.md"):
+        names |= set(re.findall(r"benchmarks/results/([\w.-]+\.(?:json|png))", (ROOT / document).read_text()))
+    assert names
+    for name in names:
+        assert (ROOT / "benchmarks" / "results" / name).is_file(), name
