@@ -198,6 +198,8 @@ def test_generate_many_keeps_order_and_matches_single_calls(generator: Generator
         assert same(single.image, result.image)
     chosen = generator.generate_many(["a cat", "a dog"], height=256, width=256, steps=1, seed=[7, 3])
     assert [r.seed for r in chosen] == [7, 3]
+    numpy_seeded = generator.generate_many(["a cat"], height=256, width=256, steps=1, seed=np.int64(7))
+    assert numpy_seeded[0].seed == 7 and same(numpy_seeded[0].image, chosen[0].image)
 
 
 def test_generate_many_validates_everything_first(tiny_checkpoint: Path) -> None:
@@ -208,6 +210,10 @@ def test_generate_many_validates_everything_first(tiny_checkpoint: Path) -> None
         gen.generate_many("a cat")
     with pytest.raises(InvalidRequestError, match="2 seeds for 3 prompts"):
         gen.generate_many(["a", "b", "c"], seed=[1, 2])
+    with pytest.raises(InvalidRequestError, match="seed"):
+        gen.generate_many(["a", "b"], seed=True)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="seed"):
+        gen.generate("a", seed=2.0)  # type: ignore[arg-type]
     assert not gen.is_loaded
 
 

@@ -135,46 +135,29 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generator import Generator
-    from .request import GenerationRequest
     from .result import check_output_path
 
     width, height = _parse_size(args.size)
     output = Path(args.output)
-    # Everything that can be wrong with the request is checked before the model is loaded.
-    request = GenerationRequest(
-        prompt=args.prompt,
+    for k in range(args.num_images if args.num_images > 1 else 1):
+        target = output if args.num_images <= 1 else output.with_name(f"{output.stem}-{k}{output.suffix}")
+        check_output_path(target, overwrite=args.overwrite)
+    # The Generator loads lazily and generate() validates every argument before loading, so nothing below
+    # reads weights when an argument is wrong.
+    generator = Generator(settings=_settings_from(args))
+    result = generator.generate(
+        args.prompt,
         height=height,
         width=width,
         steps=args.steps,
+        seed=args.seed,
         guidance_scale=args.guidance,
         negative_prompt=args.negative_prompt,
         num_images=args.num_images,
-        seed=args.seed,
-    )
-    _check_outputs(output, request.num_images, overwrite=args.overwrite, check=check_output_path)
-    settings = _settings_from(args)
-    generator = Generator(settings=settings)
-    result = generator.generate(
-        request.prompt,
-        height=request.height,
-        width=request.width,
-        steps=request.steps,
-        seed=request.seed,
-        guidance_scale=request.guidance_scale,
-        negative_prompt=request.negative_prompt,
-        num_images=request.num_images,
     )
     written = result.save(output, overwrite=args.overwrite)
     _report(result, written)
     return EXIT_OK
-
-
-def _check_outputs(output: Path, count: int, *, overwrite: bool, check: Any) -> None:
-    if count == 1:
-        check(output, overwrite=overwrite)
-        return
-    for k in range(count):
-        check(output.with_name(f"{output.stem}-{k}{output.suffix}"), overwrite=overwrite)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

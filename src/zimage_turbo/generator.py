@@ -28,7 +28,7 @@ import torch
 from .errors import GeneratorClosedError, InvalidRequestError, NumericalError
 from .hardware import GIB, Hardware, detect_hardware, host_peak_rss_bytes
 from .loader import load_pipeline, resolve_dtype
-from .request import DEFAULT_STEPS, GenerationRequest
+from .request import DEFAULT_STEPS, GenerationRequest, check_seed
 from .result import GenerationResult, Timings
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
@@ -195,19 +195,17 @@ class Generator:
             negative_prompt: used only when ``guidance_scale > 0``.
             num_images: images for this prompt (1 to 16), generated as one batch.
         """
-        request = GenerationRequest(
-            prompt=prompt,
+        [result] = self.generate_many(
+            [prompt],
             height=height,
             width=width,
             steps=steps,
+            seed=seed,
             guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
             num_images=num_images,
-            seed=seed,
-        ).with_seed()
-        with self._lock:
-            load_seconds = self._ensure_loaded()
-            return self._run(request, load_seconds)
+        )
+        return result
 
     def generate_many(
         self,
@@ -230,12 +228,16 @@ class Generator:
         if isinstance(prompts, str):
             raise InvalidRequestError("generate_many takes a list of prompts; for one prompt use generate()")
         prompts = list(prompts)
-        if seed is None or isinstance(seed, int):
-            seeds: list[int | None] = [None if seed is None else seed + i for i in range(len(prompts))]
-        else:
+        seeds: list[int | None]
+        if seed is None:
+            seeds = [None] * len(prompts)
+        elif isinstance(seed, (list, tuple)):
             seeds = list(seed)
             if len(seeds) != len(prompts):
                 raise InvalidRequestError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        else:
+            first = check_seed(seed)
+            seeds = [first + i for i in range(len(prompts))]
         requests = [
             GenerationRequest(
                 prompt=text,

@@ -137,7 +137,9 @@ def detect_hardware(*, vram_budget_bytes: int | None = None) -> Hardware:
 def _detect_gpu(index: int, budget: int | None) -> GPUInfo:
     props = torch.cuda.get_device_properties(index)
     driver_free, total = torch.cuda.mem_get_info(index)
-    fraction = float(torch.cuda.get_per_process_memory_fraction(index))
+    # Readable since torch 2.7; before that we cannot see the cap and assume none.
+    read_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = float(read_fraction(index)) if read_fraction is not None else 1.0
     usable = usable_gpu_bytes(
         driver_free=int(driver_free),
         total=int(total),

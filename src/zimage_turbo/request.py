@@ -25,6 +25,7 @@ __all__ = [
     "MIN_SIDE",
     "SIDE_MULTIPLE",
     "GenerationRequest",
+    "check_seed",
     "random_seed",
 ]
 
@@ -68,7 +69,7 @@ class GenerationRequest:
         object.__setattr__(self, "num_images", _check_int("num_images", self.num_images, 1, MAX_IMAGES))
         object.__setattr__(self, "guidance_scale", _check_guidance(self.guidance_scale))
         if self.seed is not None:
-            object.__setattr__(self, "seed", _check_int("seed", self.seed, 0, MAX_SEED))
+            object.__setattr__(self, "seed", check_seed(self.seed))
             if self.seed + self.num_images - 1 > MAX_SEED:
                 raise InvalidRequestError(
                     f"seed {self.seed} + {self.num_images - 1} exceeds the largest seed {MAX_SEED}: image k of "
@@ -85,6 +86,11 @@ class GenerationRequest:
         if self.seed is None:
             return ()
         return tuple(self.seed + k for k in range(self.num_images))
+
+
+def check_seed(value: object) -> int:
+    """``value`` as a seed (an integer in 0..2**64-1), or :class:`InvalidRequestError`."""
+    return _check_int("seed", value, 0, MAX_SEED)
 
 
 def random_seed(count: int = 1) -> int:

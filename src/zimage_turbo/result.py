@@ -13,7 +13,7 @@ from PIL import Image
 
 from .errors import InvalidRequestError
 
-__all__ = ["GenerationResult", "Timings", "check_output_path", "save_image_atomically"]
+__all__ = ["GenerationResult", "Timings", "check_output_path", "output_paths", "save_image_atomically"]
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,7 @@ class GenerationResult:
         One image goes to ``path``. Several go to ``<stem>-<k><suffix>`` (``out-0.png``, ``out-1.png``...).
         Each file is written to a temporary name and renamed, so a crash never leaves a partial image.
         """
-        target = Path(path)
-        if len(self.images) == 1:
-            targets = [target]
-        else:
-            targets = [target.with_name(f"{target.stem}-{k}{target.suffix}") for k in range(len(self.images))]
+        targets = output_paths(path, len(self.images))
         for each in targets:
             check_output_path(each, overwrite=overwrite)
         for image, each in zip(self.images, targets, strict=True):
@@ -101,6 +97,14 @@ class GenerationResult:
             f"steps={self.steps}, strategy={self.strategy!r}, device={self.device!r}, "
             f"{self.timings.total:.2f} s)"
         )
+
+
+def output_paths(path: str | os.PathLike[str], count: int) -> list[Path]:
+    """Where ``count`` images for ``path`` go: ``path`` itself for one, ``<stem>-<k><suffix>`` for several."""
+    target = Path(path)
+    if count == 1:
+        return [target]
+    return [target.with_name(f"{target.stem}-{k}{target.suffix}") for k in range(count)]
 
 
 def check_output_path(path: str | os.PathLike[str], *, overwrite: bool) -> Path:

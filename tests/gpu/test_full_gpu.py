@@ -37,6 +37,25 @@ def _pixels(image: object) -> np.ndarray:
     return np.asarray(image).astype(np.int16)
 
 
+def _plain_diffusers_image(path: Path, dtype: torch.dtype, *, height: int, width: int, steps: int, seed: int) -> object:
+    """What a user writes by hand: from_pretrained, .to("cuda"), a CPU generator."""
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(path, dtype=dtype).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        PROMPT,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(seed),
+    ).images[0]
+    del pipe
+    torch.cuda.empty_cache()
+    return image
+
+
 def test_full_checkpoint_is_complete_and_real_sized(full_checkpoint: Path) -> None:
     layout = check_pipeline_dir(full_checkpoint)
     sizes = {c: sum(p.stat().st_size for p in layout.weight_paths(c)) / 1e9 for c in layout.weight_files}
@@ -46,8 +65,6 @@ def test_full_checkpoint_is_complete_and_real_sized(full_checkpoint: Path) -> No
 
 
 def test_full_gpu_1024_matches_plain_diffusers(full_checkpoint: Path) -> None:
-    from diffusers import ZImagePipeline
-
     generator = Generator(model=full_checkpoint, strategy="full_gpu", settings=ZImageSettings(progress=False))
     result = generator.generate(PROMPT, height=1024, width=1024, seed=42)
     assert result.strategy == "full_gpu" and result.device == "cuda:0" and result.dtype == "bfloat16"
@@ -57,21 +74,11 @@ def test_full_gpu_1024_matches_plain_diffusers(full_checkpoint: Path) -> None:
     assert 19 * GIB < result.peak_memory["cuda:0"] < 26 * GIB
     assert all(p.device.type == "cuda" for p in generator.pipeline.transformer.parameters())
 
-    reference = ZImagePipeline.from_pretrained(full_checkpoint, dtype=torch.bfloat16).to("cuda")
-    reference.set_progress_bar_config(disable=True)
-    theirs = reference(
-        PROMPT,
-        height=1024,
-        width=1024,
-        num_inference_steps=8,
-        guidance_scale=0.0,
-        generator=torch.Generator().manual_seed(42),
-    ).images[0]
+    theirs = _plain_diffusers_image(full_checkpoint, torch.bfloat16, height=1024, width=1024, steps=8, seed=42)
     difference = np.abs(_pixels(result.image) - _pixels(theirs))
     print(f"full_gpu vs plain diffusers: max abs diff {difference.max()}, mean {difference.mean():.4f}")
     # Same weights, same kernels, same noise: expected bit-identical; allow rounding-level noise at most.
     assert difference.mean() < 0.5 and difference.max() <= 8
-    del reference
 
 
 def test_strategy_remove_and_apply_round_trip_on_gpu(tiny_checkpoint: Path) -> None:
@@ -88,21 +95,10 @@ def test_strategy_remove_and_apply_round_trip_on_gpu(tiny_checkpoint: Path) -> N
 
 
 def test_tiny_on_gpu_matches_plain_diffusers_on_gpu(tiny_checkpoint: Path) -> None:
-    from diffusers import ZImagePipeline
-
     ours = Generator(model=tiny_checkpoint, settings=ZImageSettings(progress=False, dtype="float32"))
     result = ours.generate(PROMPT, height=512, width=384, steps=5, seed=11)
     assert result.strategy == "full_gpu"
-    reference = ZImagePipeline.from_pretrained(tiny_checkpoint).to("cuda")
-    reference.set_progress_bar_config(disable=True)
-    theirs = reference(
-        PROMPT,
-        height=512,
-        width=384,
-        num_inference_steps=5,
-        guidance_scale=0.0,
-        generator=torch.Generator().manual_seed(11),
-    ).images[0]
+    theirs = _plain_diffusers_image(tiny_checkpoint, torch.float32, height=512, width=384, steps=5, seed=11)
     assert np.abs(_pixels(result.image) - _pixels(theirs)).max() <= 1
 
 
