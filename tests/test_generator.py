@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -264,6 +265,9 @@ def test_save_writes_every_image_atomically(generator: Generator, tmp_path: Path
     single = generator.generate("a cat", height=256, width=256, steps=1, seed=0)
     [path] = single.save(tmp_path / "cat.png")
     assert same(Image.open(path), single.image)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like any new file, not mkstemp's 0600
     batch = generator.generate("a cat", height=256, width=256, steps=1, seed=0, num_images=2)
     paths = batch.save(tmp_path / "cats.webp")
     assert [p.name for p in paths] == ["cats-0.webp", "cats-1.webp"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,13 +127,16 @@ def check_output_path(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
 
 
 def save_image_atomically(image: Image.Image, path: Path) -> None:
-    """Save to a temporary file beside ``path``, then rename: readers never see half a file."""
+    """Save to a temporary file beside ``path``, then rename: readers never see half a file.
+
+    The temporary file is created like any new file (so the umask applies, unlike ``mkstemp``'s 0600).
+    """
     image_format = Image.registered_extensions()[path.suffix.lower()]
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
     try:
-        with os.fdopen(handle, "wb") as stream:
+        with open(temporary, "xb") as stream:
             image.save(stream, format=image_format)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
