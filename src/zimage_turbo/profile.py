@@ -1,0 +1,398 @@
+"""How big the model is, and how much memory each phase needs on top of the weights, without loading it.
+
+Weight sizes come from the safetensors headers (the first few kilobytes of each shard) and are converted to
+the dtype we will run in: the published transformer is stored in float32, so its 24.6 GB on disk become
+12.3 GB in bfloat16. Each component is split into its repeated blocks (the unit that block-level offloading
+moves) and the rest.
+
+Activation peaks (memory a phase allocates beyond the weights) follow a linear model in the quantity that
+drives each phase, scaled by the architecture so that one calibration serves every size:
+
+* text encoder: ``k_te * prompts * tokens * hidden * dtype_bytes``, tokens = 512 (diffusers pads to it);
+* transformer:  ``k_tr * batch * (image tokens + caption tokens) * dim * dtype_bytes`` per pass
+  (batch doubles with classifier-free guidance);
+* VAE decode:   ``k_vae * images * pixels * channels[0] * dtype_bytes``, or with tiling the same for one
+  512x512 tile plus the assembled image.
+
+The ``k`` constants were measured on a GPU with the full-size checkpoint (``benchmarks/calibrate.py``); the
+measurements and the fit live in ``calibration.json`` beside this file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypedDict
+
+from .errors import IncompleteModelError
+from .layout import PipelineLayout
+
+__all__ = [
+    "Calibration",
+    "ComponentProfile",
+    "ModelProfile",
+    "Workload",
+    "load_calibration",
+    "read_safetensors_shapes",
+]
+
+MAX_SEQUENCE_LENGTH = 512  # diffusers pads every prompt to this many tokens
+CAPTION_TOKENS = 128  # a typical prompt with the chat template, padded to a multiple of 32 (for the transformer)
+VAE_TILE_PIXELS = 512  # tile size (pixels per side) of our VAE tiling rung
+_HEADER_LIMIT = 100 * 2**20  # a safetensors header larger than this is not a real checkpoint
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I8": 1,
+    "U8": 1,
+}
+# Which tensors belong to a repeated block, per component: the prefix up to the block index.
+_BLOCK_PATTERNS = {
+    "transformer": re.compile(r"^((?:layers|noise_refiner|context_refiner)\.\d+)\."),
+    "text_encoder": re.compile(r"^((?:model\.)?layers\.\d+)\."),
+    "vae": re.compile(r"^((?:encoder|decoder)\.(?:down_blocks|up_blocks)\.\d+)\."),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one generation asks of memory: image size, images per batch, and whether guidance doubles it."""
+
+    height: int = 1024
+    width: int = 1024
+    images: int = 1
+    guidance: bool = False
+    vae_tiling: bool = False
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.height // 16) * (self.width // 16)
+
+    @property
+    def transformer_batch(self) -> int:
+        return self.images * (2 if self.guidance else 1)
+
+
+@dataclass(frozen=True)
+class ComponentProfile:
+    """One component's weights at the run dtype."""
+
+    name: str
+    weight_bytes: int
+    block_bytes: tuple[int, ...] = ()  # each repeated block, in execution order
+    largest_tensor_bytes: int = 0
+    block_names: tuple[str, ...] = ()  # module names of the blocks ("layers.0"...), same order
+
+    @property
+    def other_bytes(self) -> int:
+        """Weights outside the repeated blocks (embeddings, norms, heads)."""
+        return self.weight_bytes - sum(self.block_bytes)
+
+    @property
+    def largest_block_bytes(self) -> int:
+        return max(self.block_bytes, default=0)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Activation and speed constants measured on a GPU (see calibration.json for the data behind them)."""
+
+    text_encoder_k: float
+    transformer_k: float
+    vae_k: float
+    vae_tiled_k: float
+    # seconds, on the GPU the calibration ran on
+    transformer_pass_s_per_tflop: float
+    text_encoder_s: float
+    vae_s_per_megapixel: float
+    pinned_gib_per_s: float
+    source: str = "built-in estimate"
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+@cache
+def load_calibration() -> Calibration:
+    """The calibration shipped with the package."""
+    data = json.loads(resources.files(__package__).joinpath("calibration.json").read_text(encoding="utf-8"))
+    fit = data["fit"]
+    return Calibration(
+        text_encoder_k=fit["text_encoder_k"],
+        transformer_k=fit["transformer_k"],
+        vae_k=fit["vae_k"],
+        vae_tiled_k=fit["vae_tiled_k"],
+        transformer_pass_s_per_tflop=fit["transformer_pass_s_per_tflop"],
+        text_encoder_s=fit["text_encoder_s"],
+        vae_s_per_megapixel=fit["vae_s_per_megapixel"],
+        pinned_gib_per_s=fit["pinned_gib_per_s"],
+        source=data.get("source", "calibration.json"),
+        raw=data,
+    )
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Sizes and activation model of one Z-Image checkpoint at one dtype. Plain data; build by hand in tests."""
+
+    transformer: ComponentProfile
+    text_encoder: ComponentProfile
+    vae: ComponentProfile
+    dtype_bytes: int = 2
+    transformer_dim: int = 3840
+    transformer_ffn: int = 10240
+    transformer_layers: int = 34  # main layers + noise and context refiners
+    text_hidden: int = 2560
+    vae_channels: int = 128
+    calibration: Calibration = field(default_factory=load_calibration)
+
+    @property
+    def components(self) -> tuple[ComponentProfile, ComponentProfile, ComponentProfile]:
+        return (self.text_encoder, self.transformer, self.vae)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(c.weight_bytes for c in self.components)
+
+    # -- activations (bytes beyond the weights, per phase) ------------------------------------------------
+
+    def encode_activation_bytes(self, work: Workload) -> int:
+        prompts = 2 if work.guidance else 1
+        return int(
+            self.calibration.text_encoder_k * prompts * MAX_SEQUENCE_LENGTH * self.text_hidden * self.dtype_bytes
+        )
+
+    def denoise_activation_bytes(self, work: Workload) -> int:
+        tokens = work.image_tokens + CAPTION_TOKENS
+        per_pass = self.calibration.transformer_k * work.transformer_batch * tokens * self.transformer_dim
+        return int(per_pass * self.dtype_bytes)
+
+    def decode_activation_bytes(self, work: Workload) -> int:
+        per_pixel = self.vae_channels * self.dtype_bytes
+        if work.vae_tiling and max(work.height, work.width) > VAE_TILE_PIXELS:
+            # one tile at a time, plus the decoded image being assembled (3 channels)
+            tile = self.calibration.vae_tiled_k * VAE_TILE_PIXELS**2 * per_pixel
+            return int(tile + work.images * work.pixels * 3 * 4)
+        return int(self.calibration.vae_k * work.images * work.pixels * per_pixel)
+
+    def activation_bytes(self, work: Workload) -> dict[str, int]:
+        """Activation peak of each phase: ``encode``, ``denoise``, ``decode``."""
+        return {
+            "encode": self.encode_activation_bytes(work),
+            "denoise": self.denoise_activation_bytes(work),
+            "decode": self.decode_activation_bytes(work),
+        }
+
+    # -- time (seconds on the calibration GPU) --------------------------------------------------------------
+
+    def transformer_pass_tflop(self, work: Workload) -> float:
+        """Floating-point work of one transformer pass, in TFLOP (linear layers and attention)."""
+        tokens = work.image_tokens + CAPTION_TOKENS
+        linear = 2 * (4 * self.transformer_dim**2 + 3 * self.transformer_dim * self.transformer_ffn)
+        attention = 4 * tokens * self.transformer_dim
+        return work.transformer_batch * self.transformer_layers * tokens * (linear + attention) / 1e12
+
+    def compute_seconds(self, work: Workload, steps: int) -> dict[str, float]:
+        """Seconds of pure compute per phase, everything resident on the calibration GPU."""
+        cal = self.calibration
+        return {
+            "encode": cal.text_encoder_s * (2 if work.guidance else 1),
+            "denoise": steps * self.transformer_pass_tflop(work) * cal.transformer_pass_s_per_tflop,
+            "decode": cal.vae_s_per_megapixel * work.images * work.pixels / 1e6,
+        }
+
+    def transfer_seconds(self, nbytes: float) -> float:
+        """Seconds to copy ``nbytes`` from pinned host memory to the GPU."""
+        return nbytes / (self.calibration.pinned_gib_per_s * 2**30)
+
+    # -- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_layout(cls, layout: PipelineLayout, *, dtype_bytes: int = 2) -> ModelProfile:
+        """Read sizes from the safetensors headers of a checked folder (no weights are read)."""
+        components = {}
+        for name in ("transformer", "text_encoder", "vae"):
+            shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
+            for path in layout.weight_paths(name):
+                shapes.update(read_safetensors_shapes(path))
+            components[name] = _component(name, shapes, dtype_bytes)
+        configs = {name: _read_config(layout.root / name) for name in ("transformer", "text_encoder", "vae")}
+        return cls(
+            transformer=components["transformer"],
+            text_encoder=components["text_encoder"],
+            vae=components["vae"],
+            dtype_bytes=dtype_bytes,
+            **_architecture(configs),
+        )
+
+    @classmethod
+    def from_modules(cls, modules: Mapping[str, Any]) -> ModelProfile:
+        """Sizes of live modules (``transformer``, ``text_encoder``, ``vae``) as they are in memory now."""
+        components = {}
+        dtype_bytes = 2
+        for name in ("transformer", "text_encoder", "vae"):
+            state = modules[name].state_dict()
+            shapes = {key: (_dtype_name(t.dtype), tuple(t.shape)) for key, t in state.items()}
+            element_sizes = [t.element_size() for t in state.values() if t.is_floating_point()]
+            dtype_bytes = max(element_sizes, default=dtype_bytes)
+            components[name] = _component(name, shapes, dtype_bytes)
+        configs = {name: _config_dict(modules[name]) for name in components}
+        return cls(
+            transformer=components["transformer"],
+            text_encoder=components["text_encoder"],
+            vae=components["vae"],
+            dtype_bytes=dtype_bytes,
+            **_architecture(configs),
+        )
+
+    @classmethod
+    def z_image_turbo(cls, *, dtype_bytes: int = 2) -> ModelProfile:
+        """The real Z-Image-Turbo, from its architecture (for planning before anything is downloaded)."""
+        return _reference_profile(dtype_bytes)
+
+
+def read_safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (dtype, shape) from a safetensors header, after checking the file is not truncated."""
+    size = path.stat().st_size
+    with open(path, "rb") as stream:
+        prefix = stream.read(8)
+        if len(prefix) < 8:
+            raise IncompleteModelError(f"{path} is truncated ({size} bytes)", missing=[str(path)])
+        (header_length,) = struct.unpack("<Q", prefix)
+        if header_length > min(_HEADER_LIMIT, size - 8):
+            raise IncompleteModelError(
+                f"{path} is truncated or not a safetensors file (header of {header_length} bytes, file of {size})",
+                missing=[str(path)],
+            )
+        try:
+            header = json.loads(stream.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IncompleteModelError(f"{path}: unreadable safetensors header ({exc})", missing=[str(path)]) from None
+    shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shapes[name] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+        end = max(end, int(entry["data_offsets"][1]))
+    if 8 + header_length + end > size:
+        raise IncompleteModelError(
+            f"{path} is truncated: its header describes {8 + header_length + end} bytes, the file has {size}",
+            missing=[str(path)],
+        )
+    return shapes
+
+
+def _component(name: str, shapes: Mapping[str, tuple[str, tuple[int, ...]]], dtype_bytes: int) -> ComponentProfile:
+    pattern = _BLOCK_PATTERNS[name]
+    blocks: dict[str, int] = {}
+    total = largest = 0
+    for key, (dtype, shape) in shapes.items():
+        element = dtype_bytes if dtype.startswith(("F", "BF")) else _DTYPE_BYTES.get(dtype, dtype_bytes)
+        nbytes = math.prod(shape) * element
+        total += nbytes
+        largest = max(largest, nbytes)
+        match = pattern.match(key)
+        if match:
+            blocks[match.group(1)] = blocks.get(match.group(1), 0) + nbytes
+    names = sorted(blocks, key=_execution_order)
+    return ComponentProfile(
+        name=name,
+        weight_bytes=total,
+        block_bytes=tuple(blocks[n] for n in names),
+        largest_tensor_bytes=largest,
+        block_names=tuple(names),
+    )
+
+
+_STAGE_ORDER = {"noise_refiner": 0, "context_refiner": 1, "layers": 2, "encoder": 0, "decoder": 1}
+
+
+def _execution_order(block: str) -> tuple[int, str, int]:
+    """Sort key: the transformer runs noise refiner, context refiner, then the main layers; numbers numerically."""
+    head, _, index = block.rpartition(".")
+    stage = head.split(".")[-1] if head.split(".")[-1] in _STAGE_ORDER else head.split(".")[0]
+    return (_STAGE_ORDER.get(stage, 3), head, int(index))
+
+
+def _config_dict(module: Any) -> dict[str, Any]:
+    config = getattr(module, "config", None)
+    if config is None:
+        return {}
+    return dict(config.to_dict() if hasattr(config, "to_dict") else config)
+
+
+def _dtype_name(dtype: Any) -> str:
+    """The safetensors name of a torch dtype (floating types only matter here)."""
+    return "F32" if getattr(dtype, "is_floating_point", False) else "I64"
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+class _Architecture(TypedDict):
+    transformer_dim: int
+    transformer_ffn: int
+    transformer_layers: int
+    text_hidden: int
+    vae_channels: int
+
+
+def _architecture(configs: Mapping[str, Mapping[str, Any]]) -> _Architecture:
+    transformer, text, vae = configs["transformer"], configs["text_encoder"], configs["vae"]
+    dim = int(transformer.get("dim", 3840))
+    refiners = int(transformer.get("n_refiner_layers", 2))
+    return {
+        "transformer_dim": dim,
+        "transformer_ffn": int(dim / 3 * 8),  # ZImageTransformerBlock's SwiGLU width
+        "transformer_layers": int(transformer.get("n_layers", 30)) + 2 * refiners,
+        "text_hidden": int(text.get("hidden_size", 2560)),
+        "vae_channels": int(vae.get("block_out_channels", [128])[0]),
+    }
+
+
+@cache
+def _reference_profile(dtype_bytes: int) -> ModelProfile:
+    """Shapes of the real model, from the full checkpoint preset built on the meta device (no memory)."""
+    import torch
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from .checkpoints import PRESETS
+
+    spec = PRESETS["full"]
+    with torch.device("meta"):
+        modules = {
+            "transformer": ZImageTransformer2DModel(**spec.transformer),
+            "text_encoder": Qwen3Model(Qwen3Config(**spec.text_encoder)),
+            "vae": AutoencoderKL(**spec.vae),
+        }
+    components = {
+        name: _component(name, {k: ("BF16", tuple(v.shape)) for k, v in module.state_dict().items()}, dtype_bytes)
+        for name, module in modules.items()
+    }
+    configs = {"transformer": spec.transformer, "text_encoder": spec.text_encoder, "vae": spec.vae}
+    return ModelProfile(
+        transformer=components["transformer"],
+        text_encoder=components["text_encoder"],
+        vae=components["vae"],
+        dtype_bytes=dtype_bytes,
+        **_architecture(configs),
+    )
