@@ -33,7 +33,9 @@ ENV_PREFIX = "ZIMAGE_"
 SourceName = Literal["auto", "huggingface", "modelscope", "local"]
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 # "auto" lets the library choose; the others name a LoadStrategy (see zimage_turbo.strategies).
-StrategyName = Literal["auto", "full_gpu", "cpu"]
+StrategyName = Literal[
+    "auto", "full_gpu", "multi_gpu", "hybrid", "model_offload", "streamed", "sequential_offload", "cpu"
+]
 STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
 
 
@@ -83,7 +85,11 @@ class ZImageSettings(BaseSettings):
     )
     strategy: StrategyName = Field("auto", description="How to place the model: 'auto' or a strategy name.")
     vram_reserve_gib: float = Field(
-        1.0, ge=0, le=1024, description="GPU memory (GiB) left free for the CUDA context and other programs."
+        0.5,
+        ge=0,
+        le=1024,
+        description="GPU memory (GiB) the planner leaves free on each card, beyond what the card reports free "
+        "(the CUDA context and other programs are already outside that).",
     )
     vram_budget_gib: float | None = Field(
         None,

@@ -1,20 +1,47 @@
 """Ways of placing the model on the hardware. See :class:`LoadStrategy`.
 
-Users pass a name (``strategy="full_gpu"``) or an instance (``strategy=FullGPU(gpu=1)``).
+Users pass a name (``strategy="hybrid"``) or an instance (``strategy=FullGPU(device="cuda:1")``).
+
+| name | class | what |
+|---|---|---|
+| ``full_gpu`` | :class:`FullGPU` | every component resident on one GPU |
+| ``multi_gpu`` | :class:`MultiGPUDispatch` | components or transformer blocks spread over several GPUs |
+| ``hybrid`` | :class:`Hybrid` | transformer + VAE resident, text encoder streamed |
+| ``model_offload`` | :class:`ModelCPUOffload` | one whole component on the GPU at a time |
+| ``streamed`` | :class:`StreamedOffload` | text encoder and transformer streamed block by block |
+| ``sequential_offload`` | :class:`SequentialOffload` | streamed layer by layer: the least GPU memory |
+| ``cpu`` | :class:`CPUOnly` | everything on the CPU |
 """
 
 from __future__ import annotations
 
 from ..errors import UnknownStrategyError
-from ..hardware import Hardware
 from ..settings import STRATEGY_NAMES
-from .base import LoadStrategy
+from .base import LoadStrategy, MemoryEstimate
+from .multi_gpu import MultiGPUDispatch
+from .offload import ModelCPUOffload
 from .resident import CPUOnly, FullGPU
+from .streaming import Hybrid, SequentialOffload, StreamedOffload
 
-__all__ = ["STRATEGIES", "CPUOnly", "FullGPU", "LoadStrategy", "choose_default", "strategy_from"]
+__all__ = [
+    "STRATEGIES",
+    "CPUOnly",
+    "FullGPU",
+    "Hybrid",
+    "LoadStrategy",
+    "MemoryEstimate",
+    "ModelCPUOffload",
+    "MultiGPUDispatch",
+    "SequentialOffload",
+    "StreamedOffload",
+    "strategy_from",
+]
 
-# name -> class, for every strategy a user may name. "auto" is not a strategy: the Generator resolves it.
-STRATEGIES: dict[str, type[LoadStrategy]] = {cls.name: cls for cls in (FullGPU, CPUOnly)}
+# name -> class, for every strategy a user may name. "auto" is not a strategy: the planner resolves it.
+STRATEGIES: dict[str, type[LoadStrategy]] = {
+    cls.name: cls
+    for cls in (FullGPU, MultiGPUDispatch, Hybrid, ModelCPUOffload, StreamedOffload, SequentialOffload, CPUOnly)
+}
 assert set(STRATEGIES) | {"auto"} == set(STRATEGY_NAMES), "settings.StrategyName and STRATEGIES disagree"
 
 
@@ -34,12 +61,3 @@ def strategy_from(value: object) -> LoadStrategy | None:
     raise UnknownStrategyError(
         f"strategy must be a name ({', '.join(STRATEGY_NAMES)}) or a LoadStrategy instance, got {type(value).__name__}"
     )
-
-
-def choose_default(hardware: Hardware) -> LoadStrategy:
-    """The strategy ``"auto"`` stands for.
-
-    For now: every component resident on the GPU when there is one, the CPU otherwise. The planner
-    (which compares memory estimates with free memory and ranks the candidates) replaces this.
-    """
-    return FullGPU() if hardware.accelerator in ("cuda", "mps") else CPUOnly()

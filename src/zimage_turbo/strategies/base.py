@@ -1,43 +1,195 @@
-"""The interface every way of placing the model implements.
+"""The interface every way of placing the model implements, and what they share.
 
-A strategy decides where each component's weights live and where they run. It never reads weights from
-disk: the Generator loads the pipeline once (to :meth:`LoadStrategy.load_device`), then calls
-:meth:`~LoadStrategy.apply`; switching strategy later is ``remove()`` on the old one and ``apply()`` on
-the new one, on the same in-memory modules. That keeps a fallback after an out-of-memory error to
-seconds instead of a 20 GB reload.
+A strategy decides where each component's weights live and where they run:
+
+* ``estimate(profile, hardware, work)`` is pure: from sizes alone it predicts the peak memory per GPU and the
+  host memory the strategy needs, phase by phase (encode, denoise, decode);
+* ``predict_seconds(profile, work, steps)`` is pure too: seconds per image on the calibration GPU;
+* ``apply(pipe, hardware)`` places the weights (and installs any hooks);
+* ``remove(pipe)`` undoes it: hooks gone, every weight back in host memory.
+
+A strategy never reads weights from disk. The Generator loads the pipeline once (straight to
+:meth:`LoadStrategy.load_device`) and switching strategy is ``remove()`` then ``apply()`` on the same modules,
+so a fallback after running out of memory costs seconds, not a 20 GB reload. Between strategies every
+weight lives in its host home (see :mod:`zimage_turbo.host`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from ..errors import StrategyUnavailableError
 from ..hardware import Hardware
+from ..host import HostHomes
+from ..profile import ModelProfile, Workload
 
-__all__ = ["LoadStrategy"]
+__all__ = ["PHASES", "LoadStrategy", "MemoryEstimate", "components", "host_homes", "peaks_over_phases"]
+
+PHASES = ("encode", "denoise", "decode")
+# The caching allocator needs some slack beyond the bytes it hands out (fragmentation): a plan fits a card
+# only with this margin on top of the estimated peak.
+ALLOCATOR_MARGIN = 0.04
+COMPONENTS = ("text_encoder", "transformer", "vae")
+_HOMES_ATTRIBUTE = "_zimage_turbo_homes"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted memory of one strategy for one workload.
+
+    ``gpu_peak`` maps a GPU index to its peak bytes (weights resident plus activations, at the worst phase);
+    ``host_bytes`` is the host RAM the weights take while the strategy is applied (pinned bytes included,
+    with their rounding); ``by_phase`` gives the per-phase peaks behind ``gpu_peak`` for explanations.
+    """
+
+    gpu_peak: Mapping[int, int]
+    host_bytes: int = 0
+    pinned_bytes: int = 0
+    by_phase: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
+    infeasible: str = ""  # set when the strategy cannot place the model at all here, saying why
+
+    @property
+    def max_gpu_bytes(self) -> int:
+        return max(self.gpu_peak.values(), default=0)
+
+
+def peaks_over_phases(
+    resident: Mapping[str, Mapping[int, int]], activations: Mapping[str, Mapping[int, int]]
+) -> MemoryEstimate:
+    """Peak per GPU = max over phases of (weights resident in that phase + that phase's activations)."""
+    by_phase: dict[str, dict[int, int]] = {}
+    peaks: dict[int, int] = {}
+    for phase in PHASES:
+        devices = set(resident.get(phase, {})) | set(activations.get(phase, {}))
+        by_phase[phase] = {
+            gpu: resident.get(phase, {}).get(gpu, 0) + activations.get(phase, {}).get(gpu, 0) for gpu in devices
+        }
+        for gpu, value in by_phase[phase].items():
+            peaks[gpu] = max(peaks.get(gpu, 0), value)
+    return MemoryEstimate(gpu_peak=peaks, by_phase=by_phase)
+
+
+def pinned_size(nbytes: int, largest_tensor: int = 0, chunk: int = 1 << 30) -> int:
+    """Host bytes that ``nbytes`` of weights take in our pinned buffers (see :mod:`zimage_turbo.host`).
+
+    Buffers are 1 GiB, filled in order; each loses on average half a tensor at its end, and the last one is
+    the power of two above what it holds.
+    """
+    if nbytes <= 0:
+        return 0
+    usable = chunk - largest_tensor // 2
+    full, rest = divmod(nbytes, usable)
+    return full * chunk + (0 if rest == 0 else min(chunk, 1 << (rest - 1).bit_length()))
+
+
+def components(pipe: Any) -> dict[str, torch.nn.Module]:
+    """The pipeline's weighted components by name."""
+    return {name: getattr(pipe, name) for name in COMPONENTS}
+
+
+def host_homes(pipe: Any) -> HostHomes:
+    """The pipeline's host homes, created on first use (pinned when CUDA is available)."""
+    homes = getattr(pipe, _HOMES_ATTRIBUTE, None)
+    if homes is None:
+        homes = HostHomes(pin=torch.cuda.is_available())
+        setattr(pipe, _HOMES_ATTRIBUTE, homes)
+    return homes
+
+
+def module_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
 
 
 class LoadStrategy(ABC):
     """How the pipeline's components are placed on devices.
 
-    Subclasses set ``name`` (what users pass as ``strategy=``) and implement the three methods.
+    Subclasses set ``name`` (what users pass as ``strategy=``) and implement the abstract methods.
+
+    Args:
+        device: the GPU to run on (``"cuda:1"``); None picks the GPU with the most free memory. Passing
+            ``"cpu"`` runs the same placement logic on the CPU, which is useful only for testing.
     """
 
     name: ClassVar[str]
+    #: strategies that keep weights on the host and move them per call (slower, less GPU memory)
+    offloads: ClassVar[bool] = True
+
+    def __init__(self, device: str | torch.device | None = None) -> None:
+        self.device = None if device is None else torch.device(device)
+
+    # -- pure ---------------------------------------------------------------------------------------------
 
     @abstractmethod
+    def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
+        """Peak memory per GPU and host memory for ``work``, from sizes alone."""
+
+    @abstractmethod
+    def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
+        """Seconds per generation on the calibration GPU (an H200)."""
+
+    def target(self, hardware: Hardware) -> torch.device:
+        """The device this strategy runs on."""
+        if self.device is not None:
+            if self.device.type == "cuda" and not any(g.index == (self.device.index or 0) for g in hardware.gpus):
+                visible = ", ".join(g.device for g in hardware.gpus) or "none"
+                raise StrategyUnavailableError(f"{self.name}: there is no {self.device}; visible GPUs: {visible}")
+            return self.device
+        if hardware.gpus:
+            best = max(hardware.gpus, key=lambda g: g.free_bytes)
+            return torch.device("cuda", best.index)
+        if hardware.mps:
+            return torch.device("mps")
+        raise StrategyUnavailableError(f"{self.name} needs a CUDA or MPS GPU, and none was found; use strategy='cpu'")
+
+    def gpu_index(self, hardware: Hardware) -> int:
+        """The key this strategy's single device has in ``MemoryEstimate.gpu_peak`` (-1 for CPU or MPS)."""
+        device = self.target(hardware)
+        return (device.index or 0) if device.type == "cuda" else -1
+
     def load_device(self, hardware: Hardware) -> torch.device:
-        """Where weights should land when the pipeline is first loaded (straight there, no detour)."""
+        """Where weights should land when the pipeline is first loaded. Offloading strategies: the host."""
+        return torch.device("cpu")
+
+    def encode_device(self, pipe: Any) -> torch.device:
+        """Where prompt token ids go: the device the text encoder computes on."""
+        return torch.device(pipe._execution_device)
+
+    # -- side effects -------------------------------------------------------------------------------------
 
     @abstractmethod
     def apply(self, pipe: Any, hardware: Hardware) -> None:
-        """Place (or hook) the pipeline's modules for this strategy."""
+        """Place (or hook) the pipeline's modules for this strategy. Weights start in their host homes."""
 
     @abstractmethod
     def remove(self, pipe: Any) -> None:
-        """Undo :meth:`apply`: move weights back to host memory and drop any hooks."""
+        """Undo :meth:`apply`: remove hooks, send every weight back to its host home."""
+
+    def describe(self) -> str:
+        return self.name
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        device = "" if self.device is None else f"device={str(self.device)!r}"
+        return f"{type(self).__name__}({device})"
+
+    def identity(self) -> tuple[Any, ...]:
+        """What makes two instances place the model the same way (public settings, not runtime state)."""
+        return tuple(sorted((k, str(v)) for k, v in vars(self).items() if not k.startswith("_")))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and isinstance(other, LoadStrategy) and other.identity() == self.identity()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.identity()))
+
+
+def send_everything_home(pipe: Any) -> None:
+    """Every weight of the pipeline back in host memory: to its home, or adopted (copied) if it has none."""
+    homes = host_homes(pipe)
+    for module in components(pipe).values():
+        homes.send_home(module)

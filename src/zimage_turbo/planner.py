@@ -1,0 +1,222 @@
+"""Choose how to place the model: a pure function of sizes, hardware and the request.
+
+    >>> from zimage_turbo import Hardware, GPUInfo, ModelProfile, plan
+    >>> gpu = GPUInfo(0, "RTX 4080", total_bytes=16 * GIB, free_bytes=15 * GIB, compute_capability=(8, 9))
+    >>> hardware = Hardware(gpus=(gpu,), host_available_bytes=48 * GIB)
+    >>> print(plan(ModelProfile.z_image_turbo(), hardware).describe())  # doctest: +SKIP
+
+Every strategy is estimated for the workload (peak GPU memory per card, host memory) and, if it fits the free
+memory minus a reserve, ranked by predicted time. Each that does not fit says why. VAE tiling is offered as a
+variant of each strategy: it lowers the decode peak a lot at large sizes, for a little time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from .hardware import GIB, Hardware
+from .profile import VAE_TILE_PIXELS, ModelProfile, Workload
+from .request import DEFAULT_STEPS, SIDE_MULTIPLE, GenerationRequest
+from .strategies import (
+    CPUOnly,
+    FullGPU,
+    Hybrid,
+    LoadStrategy,
+    ModelCPUOffload,
+    MultiGPUDispatch,
+    SequentialOffload,
+    StreamedOffload,
+)
+from .strategies.base import ALLOCATOR_MARGIN, MemoryEstimate
+
+__all__ = ["Candidate", "Plan", "candidate_for", "plan", "smaller_workloads"]
+
+# Host RAM to leave for the rest of the process and the system.
+HOST_RESERVE_BYTES = 2 * GIB
+# Tiled decoding is a little slower than one pass over the whole image.
+TILING_SLOWDOWN = 1.25
+# Downscaling: never below this many pixels on the shorter side (unless the request was smaller already).
+DOWNSCALE_FLOOR = 512
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run the workload: a strategy, with or without VAE tiling, and what it would cost."""
+
+    strategy: LoadStrategy
+    vae_tiling: bool
+    estimate: MemoryEstimate
+    seconds: float
+    fits: bool
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.strategy.name + ("+vae_tiling" if self.vae_tiling else "")
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.estimate.max_gpu_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Candidates for one workload: those that fit first (fastest first), then the rest (least memory first)."""
+
+    workload: Workload
+    hardware: Hardware
+    steps: int
+    candidates: tuple[Candidate, ...]
+    reserve_bytes: int = 0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def fitting(self) -> tuple[Candidate, ...]:
+        return tuple(c for c in self.candidates if c.fits)
+
+    @property
+    def best(self) -> Candidate | None:
+        """The fastest candidate that fits, if any."""
+        return next(iter(self.fitting), None)
+
+    def describe(self) -> str:
+        """A table of every candidate, as ``zimage-turbo plan`` prints it."""
+        work = self.workload
+        lines = [
+            f"Workload: {work.width}x{work.height}, {work.images} image(s), {self.steps} steps"
+            + (", guidance on" if work.guidance else ""),
+            "Hardware: " + self.hardware.describe().replace("\n", "; "),
+            f"Reserve: {self.reserve_bytes / GIB:.1f} GiB per GPU, {ALLOCATOR_MARGIN:.0%} allocator margin",
+            "",
+            f"{'':2}{'strategy':28}{'GPU peak':>22}{'host RAM':>11}{'s/image*':>10}  verdict",
+        ]
+        for candidate in self.candidates:
+            peaks = ", ".join(
+                f"{'cuda:' + str(g) if g >= 0 else 'gpu'} {b / GIB:.1f}"
+                for g, b in sorted(candidate.estimate.gpu_peak.items())
+            )
+            mark = "->" if candidate is self.best else "  "
+            verdict = "fits" if candidate.fits else candidate.reason
+            lines.append(
+                f"{mark}{candidate.name:28}{peaks or '-':>22}{candidate.estimate.host_bytes / GIB:>10.1f}G"
+                f"{candidate.seconds:>10.2f}  {verdict}"
+            )
+        lines.append("")
+        lines.append("* predicted on the calibration GPU (an H200); slower GPUs scale the compute part.")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def _strategies(hardware: Hardware, reserve_gib: float, work: Workload) -> list[LoadStrategy]:
+    if hardware.gpus:
+        strategies: list[LoadStrategy] = [FullGPU()]
+        if len(hardware.gpus) > 1:
+            strategies.append(MultiGPUDispatch(reserve_gib=reserve_gib, workload=work))
+        strategies += [Hybrid(), ModelCPUOffload(), StreamedOffload(), SequentialOffload()]
+        return strategies
+    if hardware.mps:
+        return [FullGPU(), CPUOnly()]
+    return [CPUOnly()]
+
+
+def candidate_for(
+    strategy: LoadStrategy,
+    profile: ModelProfile,
+    hardware: Hardware,
+    work: Workload,
+    *,
+    steps: int = DEFAULT_STEPS,
+    reserve_bytes: int = 0,
+) -> Candidate:
+    """Estimate one strategy for one workload and say whether it fits."""
+    estimate = strategy.estimate(profile, hardware, work)
+    seconds = strategy.predict_seconds(profile, work, steps)
+    if work.vae_tiling:
+        seconds += (TILING_SLOWDOWN - 1) * profile.compute_seconds(work, steps)["decode"]
+    reason = _why_not(estimate, hardware, reserve_bytes)
+    return Candidate(strategy, work.vae_tiling, estimate, seconds, fits=not reason, reason=reason)
+
+
+def _why_not(estimate: MemoryEstimate, hardware: Hardware, reserve_bytes: int) -> str:
+    if estimate.infeasible:
+        return estimate.infeasible
+    free = {g.index: g.free_bytes for g in hardware.gpus}
+    for gpu, peak in estimate.gpu_peak.items():
+        if gpu < 0:  # MPS shares host memory; nothing to check per card
+            continue
+        usable = free.get(gpu, 0) - reserve_bytes
+        needed = int(peak * (1 + ALLOCATOR_MARGIN))
+        if needed > usable:
+            return f"needs {needed / GIB:.1f} GiB on cuda:{gpu}, {max(usable, 0) / GIB:.1f} GiB usable"
+    host_usable = hardware.host_available_bytes - HOST_RESERVE_BYTES
+    if hardware.host_available_bytes and estimate.host_bytes > host_usable:
+        return f"needs {estimate.host_bytes / GIB:.1f} GiB of host RAM, {max(host_usable, 0) / GIB:.1f} GiB usable"
+    return ""
+
+
+def plan(
+    profile: ModelProfile,
+    hardware: Hardware,
+    request: GenerationRequest | Workload | None = None,
+    *,
+    steps: int | None = None,
+    reserve_gib: float = 0.5,
+    strategies: Sequence[LoadStrategy] | None = None,
+) -> Plan:
+    """Rank every way of running ``request`` on ``hardware``; pure (reads nothing, loads nothing).
+
+    ``request`` may be a :class:`GenerationRequest`, a :class:`Workload`, or None (1024x1024, one image).
+    ``hardware.gpus[i].free_bytes`` is what the plan may use on each card; ``reserve_gib`` is kept free on top.
+    """
+    work, steps = _workload(request, steps)
+    reserve = int(reserve_gib * GIB)
+    chosen = list(strategies) if strategies is not None else _strategies(hardware, reserve_gib, work)
+    variants = [False, True] if max(work.height, work.width) > VAE_TILE_PIXELS else [False]
+    candidates = []
+    for tiling in variants:
+        tiled = replace(work, vae_tiling=tiling)
+        for strategy in chosen:
+            if isinstance(strategy, MultiGPUDispatch):
+                strategy = MultiGPUDispatch(reserve_gib=reserve_gib, workload=tiled)
+            candidates.append(candidate_for(strategy, profile, hardware, tiled, steps=steps, reserve_bytes=reserve))
+    fitting = sorted((c for c in candidates if c.fits), key=lambda c: c.seconds)
+    rest = sorted((c for c in candidates if not c.fits), key=lambda c: (c.peak_bytes, c.seconds))
+    notes = () if fitting else ("Nothing fits at this size; a smaller image or more memory would.",)
+    return Plan(work, hardware, steps, tuple(fitting + rest), reserve, notes)
+
+
+def _workload(request: GenerationRequest | Workload | None, steps: int | None) -> tuple[Workload, int]:
+    if request is None:
+        return Workload(), steps or DEFAULT_STEPS
+    if isinstance(request, Workload):
+        return request, steps or DEFAULT_STEPS
+    work = Workload(
+        height=request.height, width=request.width, images=request.num_images, guidance=request.guidance_scale > 0
+    )
+    return work, steps or request.steps
+
+
+def smaller_workloads(work: Workload, floor: int = DOWNSCALE_FLOOR) -> list[Workload]:
+    """Ever smaller versions of ``work`` with the same aspect ratio, sides multiples of 16, the shorter side
+    not below ``floor`` (or its current value, if smaller): each step has about 3/4 of the pixels."""
+    shorter = min(work.height, work.width)
+    limit = min(floor, shorter)
+    sizes: list[tuple[int, int]] = []
+    scale = 1.0
+    while True:
+        scale *= math.sqrt(0.75)
+        height = max(SIDE_MULTIPLE, int(work.height * scale) // SIDE_MULTIPLE * SIDE_MULTIPLE)
+        width = max(SIDE_MULTIPLE, int(work.width * scale) // SIDE_MULTIPLE * SIDE_MULTIPLE)
+        if min(height, width) < limit:
+            break
+        if (height, width) != (work.height, work.width) and (not sizes or sizes[-1] != (height, width)):
+            sizes.append((height, width))
+    return [replace(work, height=h, width=w) for h, w in sizes]
+
+
+def effective_hardware(hardware: Hardware, held: Mapping[int, int]) -> Hardware:
+    """``hardware`` with the bytes our own pipeline holds on each card counted as free (we can move them)."""
+    gpus = tuple(replace(g, free_bytes=g.free_bytes + held.get(g.index, 0)) for g in hardware.gpus)
+    return replace(hardware, gpus=gpus)

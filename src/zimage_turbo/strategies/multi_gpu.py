@@ -1,0 +1,222 @@
+"""Several GPUs, no offloading: components (or transformer blocks) spread over the cards.
+
+Whole components go to different cards when they fit (transformer and VAE on the roomiest card, text
+encoder on another); otherwise the transformer's blocks are split across cards in order, by the memory
+each card has, and accelerate's ``dispatch_model`` moves activations between them. The assignment is a pure
+function of the sizes (:func:`assign`), so the estimate and the placement always agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import StrategyUnavailableError
+from ..hardware import GIB, Hardware
+from ..profile import ComponentProfile, ModelProfile, Workload
+from .base import ALLOCATOR_MARGIN, LoadStrategy, MemoryEstimate, components, host_homes, send_everything_home
+
+__all__ = ["Assignment", "MultiGPUDispatch", "assign"]
+
+# Moving activations between cards costs little next to the transformer passes.
+CROSS_GPU_OVERHEAD = 1.03
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Which GPU holds what. ``main`` holds the transformer's non-block weights and the VAE (latents live
+    there); block lists give the GPU of each block in execution order."""
+
+    main: int
+    transformer_blocks: tuple[int, ...]
+    text_encoder_main: int
+    text_encoder_blocks: tuple[int, ...]
+    peaks: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def gpus(self) -> tuple[int, ...]:
+        used = {self.main, self.text_encoder_main, *self.transformer_blocks, *self.text_encoder_blocks}
+        return tuple(sorted(used))
+
+
+class _Card:
+    def __init__(self, index: int, capacity: int) -> None:
+        self.index = index
+        self.capacity = capacity
+        self.weights = 0
+        self.activation = 0  # the largest activation of the phases that run here
+
+    def room(self, activation: int) -> int:
+        return self.capacity - self.weights - max(self.activation, activation)
+
+    def take(self, nbytes: int, activation: int) -> bool:
+        if nbytes > self.room(activation):
+            return False
+        self.weights += nbytes
+        self.activation = max(self.activation, activation)
+        return True
+
+
+def _spread(cards: list[_Card], component: ComponentProfile, activation: int, first: int) -> tuple[int, ...] | None:
+    """Blocks in order onto the cards, filling card ``first`` and then the others in turn (wrapping around:
+    execution order does not care which card comes first); None when they do not fit."""
+    placed: list[int] = []
+    turn = [cards[(first + k) % len(cards)] for k in range(len(cards))]
+    position = 0
+    for nbytes in component.block_bytes:
+        while not turn[position].take(nbytes, activation):
+            position += 1
+            if position == len(turn):
+                return None
+        placed.append(turn[position].index)
+    return tuple(placed)
+
+
+def assign(profile: ModelProfile, capacities: dict[int, int], work: Workload) -> Assignment | None:
+    """Place the model on GPUs with these capacities (bytes each may use), or None when it does not fit."""
+    acts = profile.activation_bytes(work)
+    order = sorted(capacities, key=lambda index: -capacities[index])
+    cards = [_Card(index, capacities[index]) for index in order]
+    main = cards[0]
+    # The main card holds the transformer's non-block weights and the VAE, and runs the decode.
+    if not main.take(profile.transformer.other_bytes + profile.vae.weight_bytes, max(acts["denoise"], acts["decode"])):
+        return None
+    blocks = _spread(cards, profile.transformer, acts["denoise"], 0)
+    if blocks is None:
+        return None
+    # The text encoder: whole on the card with the most room left, else its blocks spread over the cards.
+    te = profile.text_encoder
+    by_room = sorted(cards, key=lambda card: -card.room(acts["encode"]))
+    if by_room[0].take(te.weight_bytes, acts["encode"]):
+        te_main = by_room[0].index
+        te_blocks = tuple(te_main for _ in te.block_bytes)
+    else:
+        start = next((i for i, card in enumerate(cards) if card.take(te.other_bytes, acts["encode"])), None)
+        if start is None:
+            return None
+        te_main = cards[start].index
+        spread = _spread(cards, te, acts["encode"], start)
+        if spread is None:
+            return None
+        te_blocks = spread
+    peaks = {card.index: card.weights + card.activation for card in cards if card.weights}
+    return Assignment(main.index, blocks, te_main, te_blocks, peaks)
+
+
+class MultiGPUDispatch(LoadStrategy):
+    """The model spread over two or more GPUs with no CPU offload.
+
+    Args:
+        reserve_gib: memory to leave free on each card when assigning (the planner passes its reserve).
+        workload: the image size and batch to leave room for (the planner passes the request's).
+    """
+
+    name: ClassVar[str] = "multi_gpu"
+    offloads: ClassVar[bool] = False
+
+    def __init__(self, reserve_gib: float = 1.0, workload: Workload | None = None) -> None:
+        super().__init__(None)
+        self.reserve_gib = reserve_gib
+        self.workload = workload or Workload()
+        self._placed: Assignment | None = None
+
+    def identity(self) -> tuple[object, ...]:
+        # The workload only sizes the headroom; an applied placement serves other sizes too.
+        return (self.reserve_gib,)
+
+    def assignment(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> Assignment | None:
+        if len(hardware.gpus) < 2:
+            return None
+        reserve = int(self.reserve_gib * GIB)
+        capacities = {g.index: int((g.free_bytes - reserve) / (1 + ALLOCATOR_MARGIN)) for g in hardware.gpus}
+        return assign(profile, capacities, work)
+
+    def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
+        placed = self.assignment(profile, hardware, work)
+        if placed is None:
+            if len(hardware.gpus) < 2:
+                return MemoryEstimate(gpu_peak={}, infeasible="needs two or more GPUs")
+            usable = sum(g.free_bytes for g in hardware.gpus) - len(hardware.gpus) * int(self.reserve_gib * GIB)
+            acts = profile.activation_bytes(work)
+            needed = profile.weight_bytes + max(acts.values())
+            return MemoryEstimate(
+                gpu_peak={},
+                infeasible=f"does not split over the GPUs: needs about {needed / GIB:.1f} GiB in all, "
+                f"{usable / GIB:.1f} GiB usable",
+            )
+        return MemoryEstimate(gpu_peak=dict(placed.peaks))
+
+    def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
+        return CROSS_GPU_OVERHEAD * sum(profile.compute_seconds(work, steps).values())
+
+    def target(self, hardware: Hardware) -> torch.device:
+        if len(hardware.gpus) < 2:
+            raise StrategyUnavailableError("multi_gpu needs at least two CUDA GPUs")
+        return torch.device("cuda", max(hardware.gpus, key=lambda g: g.free_bytes).index)
+
+    def gpu_index(self, hardware: Hardware) -> int:
+        return self.target(hardware).index or 0
+
+    def apply(self, pipe: Any, hardware: Hardware) -> None:
+        # The live pipeline's sizes, so that placement follows exactly the same arithmetic as the estimate.
+        profile = ModelProfile.from_modules(components(pipe))
+        placed = self.assignment(profile, hardware, self.workload)
+        if placed is None:
+            raise torch.OutOfMemoryError("multi_gpu: the model does not fit on these GPUs")
+        homes = host_homes(pipe)
+        _place(pipe.transformer, profile.transformer, placed.main, placed.transformer_blocks, homes)
+        _place(pipe.text_encoder, profile.text_encoder, placed.text_encoder_main, placed.text_encoder_blocks, homes)
+        homes.send_to(pipe.vae, torch.device("cuda", placed.main))
+        homes.release(pipe.vae)
+        self._placed = placed
+
+    def encode_device(self, pipe: Any) -> torch.device:
+        assert self._placed is not None
+        return torch.device("cuda", self._placed.text_encoder_main)
+
+    def remove(self, pipe: Any) -> None:
+        from accelerate.hooks import remove_hook_from_module
+
+        for module in (pipe.transformer, pipe.text_encoder):
+            remove_hook_from_module(module, recurse=True)
+            if hasattr(module, "hf_device_map"):
+                del module.hf_device_map
+        send_everything_home(pipe)
+        self._placed = None
+
+
+def _place(module: torch.nn.Module, profile: ComponentProfile, main: int, blocks: tuple[int, ...], homes: Any) -> None:
+    if all(gpu == main for gpu in blocks):
+        homes.send_to(module, torch.device("cuda", main))
+        homes.release(module)
+        return
+    from accelerate import dispatch_model
+
+    # Weights come from their (pinned) homes; dispatch_model's hooks copy them to each block's card.
+    homes.send_home(module)
+    dispatch_model(module, device_map=device_map_for(module, dict(zip(profile.block_names, blocks, strict=True)), main))
+    homes.release(module)
+
+
+def device_map_for(module: torch.nn.Module, block_gpus: dict[str, int], main: int) -> dict[str, int]:
+    """An accelerate device map: each block on its GPU, every other module and tensor on ``main``."""
+    device_map: dict[str, int] = {}
+
+    def walk(prefix: str, node: torch.nn.Module) -> None:
+        if prefix in block_gpus:
+            device_map[prefix] = block_gpus[prefix]
+            return
+        if prefix and not any(block.startswith(prefix + ".") for block in block_gpus):
+            device_map[prefix] = main
+            return
+        for name, _ in node.named_parameters(recurse=False):
+            device_map[f"{prefix}.{name}" if prefix else name] = main
+        for name, _ in node.named_buffers(recurse=False):
+            device_map[f"{prefix}.{name}" if prefix else name] = main
+        for name, child in node.named_children():
+            walk(f"{prefix}.{name}" if prefix else name, child)
+
+    walk("", module)
+    return device_map

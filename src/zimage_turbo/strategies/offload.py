@@ -1,0 +1,99 @@
+"""Whole components moved to the GPU one at a time, as they are needed (model offload).
+
+Like diffusers' ``enable_model_cpu_offload``, but the weights wait in pinned host memory and going back to
+the host is a pointer swap, not a copy: each image moves the text encoder and the transformer to the GPU
+once (about 20 GB at PCIe speed, well under a second) instead of copying them both ways through pageable
+memory (14 s per image measured for diffusers' version on an H200).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..hardware import Hardware
+from ..profile import ModelProfile, Workload
+from .base import LoadStrategy, MemoryEstimate, components, host_homes, peaks_over_phases, pinned_size
+
+__all__ = ["ModelCPUOffload"]
+
+
+def _swap_hook_class() -> type:
+    from accelerate.hooks import ModelHook
+    from accelerate.utils import send_to_device
+
+    class SwapHook(ModelHook):  # type: ignore[misc]
+        """Before a component runs: the previous one goes home, this one comes to the GPU.
+
+        ``execution_device`` is what diffusers reads to decide where to create latents and token ids.
+        """
+
+        def __init__(self, swap: _Swap, execution_device: torch.device) -> None:
+            self.swap = swap
+            self.execution_device = execution_device
+
+        def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            self.swap.activate(module)
+            return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)
+
+    return SwapHook
+
+
+class _Swap:
+    """Keeps at most one component on the GPU."""
+
+    def __init__(self, homes: Any, device: torch.device) -> None:
+        self.homes = homes
+        self.device = device
+        self.active: torch.nn.Module | None = None
+
+    def activate(self, module: torch.nn.Module) -> None:
+        if self.active is module:
+            return
+        if self.active is not None:
+            self.homes.send_home(self.active)
+        self.homes.send_to(module, self.device)
+        self.active = module
+
+
+class ModelCPUOffload(LoadStrategy):
+    """One component on the GPU at a time: the largest (the transformer, 11.5 GiB in bf16) sets the peak."""
+
+    name: ClassVar[str] = "model_offload"
+
+    def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
+        gpu = self.gpu_index(hardware)
+        acts = profile.activation_bytes(work)
+        estimate = peaks_over_phases(
+            {
+                "encode": {gpu: profile.text_encoder.weight_bytes},
+                "denoise": {gpu: profile.transformer.weight_bytes},
+                "decode": {gpu: profile.vae.weight_bytes},
+            },
+            {phase: {gpu: value} for phase, value in acts.items()},
+        )
+        host = sum(pinned_size(c.weight_bytes, c.largest_tensor_bytes) for c in profile.components)
+        return MemoryEstimate(estimate.gpu_peak, host, host, estimate.by_phase)
+
+    def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
+        return sum(profile.compute_seconds(work, steps).values()) + profile.transfer_seconds(profile.weight_bytes)
+
+    def apply(self, pipe: Any, hardware: Hardware) -> None:
+        from accelerate.hooks import add_hook_to_module
+
+        device = self.target(hardware)
+        homes = host_homes(pipe)
+        swap = _Swap(homes, device)
+        hook_class = _swap_hook_class()
+        for module in components(pipe).values():
+            homes.adopt(module)
+            add_hook_to_module(module, hook_class(swap, device))
+
+    def remove(self, pipe: Any) -> None:
+        from accelerate.hooks import remove_hook_from_module
+
+        homes = host_homes(pipe)
+        for module in components(pipe).values():
+            remove_hook_from_module(module)
+            homes.send_home(module)
