@@ -17,6 +17,7 @@ from .errors import (
     ModelLoadError,
     ModelNotFoundError,
     ModelSourceError,
+    NotEnoughMemoryError,
     NumericalError,
     StrategyUnavailableError,
     UnknownStrategyError,
@@ -25,16 +26,31 @@ from .errors import (
 from .generator import Generator
 from .hardware import GPUInfo, Hardware, detect_hardware
 from .layout import PipelineLayout, check_pipeline_dir
+from .planner import Candidate, Plan, plan
+from .profile import ComponentProfile, ModelProfile, Workload
 from .request import GenerationRequest
-from .result import GenerationResult, Timings
+from .result import Fallback, GenerationResult, Timings
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
-from .strategies import CPUOnly, FullGPU, LoadStrategy
+from .strategies import (
+    CPUOnly,
+    FullGPU,
+    Hybrid,
+    LoadStrategy,
+    MemoryEstimate,
+    ModelCPUOffload,
+    MultiGPUDispatch,
+    SequentialOffload,
+    StreamedOffload,
+)
 
 __all__ = [
     "CPUOnly",
+    "Candidate",
     "CheckpointError",
+    "ComponentProfile",
     "DownloadError",
+    "Fallback",
     "FullGPU",
     "GPUInfo",
     "GenerationRequest",
@@ -42,24 +58,35 @@ __all__ = [
     "Generator",
     "GeneratorClosedError",
     "Hardware",
+    "Hybrid",
     "IncompleteModelError",
     "InvalidRequestError",
     "InvalidSettingsError",
     "LoadStrategy",
+    "MemoryEstimate",
+    "ModelCPUOffload",
     "ModelLoadError",
     "ModelNotFoundError",
+    "ModelProfile",
     "ModelSourceError",
+    "MultiGPUDispatch",
+    "NotEnoughMemoryError",
     "NumericalError",
     "PipelineLayout",
+    "Plan",
     "ResolvedModel",
+    "SequentialOffload",
     "StrategyUnavailableError",
+    "StreamedOffload",
     "Timings",
     "UnknownStrategyError",
+    "Workload",
     "ZImageError",
     "ZImageSettings",
     "__version__",
     "check_pipeline_dir",
     "detect_hardware",
     "make_checkpoint",
+    "plan",
     "resolve_model",
 ]

@@ -101,6 +101,25 @@ def _parser() -> argparse.ArgumentParser:
 
     hardware = commands.add_parser("hardware", parents=[common], help="show the GPUs and memory the library sees")
     hardware.set_defaults(handler=_cmd_hardware)
+
+    planning = commands.add_parser(
+        "plan",
+        parents=[common],
+        help="show how a request would be placed, without loading weights",
+        description="Rank every strategy for a request on this machine or on hypothetical hardware. Without "
+        "--model the real Z-Image-Turbo's sizes are used (nothing is downloaded).",
+    )
+    planning.add_argument("--model", default=None, help="read sizes from this folder or cached repo instead")
+    planning.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT (default 1024x1024)")
+    planning.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    planning.add_argument("--num-images", type=int, default=1)
+    planning.add_argument("--guidance", type=float, default=0.0)
+    planning.add_argument("--vram-gib", type=float, default=None, help="one hypothetical GPU with this much free")
+    planning.add_argument("--gpus", default=None, help="hypothetical GPUs, e.g. 2x12 or 24,12 (GiB free each)")
+    planning.add_argument("--ram-gib", type=float, default=None, help="hypothetical host RAM available")
+    planning.add_argument("--reserve-gib", type=float, default=None, help="GPU memory to keep free (default 0.5)")
+    planning.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    planning.set_defaults(handler=_cmd_plan)
     return parser
 
 
@@ -200,6 +219,62 @@ def _cmd_hardware(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _parse_gpus(text: str) -> list[float]:
+    """'2x12' -> [12, 12]; '24,12' -> [24, 12] (GiB)."""
+    try:
+        if "x" in text.lower():
+            count, size = text.lower().split("x")
+            sizes = [float(size)] * int(count)
+        else:
+            sizes = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise InvalidRequestError(f"--gpus must look like 2x12 or 24,12 (GiB each), got {text!r}") from None
+    if not sizes or any(size <= 0 for size in sizes):
+        raise InvalidRequestError(f"--gpus needs at least one positive size, got {text!r}")
+    return sizes
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .hardware import GIB, GPUInfo, detect_hardware
+    from .planner import plan
+    from .profile import ModelProfile
+    from .request import GenerationRequest
+    from .sources import resolve_model
+
+    width, height = _parse_size(args.size)
+    request = GenerationRequest(
+        prompt="plan",
+        height=height,
+        width=width,
+        steps=args.steps,
+        num_images=args.num_images,
+        guidance_scale=args.guidance,
+    )
+    dtype_bytes = 4 if args.dtype == "float32" else 2
+    if args.model:
+        settings = ZImageSettings(model=args.model, progress=not args.quiet)
+        profile = ModelProfile.from_layout(resolve_model(settings).layout, dtype_bytes=dtype_bytes)
+    else:
+        profile = ModelProfile.z_image_turbo(dtype_bytes=dtype_bytes)
+    hardware = detect_hardware()
+    sizes = _parse_gpus(args.gpus) if args.gpus else [args.vram_gib] if args.vram_gib is not None else None
+    if sizes is not None:
+        gpus = tuple(
+            GPUInfo(i, "hypothetical GPU", int(size * GIB), int(size * GIB), compute_capability=(8, 9))
+            for i, size in enumerate(sizes)
+        )
+        hardware = replace(hardware, gpus=gpus, mps=False)
+    if args.ram_gib is not None:
+        hardware = replace(
+            hardware, host_total_bytes=int(args.ram_gib * GIB), host_available_bytes=int(args.ram_gib * GIB)
+        )
+    reserve = args.reserve_gib if args.reserve_gib is not None else ZImageSettings().vram_reserve_gib
+    print(plan(profile, hardware, request, reserve_gib=reserve).describe())
+    return EXIT_OK
+
+
 def _report(result: Any, written: list[Path]) -> None:
     timings = result.timings
     names = ", ".join(str(path.resolve()) for path in written)
@@ -215,6 +290,10 @@ def _report(result: Any, written: list[Path]) -> None:
     )
     peaks = ", ".join(f"{device} {value / 2**30:.2f} GiB" for device, value in result.peak_memory.items())
     print(f"  peak memory: {peaks}")
+    if result.vae_tiling:
+        print("  VAE decoded in tiles")
+    for fallback in result.fallbacks:
+        print(f"  fallback: {fallback}")
     for warning in result.warnings:
         print(f"  warning: {warning}")
 

@@ -15,6 +15,7 @@ Errors about bad input also derive from :class:`ValueError`, and "model not foun
     │   ├── IncompleteModelError              the folder is not a complete Z-Image pipeline
     │   └── DownloadError                     every hub we tried failed
     ├── ModelLoadError                        the files are there, but loading them failed
+    ├── NotEnoughMemoryError                  every way of running the request ran out of memory
     ├── NumericalError                        the denoiser produced NaN/inf (a black image otherwise)
     └── GeneratorClosedError                  the Generator was closed
 """
@@ -33,6 +34,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelSourceError",
+    "NotEnoughMemoryError",
     "NumericalError",
     "StrategyUnavailableError",
     "UnknownStrategyError",
@@ -96,6 +98,19 @@ class DownloadError(ModelSourceError):
 
 class ModelLoadError(ZImageError):
     """The model folder is complete, but diffusers/transformers failed to load it."""
+
+
+class NotEnoughMemoryError(ZImageError):
+    """Every rung of the out-of-memory ladder failed (or was predicted to).
+
+    ``tried`` lists each attempt and why it failed; ``would_fit`` says what would work (a smaller size,
+    ``allow_downscale=True``, more memory), when something would.
+    """
+
+    def __init__(self, message: str, tried: Sequence[object] = (), would_fit: str | None = None) -> None:
+        super().__init__(message)
+        self.tried: tuple[object, ...] = tuple(tried)
+        self.would_fit = would_fit
 
 
 class NumericalError(ZImageError):

@@ -13,21 +13,51 @@ from PIL import Image
 
 from .errors import InvalidRequestError
 
-__all__ = ["GenerationResult", "Timings", "check_output_path", "output_paths", "save_image_atomically"]
+__all__ = ["Fallback", "GenerationResult", "Timings", "check_output_path", "output_paths", "save_image_atomically"]
 
 
 @dataclass(frozen=True)
 class Timings:
-    """Seconds spent in each phase of one call. ``load`` is non-zero only for the call that loaded the model."""
+    """Seconds spent in each phase of one call.
+
+    ``load`` is non-zero only for the call that loaded the model; ``recovery`` is time spent on attempts that
+    ran out of memory and on moving weights between strategies.
+    """
 
     load: float = 0.0
     encode: float = 0.0
     denoise: float = 0.0
     decode: float = 0.0
+    recovery: float = 0.0
+
+    @property
+    def work(self) -> float:
+        """Encode, denoise and decode of the attempt that succeeded."""
+        return self.encode + self.denoise + self.decode
 
     @property
     def total(self) -> float:
-        return self.load + self.encode + self.denoise + self.decode
+        return self.load + self.work + self.recovery
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """One change of plan: what was running, what replaced it, in which phase, and why.
+
+    ``kind`` is ``"strategy"`` (a placement ran out of memory and the next one took over), ``"vae_tiling"``
+    (a decode ran out of memory and was retried in tiles), ``"downscale"`` (a smaller image was made) or
+    ``"load"`` (loading onto the GPU ran out of memory; the weights went to host memory).
+    """
+
+    kind: str
+    before: str
+    after: str
+    phase: str
+    reason: str
+
+    def __str__(self) -> str:
+        change = f"{self.before} -> {self.after}" if self.after else f"{self.before} failed"
+        return f"{self.kind}: {change} ({self.phase}: {self.reason})"
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,8 +72,10 @@ class GenerationResult:
         strategy: the load strategy that produced the images (e.g. ``"full_gpu"``).
         device: where the denoiser ran (e.g. ``"cuda:0"``).
         timings: seconds per phase.
-        peak_memory: peak bytes per device: ``"cuda:N"`` is the peak allocated by torch during this
-            call; ``"host"`` is the peak resident memory of the whole process so far.
+        peak_memory: peak bytes per device: ``"cuda:N"`` is the peak allocated by torch during the attempt
+            that succeeded; ``"host"`` is the peak resident memory of the whole process so far.
+        predicted_peak_memory: what the planner predicted for that attempt, per GPU.
+        vae_tiling: whether the VAE decoded in tiles.
         fallbacks: each change of plan taken to get here, with its reason (empty when none).
         warnings: things the caller should know (a prompt cut at the token limit, an ignored option).
     """
@@ -60,7 +92,9 @@ class GenerationResult:
     dtype: str
     timings: Timings
     peak_memory: Mapping[str, int] = field(default_factory=dict)
-    fallbacks: tuple[str, ...] = ()
+    predicted_peak_memory: Mapping[str, int] = field(default_factory=dict)
+    vae_tiling: bool = False
+    fallbacks: tuple[Fallback, ...] = ()
     warnings: tuple[str, ...] = ()
 
     @property
@@ -95,7 +129,7 @@ class GenerationResult:
         return (
             f"GenerationResult({len(self.images)} image(s) {self.width}x{self.height}, seed={self.seeds[0]}, "
             f"steps={self.steps}, strategy={self.strategy!r}, device={self.device!r}, "
-            f"{self.timings.total:.2f} s)"
+            f"{self.timings.total:.2f} s{f', {len(self.fallbacks)} fallback(s)' if self.fallbacks else ''})"
         )
 
 

@@ -1,0 +1,150 @@
+"""The three phases of one generation, run separately so that each can be timed and retried on its own.
+
+Together they do exactly what ``ZImagePipeline.__call__`` does (the CPU tests check this bit for bit):
+encode the prompt, denoise from seeded noise to latents, decode the latents with the VAE. Splitting them
+means that when the decode runs out of memory, the same latents are decoded again with VAE tiling instead
+of repeating the whole denoising.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .profile import VAE_TILE_PIXELS
+
+__all__ = [
+    "MAX_SEQUENCE_LENGTH",
+    "Progress",
+    "clock",
+    "count_prompt_tokens",
+    "decode",
+    "denoise",
+    "encode",
+    "is_out_of_memory",
+    "release_memory",
+    "set_vae_tiling",
+]
+
+# The text encoder sees at most this many tokens, chat template included; diffusers cuts the rest silently.
+MAX_SEQUENCE_LENGTH = 512
+
+
+@dataclass
+class Progress:
+    """What a generation has finished so far, kept on the host so that a retry can start from it."""
+
+    phase: str = "place"
+    embeds: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    latents: torch.Tensor | None = None
+
+
+def encode(
+    pipe: Any, prompt: str, negative_prompt: str | None, guidance: bool, device: torch.device
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Prompt embeddings (and negative ones when guidance is on), as diffusers computes them."""
+    positive, negative = pipe.encode_prompt(
+        prompt=[prompt],
+        device=device,
+        do_classifier_free_guidance=guidance,
+        negative_prompt=[negative_prompt] if guidance and negative_prompt else None,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+    )
+    return list(positive), list(negative)
+
+
+def denoise(
+    pipe: Any,
+    embeds: tuple[list[torch.Tensor], list[torch.Tensor]],
+    *,
+    height: int,
+    width: int,
+    steps: int,
+    guidance_scale: float,
+    seeds: Sequence[int],
+) -> torch.Tensor:
+    """Latents after ``steps`` transformer passes from the noise of ``seeds`` (one CPU generator per image:
+    the same seed gives the same noise on every device)."""
+    device = torch.device(pipe._execution_device)
+    positive, negative = ([t.to(device) for t in part] for part in embeds)
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    return pipe(  # type: ignore[no-any-return]
+        prompt_embeds=positive,
+        negative_prompt_embeds=negative if guidance_scale > 0 else None,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        num_images_per_prompt=len(seeds),
+        generator=generators,
+        output_type="latent",
+        return_dict=False,
+    )[0]
+
+
+def decode(pipe: Any, latents: torch.Tensor) -> list[Any]:
+    """The VAE half of ``ZImagePipeline.__call__``: latents to PIL images."""
+    vae = pipe.vae
+    device = torch.device(pipe._execution_device)
+    latents = latents.to(device=device, dtype=vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    return list(pipe.image_processor.postprocess(image, output_type="pil"))
+
+
+def set_vae_tiling(pipe: Any, enabled: bool) -> None:
+    """Decode in overlapping tiles of 512x512 pixels (the VAE's own default tile is 1024, too big to help at
+    1024x1024) or in one piece."""
+    vae = pipe.vae
+    if enabled:
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        vae.tile_sample_min_size = VAE_TILE_PIXELS
+        vae.tile_latent_min_size = VAE_TILE_PIXELS // scale
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
+
+
+def count_prompt_tokens(tokenizer: Any, prompt: str) -> int:
+    """Tokens the text encoder would be given for ``prompt``, chat template included, before any cut."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
+    return len(tokenizer(text).input_ids)
+
+
+_ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "out of memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for the errors the ladder handles: CUDA running out of memory (also inside cuBLAS/cuDNN, which
+    report it as a RuntimeError). Other CUDA errors (an illegal access, a device-side assert) are not: they
+    leave the CUDA context unusable, and retrying would only hide them."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if type(exc) is RuntimeError:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return any(marker in first for marker in _ALLOCATION_FAILURES) and "illegal" not in first
+    return False
+
+
+def release_memory() -> None:
+    """Return freed GPU memory to the driver. Call it *after* leaving the ``except`` block: while the
+    exception is being handled its traceback keeps the failed frames, and their tensors, alive."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def clock(devices: Sequence[torch.device]) -> float:
+    """A timestamp after the devices have finished their queued work."""
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
+    return time.perf_counter()
