@@ -37,6 +37,21 @@ REVIEWED = {
     "detect_hardware",
     "make_checkpoint",
     "resolve_model",
+    # 0.2.0: strategies, planning, the out-of-memory ladder
+    "Candidate",
+    "ComponentProfile",
+    "Fallback",
+    "Hybrid",
+    "MemoryEstimate",
+    "ModelCPUOffload",
+    "ModelProfile",
+    "MultiGPUDispatch",
+    "NotEnoughMemoryError",
+    "Plan",
+    "SequentialOffload",
+    "StreamedOffload",
+    "Workload",
+    "plan",
 }
 
 
