@@ -32,6 +32,8 @@ PROMPT = "a lighthouse on a rocky coast at sunset, oil painting"
 SEED = 7
 GIB = 2**30
 SWITCH_ORDER = ["full_gpu", "hybrid", "model_offload", "streamed", "sequential_offload"]
+# Also measured: the streaming strategies with record_stream on (no synchronisation after each block).
+RECORD_STREAM_VARIANTS = ["hybrid", "streamed"]
 
 
 def _cap(gib: float | None) -> None:
@@ -90,16 +92,20 @@ def worker_switch(checkpoint: str, size: tuple[int, int], images: int, save: Pat
     load_s = time.perf_counter() - started
     rows = []
     reference = None
-    for name in SWITCH_ORDER:
+    from zimage_turbo.strategies import STRATEGIES
+
+    variants = [(name, False) for name in SWITCH_ORDER] + [(name, True) for name in RECORD_STREAM_VARIANTS]
+    for name, record_stream in variants:
         switched = time.perf_counter()
-        gen.switch(name)
+        gen.switch(STRATEGIES[name](record_stream=True) if record_stream else name)  # type: ignore[call-arg]
         switch_s = time.perf_counter() - switched
         first, row = _measure(gen, size, images)
         if reference is None:
             reference = first.image
             if save is not None:
                 first.image.save(save)
-        row.update(case="switch", requested=name, switch_s=switch_s, load_s=load_s if name == "full_gpu" else None)
+        requested = name + ("+record_stream" if record_stream else "")
+        row.update(case="switch", requested=requested, switch_s=switch_s, load_s=load_s if name == "full_gpu" else None)
         row["difference_from_full_gpu"] = _difference(first.image, reference)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -120,7 +126,9 @@ def worker_cap(
     load_s = time.perf_counter() - started
     first, row = _measure(gen, size, images)
     row.update(case="cap", cap_gib=cap, requested=strategy, load_s=load_s)
-    if reference is not None and reference.is_file() and (row["width"], row["height"]) == size:
+    if reference is not None and not reference.is_file() and strategy == "full_gpu" and cap is None:
+        first.image.save(reference)  # the uncapped full_gpu image is the reference for the other cases
+    elif reference is not None and reference.is_file() and (row["width"], row["height"]) == size:
         row["difference_from_full_gpu"] = _difference(first.image, Image.open(reference))
     return row
 
@@ -186,22 +194,6 @@ def main() -> None:
     reference = (args.out.parent if args.out else Path(".")) / "reference-full_gpu.png"
     common = ["--checkpoint", args.checkpoint, "--size", args.size, "--images", str(args.images)]
     rows: list[dict[str, Any]] = []
-    if not args.no_switch:
-        switched = run_case([*common, "--worker", "switch", "--reference", str(reference)])
-        rows.extend(switched if isinstance(switched, list) else [switched])
-    cases = [("auto", cap) for cap in args.caps] + [
-        (spec.split("@")[0], float(spec.split("@")[1])) for spec in args.forced
-    ]
-    for strategy, cap in cases:
-        row = run_case(
-            [*common, "--worker", "cap", "--cap-gib", str(cap), "--strategy", strategy, "--reference", str(reference)]
-        )
-        assert isinstance(row, dict)
-        row.setdefault("case", "cap")
-        row.setdefault("cap_gib", cap)
-        row.setdefault("requested", strategy)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
     report = {
         "benchmark": "strategies",
         "size": args.size,
@@ -209,9 +201,32 @@ def main() -> None:
         "environment": environment(),
         "cases": rows,
     }
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    if not args.no_switch:
+        switched = run_case([*common, "--worker", "switch", "--reference", str(reference)])
+        rows.extend(switched if isinstance(switched, list) else [switched])
+        _write(args.out, report)
+    cases: list[tuple[str, float | None]] = []
+    if args.no_switch and not reference.is_file():
+        cases.append(("full_gpu", None))  # makes the reference image
+    cases += [("auto", cap) for cap in args.caps]
+    for spec in args.forced:
+        name, _, cap_text = spec.partition("@")
+        cases.append((name, None if cap_text in ("", "none") else float(cap_text)))
+    for strategy, cap in cases:
+        command = [*common, "--worker", "cap", "--strategy", strategy, "--reference", str(reference)]
+        row = run_case(command + (["--cap-gib", str(cap)] if cap is not None else []))
+        assert isinstance(row, dict)
+        row.setdefault("case", "cap")
+        row.setdefault("cap_gib", cap)
+        row.setdefault("requested", strategy)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        _write(args.out, report)  # after every case, so that an interrupted run keeps what it measured
+
+
+def _write(path: Path | None, report: dict[str, Any]) -> None:
+    if path is not None:
+        path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

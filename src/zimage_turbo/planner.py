@@ -35,8 +35,6 @@ __all__ = ["Candidate", "Plan", "candidate_for", "plan", "smaller_workloads"]
 
 # Host RAM to leave for the rest of the process and the system.
 HOST_RESERVE_BYTES = 2 * GIB
-# Tiled decoding is a little slower than one pass over the whole image.
-TILING_SLOWDOWN = 1.25
 # Downscaling: never below this many pixels on the shorter side (unless the request was smaller already).
 DOWNSCALE_FLOOR = 512
 
@@ -133,8 +131,6 @@ def candidate_for(
     """Estimate one strategy for one workload and say whether it fits."""
     estimate = strategy.estimate(profile, hardware, work)
     seconds = strategy.predict_seconds(profile, work, steps)
-    if work.vae_tiling:
-        seconds += (TILING_SLOWDOWN - 1) * profile.compute_seconds(work, steps)["decode"]
     reason = _why_not(estimate, hardware, reserve_bytes)
     return Candidate(strategy, work.vae_tiling, estimate, seconds, fits=not reason, reason=reason)
 

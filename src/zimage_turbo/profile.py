@@ -99,6 +99,7 @@ class ComponentProfile:
     block_bytes: tuple[int, ...] = ()  # each repeated block, in execution order
     largest_tensor_bytes: int = 0
     block_names: tuple[str, ...] = ()  # module names of the blocks ("layers.0"...), same order
+    largest_block_tensor_bytes: int = 0  # the largest single tensor inside the blocks
 
     @property
     def other_bytes(self) -> int:
@@ -120,9 +121,11 @@ class Calibration:
     vae_tiled_k: float
     # seconds, on the GPU the calibration ran on
     transformer_pass_s_per_tflop: float
+    transformer_pass_s_fixed: float
     text_encoder_s: float
     vae_s_per_megapixel: float
     pinned_gib_per_s: float
+    vae_tiling_slowdown: float = 2.0
     source: str = "built-in estimate"
     raw: Mapping[str, Any] = field(default_factory=dict)
 
@@ -138,6 +141,8 @@ def load_calibration() -> Calibration:
         vae_k=fit["vae_k"],
         vae_tiled_k=fit["vae_tiled_k"],
         transformer_pass_s_per_tflop=fit["transformer_pass_s_per_tflop"],
+        transformer_pass_s_fixed=fit["transformer_pass_s_fixed"],
+        vae_tiling_slowdown=fit["vae_tiling_slowdown"],
         text_encoder_s=fit["text_encoder_s"],
         vae_s_per_megapixel=fit["vae_s_per_megapixel"],
         pinned_gib_per_s=fit["pinned_gib_per_s"],
@@ -212,8 +217,13 @@ class ModelProfile:
         cal = self.calibration
         return {
             "encode": cal.text_encoder_s * (2 if work.guidance else 1),
-            "denoise": steps * self.transformer_pass_tflop(work) * cal.transformer_pass_s_per_tflop,
-            "decode": cal.vae_s_per_megapixel * work.images * work.pixels / 1e6,
+            "denoise": steps
+            * (cal.transformer_pass_s_fixed + self.transformer_pass_tflop(work) * cal.transformer_pass_s_per_tflop),
+            "decode": cal.vae_s_per_megapixel
+            * work.images
+            * work.pixels
+            / 1e6
+            * (cal.vae_tiling_slowdown if work.vae_tiling else 1.0),
         }
 
     def transfer_seconds(self, nbytes: float) -> float:
@@ -301,7 +311,7 @@ def read_safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
 def _component(name: str, shapes: Mapping[str, tuple[str, tuple[int, ...]]], dtype_bytes: int) -> ComponentProfile:
     pattern = _BLOCK_PATTERNS[name]
     blocks: dict[str, int] = {}
-    total = largest = 0
+    total = largest = largest_in_block = 0
     for key, (dtype, shape) in shapes.items():
         element = dtype_bytes if dtype.startswith(("F", "BF")) else _DTYPE_BYTES.get(dtype, dtype_bytes)
         nbytes = math.prod(shape) * element
@@ -310,6 +320,7 @@ def _component(name: str, shapes: Mapping[str, tuple[str, tuple[int, ...]]], dty
         match = pattern.match(key)
         if match:
             blocks[match.group(1)] = blocks.get(match.group(1), 0) + nbytes
+            largest_in_block = max(largest_in_block, nbytes)
     names = sorted(blocks, key=_execution_order)
     return ComponentProfile(
         name=name,
@@ -317,6 +328,7 @@ def _component(name: str, shapes: Mapping[str, tuple[str, tuple[int, ...]]], dty
         block_bytes=tuple(blocks[n] for n in names),
         largest_tensor_bytes=largest,
         block_names=tuple(names),
+        largest_block_tensor_bytes=largest_in_block,
     )
 
 

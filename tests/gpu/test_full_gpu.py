@@ -6,7 +6,6 @@ a folder made by `zimage-turbo make-checkpoint full DIR` to reuse one; otherwise
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,21 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from zimage_turbo import Generator, ZImageSettings, check_pipeline_dir, make_checkpoint
+from zimage_turbo import Generator, ZImageSettings, check_pipeline_dir
 from zimage_turbo.hardware import GIB
 
 pytestmark = pytest.mark.gpu
 
-# Read at import: the autouse fixture in conftest.py clears ZIMAGE_* variables for each test.
-_FULL_CHECKPOINT = os.environ.get("ZIMAGE_TEST_FULL_CHECKPOINT")
 PROMPT = "a lighthouse on a rocky coast at sunset, oil painting"
-
-
-@pytest.fixture(scope="session")
-def full_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if _FULL_CHECKPOINT and Path(_FULL_CHECKPOINT, "model_index.json").is_file():
-        return Path(_FULL_CHECKPOINT)
-    return make_checkpoint("full", tmp_path_factory.mktemp("full") / "full", device="cuda")
 
 
 def _pixels(image: object) -> np.ndarray:

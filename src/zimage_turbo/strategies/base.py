@@ -77,12 +77,12 @@ def peaks_over_phases(
 def pinned_size(nbytes: int, largest_tensor: int = 0, chunk: int = 1 << 30) -> int:
     """Host bytes that ``nbytes`` of weights take in our pinned buffers (see :mod:`zimage_turbo.host`).
 
-    Buffers are 1 GiB, filled in order; each loses on average half a tensor at its end, and the last one is
-    the power of two above what it holds.
+    Buffers are 1 GiB, filled in order; each loses on average half a tensor at its end (tensors are mostly far
+    smaller than the largest one), and the last one is the power of two above what it holds.
     """
     if nbytes <= 0:
         return 0
-    usable = chunk - largest_tensor // 2
+    usable = chunk - min(largest_tensor, 128 * 2**20) // 2
     full, rest = divmod(nbytes, usable)
     return full * chunk + (0 if rest == 0 else min(chunk, 1 << (rest - 1).bit_length()))
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..hardware import Hardware
-from ..profile import ComponentProfile, ModelProfile, Workload
+from ..profile import ModelProfile, Workload
 from .base import (
     LoadStrategy,
     MemoryEstimate,
@@ -31,8 +31,11 @@ __all__ = ["Hybrid", "SequentialOffload", "StreamedOffload"]
 
 # diffusers' hook names (private constants there; stable since group offloading appeared).
 _HOOK_NAMES = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
-# Pageable (unpinned) copies run at a fraction of the pinned bandwidth.
+# Pageable (unpinned) copies run at a fraction of the pinned bandwidth (18.3 against 51.6 GiB/s on the H200,
+# before the page faults of a fresh host allocation).
 PAGEABLE_SLOWDOWN = 4.0
+# Cost of each streamed block beyond its transfer (hooks, a stream synchronisation); measured on the H200.
+BLOCK_OVERHEAD_S = 0.002
 # Leaf-level streaming synchronises per layer: measured overhead on top of the transfer time.
 LEAF_OVERHEAD = 1.5
 
@@ -47,11 +50,21 @@ def block_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
-def stream(module: torch.nn.Module, homes: Any, device: torch.device, *, level: str) -> None:
+def stream(
+    module: torch.nn.Module,
+    homes: Any,
+    device: torch.device,
+    *,
+    level: str,
+    keep_other_resident: bool = False,
+    record_stream: bool = False,
+) -> None:
     """Install diffusers group offloading on ``module``, its streamed tensors homed in pinned memory.
 
-    At block level the non-block weights (embeddings, norms) are moved by diffusers itself, synchronously, on
-    every call; they keep no pinned home, so that the host holds one copy of them, not two.
+    At block level diffusers moves the non-block weights (embeddings, norms) itself, synchronously and through
+    pageable memory, on every call; they keep no pinned home, so that the host holds one copy of them, not
+    two. With ``keep_other_resident`` they stay on the GPU instead (their group's offload device is the GPU):
+    for the text encoder that is a 0.78 GB embedding that would otherwise cross the bus twice per prompt.
     """
     from diffusers.hooks import apply_group_offloading
 
@@ -64,10 +77,16 @@ def stream(module: torch.nn.Module, homes: Any, device: torch.device, *, level: 
         offload_type="block_level" if level == "block" else "leaf_level",
         num_blocks_per_group=1 if level == "block" else None,
         use_stream=use_stream,
-        # record_stream has produced garbage outputs in some diffusers releases; synchronising is safe.
-        record_stream=False,
+        # record_stream has produced garbage outputs in some diffusers releases; synchronising is the default.
+        record_stream=record_stream and use_stream,
         low_cpu_mem_usage=False,
     )
+    if keep_other_resident:
+        registry = getattr(module, "_diffusers_hook", None)
+        top = registry.get_hook(_HOOK_NAMES[0]) if registry is not None else None
+        if top is not None:
+            top.group.offload_device = device
+            top.group.offload_()
 
 
 def unstream(module: torch.nn.Module, homes: Any) -> None:
@@ -88,10 +107,22 @@ def _resident(pipe: Any, names: tuple[str, ...], device: torch.device) -> None:
 
 
 class _StreamingStrategy(LoadStrategy):
-    """Shared apply/remove: some components streamed at some level, the others resident on the GPU."""
+    """Shared apply/remove: some components streamed at some level, the others resident on the GPU.
+
+    Args:
+        device: see :class:`LoadStrategy`.
+        record_stream: let the allocator track cross-stream use instead of synchronising after each block
+            (faster where it works; off by default, as some diffusers releases produced wrong images with it).
+    """
 
     streamed: ClassVar[tuple[str, ...]]
     level: ClassVar[str] = "block"
+    #: streamed components whose non-block weights stay on the GPU
+    other_resident: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, device: str | torch.device | None = None, record_stream: bool = False) -> None:
+        super().__init__(device)
+        self.record_stream = record_stream
 
     def apply(self, pipe: Any, hardware: Hardware) -> None:
         device = self.target(hardware)
@@ -99,23 +130,20 @@ class _StreamingStrategy(LoadStrategy):
         resident = tuple(n for n in ("text_encoder", "transformer", "vae") if n not in self.streamed)
         _resident(pipe, resident, device)
         for name in self.streamed:
-            stream(getattr(pipe, name), homes, device, level=self.level)
+            stream(
+                getattr(pipe, name),
+                homes,
+                device,
+                level=self.level,
+                keep_other_resident=name in self.other_resident,
+                record_stream=self.record_stream,
+            )
 
     def remove(self, pipe: Any) -> None:
         homes = host_homes(pipe)
         for name in self.streamed:
             unstream(getattr(pipe, name), homes)
         send_everything_home(pipe)
-
-
-def _streamed_phase_bytes(component: ComponentProfile) -> int:
-    """GPU bytes of a block-streamed component during its forward: its non-block weights and two blocks
-    (the one computing and the one being prefetched)."""
-    return component.other_bytes + 2 * component.largest_block_bytes
-
-
-def _streamed_host_bytes(component: ComponentProfile) -> int:
-    return pinned_size(sum(component.block_bytes), component.largest_tensor_bytes) + component.other_bytes
 
 
 class Hybrid(_StreamingStrategy):
@@ -126,25 +154,31 @@ class Hybrid(_StreamingStrategy):
 
     name: ClassVar[str] = "hybrid"
     streamed: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    other_resident: ClassVar[tuple[str, ...]] = ("text_encoder",)
 
     def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
         gpu = self.gpu_index(hardware)
-        base = profile.transformer.weight_bytes + profile.vae.weight_bytes
+        te = profile.text_encoder
+        base = profile.transformer.weight_bytes + profile.vae.weight_bytes + te.other_bytes
         acts = profile.activation_bytes(work)
         estimate = peaks_over_phases(
             {
-                "encode": {gpu: base + _streamed_phase_bytes(profile.text_encoder)},
+                "encode": {gpu: base + 2 * te.largest_block_bytes},
                 "denoise": {gpu: base},
                 "decode": {gpu: base},
             },
             {phase: {gpu: value} for phase, value in acts.items()},
         )
-        host = _streamed_host_bytes(profile.text_encoder)
-        return MemoryEstimate(estimate.gpu_peak, host, host - profile.text_encoder.other_bytes, estimate.by_phase)
+        pinned = pinned_size(sum(te.block_bytes), te.largest_block_tensor_bytes)
+        return MemoryEstimate(estimate.gpu_peak, pinned, pinned, estimate.by_phase)
 
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
         compute = profile.compute_seconds(work, steps)
-        return _streamed_encode_seconds(profile, compute["encode"]) + compute["denoise"] + compute["decode"]
+        te = profile.text_encoder
+        encode = max(compute["encode"], profile.transfer_seconds(sum(te.block_bytes))) + BLOCK_OVERHEAD_S * len(
+            te.block_bytes
+        )
+        return encode + compute["denoise"] + compute["decode"]
 
 
 class StreamedOffload(_StreamingStrategy):
@@ -155,29 +189,36 @@ class StreamedOffload(_StreamingStrategy):
 
     name: ClassVar[str] = "streamed"
     streamed: ClassVar[tuple[str, ...]] = ("text_encoder", "transformer")
+    # the transformer's embedders and final layer (50 MB) would otherwise cross the bus twice per pass
+    other_resident: ClassVar[tuple[str, ...]] = ("transformer",)
 
     def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
         gpu = self.gpu_index(hardware)
-        vae = profile.vae.weight_bytes
+        te, tr = profile.text_encoder, profile.transformer
+        base = profile.vae.weight_bytes + tr.other_bytes
         acts = profile.activation_bytes(work)
         estimate = peaks_over_phases(
             {
-                "encode": {gpu: vae + _streamed_phase_bytes(profile.text_encoder)},
-                "denoise": {gpu: vae + _streamed_phase_bytes(profile.transformer)},
-                "decode": {gpu: vae},
+                "encode": {gpu: base + te.other_bytes + 2 * te.largest_block_bytes},
+                "denoise": {gpu: base + 2 * tr.largest_block_bytes},
+                "decode": {gpu: base},
             },
             {phase: {gpu: value} for phase, value in acts.items()},
         )
-        host = _streamed_host_bytes(profile.text_encoder) + _streamed_host_bytes(profile.transformer)
-        pinned = host - profile.text_encoder.other_bytes - profile.transformer.other_bytes
-        return MemoryEstimate(estimate.gpu_peak, host, pinned, estimate.by_phase)
+        pinned = pinned_size(sum(te.block_bytes), te.largest_block_tensor_bytes) + pinned_size(
+            sum(tr.block_bytes), tr.largest_tensor_bytes
+        )
+        return MemoryEstimate(estimate.gpu_peak, pinned + te.other_bytes, pinned, estimate.by_phase)
 
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
         compute = profile.compute_seconds(work, steps)
-        per_pass = compute["denoise"] / steps
-        streamed = max(per_pass, profile.transfer_seconds(sum(profile.transformer.block_bytes)))
-        other = 2 * PAGEABLE_SLOWDOWN * profile.transfer_seconds(profile.transformer.other_bytes)
-        return _streamed_encode_seconds(profile, compute["encode"]) + steps * (streamed + other) + compute["decode"]
+        te, tr = profile.text_encoder, profile.transformer
+        per_pass = max(compute["denoise"] / steps, profile.transfer_seconds(sum(tr.block_bytes)))
+        per_pass += BLOCK_OVERHEAD_S * len(tr.block_bytes)
+        encode = max(compute["encode"], profile.transfer_seconds(sum(te.block_bytes)))
+        encode += BLOCK_OVERHEAD_S * len(te.block_bytes)
+        encode += 2 * PAGEABLE_SLOWDOWN * profile.transfer_seconds(te.other_bytes)
+        return encode + steps * per_pass + compute["decode"]
 
 
 class SequentialOffload(_StreamingStrategy):
@@ -209,10 +250,3 @@ class SequentialOffload(_StreamingStrategy):
         per_pass = max(compute["denoise"] / steps, profile.transfer_seconds(profile.transformer.weight_bytes))
         encode = max(compute["encode"], profile.transfer_seconds(profile.text_encoder.weight_bytes))
         return LEAF_OVERHEAD * (encode + steps * per_pass) + compute["decode"]
-
-
-def _streamed_encode_seconds(profile: ModelProfile, compute: float) -> float:
-    """Text encoding with its blocks streamed, plus its non-block weights copied both ways unpinned."""
-    blocks = profile.transfer_seconds(sum(profile.text_encoder.block_bytes))
-    other = 2 * PAGEABLE_SLOWDOWN * profile.transfer_seconds(profile.text_encoder.other_bytes)
-    return max(compute, blocks) + other
