@@ -151,12 +151,17 @@ def test_oom_while_decoding_retries_the_same_latents_in_tiles(
     gen.load()
     denoise_calls = []
     gen.pipeline.transformer.register_forward_pre_hook(lambda *_: denoise_calls.append(1))
-    inject(gen.pipeline.vae.decoder, lambda: not gen.pipeline.vae.use_tiling)
+    # Pretend that decoding more than 512x512 pixels in one piece runs out of memory.
+    inject(gen.pipeline.vae.decoder, lambda: not gen.pipeline.vae.use_tiling and _pixels(gen) > 512 * 512)
     result = gen.generate(PROMPT, height=768, width=1024, steps=3, seed=2)
     assert result.vae_tiling and result.image.size == (1024, 768)
     [fallback] = result.fallbacks
     assert (fallback.kind, fallback.phase) == ("vae_tiling", "decode")
     assert len(denoise_calls) == 3  # three passes: the denoising was not repeated
+    # The strategy in use keeps tiling from that size up: the next call does not run out of memory first.
+    again = gen.generate(PROMPT, height=768, width=1024, steps=3, seed=2)
+    assert again.vae_tiling and again.fallbacks == () and same(again.image, result.image)
+    assert not gen.generate(PROMPT, height=256, width=256, steps=1, seed=2).vae_tiling
     [untiled] = plain_diffusers(tiny_checkpoint, PROMPT, height=768, width=1024, steps=3, seeds=[2])
     difference = np.abs(np.asarray(result.image).astype(int) - np.asarray(untiled).astype(int))
     assert difference.mean() < 8  # tiles blend at their seams; otherwise the same picture
@@ -267,3 +272,20 @@ def test_oom_while_placing_moves_to_the_next_rung(tiny_checkpoint: Path) -> None
     result = gen.generate(PROMPT, height=256, width=256, steps=1, seed=0)
     assert result.strategy == "cpu"
     assert [(f.before, f.phase) for f in result.fallbacks] == [("full_gpu", "place")]
+
+
+def test_a_switch_leaves_in_place_what_both_strategies_keep_resident(tiny_checkpoint: Path) -> None:
+    kept: list[list[str]] = []
+
+    class Recording(FullGPU):
+        def remove(self, pipe: Any, keep: Any = ()) -> None:
+            kept.append(sorted(keep))
+            super().remove(pipe, keep)
+
+    gen = generator(tiny_checkpoint, Recording(device="cpu"))
+    gen.generate(PROMPT, height=256, width=256, steps=1, seed=0)
+    gen.switch(Hybrid(device="cpu"))
+    assert kept == [["transformer", "vae"]]  # only the text encoder had to move
+    gen.switch(StreamedOffload(device="cpu"))
+    gen.switch("cpu")
+    assert hooks_left(gen.pipeline) == []

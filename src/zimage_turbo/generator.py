@@ -104,6 +104,7 @@ class Generator:
         self._hardware: Hardware | None = None
         self._pending: list[Fallback] = []  # what loading had to change, reported with the next result
         self._unplaceable: set[LoadStrategy] = set()  # strategies whose weights did not fit when placed
+        self._tile_from: int | None = None  # pixels from which the strategy in use needed a tiled decode
         self._closed = False
         if load:
             self.load()
@@ -447,9 +448,7 @@ class Generator:
             if progress.phase == "place":
                 self._unplaceable.add(rung.strategy)
             logger.warning("%s ran out of memory while %s: %s", rung.name, _doing(progress.phase), failure)
-            self._leave_active()
-            release_memory()
-            failed, failed_phase = rung, progress.phase
+            failed, failed_phase = rung, progress.phase  # the next rung's _use() moves the weights
         return None
 
     def _rungs(self, ranked: Plan) -> list[Candidate]:
@@ -459,7 +458,11 @@ class Generator:
         first: Candidate | None = None
         keep = self._active or self._requested
         if keep is not None:
-            tiled = ranked.workload.vae_tiling
+            # A decode that needed tiles at this size under the strategy in use will need them again.
+            work = ranked.workload
+            tiled = work.vae_tiling or (
+                keep is self._active and self._tile_from is not None and work.pixels * work.images >= self._tile_from
+            )
             for candidate in ranked.candidates:
                 if candidate.strategy == keep and candidate.vae_tiling == tiled:
                     first = candidate
@@ -478,27 +481,36 @@ class Generator:
         return [rung for rung in rungs if rung.strategy not in self._unplaceable]
 
     def _use(self, rung: Candidate) -> None:
-        """Make ``rung`` the applied strategy (switching on the same weights) and set VAE tiling."""
+        """Make ``rung`` the applied strategy (switching on the same weights) and set VAE tiling.
+
+        Components that both the old and the new strategy keep resident on the same GPU stay there: a
+        fallback from full_gpu to hybrid moves only the text encoder."""
         assert self._loaded is not None and self._hardware is not None
         pipe = self._loaded.pipe
         if self._active != rung.strategy:
-            self._leave_active()
             hardware = effective_hardware(self._detect(), self._held_bytes())
+            wanted = rung.strategy.resident(hardware)
+            self._leave_active(wanted)
             if self._loaded.loaded_for is not None and rung.strategy != self._loaded.loaded_for:
                 send_everything_home(pipe)  # weights were loaded straight to a GPU for another strategy
             self._loaded.loaded_for = None
             logger.info("placing the model: %s", rung.strategy.name)
             self._active = rung.strategy
+            self._tile_from = None
             rung.strategy.apply(pipe, hardware)
         set_vae_tiling(pipe, rung.vae_tiling)
 
-    def _leave_active(self) -> None:
-        if self._loaded is None:
+    def _leave_active(self, wanted: dict[str, torch.device] | None = None) -> None:
+        """Remove the applied strategy, keeping in place the components ``wanted`` resident where they are."""
+        if self._loaded is None or self._active is None:
             return
-        if self._active is not None:
-            self._active.remove(self._loaded.pipe)
-            self._active = None
-            self._loaded.loaded_for = None
+        keep: list[str] = []
+        if wanted and self._hardware is not None:
+            held = self._active.resident(self._hardware)
+            keep = [name for name, device in held.items() if wanted.get(name) == device]
+        self._active.remove(self._loaded.pipe, keep)
+        self._active = None
+        self._loaded.loaded_for = None
 
     def _run(
         self, request: GenerationRequest, rung: Candidate, progress: Progress, fallbacks: list[Fallback]
@@ -553,6 +565,8 @@ class Generator:
             fallbacks.append(Fallback("vae_tiling", rung.name, rung.name + "+vae_tiling", "decode", failure))
             logger.warning("decoding ran out of memory; decoding again in tiles: %s", failure)
             rung = replace(rung, vae_tiling=True)
+            pixels = request.width * request.height * request.num_images
+            self._tile_from = min(pixels, self._tile_from or pixels)
             set_vae_tiling(pipe, True)
             images = decode(pipe, latents)
         decoded = clock(devices)

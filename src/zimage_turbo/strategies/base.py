@@ -17,7 +17,7 @@ weight lives in its host home (see :mod:`zimage_turbo.host`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -122,6 +122,7 @@ class LoadStrategy(ABC):
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         self.device = None if device is None else torch.device(device)
+        self._placed_on: torch.device | None = None
 
     # -- pure ---------------------------------------------------------------------------------------------
 
@@ -134,7 +135,9 @@ class LoadStrategy(ABC):
         """Seconds per generation on the calibration GPU (an H200)."""
 
     def target(self, hardware: Hardware) -> torch.device:
-        """The device this strategy runs on."""
+        """The device this strategy runs on (once applied, the device it was applied to)."""
+        if self._placed_on is not None:
+            return self._placed_on
         if self.device is not None:
             if self.device.type == "cuda" and not any(g.index == (self.device.index or 0) for g in hardware.gpus):
                 visible = ", ".join(g.device for g in hardware.gpus) or "none"
@@ -166,9 +169,28 @@ class LoadStrategy(ABC):
     def apply(self, pipe: Any, hardware: Hardware) -> None:
         """Place (or hook) the pipeline's modules for this strategy. Weights start in their host homes."""
 
+    def place_on(self, hardware: Hardware) -> torch.device:
+        """The target device, remembered for as long as the strategy stays applied (free memory changes once
+        the weights are there, and must not change where we think they are)."""
+        self._placed_on = None
+        self._placed_on = self.target(hardware)
+        return self._placed_on
+
+    def placed_off(self) -> None:
+        self._placed_on = None
+
     @abstractmethod
-    def remove(self, pipe: Any) -> None:
-        """Undo :meth:`apply`: remove hooks, send every weight back to its host home."""
+    def remove(self, pipe: Any, keep: Collection[str] = ()) -> None:
+        """Undo :meth:`apply`: remove hooks, send every weight back to its host home.
+
+        Components named in ``keep`` that this strategy holds resident stay where they are: the Generator
+        passes those that the next strategy wants resident on the same device, so that a switch moves only
+        what has to move.
+        """
+
+    def resident(self, hardware: Hardware) -> dict[str, torch.device]:
+        """Components this strategy keeps wholly on one device while applied (none by default)."""
+        return {}
 
     def describe(self) -> str:
         return self.name
@@ -188,8 +210,10 @@ class LoadStrategy(ABC):
         return hash((type(self), self.identity()))
 
 
-def send_everything_home(pipe: Any) -> None:
-    """Every weight of the pipeline back in host memory: to its home, or adopted (copied) if it has none."""
+def send_everything_home(pipe: Any, keep: Collection[str] = ()) -> None:
+    """Every weight of the pipeline (but the components in ``keep``) back in host memory: to its home, or
+    adopted (copied) if it has none."""
     homes = host_homes(pipe)
-    for module in components(pipe).values():
-        homes.send_home(module)
+    for name, module in components(pipe).items():
+        if name not in keep:
+            homes.send_home(module)

@@ -8,6 +8,7 @@ function of the sizes (:func:`assign`), so the estimate and the placement always
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -176,7 +177,7 @@ class MultiGPUDispatch(LoadStrategy):
         assert self._placed is not None
         return torch.device("cuda", self._placed.text_encoder_main)
 
-    def remove(self, pipe: Any) -> None:
+    def remove(self, pipe: Any, keep: Collection[str] = ()) -> None:
         from accelerate.hooks import remove_hook_from_module
 
         for module in (pipe.transformer, pipe.text_encoder):
@@ -185,6 +186,7 @@ class MultiGPUDispatch(LoadStrategy):
                 del module.hf_device_map
         send_everything_home(pipe)
         self._placed = None
+        self.placed_off()
 
 
 def _place(module: torch.nn.Module, profile: ComponentProfile, main: int, blocks: tuple[int, ...], homes: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, ClassVar
 
 import torch
@@ -41,7 +42,7 @@ class FullGPU(LoadStrategy):
         return self.target(hardware)
 
     def apply(self, pipe: Any, hardware: Hardware) -> None:
-        device = self.target(hardware)
+        device = self.place_on(hardware)
         homes = host_homes(pipe)
         modules = list(components(pipe).values())
         for module in modules:
@@ -52,8 +53,13 @@ class FullGPU(LoadStrategy):
         for module in modules:
             homes.release(module)
 
-    def remove(self, pipe: Any) -> None:
-        send_everything_home(pipe)
+    def remove(self, pipe: Any, keep: Collection[str] = ()) -> None:
+        send_everything_home(pipe, keep)
+        self.placed_off()
+
+    def resident(self, hardware: Hardware) -> dict[str, torch.device]:
+        device = self.target(hardware)
+        return dict.fromkeys(("text_encoder", "transformer", "vae"), device)
 
 
 class CPUOnly(LoadStrategy):
@@ -76,5 +82,5 @@ class CPUOnly(LoadStrategy):
     def apply(self, pipe: Any, hardware: Hardware) -> None:
         send_everything_home(pipe)
 
-    def remove(self, pipe: Any) -> None:
+    def remove(self, pipe: Any, keep: Collection[str] = ()) -> None:
         """Nothing to undo: the weights already live in host memory."""

@@ -12,6 +12,7 @@ bandwidth: the 12.3 GB transformer crosses the bus once per transformer pass.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, ClassVar
 
 import torch
@@ -125,7 +126,7 @@ class _StreamingStrategy(LoadStrategy):
         self.record_stream = record_stream
 
     def apply(self, pipe: Any, hardware: Hardware) -> None:
-        device = self.target(hardware)
+        device = self.place_on(hardware)
         homes = host_homes(pipe)
         resident = tuple(n for n in ("text_encoder", "transformer", "vae") if n not in self.streamed)
         _resident(pipe, resident, device)
@@ -139,11 +140,16 @@ class _StreamingStrategy(LoadStrategy):
                 record_stream=self.record_stream,
             )
 
-    def remove(self, pipe: Any) -> None:
+    def remove(self, pipe: Any, keep: Collection[str] = ()) -> None:
         homes = host_homes(pipe)
         for name in self.streamed:
             unstream(getattr(pipe, name), homes)
-        send_everything_home(pipe)
+        send_everything_home(pipe, [name for name in keep if name not in self.streamed])
+        self.placed_off()
+
+    def resident(self, hardware: Hardware) -> dict[str, torch.device]:
+        device = self.target(hardware)
+        return {n: device for n in ("text_encoder", "transformer", "vae") if n not in self.streamed}
 
 
 class Hybrid(_StreamingStrategy):
