@@ -1,4 +1,4 @@
-"""Draw a benchmark JSON (from benchmarks/full_gpu.py) as a PNG next to it.
+"""Draw a benchmark JSON (from benchmarks/full_gpu.py or benchmarks/strategies.py) as a PNG next to it.
 
 python benchmarks/plot.py benchmarks/results/full_gpu-h200.json
 """
@@ -44,13 +44,49 @@ def plot_full_gpu(report: dict, target: Path) -> None:
     fig.savefig(target, dpi=120)
 
 
+def plot_strategies(report: dict, target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for c in report["cases"] if "error" not in c]
+    switched = [c for c in cases if c.get("case") == "switch"]
+    capped = sorted(
+        (c for c in cases if c.get("case") == "cap" and c.get("requested") == "auto"), key=lambda c: -c["cap_gib"]
+    )
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    names = [c["requested"] for c in switched]
+    bars = left.bar(range(len(switched)), [c["s_per_image"] for c in switched], color="tab:blue")
+    left.bar_label(bars, fmt="%.2f", fontsize=8)
+    twin = left.twinx()
+    twin.plot(range(len(switched)), [max(c["peak_gib"].values()) for c in switched], "o-", color="tab:red")
+    twin.set_ylabel("GPU peak allocated (GiB)", color="tab:red")
+    left.set_xticks(range(len(switched)))
+    left.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
+    left.set_ylabel("s per 1024x1024 image (median)")
+    left.set_title("each strategy, same weights, uncapped", fontsize=9)
+    labels = [f"{c['cap_gib']:g} GiB\n{c['strategy']}" for c in capped]
+    bars = right.bar(range(len(capped)), [c["s_per_image"] for c in capped], color="tab:green")
+    right.bar_label(bars, fmt="%.2f", fontsize=8)
+    right.set_xticks(range(len(capped)))
+    right.set_xticklabels(labels, fontsize=8)
+    right.set_ylabel("s per 1024x1024 image (median)")
+    right.set_title("auto under a VRAM cap (set_per_process_memory_fraction)", fontsize=9)
+    env = report["environment"]
+    fig.suptitle(f"zimage-turbo strategies, bf16, 8 passes, {env['gpus'][0]}, torch {env['torch']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+
+
 def main() -> None:
     source = Path(sys.argv[1])
     report = json.loads(source.read_text())
     target = source.with_suffix(".png")
-    if report.get("benchmark") != "full_gpu":
+    plotters = {"full_gpu": plot_full_gpu, "strategies": plot_strategies}
+    if report.get("benchmark") not in plotters:
         raise SystemExit(f"{source}: no plot for benchmark {report.get('benchmark')!r}")
-    plot_full_gpu(report, target)
+    plotters[report["benchmark"]](report, target)
     print(f"wrote {target}")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zimage_turbo import CheckpointError, check_pipeline_dir, make_checkpoint
+from zimage_turbo import CheckpointError, __version__, check_pipeline_dir, make_checkpoint
 from zimage_turbo.checkpoints import MARKER_FILE, PRESETS, read_marker
 
 
@@ -29,7 +29,7 @@ def test_tiny_checkpoint_is_small_complete_and_marked(tiny_checkpoint: Path) -> 
         "preset": "tiny",
         "seed": 0,
         "random_weights": True,
-        "zimage_turbo": "0.1.0",
+        "zimage_turbo": __version__,
     }
 
 

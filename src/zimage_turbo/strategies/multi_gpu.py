@@ -116,6 +116,8 @@ class MultiGPUDispatch(LoadStrategy):
 
     name: ClassVar[str] = "multi_gpu"
     offloads: ClassVar[bool] = False
+    # Install accelerate's hooks even when a component lands on one card (lets tests run this path on one GPU).
+    _always_dispatch: ClassVar[bool] = False
 
     def __init__(self, reserve_gib: float = 1.0, workload: Workload | None = None) -> None:
         super().__init__(None)
@@ -167,8 +169,10 @@ class MultiGPUDispatch(LoadStrategy):
         if placed is None:
             raise torch.OutOfMemoryError("multi_gpu: the model does not fit on these GPUs")
         homes = host_homes(pipe)
-        _place(pipe.transformer, profile.transformer, placed.main, placed.transformer_blocks, homes)
-        _place(pipe.text_encoder, profile.text_encoder, placed.text_encoder_main, placed.text_encoder_blocks, homes)
+        force = self._always_dispatch
+        _place(pipe.transformer, profile.transformer, placed.main, placed.transformer_blocks, homes, force)
+        te = profile.text_encoder
+        _place(pipe.text_encoder, te, placed.text_encoder_main, placed.text_encoder_blocks, homes, force)
         homes.send_to(pipe.vae, torch.device("cuda", placed.main))
         homes.release(pipe.vae)
         self._placed = placed
@@ -189,8 +193,15 @@ class MultiGPUDispatch(LoadStrategy):
         self.placed_off()
 
 
-def _place(module: torch.nn.Module, profile: ComponentProfile, main: int, blocks: tuple[int, ...], homes: Any) -> None:
-    if all(gpu == main for gpu in blocks):
+def _place(
+    module: torch.nn.Module,
+    profile: ComponentProfile,
+    main: int,
+    blocks: tuple[int, ...],
+    homes: Any,
+    force_hooks: bool = False,
+) -> None:
+    if all(gpu == main for gpu in blocks) and not force_hooks:
         homes.send_to(module, torch.device("cuda", main))
         homes.release(module)
         return
@@ -198,12 +209,13 @@ def _place(module: torch.nn.Module, profile: ComponentProfile, main: int, blocks
 
     # Weights come from their (pinned) homes; dispatch_model's hooks copy them to each block's card.
     homes.send_home(module)
-    dispatch_model(module, device_map=device_map_for(module, dict(zip(profile.block_names, blocks, strict=True)), main))
+    device_map = device_map_for(module, dict(zip(profile.block_names, blocks, strict=True)), main)
+    dispatch_model(module, device_map=device_map, main_device=main, force_hooks=force_hooks)
     homes.release(module)
 
 
 def device_map_for(module: torch.nn.Module, block_gpus: dict[str, int], main: int) -> dict[str, int]:
-    """An accelerate device map: each block on its GPU, every other module and tensor on ``main``."""
+    """An accelerate device map: each block on its GPU, every other module on ``main``."""
     device_map: dict[str, int] = {}
 
     def walk(prefix: str, node: torch.nn.Module) -> None:
@@ -213,10 +225,11 @@ def device_map_for(module: torch.nn.Module, block_gpus: dict[str, int], main: in
         if prefix and not any(block.startswith(prefix + ".") for block in block_gpus):
             device_map[prefix] = main
             return
-        for name, _ in node.named_parameters(recurse=False):
-            device_map[f"{prefix}.{name}" if prefix else name] = main
-        for name, _ in node.named_buffers(recurse=False):
-            device_map[f"{prefix}.{name}" if prefix else name] = main
+        if prefix:  # the root's own tensors (pad tokens) follow the root's hook, which runs on ``main``
+            for name, _ in node.named_parameters(recurse=False):
+                device_map[f"{prefix}.{name}"] = main
+            for name, _ in node.named_buffers(recurse=False):
+                device_map[f"{prefix}.{name}"] = main
         for name, child in node.named_children():
             walk(f"{prefix}.{name}" if prefix else name, child)
 
