@@ -119,3 +119,9 @@ class NumericalError(ZImageError):
 
 class GeneratorClosedError(ZImageError):
     """The Generator was closed; create a new one."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for summaries."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

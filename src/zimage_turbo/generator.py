@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .errors import GeneratorClosedError, InvalidRequestError, NotEnoughMemoryError, NumericalError
+from .errors import GeneratorClosedError, InvalidRequestError, NotEnoughMemoryError, NumericalError, first_line
 from .hardware import GIB, Hardware, detect_hardware, host_peak_rss_bytes
 from .loader import load_pipeline, resolve_dtype
 from .phases import (
@@ -293,7 +293,7 @@ class Generator:
         except torch.OutOfMemoryError as exc:
             if device.type == "cpu":
                 raise
-            failure = _first_line(exc)
+            failure = first_line(exc)
         release_memory()  # outside the except block, so that the half-loaded weights can really be freed
         self._pending.append(
             Fallback("load", str(device), "cpu", "load", f"out of memory loading onto {device}: {failure}")
@@ -656,7 +656,7 @@ def _attempt(action: Callable[..., T], *args: Any) -> tuple[T | None, str | None
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not is_out_of_memory(exc):
             raise
-        message = _first_line(exc)
+        message = first_line(exc)
     return None, message
 
 
@@ -676,11 +676,6 @@ def _workload(request: GenerationRequest) -> Workload:
     return Workload(
         height=request.height, width=request.width, images=request.num_images, guidance=request.guidance_scale > 0
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _doing(phase: str) -> str:

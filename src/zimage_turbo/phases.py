@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .errors import first_line
 from .profile import VAE_TILE_PIXELS
 
 __all__ = [
@@ -127,7 +128,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     if type(exc) is RuntimeError:
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        first = first_line(exc)
         return any(marker in first for marker in _ALLOCATION_FAILURES) and "illegal" not in first
     return False
 

@@ -46,6 +46,7 @@ __all__ = [
 MAX_SEQUENCE_LENGTH = 512  # diffusers pads every prompt to this many tokens
 CAPTION_TOKENS = 128  # a typical prompt with the chat template, padded to a multiple of 32 (for the transformer)
 VAE_TILE_PIXELS = 512  # tile size (pixels per side) of our VAE tiling rung
+_WEIGHTED = ("transformer", "text_encoder", "vae")
 _HEADER_LIMIT = 100 * 2**20  # a safetensors header larger than this is not a real checkpoint
 _DTYPE_BYTES = {
     "F64": 8,
@@ -233,42 +234,44 @@ class ModelProfile:
     # -- construction -------------------------------------------------------------------------------------
 
     @classmethod
-    def from_layout(cls, layout: PipelineLayout, *, dtype_bytes: int = 2) -> ModelProfile:
-        """Read sizes from the safetensors headers of a checked folder (no weights are read)."""
-        components = {}
-        for name in ("transformer", "text_encoder", "vae"):
-            shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
-            for path in layout.weight_paths(name):
-                shapes.update(read_safetensors_shapes(path))
-            components[name] = _component(name, shapes, dtype_bytes)
-        configs = {name: _read_config(layout.root / name) for name in ("transformer", "text_encoder", "vae")}
+    def from_shapes(
+        cls,
+        shapes: Mapping[str, Mapping[str, tuple[str, tuple[int, ...]]]],
+        configs: Mapping[str, Mapping[str, Any]],
+        *,
+        dtype_bytes: int = 2,
+    ) -> ModelProfile:
+        """From each component's tensor shapes (name -> (safetensors dtype, shape)) and config."""
+        parts = {name: _component(name, shapes[name], dtype_bytes) for name in _WEIGHTED}
         return cls(
-            transformer=components["transformer"],
-            text_encoder=components["text_encoder"],
-            vae=components["vae"],
+            transformer=parts["transformer"],
+            text_encoder=parts["text_encoder"],
+            vae=parts["vae"],
             dtype_bytes=dtype_bytes,
             **_architecture(configs),
         )
 
     @classmethod
+    def from_layout(cls, layout: PipelineLayout, *, dtype_bytes: int = 2) -> ModelProfile:
+        """Read sizes from the safetensors headers of a checked folder (no weights are read)."""
+        shapes: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {name: {} for name in _WEIGHTED}
+        for name in _WEIGHTED:
+            for path in layout.weight_paths(name):
+                shapes[name].update(read_safetensors_shapes(path))
+        configs = {name: _read_config(layout.root / name) for name in _WEIGHTED}
+        return cls.from_shapes(shapes, configs, dtype_bytes=dtype_bytes)
+
+    @classmethod
     def from_modules(cls, modules: Mapping[str, Any]) -> ModelProfile:
         """Sizes of live modules (``transformer``, ``text_encoder``, ``vae``) as they are in memory now."""
-        components = {}
-        dtype_bytes = 2
-        for name in ("transformer", "text_encoder", "vae"):
-            state = modules[name].state_dict()
-            shapes = {key: (_dtype_name(t.dtype), tuple(t.shape)) for key, t in state.items()}
-            element_sizes = [t.element_size() for t in state.values() if t.is_floating_point()]
-            dtype_bytes = max(element_sizes, default=dtype_bytes)
-            components[name] = _component(name, shapes, dtype_bytes)
-        configs = {name: _config_dict(modules[name]) for name in components}
-        return cls(
-            transformer=components["transformer"],
-            text_encoder=components["text_encoder"],
-            vae=components["vae"],
-            dtype_bytes=dtype_bytes,
-            **_architecture(configs),
-        )
+        states = {name: modules[name].state_dict() for name in _WEIGHTED}
+        shapes = {
+            name: {key: (_dtype_name(t.dtype), tuple(t.shape)) for key, t in state.items()}
+            for name, state in states.items()
+        }
+        floats = [t.element_size() for state in states.values() for t in state.values() if t.is_floating_point()]
+        configs = {name: _config_dict(modules[name]) for name in _WEIGHTED}
+        return cls.from_shapes(shapes, configs, dtype_bytes=max(floats, default=2))
 
     @classmethod
     def z_image_turbo(cls, *, dtype_bytes: int = 2) -> ModelProfile:
@@ -396,15 +399,9 @@ def _reference_profile(dtype_bytes: int) -> ModelProfile:
             "text_encoder": Qwen3Model(Qwen3Config(**spec.text_encoder)),
             "vae": AutoencoderKL(**spec.vae),
         }
-    components = {
-        name: _component(name, {k: ("BF16", tuple(v.shape)) for k, v in module.state_dict().items()}, dtype_bytes)
+    shapes = {
+        name: {key: ("BF16", tuple(t.shape)) for key, t in module.state_dict().items()}
         for name, module in modules.items()
     }
     configs = {"transformer": spec.transformer, "text_encoder": spec.text_encoder, "vae": spec.vae}
-    return ModelProfile(
-        transformer=components["transformer"],
-        text_encoder=components["text_encoder"],
-        vae=components["vae"],
-        dtype_bytes=dtype_bytes,
-        **_architecture(configs),
-    )
+    return ModelProfile.from_shapes(shapes, configs, dtype_bytes=dtype_bytes)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DownloadError, IncompleteModelError, ModelNotFoundError
+from .errors import DownloadError, IncompleteModelError, ModelNotFoundError, first_line
 from .layout import PipelineLayout, check_pipeline_dir
 from .settings import ZImageSettings
 
@@ -136,7 +136,7 @@ def _find_in_cache(hub: str, settings: ZImageSettings) -> tuple[Path | None, str
         return lookup(settings.model, settings.revision, cache, True), label
     except Exception as exc:  # each client has its own "not cached" errors; the reason goes into the message
         logger.debug("%s: %s", label, exc)
-        return None, f"{label}: {_first_line(exc)}"
+        return None, f"{label}: {first_line(exc)}"
 
 
 def _download(name: str, hubs: list[str], settings: ZImageSettings) -> ResolvedModel:
@@ -151,7 +151,7 @@ def _download(name: str, hubs: list[str], settings: ZImageSettings) -> ResolvedM
         except IncompleteModelError:
             raise
         except Exception as exc:  # network, auth, missing repo...: try the next hub, report all at the end
-            failures.append(f"{_HUB_TITLES[hub]}: {type(exc).__name__}: {_first_line(exc)}")
+            failures.append(f"{_HUB_TITLES[hub]}: {type(exc).__name__}: {first_line(exc)}")
             last = exc
     raise DownloadError(
         f"Could not download {name!r}.\n  "
@@ -169,11 +169,6 @@ def _not_found_message(name: str, searched: list[str]) -> str:
         "MODELSCOPE_CACHE at the folder that holds the downloaded model (set it before starting Python, or "
         "pass cache_dir=); or pass the model's own folder as the model."
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _huggingface_snapshot(repo_id: str, revision: str | None, cache: Path, local_only: bool) -> Path:

@@ -17,7 +17,7 @@ weight lives in its host home (see :mod:`zimage_turbo.host`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -99,11 +99,6 @@ def host_homes(pipe: Any) -> HostHomes:
         homes = HostHomes(pin=torch.cuda.is_available())
         setattr(pipe, _HOMES_ATTRIBUTE, homes)
     return homes
-
-
-def module_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
-    yield from module.parameters()
-    yield from module.buffers()
 
 
 class LoadStrategy(ABC):
