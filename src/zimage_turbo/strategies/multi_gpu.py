@@ -215,7 +215,7 @@ def _place(
 
 
 def device_map_for(module: torch.nn.Module, block_gpus: dict[str, int], main: int) -> dict[str, int]:
-    """An accelerate device map: each block on its GPU, every other module on ``main``."""
+    """An accelerate device map: each block on its GPU, every other module and tensor on ``main``."""
     device_map: dict[str, int] = {}
 
     def walk(prefix: str, node: torch.nn.Module) -> None:
@@ -225,11 +225,13 @@ def device_map_for(module: torch.nn.Module, block_gpus: dict[str, int], main: in
         if prefix and not any(block.startswith(prefix + ".") for block in block_gpus):
             device_map[prefix] = main
             return
-        if prefix:  # the root's own tensors (pad tokens) follow the root's hook, which runs on ``main``
-            for name, _ in node.named_parameters(recurse=False):
-                device_map[f"{prefix}.{name}"] = main
-            for name, _ in node.named_buffers(recurse=False):
-                device_map[f"{prefix}.{name}"] = main
+        # Tensors held directly by a module that also contains blocks (the transformer's pad tokens) need
+        # entries of their own: accelerate refuses a map that leaves any parameter out (and then warns that
+        # these keys name no submodule, which is expected).
+        for name, _ in node.named_parameters(recurse=False):
+            device_map[f"{prefix}.{name}" if prefix else name] = main
+        for name, _ in node.named_buffers(recurse=False):
+            device_map[f"{prefix}.{name}" if prefix else name] = main
         for name, child in node.named_children():
             walk(f"{prefix}.{name}" if prefix else name, child)
 
