@@ -53,7 +53,7 @@ from .result import Fallback, GenerationResult, Timings
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
 from .strategies import LoadStrategy, strategy_from
-from .strategies.base import components, send_everything_home
+from .strategies.base import components, host_homes, send_everything_home
 
 __all__ = ["MAX_SEQUENCE_LENGTH", "Generator", "count_prompt_tokens"]
 
@@ -159,11 +159,9 @@ class Generator:
         """Release the model and its memory. The Generator cannot be used afterwards."""
         with self._lock:
             if self._loaded is not None:
-                homes = getattr(self._loaded.pipe, "_zimage_turbo_homes", None)
                 if self._active is not None:
                     self._active.remove(self._loaded.pipe)
-                if homes is not None:
-                    homes.clear()
+                host_homes(self._loaded.pipe).clear()
             self._loaded = None
             self._active = None
             self._closed = True
@@ -210,11 +208,13 @@ class Generator:
             return self._plan(profile, request)
 
     def _profile_without_loading(self) -> ModelProfile:
+        return self._read_model()[2]
+
+    def _read_model(self) -> tuple[ResolvedModel, torch.dtype, ModelProfile]:
+        """Resolve the model and read its sizes (headers only) at the dtype it will run in here."""
         model = resolve_model(self.settings)
-        hardware = self._detect()
-        return ModelProfile.from_layout(
-            model.layout, dtype_bytes=self._dtype_for(self._first_device(hardware)).itemsize
-        )
+        dtype = self._dtype_for(self._first_device(self._detect()))
+        return model, dtype, ModelProfile.from_layout(model.layout, dtype_bytes=dtype.itemsize)
 
     def _plan(self, profile: ModelProfile, request: GenerationRequest | Workload) -> Plan:
         hardware = effective_hardware(self._detect(), self._held_bytes())
@@ -255,10 +255,9 @@ class Generator:
         if self._loaded is not None:
             return 0.0
         started = time.perf_counter()
-        model = resolve_model(self.settings)
-        hardware = self._detect()
-        dtype = self._dtype_for(self._first_device(hardware))
-        profile = ModelProfile.from_layout(model.layout, dtype_bytes=dtype.itemsize)
+        model, dtype, profile = self._read_model()
+        hardware = self._hardware
+        assert hardware is not None
         first = self._first_candidate(profile, hardware)
         device = first.strategy.load_device(hardware)
         logger.info("loading %s (%s) onto %s for %s, %s", model.path, model.source, device, first.name, dtype)
@@ -281,9 +280,9 @@ class Generator:
     def _first_candidate(self, profile: ModelProfile, hardware: Hardware) -> Candidate:
         """The requested strategy, or what 'auto' picks for a 1024x1024 image: the best fit, else the
         candidate needing the least memory."""
-        ranked = plan(profile, hardware, Workload(), reserve_gib=self.settings.vram_reserve_gib)
         if self._requested is not None:
             return candidate_for(self._requested, profile, hardware, Workload())
+        ranked = plan(profile, hardware, Workload(), reserve_gib=self.settings.vram_reserve_gib)
         return ranked.best or ranked.candidates[0]
 
     def _load_to(self, model: ResolvedModel, dtype: torch.dtype, device: torch.device) -> tuple[Any, torch.device]:
@@ -406,7 +405,7 @@ class Generator:
         attempt = self._climb(request, fallbacks)
         if attempt is None and self.settings.allow_downscale:
             assert self._loaded is not None
-            for smaller in smaller_workloads(_workload(request)):
+            for smaller in smaller_workloads(Workload.of(request)):
                 shrunk = replace(request, height=smaller.height, width=smaller.width)
                 fallbacks.append(
                     Fallback(
@@ -626,7 +625,7 @@ class Generator:
 
     def _out_of_memory(self, request: GenerationRequest, fallbacks: list[Fallback]) -> NotEnoughMemoryError:
         assert self._loaded is not None
-        work = _workload(request)
+        work = Workload.of(request)
         would_fit = None
         for smaller in smaller_workloads(work, floor=256):
             best = self._plan(self._loaded.profile, smaller).best
@@ -670,12 +669,6 @@ def _needs_less(rung: Candidate, failed: Candidate, phase: str) -> bool:
     if phase == "place":
         return rung.peak_bytes < failed.peak_bytes
     return need(rung) < need(failed)
-
-
-def _workload(request: GenerationRequest) -> Workload:
-    return Workload(
-        height=request.height, width=request.width, images=request.num_images, guidance=request.guidance_scale > 0
-    )
 
 
 def _doing(phase: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import first_line
-from .profile import VAE_TILE_PIXELS
+from .profile import MAX_SEQUENCE_LENGTH, VAE_TILE_PIXELS
 
 __all__ = [
     "MAX_SEQUENCE_LENGTH",
@@ -31,9 +31,6 @@ __all__ = [
     "release_memory",
     "set_vae_tiling",
 ]
-
-# The text encoder sees at most this many tokens, chat template included; diffusers cuts the rest silently.
-MAX_SEQUENCE_LENGTH = 512
 
 
 @dataclass

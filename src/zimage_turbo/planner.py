@@ -188,10 +188,7 @@ def _workload(request: GenerationRequest | Workload | None, steps: int | None) -
         return Workload(), steps or DEFAULT_STEPS
     if isinstance(request, Workload):
         return request, steps or DEFAULT_STEPS
-    work = Workload(
-        height=request.height, width=request.width, images=request.num_images, guidance=request.guidance_scale > 0
-    )
-    return work, steps or request.steps
+    return Workload.of(request), steps or request.steps
 
 
 def smaller_workloads(work: Workload, floor: int = DOWNSCALE_FLOOR) -> list[Workload]:

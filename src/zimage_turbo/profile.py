@@ -29,10 +29,13 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from .errors import IncompleteModelError
 from .layout import PipelineLayout
+
+if TYPE_CHECKING:
+    from .request import GenerationRequest
 
 __all__ = [
     "Calibration",
@@ -43,7 +46,9 @@ __all__ = [
     "read_safetensors_shapes",
 ]
 
-MAX_SEQUENCE_LENGTH = 512  # diffusers pads every prompt to this many tokens
+# The text encoder sees at most this many tokens, chat template included: diffusers pads every prompt to it and
+# cuts longer ones silently.
+MAX_SEQUENCE_LENGTH = 512
 CAPTION_TOKENS = 128  # a typical prompt with the chat template, padded to a multiple of 32 (for the transformer)
 VAE_TILE_PIXELS = 512  # tile size (pixels per side) of our VAE tiling rung
 _WEIGHTED = ("transformer", "text_encoder", "vae")
@@ -77,6 +82,13 @@ class Workload:
     images: int = 1
     guidance: bool = False
     vae_tiling: bool = False
+
+    @classmethod
+    def of(cls, request: GenerationRequest) -> Workload:
+        """The workload of a generation request."""
+        return cls(
+            height=request.height, width=request.width, images=request.num_images, guidance=request.guidance_scale > 0
+        )
 
     @property
     def pixels(self) -> int:

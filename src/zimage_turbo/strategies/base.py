@@ -25,7 +25,7 @@ import torch
 
 from ..errors import StrategyUnavailableError
 from ..hardware import Hardware
-from ..host import HostHomes
+from ..host import CHUNK_BYTES, HostHomes
 from ..profile import ModelProfile, Workload
 
 __all__ = ["PHASES", "LoadStrategy", "MemoryEstimate", "components", "host_homes", "peaks_over_phases"]
@@ -74,7 +74,7 @@ def peaks_over_phases(
     return MemoryEstimate(gpu_peak=peaks, by_phase=by_phase)
 
 
-def pinned_size(nbytes: int, largest_tensor: int = 0, chunk: int = 1 << 30) -> int:
+def pinned_size(nbytes: int, largest_tensor: int = 0, chunk: int = CHUNK_BYTES) -> int:
     """Host bytes that ``nbytes`` of weights take in our pinned buffers (see :mod:`zimage_turbo.host`).
 
     Buffers are 1 GiB, filled in order; each loses on average half a tensor at its end (tensors are mostly far
