@@ -18,8 +18,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -28,6 +26,7 @@ import torch
 
 from ._version import __version__
 from .errors import CheckpointError
+from .loader import default_dtype
 from .toy_tokenizer import build_toy_tokenizer
 
 __all__ = ["MARKER_FILE", "PRESETS", "CheckpointPreset", "PresetName", "make_checkpoint", "read_marker"]
@@ -237,7 +236,7 @@ def _build_pipeline(spec: CheckpointPreset, seed: int, device: torch.device) -> 
     tokenizer = build_toy_tokenizer()
     text_config = {"vocab_size": len(tokenizer), **spec.text_encoder}
     torch.manual_seed(seed)
-    with _default_dtype(spec.dtype), device:
+    with default_dtype(spec.dtype), device:
         # Building directly on the target device in the target dtype: the full preset never exists in
         # float32 or on the CPU, which keeps its build under a minute on a GPU.
         text_encoder = Qwen3Model(Qwen3Config(**text_config))
@@ -250,13 +249,3 @@ def _build_pipeline(spec: CheckpointPreset, seed: int, device: torch.device) -> 
         tokenizer=tokenizer,
         transformer=transformer,
     )
-
-
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)

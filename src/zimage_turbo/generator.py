@@ -36,8 +36,8 @@ from .hardware import GIB, Hardware, detect_hardware, host_peak_rss_bytes
 from .loader import load_pipeline, resolve_dtype
 from .phases import (
     MAX_SEQUENCE_LENGTH,
+    PhaseClock,
     Progress,
-    clock,
     count_prompt_tokens,
     decode,
     denoise,
@@ -53,7 +53,7 @@ from .result import Fallback, GenerationResult, Timings
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
 from .strategies import LoadStrategy, strategy_from
-from .strategies.base import components, host_homes, send_everything_home
+from .strategies.base import components, host_homes, new_host_homes, send_everything_home
 
 __all__ = ["MAX_SEQUENCE_LENGTH", "Generator", "count_prompt_tokens"]
 
@@ -105,6 +105,7 @@ class Generator:
         self._pending: list[Fallback] = []  # what loading had to change, reported with the next result
         self._unplaceable: set[LoadStrategy] = set()  # strategies whose weights did not fit when placed
         self._tile_from: int | None = None  # pixels from which the strategy in use needed a tiled decode
+        self._held: dict[int, int] | None = None  # _held_bytes() of the placement in use
         self._closed = False
         if load:
             self.load()
@@ -226,7 +227,11 @@ class Generator:
         return self._hardware
 
     def _held_bytes(self) -> dict[int, int]:
-        """Bytes of our own weights on each GPU (the planner may count them as free: we can move them)."""
+        """Bytes of our own weights on each GPU (the planner may count them as free: we can move them).
+
+        Counted once per placement (walking every tensor of the pipeline takes milliseconds, on every call)."""
+        if self._held is not None:
+            return self._held
         held: dict[int, int] = {}
         if self._loaded is None:
             return held
@@ -235,6 +240,8 @@ class Generator:
                 if tensor.device.type == "cuda":
                     index = tensor.device.index or 0
                     held[index] = held.get(index, 0) + tensor.numel() * tensor.element_size()
+        if self._active is not None:
+            self._held = held
         return held
 
     def _first_device(self, hardware: Hardware) -> torch.device:
@@ -259,10 +266,11 @@ class Generator:
         hardware = self._hardware
         assert hardware is not None
         first = self._first_candidate(profile, hardware)
-        device = first.strategy.load_device(hardware)
-        logger.info("loading %s (%s) onto %s for %s, %s", model.path, model.source, device, first.name, dtype)
-        pipe, placed = self._load_to(model, dtype, device)
-        loaded_for = first.strategy if placed == device else None  # None: they landed in host memory instead
+        targets = first.strategy.load_targets(hardware)
+        where = ", ".join(f"{name} to {target}" for name, target in targets.items()) or "everything to host memory"
+        logger.info("loading %s (%s) for %s, %s: %s", model.path, model.source, first.name, dtype, where)
+        pipe, placed = self._load_to(model, dtype, targets)
+        loaded_for = first.strategy if placed else None  # None: the weights landed in host memory instead
         self._loaded = _Loaded(pipe=pipe, model=model, profile=profile, dtype=dtype, loaded_for=loaded_for)
         # Place the weights now, so that a loaded Generator is ready; if that runs out of memory, the first
         # generation's ladder takes over.
@@ -285,21 +293,29 @@ class Generator:
         ranked = plan(profile, hardware, Workload(), reserve_gib=self.settings.vram_reserve_gib)
         return ranked.best or ranked.candidates[0]
 
-    def _load_to(self, model: ResolvedModel, dtype: torch.dtype, device: torch.device) -> tuple[Any, torch.device]:
+    def _load_to(
+        self, model: ResolvedModel, dtype: torch.dtype, targets: dict[str, torch.device | str]
+    ) -> tuple[Any, bool]:
+        """Load with each component at its target; if that runs out of GPU memory, load everything into host
+        memory instead. Returns the pipeline and whether the targets were met."""
         failure = ""
         try:
-            return load_pipeline(model.layout, dtype=dtype, device=device, progress=self.settings.progress), device
+            return self._load_with(model, dtype, targets), True
         except torch.OutOfMemoryError as exc:
-            if device.type == "cpu":
+            if not targets:
                 raise
             failure = first_line(exc)
         release_memory()  # outside the except block, so that the half-loaded weights can really be freed
-        self._pending.append(
-            Fallback("load", str(device), "cpu", "load", f"out of memory loading onto {device}: {failure}")
-        )
-        logger.warning("out of memory loading onto %s; loading into host memory instead", device)
-        cpu = torch.device("cpu")
-        return load_pipeline(model.layout, dtype=dtype, device=cpu, progress=self.settings.progress), cpu
+        where = ", ".join(sorted({str(target) for target in targets.values()}))
+        self._pending.append(Fallback("load", where, "cpu", "load", f"out of memory loading onto {where}: {failure}"))
+        logger.warning("out of memory loading onto %s; loading into host memory instead", where)
+        return self._load_with(model, dtype, {}), False
+
+    def _load_with(self, model: ResolvedModel, dtype: torch.dtype, targets: dict[str, torch.device | str]) -> Any:
+        homes = new_host_homes()
+        pipe = load_pipeline(model.layout, dtype=dtype, targets=targets, homes=homes, progress=self.settings.progress)
+        host_homes(pipe, homes)
+        return pipe
 
     # -- generation --------------------------------------------------------------------------------------
 
@@ -494,6 +510,7 @@ class Generator:
                 send_everything_home(pipe)  # weights were loaded straight to a GPU for another strategy
             self._loaded.loaded_for = None
             logger.info("placing the model: %s", rung.strategy.name)
+            self._held = None
             self._active = rung.strategy
             self._tile_from = None
             rung.strategy.apply(pipe, hardware)
@@ -509,6 +526,7 @@ class Generator:
             keep = [name for name, device in held.items() if wanted.get(name) == device]
         self._active.remove(self._loaded.pipe, keep)
         self._active = None
+        self._held = None
         self._loaded.loaded_for = None
 
     def _run(
@@ -529,15 +547,19 @@ class Generator:
         devices = _cuda_devices()
         _reset_peaks(devices)
         guidance = request.guidance_scale > 0
-        start = clock(devices)
+        # Phase boundaries are marked without waiting for the GPU (a wait between phases would leave it idle
+        # while the next phase is being prepared); the marks are read once, when the images are out.
+        clock = PhaseClock(devices)
         if progress.embeds is None:
             progress.phase = "encode"
-            embeds = encode(pipe, request.prompt, request.negative_prompt, guidance, self._active_encode_device())
-            progress.embeds = ([t.cpu() for t in embeds[0]], [t.cpu() for t in embeds[1]])
-        encoded = clock(devices)
+            progress.embeds = encode(
+                pipe, request.prompt, request.negative_prompt, guidance, self._active_encode_device()
+            )
+        clock.mark()
+        finite: torch.Tensor | None = None
         if progress.latents is None:
             progress.phase = "denoise"
-            latents = denoise(
+            progress.latents = denoise(
                 pipe,
                 progress.embeds,
                 height=request.height,
@@ -546,13 +568,8 @@ class Generator:
                 guidance_scale=request.guidance_scale,
                 seeds=request.seeds,
             )
-            if not bool(torch.isfinite(latents).all()):
-                raise NumericalError(
-                    f"the denoised latents contain NaN or infinity ({self._loaded.dtype}); the image would be "
-                    "black. float16 does this on GPUs without bf16: use dtype='float32' or 'bfloat16'."
-                )
-            progress.latents = latents.cpu()
-        denoised = clock(devices)
+            finite = torch.isfinite(progress.latents).all()  # read after the decode, which waits anyway
+        clock.mark()
         progress.phase = "decode"
         latents = progress.latents
         assert latents is not None
@@ -568,9 +585,16 @@ class Generator:
             self._tile_from = min(pixels, self._tile_from or pixels)
             set_vae_tiling(pipe, True)
             images = decode(pipe, latents)
-        decoded = clock(devices)
+        clock.mark()
+        if finite is not None and not bool(finite):
+            progress.latents = None
+            raise NumericalError(
+                f"the denoised latents contain NaN or infinity ({self._loaded.dtype}); the image would be "
+                "black. float16 does this on GPUs without bf16: use dtype='float32' or 'bfloat16'."
+            )
         assert images is not None
-        timings = Timings(encode=encoded - start, denoise=denoised - encoded, decode=decoded - denoised)
+        encode_s, denoise_s, decode_s = clock.durations()
+        timings = Timings(encode=encode_s, denoise=denoise_s, decode=decode_s)
         return images, timings, rung, _peaks(devices)
 
     def _active_encode_device(self) -> torch.device:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 30
 # Start of each packed tensor: aligned for any dtype and for fast DMA.
 ALIGNMENT = 256
+# Threads that allocate (and so pin) buffers at once.
+PIN_THREADS = 4
 
 
 def _tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
@@ -49,29 +52,55 @@ def _round_up(value: int, multiple: int) -> int:
 
 class _Packer:
     """Places tensors one after another into host buffers allocated on demand, so that the originals can be
-    freed as we go: peak host memory is the weights plus one buffer, not twice the weights."""
+    freed as we go: peak host memory is the weights plus one buffer, not twice the weights.
 
-    def __init__(self, *, pin: bool, pending_bytes: int, chunk_bytes: int) -> None:
+    With ``device="meta"`` it only lays the tensors out (``placements`` and ``sizes``), for buffers that are
+    allocated afterwards, in parallel (see :func:`_allocate_pinned`)."""
+
+    def __init__(self, *, pin: bool, pending_bytes: int, chunk_bytes: int, device: str = "cpu") -> None:
         self.pin = pin
         self.pending = pending_bytes
         self.chunk_bytes = chunk_bytes
+        self.device = device
         self.buffers: list[torch.Tensor] = []
+        self.placements: list[tuple[int, int]] = []  # (buffer index, byte offset) of each slot, in order
         self.used = 0
 
-    def place(self, tensor: torch.Tensor) -> torch.Tensor:
-        nbytes = tensor.numel() * tensor.element_size()
+    def slot(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of this shape and dtype inside the current buffer (or a new one)."""
+        nbytes = math.prod(shape) * dtype.itemsize
         start = _round_up(self.used, ALIGNMENT)
-        if not self.buffers or start + nbytes > self.buffers[-1].numel():
+        if nbytes and (not self.buffers or start + nbytes > self.buffers[-1].numel()):
             # A new buffer: a full chunk, or for the tail only the next power of two above what is left.
             wanted = min(self.chunk_bytes, 1 << max(self.pending - 1, 1).bit_length())
-            self.buffers.append(torch.empty(max(wanted, nbytes), dtype=torch.uint8, pin_memory=self.pin))
+            size = max(wanted, nbytes)
+            pinned = self.pin and self.device == "cpu"
+            self.buffers.append(torch.empty(size, dtype=torch.uint8, device=self.device, pin_memory=pinned))
             start = 0
-        raw = self.buffers[-1][start : start + nbytes]
-        view = raw.view(tensor.dtype).view(tensor.shape) if nbytes else torch.empty_like(tensor, device="cpu")
-        view.copy_(tensor.detach())
+        if not nbytes:
+            self.placements.append((-1, 0))
+            return torch.empty(shape, dtype=dtype)
+        self.placements.append((len(self.buffers) - 1, start))
         self.used = start + nbytes
         self.pending -= nbytes
+        return self.buffers[-1][start : start + nbytes].view(dtype).view(shape)
+
+    def place(self, tensor: torch.Tensor) -> torch.Tensor:
+        view = self.slot(tuple(tensor.shape), tensor.dtype)
+        view.copy_(tensor.detach())
         return view
+
+
+def _allocate_pinned(sizes: list[int]) -> list[torch.Tensor]:
+    """Pinned buffers of these sizes, allocated by several threads: pinning faults in and locks every page,
+    which for gigabytes takes seconds that spread well over cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def allocate(size: int) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(PIN_THREADS, len(sizes)))) as pool:
+        return list(pool.map(allocate, sizes))
 
 
 def pack_tensors(
@@ -148,6 +177,38 @@ class HostHomes:
             " pinned" if self.pin else "",
         )
         _return_freed_memory_to_the_system()
+
+    def reserve(self, specs: Iterable[tuple[tuple[int, ...], torch.dtype]]) -> tuple[list[torch.Tensor], int]:
+        """Uninitialised homes for tensors of these (shape, dtype), to be filled in place (loading reads weights
+        straight into them) and then given to their tensors with :meth:`claim`. Returns the slots and the
+        group to claim them in. Pinned: packed into shared buffers; unpinned: a tensor each, like any host
+        tensor (see :meth:`adopt`)."""
+        specs = list(specs)
+        group = self._next_group
+        self._next_group += 1
+        if not self.pin:
+            slots = [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
+            self._groups[group] = (set(), [])
+            return slots, group
+        pending = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs)
+        layout = _Packer(pin=True, pending_bytes=pending, chunk_bytes=CHUNK_BYTES, device="meta")
+        for shape, dtype in specs:
+            layout.slot(shape, dtype)
+        buffers = _allocate_pinned([buffer.numel() for buffer in layout.buffers])
+        slots = [
+            buffers[index][start : start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            if index >= 0
+            else torch.empty(shape, dtype=dtype)
+            for (shape, dtype), (index, start) in zip(specs, layout.placements, strict=True)
+        ]
+        self._groups[group] = (set(), buffers)
+        return slots, group
+
+    def claim(self, tensor: torch.Tensor, slot: torch.Tensor, group: int) -> None:
+        """Make ``slot`` (from :meth:`reserve`) the home of ``tensor``, which should already point at it."""
+        self._homes[id(tensor)] = slot
+        self._group_of[id(tensor)] = group
+        self._groups[group][0].add(id(tensor))
 
     def send_home(self, what: torch.nn.Module | Iterable[torch.Tensor]) -> None:
         """Point every weight at its home (device copies are freed); weights without one are adopted."""

@@ -1,16 +1,21 @@
-"""Load a checked model folder into a diffusers ``ZImagePipeline``, weights straight to their device.
+"""Load a checked model folder into a diffusers ``ZImagePipeline``, each weight straight to where it will live.
 
-Each weighted component is loaded by its own class with ``device_map`` set to the strategy's load
-device, so the weights go from the safetensors files to that device without a full copy in host RAM
-first, and in the target dtype (the published transformer is stored in float32; it is cast while
-loading, never held twice). Only classes from a fixed list are ever instantiated: the class names in
-``model_index.json`` select among them and never cause an import, and no remote code is run.
+The Generator asks the first strategy where each component should go (:meth:`LoadStrategy.load_targets`): a
+GPU for components it keeps resident, the host homes (pinned buffers) for those it offloads. Each module is
+built from its config with empty weights by its own library, then :mod:`zimage_turbo.weights` reads every
+tensor from the safetensors files into its final place, cast to the run dtype on the way (the published
+transformer is stored in float32). No full copy of the weights ever exists in pageable host memory, so
+loading for an offloading strategy peaks at the weights plus a little, not twice the weights.
+
+Only classes from a fixed list are ever instantiated: the class names in ``model_index.json`` select among
+them and never cause an import, and no remote code is run.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,12 +23,18 @@ import torch
 
 from .errors import ModelLoadError
 from .hardware import Hardware
-from .layout import PipelineLayout
+from .host import HostHomes
+from .layout import WEIGHTED_COMPONENTS, PipelineLayout
 from .settings import DtypeName
+from .weights import TensorEntry, fill_module, read_safetensors_header
 
-__all__ = ["load_pipeline", "resolve_dtype"]
+__all__ = ["default_dtype", "load_pipeline", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
+
+# Where a component's weights go when the pipeline is loaded: a device, "homes" (pinned host homes, plain
+# host tensors without CUDA) or "cpu" (plain host tensors).
+Target = str | torch.device
 
 
 def resolve_dtype(name: DtypeName, device: torch.device, hardware: Hardware) -> torch.dtype:
@@ -43,37 +54,98 @@ def resolve_dtype(name: DtypeName, device: torch.device, hardware: Hardware) -> 
     return torch.float32
 
 
-def load_pipeline(layout: PipelineLayout, *, dtype: torch.dtype, device: torch.device, progress: bool) -> Any:
-    """Build a ``ZImagePipeline`` from a complete folder (see :func:`~zimage_turbo.layout.check_pipeline_dir`)."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        ZImagePipeline,
-        ZImageTransformer2DModel,
-    )
-    from transformers import Qwen2Tokenizer, Qwen3ForCausalLM, Qwen3Model
+def load_pipeline(
+    layout: PipelineLayout,
+    *,
+    dtype: torch.dtype,
+    targets: Mapping[str, Target],
+    homes: HostHomes,
+    progress: bool,
+) -> Any:
+    """Build a ``ZImagePipeline`` from a complete folder (see :func:`~zimage_turbo.layout.check_pipeline_dir`),
+    each weighted component's weights placed at ``targets[name]`` (default ``"homes"``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from transformers import Qwen2Tokenizer
 
     root = layout.root
-    text_encoder_class = Qwen3ForCausalLM if layout.classes["text_encoder"] == "Qwen3ForCausalLM" else Qwen3Model
-    # device_map puts weights straight on the device; None loads them to the CPU.
-    device_map = None if device.type == "cpu" else str(device)
-    common: dict[str, Any] = {"dtype": dtype, "device_map": device_map, "use_safetensors": True}
+    entries = {name: _entries(layout, name) for name in WEIGHTED_COMPONENTS}
+    total = sum(entry.nbytes for listed in entries.values() for entry in listed)
+    modules: dict[str, Any] = {}
     try:
-        with _progress_bars(progress):
-            transformer = ZImageTransformer2DModel.from_pretrained(root / "transformer", **common)
-            vae = AutoencoderKL.from_pretrained(root / "vae", **common)
-            text_encoder = text_encoder_class.from_pretrained(root / "text_encoder", **common)
+        with _progress_bars(progress), _bytes_bar(total, enabled=progress) as advance:
+            for name in ("transformer", "text_encoder", "vae"):
+                module = _empty_module(layout, name, dtype)
+                target = targets.get(name, "homes")
+                logger.debug("loading %s into %s", name, target)
+                fill_module(module, entries[name], dtype=dtype, destination=target, homes=homes, on_bytes=advance)
+                modules[name] = module.eval()
             tokenizer = Qwen2Tokenizer.from_pretrained(root / "tokenizer")
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
     except torch.OutOfMemoryError:
         raise
+    except ModelLoadError:
+        raise
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelLoadError(f"Loading the model from {root} failed: {exc}") from exc
-    pipe = ZImagePipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
-    )
+    pipe = ZImagePipeline(scheduler=scheduler, tokenizer=tokenizer, **modules)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe
+
+
+def _entries(layout: PipelineLayout, component: str) -> list[TensorEntry]:
+    return [entry for path in layout.weight_paths(component) for entry in read_safetensors_header(path)]
+
+
+def _empty_module(layout: PipelineLayout, component: str, dtype: torch.dtype) -> Any:
+    """The component's module as its library builds it from the config, parameters on the meta device."""
+    from accelerate import init_empty_weights
+
+    folder = layout.root / component
+    with init_empty_weights(), default_dtype(dtype):
+        if component == "text_encoder":
+            from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+            causal = layout.classes["text_encoder"] == "Qwen3ForCausalLM"
+            text_class = Qwen3ForCausalLM if causal else Qwen3Model
+            return text_class._from_config(Qwen3Config.from_pretrained(folder), dtype=dtype)
+        from diffusers import AutoencoderKL, ZImageTransformer2DModel
+
+        model_class = ZImageTransformer2DModel if component == "transformer" else AutoencoderKL
+        config = model_class.load_config(folder)
+        model = model_class.from_config(config)
+        model.register_to_config(_name_or_path=str(folder))
+        return model
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Floating tensors created inside (buffers that constructors compute) get ``dtype``, as when the
+    libraries load a model in that dtype."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextmanager
+def _bytes_bar(total: int, *, enabled: bool) -> Iterator[Any]:
+    """A progress bar over the bytes read; yields the function that advances it."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    lock = threading.Lock()  # several threads read at once
+
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading weights") as bar:
+
+        def advance(nbytes: int) -> None:
+            with lock:
+                bar.update(nbytes)
+
+        yield advance
 
 
 @contextmanager

@@ -21,8 +21,8 @@ from .profile import MAX_SEQUENCE_LENGTH, VAE_TILE_PIXELS
 
 __all__ = [
     "MAX_SEQUENCE_LENGTH",
+    "PhaseClock",
     "Progress",
-    "clock",
     "count_prompt_tokens",
     "decode",
     "denoise",
@@ -35,7 +35,8 @@ __all__ = [
 
 @dataclass
 class Progress:
-    """What a generation has finished so far, kept on the host so that a retry can start from it."""
+    """What a generation has finished so far, so that a retry (after running out of memory) can start from it.
+    The tensors stay where they were made (a retry moves them if it runs elsewhere); they are small."""
 
     phase: str = "place"
     embeds: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -138,11 +139,37 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def clock(devices: Sequence[torch.device]) -> float:
-    """A timestamp after the devices have finished their queued work."""
-    for device in devices:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elif device.type == "mps":
+class PhaseClock:
+    """Times consecutive phases without making the host wait for the GPU at each boundary.
+
+    Construction is the first mark. On CUDA, each :meth:`mark` records an event on every device's current
+    stream; :meth:`durations` waits once and reads the time between the events (the longest over devices).
+    Elsewhere it is the host clock, after waiting for the device.
+    """
+
+    def __init__(self, devices: Sequence[torch.device]) -> None:
+        self.cuda = [device for device in devices if device.type == "cuda"]
+        self.mps = any(device.type == "mps" for device in devices)
+        self.marks: list[tuple[float, list[Any]]] = []
+        self.mark()
+
+    def mark(self) -> None:
+        events = []
+        for device in self.cuda:
+            event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
+        if not self.cuda and self.mps:
             torch.mps.synchronize()
-    return time.perf_counter()
+        self.marks.append((time.perf_counter(), events))
+
+    def durations(self) -> list[float]:
+        """Seconds between consecutive marks."""
+        if not self.cuda:
+            return [b[0] - a[0] for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        for event in self.marks[-1][1]:
+            event.synchronize()
+        return [
+            max(start.elapsed_time(end) for start, end in zip(a[1], b[1], strict=True)) / 1e3
+            for a, b in zip(self.marks, self.marks[1:], strict=False)
+        ]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -31,8 +30,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from .errors import IncompleteModelError
 from .layout import PipelineLayout
+from .weights import read_safetensors_header
 
 if TYPE_CHECKING:
     from .request import GenerationRequest
@@ -52,7 +51,6 @@ MAX_SEQUENCE_LENGTH = 512
 CAPTION_TOKENS = 128  # a typical prompt with the chat template, padded to a multiple of 32 (for the transformer)
 VAE_TILE_PIXELS = 512  # tile size (pixels per side) of our VAE tiling rung
 _WEIGHTED = ("transformer", "text_encoder", "vae")
-_HEADER_LIMIT = 100 * 2**20  # a safetensors header larger than this is not a real checkpoint
 _DTYPE_BYTES = {
     "F64": 8,
     "F32": 4,
@@ -293,34 +291,7 @@ class ModelProfile:
 
 def read_safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Tensor name -> (dtype, shape) from a safetensors header, after checking the file is not truncated."""
-    size = path.stat().st_size
-    with open(path, "rb") as stream:
-        prefix = stream.read(8)
-        if len(prefix) < 8:
-            raise IncompleteModelError(f"{path} is truncated ({size} bytes)", missing=[str(path)])
-        (header_length,) = struct.unpack("<Q", prefix)
-        if header_length > min(_HEADER_LIMIT, size - 8):
-            raise IncompleteModelError(
-                f"{path} is truncated or not a safetensors file (header of {header_length} bytes, file of {size})",
-                missing=[str(path)],
-            )
-        try:
-            header = json.loads(stream.read(header_length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise IncompleteModelError(f"{path}: unreadable safetensors header ({exc})", missing=[str(path)]) from None
-    shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
-    end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        shapes[name] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
-        end = max(end, int(entry["data_offsets"][1]))
-    if 8 + header_length + end > size:
-        raise IncompleteModelError(
-            f"{path} is truncated: its header describes {8 + header_length + end} bytes, the file has {size}",
-            missing=[str(path)],
-        )
-    return shapes
+    return {entry.name: (entry.dtype_name, entry.shape) for entry in read_safetensors_header(path)}
 
 
 def _component(name: str, shapes: Mapping[str, tuple[str, tuple[int, ...]]], dtype_bytes: int) -> ComponentProfile:

@@ -9,7 +9,7 @@ A strategy decides where each component's weights live and where they run:
 * ``remove(pipe)`` undoes it: hooks gone, every weight back in host memory.
 
 A strategy never reads weights from disk. The Generator loads the pipeline once (straight to
-:meth:`LoadStrategy.load_device`) and switching strategy is ``remove()`` then ``apply()`` on the same modules,
+:meth:`LoadStrategy.load_targets`) and switching strategy is ``remove()`` then ``apply()`` on the same modules,
 so a fallback after running out of memory costs seconds, not a 20 GB reload. Between strategies every
 weight lives in its host home (see :mod:`zimage_turbo.host`).
 """
@@ -28,7 +28,15 @@ from ..hardware import Hardware
 from ..host import CHUNK_BYTES, HostHomes
 from ..profile import ModelProfile, Workload
 
-__all__ = ["PHASES", "LoadStrategy", "MemoryEstimate", "components", "host_homes", "peaks_over_phases"]
+__all__ = [
+    "PHASES",
+    "LoadStrategy",
+    "MemoryEstimate",
+    "components",
+    "host_homes",
+    "new_host_homes",
+    "peaks_over_phases",
+]
 
 PHASES = ("encode", "denoise", "decode")
 # The caching allocator needs some slack beyond the bytes it hands out (fragmentation): a plan fits a card
@@ -92,13 +100,21 @@ def components(pipe: Any) -> dict[str, torch.nn.Module]:
     return {name: getattr(pipe, name) for name in COMPONENTS}
 
 
-def host_homes(pipe: Any) -> HostHomes:
-    """The pipeline's host homes, created on first use (pinned when CUDA is available)."""
-    homes = getattr(pipe, _HOMES_ATTRIBUTE, None)
-    if homes is None:
-        homes = HostHomes(pin=torch.cuda.is_available())
+def new_host_homes() -> HostHomes:
+    """Host homes for a pipeline's weights: pinned when CUDA is available (for fast, asynchronous copies)."""
+    return HostHomes(pin=torch.cuda.is_available())
+
+
+def host_homes(pipe: Any, homes: HostHomes | None = None) -> HostHomes:
+    """The pipeline's host homes: ``homes`` when given (the loader filled them), else those it has, else new."""
+    if homes is not None:
         setattr(pipe, _HOMES_ATTRIBUTE, homes)
-    return homes
+        return homes
+    existing = getattr(pipe, _HOMES_ATTRIBUTE, None)
+    if existing is None:
+        existing = new_host_homes()
+        setattr(pipe, _HOMES_ATTRIBUTE, existing)
+    return existing
 
 
 class LoadStrategy(ABC):
@@ -150,9 +166,11 @@ class LoadStrategy(ABC):
         device = self.target(hardware)
         return (device.index or 0) if device.type == "cuda" else -1
 
-    def load_device(self, hardware: Hardware) -> torch.device:
-        """Where weights should land when the pipeline is first loaded. Offloading strategies: the host."""
-        return torch.device("cpu")
+    def load_targets(self, hardware: Hardware) -> dict[str, torch.device | str]:
+        """Where each component's weights should go when the pipeline is first loaded: the device of every
+        component this strategy keeps resident; the others (absent here) go to their host homes, pinned
+        where offloading will stream them from."""
+        return dict(self.resident(hardware))
 
     def encode_device(self, pipe: Any) -> torch.device:
         """Where prompt token ids go: the device the text encoder computes on."""
