@@ -12,7 +12,6 @@ from zimage_turbo import make_checkpoint
 
 # Read at import: the autouse fixture in tests/conftest.py clears ZIMAGE_* variables for each test.
 _FULL_CHECKPOINT = os.environ.get("ZIMAGE_TEST_FULL_CHECKPOINT")
-_STRATEGIES_JSON = os.environ.get("ZIMAGE_TEST_STRATEGIES_JSON")
 
 
 @pytest.fixture(scope="session")
@@ -20,9 +19,3 @@ def full_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if _FULL_CHECKPOINT and Path(_FULL_CHECKPOINT, "model_index.json").is_file():
         return Path(_FULL_CHECKPOINT)
     return make_checkpoint("full", tmp_path_factory.mktemp("full") / "full", device="cuda")
-
-
-@pytest.fixture(scope="session")
-def strategies_json() -> str | None:
-    """A report written by benchmarks/strategies.py in the same run, if given (saves re-running its cases)."""
-    return _STRATEGIES_JSON
