@@ -51,7 +51,16 @@ def _speedup(entry: dict[str, Any]) -> str:
 
 
 def _case_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    return [row for row in report["cases"] if row.get("kind") in ("ours", "diffusers")]
+    """Budget cases in reading order: largest budget first, ours before diffusers, forced cases last."""
+    order = ["auto", *OUR_STRATEGIES, *DIFFUSERS_MODES]
+
+    def key(row: dict[str, Any]) -> tuple[bool, float, int, int]:
+        mode = str(row["mode"])
+        budget = row["budget_gib"]
+        rank = order.index(mode.rstrip("!")) if mode.rstrip("!") in order else len(order)
+        return (mode.endswith("!"), -(budget if budget is not None else 1e9), row["kind"] != "ours", rank)
+
+    return sorted((row for row in report["cases"] if row.get("kind") in ("ours", "diffusers")), key=key)
 
 
 def markdown(report: dict[str, Any], *, json_name: str) -> str:
@@ -229,7 +238,8 @@ def write_plot(report: dict[str, Any], target: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _case_rows(report)
+    # Forced cases ("full_gpu!") test the ladder; they are in the tables, not on the budget axis.
+    rows = [row for row in _case_rows(report) if not str(row["mode"]).endswith("!")]
     budgets = sorted({row["budget_gib"] for row in rows}, key=lambda b: -(b if b is not None else 1e9))
     labels = [budget_label(b) for b in budgets]
     positions = {b: i for i, b in enumerate(budgets)}
@@ -294,6 +304,8 @@ def write_plot(report: dict[str, Any], target: Path) -> Path | None:
     )
     if floor_points:
         sweep.plot(*zip(*floor_points, strict=True), color="grey", ls=":", label="compute floor")
+    if not sweep.lines:
+        sweep.text(0.5, 0.5, "resolution sweep not run", ha="center", va="center", transform=sweep.transAxes)
     sweep.set_xscale("log")
     sweep.set_yscale("log")
     sweep.set_xlabel("megapixels")

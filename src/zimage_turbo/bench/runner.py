@@ -186,13 +186,15 @@ def _load_report(path: Path) -> dict[str, Any]:
 
 
 def _git_commit() -> str:
+    """ZT_GIT_COMMIT when set (a copy of the tree on another machine may carry a stale .git), else git's HEAD."""
+    given = os.environ.get("ZT_GIT_COMMIT")
+    if given:
+        return given
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
-        done = None
-    if done is not None and done.returncode == 0 and done.stdout.strip():
-        return done.stdout.strip()
-    return os.environ.get("ZT_GIT_COMMIT", "unknown")
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
 
 
 def _reference_path(out: Path) -> Path:
