@@ -20,6 +20,7 @@ measurements and the fit live in ``calibration.json`` beside this file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -308,19 +309,57 @@ def read_safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
             header = json.loads(stream.read(header_length))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise IncompleteModelError(f"{path}: unreadable safetensors header ({exc})", missing=[str(path)]) from None
+    if not isinstance(header, dict):
+        raise IncompleteModelError(f"{path}: the safetensors header is not a JSON object", missing=[str(path)])
     shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
-    end = 0
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        shapes[name] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
-        end = max(end, int(entry["data_offsets"][1]))
+        dtype, shape, begin, stop = _header_entry(path, name, entry)
+        shapes[name] = (dtype, shape)
+        spans.append((begin, stop, name))
+    spans.sort()
+    for (_, previous_stop, previous), (begin, _, name) in itertools.pairwise(spans):
+        if begin < previous_stop:
+            raise IncompleteModelError(
+                f"{path}: tensors {previous!r} and {name!r} overlap in the safetensors data", missing=[str(path)]
+            )
+    end = max((stop for _, stop, _ in spans), default=0)
     if 8 + header_length + end > size:
         raise IncompleteModelError(
             f"{path} is truncated: its header describes {8 + header_length + end} bytes, the file has {size}",
             missing=[str(path)],
         )
     return shapes
+
+
+def _header_entry(path: Path, name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
+    """One tensor's (dtype, shape, begin, end) from a safetensors header, checked: a malformed entry is named
+    here rather than found by the loader (or by a fault while the file is mapped)."""
+
+    def refuse(why: str) -> IncompleteModelError:
+        return IncompleteModelError(f"{path}: tensor {name!r} in the safetensors header {why}", missing=[str(path)])
+
+    if not isinstance(entry, dict):
+        raise refuse("is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise refuse(f"has no dtype ({dtype!r})")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise refuse(f"has an invalid shape {shape!r}")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise refuse(f"has invalid data_offsets {offsets!r}")
+    begin, stop = offsets
+    element = _DTYPE_BYTES.get(dtype)
+    if element is not None and stop - begin != math.prod(shape) * element:
+        raise refuse(f"covers {stop - begin} bytes, but {dtype} {shape} needs {math.prod(shape) * element}")
+    return dtype, tuple(shape), begin, stop
 
 
 def _component(name: str, shapes: Mapping[str, tuple[str, tuple[int, ...]]], dtype_bytes: int) -> ComponentProfile:
