@@ -38,8 +38,9 @@ MIB = 2**20
 SIZES = ["512x512", "768x768", "1024x1024", "1024x768", "768x1024", "512x768", "768x512", "512x512"]
 # Every strategy is visited in the first half; the second half revisits them, which is where a leak would show.
 SCHEDULE = ["full_gpu", "hybrid", "streamed", "model_offload", "full_gpu", "hybrid", "full_gpu", "model_offload"]
-# Seconds per image on an H200 at 512x512 and 1024x1024, 8 passes: benchmarks/results/strategies-h200-2026-11-23*
-# (1024x1024) and the full_gpu benchmark (512x512); used only to print the expected duration.
+# Seconds per image on an H200 at 512x512 and 1024x1024, 8 passes, used only to print the expected duration.
+# 1024x1024: benchmarks/results/strategies-h200-2026-11-23*.json. 512x512: full_gpu about 0.4 s (an earlier
+# H200 run, not in results/); the others estimated from it plus their transfers. The report has the real ones.
 H200_SECONDS = {
     "full_gpu": (0.40, 1.33),
     "hybrid": (0.50, 1.43),
