@@ -124,11 +124,13 @@ def measure(gen: Any, device: str) -> dict[str, Any]:
         torch.cuda.synchronize()
         row["allocated_bytes"] = torch.cuda.memory_allocated()
         row["reserved_bytes"] = torch.cuda.memory_reserved()
+        # torch's pinned allocator: bytes it holds (in use and cached) and bytes handed out
         stats = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
-        row["pinned_host_bytes"] = stats.get("reserved_bytes.current", stats.get("allocated_bytes.current"))
+        row["pinned_host_bytes"] = stats.get("allocated_bytes.current")
+        row["pinned_active_bytes"] = stats.get("active_bytes.current")
     else:
         row["allocated_bytes"] = row["reserved_bytes"] = 0
-        row["pinned_host_bytes"] = None
+        row["pinned_host_bytes"] = row["pinned_active_bytes"] = None
     process = psutil.Process()
     row["rss_bytes"] = process.memory_info().rss
     _trim_heap()
@@ -280,7 +282,7 @@ def plot(report: dict[str, Any], target: Path) -> bool:
     host.plot(x, [r["rss_trimmed_bytes"] / GIB for r in records], ".-", ms=3, color="tab:green", label="RSS")
     pinned = [r.get("pinned_host_bytes") for r in records]
     if all(p is not None for p in pinned):
-        host.plot(x, [p / GIB for p in pinned], "--", lw=1, color="tab:olive", label="pinned (reserved)")
+        host.plot(x, [p / GIB for p in pinned], "--", lw=1, color="tab:olive", label="pinned, held by torch")
     host.set_ylabel("host GiB")
     host.set_xlabel("generation")
     host.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
