@@ -124,3 +124,28 @@ def test_interrupted_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
 def test_unknown_preset() -> None:
     with pytest.raises(CheckpointError, match="tiny, full"):
         make_checkpoint("medium", "x")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"preset": ["tiny"]}, "unknown preset"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"preset": "full", "device": "gpu0"}, "torch device"),
+        ({"preset": "full", "device": "cuda:7"}, "cannot build on cuda:7"),
+        ({"preset": "full", "device": "meta"}, "not supported"),
+        ({"path": 42}, "folder path"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_built(
+    tmp_path: Path, arguments: dict[str, object], message: str
+) -> None:
+    if "cuda" in str(arguments.get("device")) and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    call: dict[str, object] = {"preset": "tiny", "path": tmp_path / "ckpt", **arguments}
+    with pytest.raises(CheckpointError, match=message):
+        make_checkpoint(call.pop("preset"), call.pop("path"), **call)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []

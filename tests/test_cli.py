@@ -147,3 +147,45 @@ def test_main_leaves_the_library_logger_alone() -> None:
     before = (list(library.handlers), library.level, library.propagate)
     main(["hardware", "-q"])
     assert (list(library.handlers), library.level, library.propagate) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num-images", "100000"], "num_images"),  # refused at once, not after checking 100000 paths
+        (["--guidance", "nan"], "guidance_scale"),
+        (["--seed", "-1"], "seed"),
+        (["--size", "²x2"], "WIDTHxHEIGHT"),
+        (["-o", "a\x00b.png"], "NUL"),
+        (["-o", "x" * 300 + ".png"], "file systems allow 255"),
+    ],
+)
+def test_more_bad_arguments_fail_before_loading(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", "a cat", "--model", "/nonexistent/model", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_bad_setting_in_the_environment_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ZIMAGE_VRAM_RESERVE_GIB", "nan")
+    assert main(["generate", "a cat", "--model", "/nonexistent/model"]) == 2
+    assert "ZIMAGE_VRAM_RESERVE_GIB" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--vram-gib", "-4"], "--vram-gib"),
+        (["--vram-gib", "nan"], "--vram-gib"),
+        (["--ram-gib", "0"], "--ram-gib"),
+        (["--reserve-gib", "-1"], "--reserve-gib"),
+        (["--gpus", "100000x12"], "1 to 64 GPUs"),
+        (["--gpus", "2xinf"], "positive size"),
+    ],
+)
+def test_plan_refuses_impossible_hardware(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", *args]) == 2
+    assert message in capsys.readouterr().err

@@ -52,6 +52,11 @@ REVIEWED = {
     "StreamedOffload",
     "Workload",
     "plan",
+    # unreleased: reliability (step callbacks, faults, disk space before downloads)
+    "DeviceFailedError",
+    "GenerationInterruptedError",
+    "NotEnoughDiskSpaceError",
+    "StepInfo",
 }
 
 

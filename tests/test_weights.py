@@ -118,7 +118,7 @@ def test_truncated_or_lying_headers_are_refused_before_reading(tmp_path: Path) -
     header["norm.bias"]["shape"] = [400]
     text = json.dumps(header).encode()
     (tmp_path / "lying.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + data[8 + header_length :])
-    with pytest.raises(IncompleteModelError, match="does not match its shape"):
+    with pytest.raises(IncompleteModelError, match="needs 1600"):
         read_safetensors_header(tmp_path / "lying.safetensors")
 
 

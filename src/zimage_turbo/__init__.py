@@ -9,7 +9,9 @@ from ._version import __version__
 from .checkpoints import make_checkpoint
 from .errors import (
     CheckpointError,
+    DeviceFailedError,
     DownloadError,
+    GenerationInterruptedError,
     GeneratorClosedError,
     IncompleteModelError,
     InvalidRequestError,
@@ -17,6 +19,7 @@ from .errors import (
     ModelLoadError,
     ModelNotFoundError,
     ModelSourceError,
+    NotEnoughDiskSpaceError,
     NotEnoughMemoryError,
     NumericalError,
     StrategyUnavailableError,
@@ -29,7 +32,7 @@ from .layout import PipelineLayout, check_pipeline_dir
 from .planner import Candidate, Plan, plan
 from .profile import ComponentProfile, ModelProfile, Workload
 from .request import GenerationRequest
-from .result import Fallback, GenerationResult, Timings
+from .result import Fallback, GenerationResult, StepInfo, Timings
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
 from .strategies import (
@@ -49,10 +52,12 @@ __all__ = [
     "Candidate",
     "CheckpointError",
     "ComponentProfile",
+    "DeviceFailedError",
     "DownloadError",
     "Fallback",
     "FullGPU",
     "GPUInfo",
+    "GenerationInterruptedError",
     "GenerationRequest",
     "GenerationResult",
     "Generator",
@@ -70,12 +75,14 @@ __all__ = [
     "ModelProfile",
     "ModelSourceError",
     "MultiGPUDispatch",
+    "NotEnoughDiskSpaceError",
     "NotEnoughMemoryError",
     "NumericalError",
     "PipelineLayout",
     "Plan",
     "ResolvedModel",
     "SequentialOffload",
+    "StepInfo",
     "StrategyUnavailableError",
     "StreamedOffload",
     "Timings",

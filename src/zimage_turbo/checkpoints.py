@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -165,12 +166,16 @@ def make_checkpoint(
     The checkpoint is built in a temporary folder beside ``path`` and renamed into place at the end, so
     an interrupted build never leaves a half-written checkpoint behind.
     """
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise CheckpointError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    _check_seed(seed)
     spec = PRESETS[preset]
-    target = Path(path).expanduser()
+    try:
+        target = Path(path).expanduser()
+    except TypeError:
+        raise CheckpointError(f"path must be a folder path, got {type(path).__name__}") from None
+    build_device = torch.device("cpu") if preset == "tiny" else _build_device(device)
     _check_target(target, overwrite)
-    build_device = torch.device("cpu" if preset == "tiny" else device or _default_build_device())
     staging = target.parent / f".{target.name}.building-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +205,26 @@ def read_marker(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
     data = json.loads(marker.read_text(encoding="utf-8"))
     return data if isinstance(data, dict) else None
+
+
+def _check_seed(seed: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**64:
+        raise CheckpointError(f"seed must be an integer between 0 and 2**64 - 1 (torch's range), got {seed!r}")
+
+
+def _build_device(name: str | None) -> torch.device:
+    """The device to build on, refused up front if it does not exist here."""
+    try:
+        device = torch.device(name or _default_build_device())
+    except (RuntimeError, TypeError):
+        raise CheckpointError(
+            f"device must name a torch device such as 'cuda', 'cuda:1' or 'cpu', got {name!r}"
+        ) from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise CheckpointError(f"cannot build on {device}: {torch.cuda.device_count()} CUDA GPU(s) visible")
+    if device.type not in ("cpu", "cuda"):
+        raise CheckpointError(f"building on {device.type} is not supported; use 'cuda' or 'cpu'")
+    return device
 
 
 def _default_build_device() -> str:

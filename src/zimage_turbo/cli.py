@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -157,22 +158,32 @@ def _settings_from(args: argparse.Namespace, **fixed: Any) -> ZImageSettings:
 
 def _parse_size(text: str) -> tuple[int, int]:
     parts = text.lower().replace("*", "x").split("x")
-    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+    if len(parts) != 2 or not all(part.strip().isdecimal() for part in parts):
         raise InvalidRequestError(f"--size must look like 1024x768 (WIDTHxHEIGHT), got {text!r}")
     return int(parts[0]), int(parts[1])
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generator import Generator
-    from .result import check_output_path
+    from .request import GenerationRequest
+    from .result import check_output_path, output_paths
 
     width, height = _parse_size(args.size)
+    # Every argument, then every output path and the settings, are checked before anything is loaded (the
+    # Generator loads lazily, and generate() validates again before loading).
+    request = GenerationRequest(
+        args.prompt,
+        height=height,
+        width=width,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative_prompt,
+        num_images=args.num_images,
+        seed=args.seed,
+    )
     output = Path(args.output)
-    for k in range(args.num_images if args.num_images > 1 else 1):
-        target = output if args.num_images <= 1 else output.with_name(f"{output.stem}-{k}{output.suffix}")
+    for target in output_paths(output, request.num_images):
         check_output_path(target, overwrite=args.overwrite)
-    # The Generator loads lazily and generate() validates every argument before loading, so nothing below
-    # reads weights when an argument is wrong.
     generator = Generator(settings=_settings_from(args))
     result = generator.generate(
         args.prompt,
@@ -234,14 +245,27 @@ def _parse_gpus(text: str) -> list[float]:
     try:
         if "x" in text.lower():
             count, size = text.lower().split("x")
+            if not 1 <= int(count) <= 64:
+                raise ValueError
             sizes = [float(size)] * int(count)
         else:
             sizes = [float(part) for part in text.split(",")]
     except ValueError:
-        raise InvalidRequestError(f"--gpus must look like 2x12 or 24,12 (GiB each), got {text!r}") from None
-    if not sizes or any(size <= 0 for size in sizes):
+        raise InvalidRequestError(
+            f"--gpus must look like 2x12 or 24,12 (GiB each, 1 to 64 GPUs), got {text!r}"
+        ) from None
+    if not sizes or not all(math.isfinite(size) and size > 0 for size in sizes):
         raise InvalidRequestError(f"--gpus needs at least one positive size, got {text!r}")
     return sizes
+
+
+def _gib(option: str, value: float | None, *, zero_ok: bool = False) -> float | None:
+    """A memory size given in GiB on the command line: finite, positive (or zero where that means none)."""
+    if value is not None and not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+        raise InvalidRequestError(
+            f"{option} must be a {'non-negative' if zero_ok else 'positive'} number of GiB, got {value}"
+        )
+    return value
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -254,6 +278,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .sources import resolve_model
 
     width, height = _parse_size(args.size)
+    _gib("--vram-gib", args.vram_gib)
+    _gib("--ram-gib", args.ram_gib)
+    _gib("--reserve-gib", args.reserve_gib, zero_ok=True)
     request = GenerationRequest(
         prompt="plan",
         height=height,

@@ -14,9 +14,12 @@ Errors about bad input also derive from :class:`ValueError`, and "model not foun
     │   ├── ModelNotFoundError (FileNotFoundError)
     │   ├── IncompleteModelError              the folder is not a complete Z-Image pipeline
     │   └── DownloadError                     every hub we tried failed
+    │       └── NotEnoughDiskSpaceError       the download would not fit on the disk
     ├── ModelLoadError                        the files are there, but loading them failed
     ├── NotEnoughMemoryError                  every way of running the request ran out of memory
     ├── NumericalError                        the denoiser produced NaN/inf (a black image otherwise)
+    ├── GenerationInterruptedError            the denoising loop was interrupted; nothing was decoded
+    ├── DeviceFailedError (RuntimeError)      a CUDA error other than out-of-memory broke the GPU context
     └── GeneratorClosedError                  the Generator was closed
 """
 
@@ -26,7 +29,9 @@ from collections.abc import Sequence
 
 __all__ = [
     "CheckpointError",
+    "DeviceFailedError",
     "DownloadError",
+    "GenerationInterruptedError",
     "GeneratorClosedError",
     "IncompleteModelError",
     "InvalidRequestError",
@@ -34,6 +39,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelSourceError",
+    "NotEnoughDiskSpaceError",
     "NotEnoughMemoryError",
     "NumericalError",
     "StrategyUnavailableError",
@@ -96,6 +102,20 @@ class DownloadError(ModelSourceError):
     """No hub could provide the model; the message lists each attempt and why it failed."""
 
 
+class NotEnoughDiskSpaceError(DownloadError):
+    """The files still to download would not fit in the free space of the cache's disk; nothing was fetched.
+
+    ``needed_bytes`` is what is still to fetch (files already in the cache are not counted), ``free_bytes``
+    what the disk has free, ``folder`` the cache folder that was checked.
+    """
+
+    def __init__(self, message: str, *, needed_bytes: int, free_bytes: int, folder: str) -> None:
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
+        self.free_bytes = free_bytes
+        self.folder = folder
+
+
 class ModelLoadError(ZImageError):
     """The model folder is complete, but diffusers/transformers failed to load it."""
 
@@ -115,6 +135,24 @@ class NotEnoughMemoryError(ZImageError):
 
 class NumericalError(ZImageError):
     """The denoised latents contain NaN or infinity; the image would have been black or noise."""
+
+
+class GenerationInterruptedError(ZImageError):
+    """The denoising loop stopped before its last step (diffusers' ``pipeline._interrupt`` was set).
+
+    diffusers would decode the half-denoised latents into a noisy image; we decode nothing and raise this.
+    The Generator stays usable.
+    """
+
+
+class DeviceFailedError(ZImageError, RuntimeError):
+    """A CUDA error other than running out of memory (an illegal memory access, a device-side assert)
+    happened in this Generator.
+
+    Such errors leave the process's CUDA context unusable until the process exits, so retrying or moving
+    weights would only raise more of them. The call that hit the error re-raised it unchanged; every later
+    call on the Generator raises this error instead. Restart the process.
+    """
 
 
 class GeneratorClosedError(ZImageError):

@@ -16,22 +16,39 @@ that failed (on the same weights, no reload), and carry on from the last finishe
 out of memory is retried with VAE tiling on the same latents. With ``allow_downscale`` the image size is
 lowered last. Every step is reported in ``result.fallbacks``.
 
-One Generator serializes its calls with a lock: diffusers' scheduler and tokenizer are not thread-safe.
+Threads: one Generator serializes its calls with a lock (diffusers' scheduler and tokenizer are not
+thread-safe), so it can be shared between threads; calls run one after the other, each giving the image it
+would give alone. Two Generators share nothing mutable (each has its own pipeline, scheduler, tokenizer and
+strategy objects) and may run at the same time.
+
+Faults: an exception raised by a ``callback`` (``KeyboardInterrupt`` included) reaches the caller unchanged;
+the lock is released and the strategy's hooks are reset, so the next call works as on a fresh Generator. A
+CUDA error other than out-of-memory marks the Generator unusable (:class:`~zimage_turbo.errors.DeviceFailedError`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
 
-from .errors import GeneratorClosedError, InvalidRequestError, NotEnoughMemoryError, NumericalError, first_line
+from .errors import (
+    DeviceFailedError,
+    GeneratorClosedError,
+    InvalidRequestError,
+    InvalidSettingsError,
+    NotEnoughMemoryError,
+    NumericalError,
+    first_line,
+)
 from .hardware import GIB, Hardware, detect_hardware, host_peak_rss_bytes
 from .loader import load_pipeline, resolve_dtype
 from .phases import (
@@ -42,6 +59,7 @@ from .phases import (
     decode,
     denoise,
     encode,
+    is_device_failure,
     is_out_of_memory,
     release_memory,
     set_vae_tiling,
@@ -49,7 +67,7 @@ from .phases import (
 from .planner import Candidate, Plan, candidate_for, effective_hardware, plan, smaller_workloads
 from .profile import ModelProfile, Workload
 from .request import DEFAULT_STEPS, GenerationRequest, check_seed
-from .result import Fallback, GenerationResult, Timings
+from .result import Fallback, GenerationResult, StepInfo, Timings
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
 from .strategies import LoadStrategy, strategy_from
@@ -82,6 +100,15 @@ class Generator:
             instance; overrides ``settings.strategy``. A named strategy is tried first; when it runs out
             of memory the ladder continues below it.
         load: load the model now instead of at the first ``generate``.
+
+    Arguments are checked here and in each call before anything is loaded: a bad one raises a typed error
+    (:class:`~zimage_turbo.errors.InvalidSettingsError`, :class:`~zimage_turbo.errors.UnknownStrategyError`,
+    :class:`~zimage_turbo.errors.InvalidRequestError`) and costs no load.
+
+    Thread safety: the methods may be called from any thread. Calls on one Generator run one at a time (a
+    lock); a call from inside the Generator's own ``callback`` raises instead of waiting for itself. Two
+    Generators share no mutable state (a strategy instance given to several is copied) and can run in
+    parallel, memory permitting.
     """
 
     def __init__(
@@ -92,12 +119,14 @@ class Generator:
         strategy: str | LoadStrategy | None = None,
         load: bool = False,
     ) -> None:
+        if settings is not None and not isinstance(settings, ZImageSettings):
+            raise InvalidSettingsError(f"settings must be a ZImageSettings, got {type(settings).__name__}")
         base = settings if settings is not None else ZImageSettings()
         if model is not None:
-            base = base.replace(model=os.fspath(model))
+            base = base.replace(model=_model_name(model))
         self.settings = base
         # Validate now, before any loading: None means "auto".
-        self._requested: LoadStrategy | None = strategy_from(strategy if strategy is not None else base.strategy)
+        self._requested: LoadStrategy | None = _own(strategy_from(strategy if strategy is not None else base.strategy))
         self._lock = threading.Lock()
         self._loaded: _Loaded | None = None
         self._active: LoadStrategy | None = None
@@ -107,6 +136,13 @@ class Generator:
         self._tile_from: int | None = None  # pixels from which the strategy in use needed a tiled decode
         self._held: dict[int, int] | None = None  # _held_bytes() of the placement in use
         self._closed = False
+        self._owner: int | None = None  # the thread holding the lock
+        self._device_failure: str | None = None  # a CUDA error that poisoned the context, once met
+        # True when an exception interrupted a placement: the strategy in use may be half-applied
+        self._unsettled = False
+        self._callback: Callable[[StepInfo], None] | None = None  # of the generation running now
+        self._callback_index = 0
+        self._callback_error: BaseException | None = None  # what that callback raised, if anything
         if load:
             self.load()
 
@@ -152,15 +188,18 @@ class Generator:
 
     def load(self) -> Generator:
         """Find, check and load the model now (otherwise the first ``generate`` does). Returns self."""
-        with self._lock:
-            self._ensure_loaded()
+        with self._exclusive():
+            self._check_device()
+            with self._watching_device():
+                self._ensure_loaded()
         return self
 
     def close(self) -> None:
         """Release the model and its memory. The Generator cannot be used afterwards."""
-        with self._lock:
+        with self._exclusive():
             if self._loaded is not None:
-                if self._active is not None:
+                # After a device failure every CUDA call fails: just drop the references.
+                if self._active is not None and self._device_failure is None:
                     self._active.remove(self._loaded.pipe)
                 host_homes(self._loaded.pipe).clear()
             self._loaded = None
@@ -177,16 +216,23 @@ class Generator:
     def switch(self, strategy: str | LoadStrategy) -> None:
         """Use ``strategy`` from now on (``"auto"`` lets the planner choose again). When the model is loaded,
         the weights move at once: the current strategy is removed and the new one applied on the same
-        modules, without reading anything from disk."""
-        chosen = strategy_from(strategy)
-        with self._lock:
+        modules, without reading anything from disk. A call running in another thread finishes first: the
+        placement never changes under a generation."""
+        chosen = _own(strategy_from(strategy))
+        with self._exclusive():
+            self._check_device()
             self._requested = chosen
             self._unplaceable.discard(chosen)
             if self._loaded is None or chosen is None:
                 return
             hardware = effective_hardware(self._detect(), self._held_bytes())
             candidate = candidate_for(chosen, self._loaded.profile, hardware, Workload())
-            self._use(candidate)
+            try:
+                self._use(candidate)
+            except BaseException as exc:
+                self._unsettled = True  # stopped while moving weights: put everything home
+                self._after_failure(exc)
+                raise
 
     # -- planning ----------------------------------------------------------------------------------------
 
@@ -204,7 +250,7 @@ class Generator:
         request = GenerationRequest(
             prompt="plan", height=height, width=width, steps=steps, num_images=num_images, guidance_scale=guidance_scale
         )
-        with self._lock:
+        with self._exclusive():
             profile = self._loaded.profile if self._loaded else self._profile_without_loading()
             return self._plan(profile, request)
 
@@ -330,6 +376,7 @@ class Generator:
         guidance_scale: float = 0.0,
         negative_prompt: str | None = None,
         num_images: int = 1,
+        callback: Callable[[StepInfo], None] | None = None,
     ) -> GenerationResult:
         """Generate ``num_images`` images for one prompt.
 
@@ -345,10 +392,17 @@ class Generator:
                 guidance and doubles the transformer's work.
             negative_prompt: used only when ``guidance_scale > 0``.
             num_images: images for this prompt (1 to 16), generated as one batch.
+            callback: called with a :class:`~zimage_turbo.result.StepInfo` after each denoising step, in
+                this thread. To stop a generation, raise from it: the exception reaches the caller
+                unchanged, nothing is decoded, and the Generator stays usable.
 
         Raises:
+            InvalidRequestError: an argument is invalid (raised before anything is loaded).
             NotEnoughMemoryError: every way of running it ran out of memory (the Generator stays usable).
+            DeviceFailedError: an earlier CUDA error other than out-of-memory broke the GPU context.
         """
+        if seed is not None:
+            seed = check_seed(seed)  # one seed: generate_many would also take a list
         [result] = self.generate_many(
             [prompt],
             height=height,
@@ -358,6 +412,7 @@ class Generator:
             guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
             num_images=num_images,
+            callback=callback,
         )
         return result
 
@@ -372,20 +427,29 @@ class Generator:
         guidance_scale: float = 0.0,
         negative_prompt: str | None = None,
         num_images: int = 1,
+        callback: Callable[[StepInfo], None] | None = None,
     ) -> list[GenerationResult]:
         """Generate for several prompts in turn, reusing the loaded model; results keep the prompts' order.
 
         ``seed`` may be one int (prompt ``i`` uses ``seed + i``), one seed per prompt, or None (random
-        seeds). The other arguments are those of :meth:`generate` and apply to every prompt. Every prompt
-        is validated before the first image is generated.
+        seeds). The other arguments are those of :meth:`generate` and apply to every prompt (the
+        callback's ``StepInfo.prompt_index`` says which prompt is running). Every prompt is validated
+        before the first image is generated; an empty list returns an empty list without loading.
         """
-        if isinstance(prompts, str):
+        if isinstance(prompts, (str, bytes)):
             raise InvalidRequestError("generate_many takes a list of prompts; for one prompt use generate()")
-        prompts = list(prompts)
+        try:
+            prompts = list(prompts)
+        except TypeError:
+            raise InvalidRequestError(f"prompts must be a list of strings, got {type(prompts).__name__}") from None
+        if callback is not None and not callable(callback):
+            raise InvalidRequestError(
+                f"callback must be callable (it is given a StepInfo after each step), got {type(callback).__name__}"
+            )
         seeds: list[int | None]
         if seed is None:
             seeds = [None] * len(prompts)
-        elif isinstance(seed, (list, tuple)):
+        elif isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
             seeds = list(seed)
             if len(seeds) != len(prompts):
                 raise InvalidRequestError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
@@ -405,15 +469,134 @@ class Generator:
             ).with_seed()
             for text, each_seed in zip(prompts, seeds, strict=True)
         ]
+        if not requests:
+            # Nothing to generate; still refuse bad shared arguments, as a call with prompts would.
+            GenerationRequest(
+                prompt="-",
+                height=height,
+                width=width,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                negative_prompt=negative_prompt,
+                num_images=num_images,
+            )
+            return []
         results = []
-        with self._lock:
-            load_seconds = self._ensure_loaded()
-            for request in _progress(requests, enabled=self.settings.progress and len(requests) > 1):
-                results.append(self._generate(request, load_seconds))
+        with self._exclusive():
+            self._check_device()
+            with self._watching_device():
+                load_seconds = self._ensure_loaded()
+            for index, request in enumerate(_progress(requests, enabled=self.settings.progress and len(requests) > 1)):
+                results.append(self._generate(request, load_seconds, callback, index))
                 load_seconds = 0.0
         return results
 
-    def _generate(self, request: GenerationRequest, load_seconds: float) -> GenerationResult:
+    # -- locking and faults ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the lock for one call. A call from inside this Generator's own callback (same thread, lock
+        held) is refused instead of waiting forever for itself."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise InvalidRequestError(
+                "this Generator was called from inside its own callback, which runs while it generates; the call "
+                "would wait for itself. Make the call after generate() returns."
+            )
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    def _check_device(self) -> None:
+        if self._device_failure is not None:
+            raise DeviceFailedError(
+                f"this Generator met a CUDA error that was not out-of-memory ({self._device_failure}); such "
+                "errors leave the process's CUDA context unusable, so it refuses further work. Restart the process."
+            )
+
+    @contextmanager
+    def _watching_device(self) -> Iterator[None]:
+        """Remember a context-poisoning CUDA error raised inside, then let it propagate unchanged."""
+        try:
+            yield
+        except BaseException as exc:
+            if is_device_failure(exc):
+                self._device_failure = f"{type(exc).__name__}: {first_line(exc)}"
+            raise
+
+    def _after_failure(self, exc: BaseException) -> None:
+        """An exception is leaving a call: leave the placement as a fresh ``apply()`` would, or nothing
+        applied. diffusers resets no offload hooks after an exception, and a forward stopped half-way leaves
+        streamed blocks on the device; the next call must not inherit either."""
+        if is_device_failure(exc):
+            self._device_failure = f"{type(exc).__name__}: {first_line(exc)}"
+            logger.error("CUDA error; this Generator refuses further work: %s", self._device_failure)
+            return
+        if self._loaded is None or self._active is None:
+            self._unsettled = False
+            return
+        try:
+            if self._unsettled or self._active in self._unplaceable:
+                self._leave_active()  # half-placed: every weight home; the next call applies afresh
+            elif self._active.offloads:
+                self._reapply()
+            self._unsettled = False
+        except Exception as problem:  # the original exception matters more; the next call cleans up
+            self._unsettled = True
+            logger.warning("could not reset %s after %s: %s", self._active, type(exc).__name__, problem)
+
+    def _reapply(self) -> None:
+        """Remove and apply the strategy in use again on the same weights: fresh hooks, streamed weights back
+        in their homes; components it keeps resident stay where they are (nothing is copied)."""
+        assert self._loaded is not None and self._active is not None
+        strategy = self._active
+        hardware = effective_hardware(self._detect(), self._held_bytes())
+        strategy.remove(self._loaded.pipe, list(strategy.resident(hardware)))
+        strategy.apply(self._loaded.pipe, hardware)
+
+    def _step_hook(self, request: GenerationRequest, rung: Candidate) -> Callable[[int], None] | None:
+        """The per-step function for ``denoise``: the user's callback with a StepInfo, its exceptions marked
+        so that the ladder never mistakes one for an out-of-memory error of ours."""
+        callback = self._callback
+        if callback is None:
+            return None
+        index = self._callback_index
+
+        def on_step(done: int) -> None:
+            info = StepInfo(done, request.steps, request.prompt, index, rung.name)
+            try:
+                callback(info)
+            except BaseException as exc:
+                self._callback_error = exc
+                raise
+
+        return on_step
+
+    # -- the ladder --------------------------------------------------------------------------------------
+
+    def _generate(
+        self,
+        request: GenerationRequest,
+        load_seconds: float,
+        callback: Callable[[StepInfo], None] | None = None,
+        index: int = 0,
+    ) -> GenerationResult:
+        """One request, with its callback; on any exception, the Generator is left usable (or, after a CUDA
+        error that poisons the context, marked unusable) before the exception propagates unchanged."""
+        self._callback, self._callback_index = callback, index
+        try:
+            return self._ladder(request, load_seconds)
+        except BaseException as exc:
+            self._after_failure(exc)
+            raise
+        finally:
+            self._callback = None
+            self._callback_error = None
+
+    def _ladder(self, request: GenerationRequest, load_seconds: float) -> GenerationResult:
         """One request through the ladder, and then, if allowed, at smaller sizes."""
         fallbacks: list[Fallback] = self._pending
         self._pending = []
@@ -454,7 +637,7 @@ class Generator:
         for rung in self._rungs(ranked):
             if failed is not None and not _needs_less(rung, failed, failed_phase):
                 continue
-            outcome, failure = _attempt(self._run, request, rung, progress, fallbacks)
+            outcome, failure = self._attempt_rung(request, rung, progress, fallbacks)
             if failure is None:
                 assert outcome is not None
                 return outcome
@@ -465,6 +648,20 @@ class Generator:
             logger.warning("%s ran out of memory while %s: %s", rung.name, _doing(progress.phase), failure)
             failed, failed_phase = rung, progress.phase  # the next rung's _use() moves the weights
         return None
+
+    def _attempt_rung(
+        self, request: GenerationRequest, rung: Candidate, progress: Progress, fallbacks: list[Fallback]
+    ) -> tuple[tuple[list[Any], Timings, Candidate, dict[str, int]] | None, str | None]:
+        """``_attempt(self._run, ...)``, except that what the user's callback raised is passed on unchanged,
+        even an out-of-memory error: it is the caller's, not a reason to change strategy."""
+        message = None
+        try:
+            return self._run(request, rung, progress, fallbacks), None
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if exc is self._callback_error or not is_out_of_memory(exc):
+                raise
+            message = first_line(exc)
+        return None, message
 
     def _rungs(self, ranked: Plan) -> list[Candidate]:
         """The order to try: the requested strategy or the one in use if it still fits, else the plan's best;
@@ -535,7 +732,15 @@ class Generator:
         """Place the model for ``rung`` and run the phases not yet done; on a decode that runs out of memory
         without tiling, retry the decode with tiling from the same latents."""
         progress.phase = "place"
-        self._use(rung)  # outside inference mode: weights must stay ordinary tensors
+        if self._unsettled:  # an earlier call was stopped while weights moved, and could not clean up
+            self._leave_active()
+            self._unsettled = False
+        try:
+            self._use(rung)  # outside inference mode: weights must stay ordinary tensors
+        except BaseException as exc:
+            if not is_out_of_memory(exc):
+                self._unsettled = True  # stopped half-way (an interrupt): remove before anything else
+            raise
         with torch.inference_mode():
             return self._phases(request, rung, progress, fallbacks)
 
@@ -567,6 +772,7 @@ class Generator:
                 steps=request.steps,
                 guidance_scale=request.guidance_scale,
                 seeds=request.seeds,
+                on_step=self._step_hook(request, rung),
             )
             finite = torch.isfinite(progress.latents).all()  # read after the decode, which waits anyway
         clock.mark()
@@ -681,6 +887,28 @@ def _attempt(action: Callable[..., T], *args: Any) -> tuple[T | None, str | None
             raise
         message = first_line(exc)
     return None, message
+
+
+def _model_name(model: object) -> str:
+    try:
+        name = os.fspath(model)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidSettingsError(
+            f"model must be a repo id or a folder (str or os.PathLike), got {type(model).__name__}"
+        ) from None
+    if not isinstance(name, str):
+        raise InvalidSettingsError(f"model must be text, got {type(name).__name__}")
+    return name
+
+
+def _own(strategy: LoadStrategy | None) -> LoadStrategy | None:
+    """A private copy of a strategy instance. A strategy remembers where it is applied, so one instance
+    shared by two Generators would have one Generator's placement changed by the other."""
+    if strategy is None:
+        return None
+    own = copy.copy(strategy)
+    own.placed_off()
+    return own
 
 
 def _needs_less(rung: Candidate, failed: Candidate, phase: str) -> bool:

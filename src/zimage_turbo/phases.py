@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .errors import first_line
+from .errors import GenerationInterruptedError, first_line
 from .profile import MAX_SEQUENCE_LENGTH, VAE_TILE_PIXELS
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "decode",
     "denoise",
     "encode",
+    "is_device_failure",
     "is_out_of_memory",
     "release_memory",
     "set_vae_tiling",
@@ -66,13 +67,29 @@ def denoise(
     steps: int,
     guidance_scale: float,
     seeds: Sequence[int],
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Latents after ``steps`` transformer passes from the noise of ``seeds`` (one CPU generator per image:
-    the same seed gives the same noise on every device)."""
+    the same seed gives the same noise on every device).
+
+    ``on_step(k)`` is called after the ``k``-th step (1-based); whatever it raises ends the loop and
+    propagates. If the loop is interrupted through diffusers' ``pipe._interrupt`` flag instead, diffusers
+    skips the remaining steps and returns half-denoised latents: we raise
+    :class:`~zimage_turbo.errors.GenerationInterruptedError` rather than let them be decoded.
+    """
     device = torch.device(pipe._execution_device)
     positive, negative = ([t.to(device) for t in part] for part in embeds)
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    return pipe(  # type: ignore[no-any-return]
+    finished = 0
+
+    def step_end(_pipe: Any, index: int, _timestep: Any, _tensors: dict[str, Any]) -> dict[str, Any]:
+        nonlocal finished
+        finished = index + 1
+        if on_step is not None:
+            on_step(finished)
+        return {}  # diffusers pops replacement tensors from what we return: none
+
+    latents = pipe(
         prompt_embeds=positive,
         negative_prompt_embeds=negative if guidance_scale > 0 else None,
         height=height,
@@ -83,7 +100,16 @@ def denoise(
         generator=generators,
         output_type="latent",
         return_dict=False,
+        callback_on_step_end=step_end,
+        callback_on_step_end_tensor_inputs=[],
     )[0]
+    planned = int(getattr(pipe, "_num_timesteps", finished))
+    if finished < planned:
+        raise GenerationInterruptedError(
+            f"the denoising loop was interrupted after {finished} of {planned} steps (pipeline._interrupt was set); "
+            "the half-denoised latents were not decoded"
+        )
+    return latents  # type: ignore[no-any-return]
 
 
 def decode(pipe: Any, latents: torch.Tensor) -> list[Any]:
@@ -117,6 +143,21 @@ def count_prompt_tokens(tokenizer: Any, prompt: str) -> int:
 
 
 _ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "out of memory")
+# What CUDA's sticky errors look like in PyTorch's messages: after one of these every later CUDA call in the
+# process fails too (an illegal address, a device-side assert, a kernel that crashed).
+_DEVICE_FAILURES = (
+    "CUDA error",
+    "device-side assert",
+    "illegal memory access",
+    "illegal address",
+    "unspecified launch failure",
+    "misaligned address",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+    "CUDNN_STATUS_EXECUTION_FAILED",
+    "HIP error",
+)
+# torch >= 2.8 raises CUDA errors as torch.AcceleratorError, a RuntimeError subclass
+_CUDA_ERROR_TYPES: tuple[type[BaseException], ...] = (RuntimeError, getattr(torch, "AcceleratorError", RuntimeError))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -125,10 +166,19 @@ def is_out_of_memory(exc: BaseException) -> bool:
     leave the CUDA context unusable, and retrying would only hide them."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    if type(exc) is RuntimeError:
+    if type(exc) in _CUDA_ERROR_TYPES:
         first = first_line(exc)
         return any(marker in first for marker in _ALLOCATION_FAILURES) and "illegal" not in first
     return False
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """True for CUDA errors other than running out of memory: they poison the process's CUDA context, so the
+    Generator that met one must not touch the GPU again (see :class:`~zimage_turbo.errors.DeviceFailedError`)."""
+    if not isinstance(exc, RuntimeError) or is_out_of_memory(exc):
+        return False
+    first = first_line(exc)
+    return any(marker in first for marker in _DEVICE_FAILURES)
 
 
 def release_memory() -> None:

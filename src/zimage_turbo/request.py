@@ -19,6 +19,7 @@ from .errors import InvalidRequestError
 __all__ = [
     "DEFAULT_STEPS",
     "MAX_IMAGES",
+    "MAX_PROMPT_CHARS",
     "MAX_SEED",
     "MAX_SIDE",
     "MAX_STEPS",
@@ -39,6 +40,11 @@ DEFAULT_STEPS = 8
 MAX_STEPS = 200
 MAX_IMAGES = 16
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
+# The text encoder sees only the first 512 tokens (chat template included), roughly 2,000 characters of English
+# or 700 of Chinese; a longer prompt is cut, and the result warns. Ten times that is accepted, so that a pasted
+# description is cut rather than refused; beyond it a prompt is refused before it costs time and memory to
+# tokenize (a service that passes user text through must not be made to tokenize megabytes).
+MAX_PROMPT_CHARS = 20_000
 
 
 @dataclass(frozen=True)
@@ -101,8 +107,18 @@ def random_seed(count: int = 1) -> int:
 def _check_text(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise InvalidRequestError(f"{name} must be a string, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InvalidRequestError(
+            f"{name} is {len(value)} characters long; at most {MAX_PROMPT_CHARS} are accepted (the text encoder "
+            "sees only the first 512 tokens, about 2,000 characters of English, and ignores the rest)"
+        )
     if "\x00" in value:
         raise InvalidRequestError(f"{name} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # a lone surrogate (from a bad decode upstream): the tokenizer cannot take it
+        raise InvalidRequestError(f"{name} is not valid Unicode text (it contains a lone surrogate)") from None
     return value
 
 

@@ -13,7 +13,45 @@ from PIL import Image
 
 from .errors import InvalidRequestError
 
-__all__ = ["Fallback", "GenerationResult", "Timings", "check_output_path", "output_paths", "save_image_atomically"]
+__all__ = [
+    "Fallback",
+    "GenerationResult",
+    "StepInfo",
+    "Timings",
+    "check_output_path",
+    "output_paths",
+    "save_image_atomically",
+]
+
+# Most file systems refuse longer names (ext4, XFS, APFS, NTFS: 255 bytes or UTF-16 units).
+MAX_FILE_NAME_BYTES = 255
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a ``callback`` passed to :meth:`~zimage_turbo.Generator.generate` receives after each denoising step.
+
+    Attributes:
+        step: steps finished so far, 1 to ``steps``.
+        steps: the steps of this denoising run.
+        prompt: the prompt being generated.
+        prompt_index: its position in :meth:`~zimage_turbo.Generator.generate_many`'s list (0 for ``generate``).
+        strategy: the strategy running it. After an out-of-memory fallback the denoising starts again under
+            the next strategy, so ``step`` starts again at 1.
+
+    The callback runs in the generating thread, inside ``torch.inference_mode()`` and while the Generator's
+    lock is held. Whatever it raises stops the generation at once and reaches the caller unchanged
+    (``KeyboardInterrupt`` too); nothing is decoded, and the Generator stays usable.
+
+        >>> def show(info: StepInfo) -> None:
+        ...     print(f"{info.step}/{info.steps}")
+    """
+
+    step: int
+    steps: int
+    prompt: str
+    prompt_index: int = 0
+    strategy: str = ""
 
 
 @dataclass(frozen=True)
@@ -143,7 +181,19 @@ def output_paths(path: str | os.PathLike[str], count: int) -> list[Path]:
 
 def check_output_path(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
     """Refuse an output path that cannot be written, before any expensive work happens."""
-    target = Path(path).expanduser()
+    try:
+        text = os.fspath(path)
+    except TypeError:
+        raise InvalidRequestError(f"output path must be a str or os.PathLike, got {type(path).__name__}") from None
+    if not isinstance(text, str):
+        raise InvalidRequestError(f"output path must be text, got {type(text).__name__}")
+    if "\x00" in text:
+        raise InvalidRequestError("output path contains a NUL character")
+    target = Path(text).expanduser()
+    if len(os.fsencode(target.name)) > MAX_FILE_NAME_BYTES:
+        raise InvalidRequestError(
+            f"output file name is {len(os.fsencode(target.name))} bytes long; file systems allow {MAX_FILE_NAME_BYTES}"
+        )
     if not target.suffix:
         raise InvalidRequestError(f"output path {str(target)!r} has no file extension (.png, .jpg, .webp...)")
     if target.suffix.lower() not in Image.registered_extensions():

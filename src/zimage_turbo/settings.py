@@ -88,6 +88,7 @@ class ZImageSettings(BaseSettings):
         0.5,
         ge=0,
         le=1024,
+        allow_inf_nan=False,
         description="GPU memory (GiB) the planner leaves free on each card, beyond what the card reports free "
         "(the CUDA context and other programs are already outside that).",
     )
@@ -95,6 +96,7 @@ class ZImageSettings(BaseSettings):
         None,
         gt=0,
         le=1024,
+        allow_inf_nan=False,
         description="Use at most this much memory (GiB) per GPU, for cards shared with other programs.",
     )
     allow_downscale: bool = Field(
@@ -113,12 +115,26 @@ class ZImageSettings(BaseSettings):
         except ValidationError as exc:
             raise InvalidSettingsError(_describe_validation_error(exc)) from None
 
-    @field_validator("model")
+    @field_validator("model", "revision")
     @classmethod
-    def _model_not_blank(cls, value: str) -> str:
+    def _text_not_blank(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.strip():
             raise ValueError("must not be blank")
+        if "\x00" in value:
+            raise ValueError("must not contain a NUL character")
         return value.strip()
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _cache_dir_not_blank(cls, value: Any) -> Any:
+        # An empty ZIMAGE_CACHE_DIR= line would otherwise mean the current directory.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be blank; unset it to use the hubs' own cache folders")
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain a NUL character")
+        return value
 
     @field_validator("cache_dir")
     @classmethod

@@ -23,6 +23,7 @@ for bit.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -108,28 +109,54 @@ def read_safetensors_header(path: Path) -> list[TensorEntry]:
         raise IncompleteModelError(f"{path}: the safetensors header is not a JSON object", missing=[str(path)])
     entries: list[TensorEntry] = []
     data_start = 8 + header_length
-    end = 0
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype_name = str(entry["dtype"])
-            shape = tuple(int(d) for d in entry["shape"])
-            first, last = (int(offset) for offset in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise IncompleteModelError(f"{path}: malformed header entry for {name!r}", missing=[str(path)]) from None
+        dtype_name, shape, first, last = _header_entry(path, name, entry)
         if dtype_name not in _TORCH_DTYPES:
             raise ModelLoadError(f"{path}: tensor {name!r} has dtype {dtype_name}, which zimage-turbo does not load")
-        if last - first != math.prod(shape) * _TORCH_DTYPES[dtype_name].itemsize or first < 0:
-            raise IncompleteModelError(f"{path}: the header's size for {name!r} does not match its shape")
         entries.append(TensorEntry(path, name, dtype_name, shape, data_start + first, last - first))
-        end = max(end, last)
-    if data_start + end > size:
+    spans = sorted(entries, key=lambda e: e.start)
+    for before, after in itertools.pairwise(spans):
+        if after.start < before.start + before.nbytes:
+            raise IncompleteModelError(
+                f"{path}: tensors {before.name!r} and {after.name!r} overlap in the safetensors data",
+                missing=[str(path)],
+            )
+    end = max((e.start + e.nbytes for e in entries), default=data_start)
+    if end > size:
         raise IncompleteModelError(
-            f"{path} is truncated: its header describes {data_start + end} bytes, the file has {size}",
-            missing=[str(path)],
+            f"{path} is truncated: its header describes {end} bytes, the file has {size}", missing=[str(path)]
         )
     return entries
+
+
+def _header_entry(path: Path, name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
+    """One tensor's (dtype, shape, begin, end) from a safetensors header, checked: a malformed entry is named
+    here rather than found by the loader (or by a fault while the file is mapped)."""
+
+    def refuse(why: str) -> IncompleteModelError:
+        return IncompleteModelError(f"{path}: tensor {name!r} in the safetensors header {why}", missing=[str(path)])
+
+    if not isinstance(entry, dict):
+        raise refuse("is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise refuse(f"has no dtype ({dtype!r})")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise refuse(f"has an invalid shape {shape!r}")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise refuse(f"has invalid data_offsets {offsets!r}")
+    begin, stop = offsets
+    element = _TORCH_DTYPES[dtype].itemsize if dtype in _TORCH_DTYPES else None
+    if element is not None and stop - begin != math.prod(shape) * element:
+        raise refuse(f"covers {stop - begin} bytes, but {dtype} {shape} needs {math.prod(shape) * element}")
+    return dtype, tuple(shape), begin, stop
 
 
 def fill_module(
