@@ -52,6 +52,9 @@ REVIEWED = {
     "StreamedOffload",
     "Workload",
     "plan",
+    # several GPUs: one replica per device
+    "GeneratorPool",
+    "PromptFailure",
 }
 
 

@@ -27,6 +27,7 @@ from .generator import Generator
 from .hardware import GPUInfo, Hardware, detect_hardware
 from .layout import PipelineLayout, check_pipeline_dir
 from .planner import Candidate, Plan, plan
+from .pool import GeneratorPool, PromptFailure
 from .profile import ComponentProfile, ModelProfile, Workload
 from .request import GenerationRequest
 from .result import Fallback, GenerationResult, Timings
@@ -57,6 +58,7 @@ __all__ = [
     "GenerationResult",
     "Generator",
     "GeneratorClosedError",
+    "GeneratorPool",
     "Hardware",
     "Hybrid",
     "IncompleteModelError",
@@ -74,6 +76,7 @@ __all__ = [
     "NumericalError",
     "PipelineLayout",
     "Plan",
+    "PromptFailure",
     "ResolvedModel",
     "SequentialOffload",
     "StrategyUnavailableError",

@@ -16,11 +16,14 @@ that failed (on the same weights, no reload), and carry on from the last finishe
 out of memory is retried with VAE tiling on the same latents. With ``allow_downscale`` the image size is
 lowered last. Every step is reported in ``result.fallbacks``.
 
-One Generator serializes its calls with a lock: diffusers' scheduler and tokenizer are not thread-safe.
+One Generator serializes its calls with a lock: diffusers' scheduler and tokenizer are not thread-safe. To use
+several GPUs at once, give each its own Generator with ``device="cuda:N"`` (or use
+:class:`~zimage_turbo.pool.GeneratorPool`, which does that).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -48,7 +51,7 @@ from .phases import (
 )
 from .planner import Candidate, Plan, candidate_for, effective_hardware, plan, smaller_workloads
 from .profile import ModelProfile, Workload
-from .request import DEFAULT_STEPS, GenerationRequest, check_seed
+from .request import DEFAULT_STEPS, GenerationRequest, requests_for
 from .result import Fallback, GenerationResult, Timings
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
@@ -82,6 +85,9 @@ class Generator:
             instance; overrides ``settings.strategy``. A named strategy is tried first; when it runs out
             of memory the ladder continues below it.
         load: load the model now instead of at the first ``generate``.
+        device: use only this device (``"cuda:1"``, ``"cpu"``, ``"mps"``). The planner then sees that GPU alone,
+            so whatever it picks, the out-of-memory ladder included, stays on it: several Generators can share a
+            machine, one per card. None (the default) plans over every visible GPU.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class Generator:
         settings: ZImageSettings | None = None,
         strategy: str | LoadStrategy | None = None,
         load: bool = False,
+        device: str | torch.device | None = None,
     ) -> None:
         base = settings if settings is not None else ZImageSettings()
         if model is not None:
@@ -98,6 +105,7 @@ class Generator:
         self.settings = base
         # Validate now, before any loading: None means "auto".
         self._requested: LoadStrategy | None = strategy_from(strategy if strategy is not None else base.strategy)
+        self._device = _check_device(device)
         self._lock = threading.Lock()
         self._loaded: _Loaded | None = None
         self._active: LoadStrategy | None = None
@@ -119,6 +127,11 @@ class Generator:
     def strategy(self) -> LoadStrategy | None:
         """The strategy currently applied (None before the first generation)."""
         return self._active
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device this Generator is restricted to (None: it may use every visible GPU)."""
+        return self._device
 
     @property
     def hardware(self) -> Hardware | None:
@@ -151,7 +164,7 @@ class Generator:
 
     def load(self) -> Generator:
         """Find, check and load the model now (otherwise the first ``generate`` does). Returns self."""
-        with self._lock:
+        with self._lock, self._on_device():
             self._ensure_loaded()
         return self
 
@@ -178,7 +191,7 @@ class Generator:
         the weights move at once: the current strategy is removed and the new one applied on the same
         modules, without reading anything from disk."""
         chosen = strategy_from(strategy)
-        with self._lock:
+        with self._lock, self._on_device():
             self._requested = chosen
             self._unplaceable.discard(chosen)
             if self._loaded is None or chosen is None:
@@ -222,7 +235,8 @@ class Generator:
 
     def _detect(self) -> Hardware:
         budget = self.settings.vram_budget_gib
-        self._hardware = detect_hardware(vram_budget_bytes=None if budget is None else int(budget * GIB))
+        hardware = detect_hardware(vram_budget_bytes=None if budget is None else int(budget * GIB))
+        self._hardware = hardware if self._device is None else hardware.restricted_to(self._device)
         return self._hardware
 
     def _held_bytes(self) -> dict[int, int]:
@@ -363,34 +377,18 @@ class Generator:
         seeds). The other arguments are those of :meth:`generate` and apply to every prompt. Every prompt
         is validated before the first image is generated.
         """
-        if isinstance(prompts, str):
-            raise InvalidRequestError("generate_many takes a list of prompts; for one prompt use generate()")
-        prompts = list(prompts)
-        seeds: list[int | None]
-        if seed is None:
-            seeds = [None] * len(prompts)
-        elif isinstance(seed, (list, tuple)):
-            seeds = list(seed)
-            if len(seeds) != len(prompts):
-                raise InvalidRequestError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-        else:
-            first = check_seed(seed)
-            seeds = [first + i for i in range(len(prompts))]
-        requests = [
-            GenerationRequest(
-                prompt=text,
-                height=height,
-                width=width,
-                steps=steps,
-                guidance_scale=guidance_scale,
-                negative_prompt=negative_prompt,
-                num_images=num_images,
-                seed=each_seed,
-            ).with_seed()
-            for text, each_seed in zip(prompts, seeds, strict=True)
-        ]
+        requests = requests_for(
+            prompts,
+            height=height,
+            width=width,
+            steps=steps,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            num_images=num_images,
+        )
         results = []
-        with self._lock:
+        with self._lock, self._on_device():
             load_seconds = self._ensure_loaded()
             for request in _progress(requests, enabled=self.settings.progress and len(requests) > 1):
                 results.append(self._generate(request, load_seconds))
@@ -526,7 +524,7 @@ class Generator:
     ) -> tuple[list[Any], Timings, Candidate, dict[str, int]]:
         assert self._loaded is not None
         pipe = self._loaded.pipe
-        devices = _cuda_devices()
+        devices = self._gpu_devices()
         _reset_peaks(devices)
         guidance = request.guidance_scale > 0
         start = clock(devices)
@@ -572,6 +570,19 @@ class Generator:
         assert images is not None
         timings = Timings(encode=encoded - start, denoise=denoised - encoded, decode=decoded - denoised)
         return images, timings, rung, _peaks(devices)
+
+    def _on_device(self) -> contextlib.AbstractContextManager[object]:
+        """Make this Generator's GPU the thread's current CUDA device while it works: streams and hooks made
+        without an explicit device (diffusers' group offloading among them) land on the current one."""
+        if self._device is not None and self._device.type == "cuda" and torch.cuda.is_available():
+            return torch.cuda.device(self._device)
+        return contextlib.nullcontext()
+
+    def _gpu_devices(self) -> list[torch.device]:
+        """The GPUs this Generator may use: where it measures peaks and waits for work to finish (never another
+        Generator's card, whose work would then be timed as ours)."""
+        assert self._hardware is not None
+        return [torch.device("cuda", g.index) for g in self._hardware.gpus]
 
     def _active_encode_device(self) -> torch.device:
         assert self._active is not None and self._loaded is not None
@@ -677,8 +688,16 @@ def _doing(phase: str) -> str:
     )
 
 
-def _cuda_devices() -> list[torch.device]:
-    return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+def _check_device(device: str | torch.device | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidRequestError(f"device must be like 'cuda:1', 'cpu' or 'mps', got {device!r}") from None
+    if checked.type not in ("cuda", "cpu", "mps"):
+        raise InvalidRequestError(f"device must be a CUDA GPU, 'cpu' or 'mps', got {device!r}")
+    return torch.device("cuda", checked.index or 0) if checked.type == "cuda" else checked
 
 
 def _reset_peaks(devices: list[torch.device]) -> None:
