@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import zimage_turbo.generator as generator_module
-from zimage_turbo import Generator, GeneratorPool, InvalidRequestError, ZImageSettings
+from zimage_turbo import Generator, GeneratorPool, InvalidRequestError, ZImageError, ZImageSettings
 from zimage_turbo.batch import MANIFEST_NAME, BatchItem, Manifest, derive_seed, items_from, read_prompts, run_batch
 from zimage_turbo.cli import main
 
@@ -296,3 +296,16 @@ def test_a_killed_process_resumes_to_the_same_images(
     whole = tmp_path / "whole"
     run_batch(source, whole, pool=pool, steps=3)
     assert_complete_and_equal(out, whole, read_prompts(source, steps=3))
+
+
+def test_ray_is_needed_only_when_there_is_work(
+    straight: tuple[Path, list[BatchItem]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zimage_turbo.ray_batch import run_batch_ray
+
+    out, _ = straight
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    report = run_batch_ray(out.parent / "prompts.jsonl", out, **SMALL)
+    assert (report.skipped, report.generated) == (6, 0)
+    with pytest.raises(ZImageError, match=r"pip install \"zimage-turbo\[ray\]\""):
+        run_batch_ray(["a cat"], tmp_path / "new", **SMALL)
