@@ -24,6 +24,7 @@ therefore listed exactly once, and identical to what an uninterrupted run makes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -431,20 +432,21 @@ def run_batch(
         workers = GeneratorPool(model, settings=settings, devices=devices) if pool is None else pool
         try:
             used = workers.devices
-            progress = _progress(len(pending), enabled=workers.settings.progress)
-            for index, outcome in workers.generate_requests([item.request() for item in pending]):
-                item = pending[index]
-                if isinstance(outcome, PromptFailure):
-                    failed.append((item.id, f"{type(outcome.error).__name__}: {first_line(outcome.error)}"))
-                else:
-                    write_image(manifest.folder, item, outcome)
-                    row = manifest_row(item, outcome)
-                    manifest.append(row)
-                    generated += 1
-                    if on_row is not None:
-                        on_row(row)
-                progress.update(1)
-            progress.close()
+            outcomes = workers.generate_requests([item.request() for item in pending])
+            # Closing the outcomes on an interruption cancels the images not started yet.
+            with contextlib.closing(outcomes), _progress(len(pending), enabled=workers.settings.progress) as bar:
+                for index, outcome in outcomes:
+                    item = pending[index]
+                    if isinstance(outcome, PromptFailure):
+                        failed.append((item.id, f"{type(outcome.error).__name__}: {first_line(outcome.error)}"))
+                    else:
+                        write_image(manifest.folder, item, outcome)
+                        row = manifest_row(item, outcome)
+                        manifest.append(row)
+                        generated += 1
+                        if on_row is not None:
+                            on_row(row)
+                    bar.update(1)
         finally:
             if own:
                 workers.close()

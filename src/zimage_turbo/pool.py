@@ -20,6 +20,7 @@ To split one model over several small cards instead, use a single ``Generator()`
 
 from __future__ import annotations
 
+import collections.abc
 import concurrent.futures
 import logging
 import os
@@ -280,11 +281,12 @@ class GeneratorPool:
 
     def generate_requests(
         self, requests: Sequence[GenerationRequest], *, ordered: bool = False
-    ) -> Iterator[tuple[int, Outcome]]:
+    ) -> collections.abc.Generator[tuple[int, Outcome], None, None]:
         """Run ready-made requests (each with its own size, steps and seed) over the replicas; yields
         ``(index, outcome)`` as they finish, or in the requests' order with ``ordered=True``.
 
-        Requests without a seed get a random one now (the result reports it). Submission happens at once.
+        Requests without a seed get a random one now (the result reports it). Submission happens at once;
+        closing the returned generator (or leaving a loop over it) cancels the requests not yet started.
         """
         with self._lock:
             executor = self._start()
@@ -311,7 +313,9 @@ class GeneratorPool:
             self._idle.put(replica)
 
 
-def _collect(futures: list[concurrent.futures.Future[Outcome]], ordered: bool) -> Iterator[tuple[int, Outcome]]:
+def _collect(
+    futures: list[concurrent.futures.Future[Outcome]], ordered: bool
+) -> collections.abc.Generator[tuple[int, Outcome], None, None]:
     index_of = {future: index for index, future in enumerate(futures)}
     try:
         finished = futures if ordered else concurrent.futures.as_completed(futures)

@@ -115,7 +115,9 @@ def run_batch_ray(
         ray = _import_ray()
         own = not ray.is_initialized()
         if own:
-            ray.init(address=address, include_dashboard=False, configure_logging=False)
+            # A local Ray needs no dashboard; options for starting one are not for joining a cluster.
+            local = {"include_dashboard": False} if address is None else {}
+            ray.init(address=address, configure_logging=False, **local)
         try:
             gpus, actors = _resources(ray, gpus_per_replica, replicas, len(pending))
             logger.info("%d pending image(s) on %d Ray actor(s), %g GPU each", len(pending), actors, gpus)
