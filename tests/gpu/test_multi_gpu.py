@@ -48,8 +48,10 @@ def case(report: dict[str, Any], name: str) -> dict[str, Any]:
 def test_two_capped_cards_run_1024_split_without_offload(report: dict[str, Any]) -> None:
     row = case(report, "dispatch")
     assert row["cap_gib"] == CAP_GIB and (row["width"], row["height"]) == (1024, 1024)
-    assert row["strategy"] == "multi_gpu"  # chosen by auto
-    assert not [f for f in row["fallbacks"] if f.startswith("strategy")]  # never left multi_gpu
+    # Chosen by auto, and still in use after every image (a fallback to the tiled variant of the same split
+    # would be allowed: it offloads nothing either).
+    assert row["strategy"] == "multi_gpu"
+    assert not [f for f in row["fallbacks"] if f.startswith(("downscale", "load"))]
     assert row["host_homes_gib"] < 0.5  # no weights live on the host: nothing is offloaded
     assert len([v for v in row["peak_gib"].values() if v > 1]) >= 2  # both cards hold part of the model
     assert all(v <= CAP_GIB for v in row["peak_gib"].values())
