@@ -32,7 +32,7 @@ from typing import TypeAlias
 
 import torch
 
-from .errors import GeneratorClosedError, InvalidRequestError, NotEnoughMemoryError, first_line
+from .errors import GeneratorClosedError, InvalidRequestError, first_line
 from .generator import Generator
 from .request import DEFAULT_STEPS, GenerationRequest, requests_for
 from .result import GenerationResult
@@ -74,10 +74,11 @@ class GeneratorPool:
     Args:
         model: a repo id or local folder; overrides ``settings.model``.
         settings: settings shared by every replica (by default read from ``ZIMAGE_*`` variables and ``.env``).
-        devices: ``"all"``: every visible GPU that holds the whole model without offloading to the host, as the
-            planner sees it for a 1024x1024 image (on a machine without CUDA GPUs: one replica on the CPU or
-            Apple GPU). Or a list such as ``["cuda:0", "cuda:1"]`` or ``["cpu", "cpu"]``, taken as given:
-            each replica then uses whatever strategy fits its card, offloading included.
+        devices: ``"all"``: a replica on every visible GPU that holds the whole model without offloading to the
+            host, as the planner sees it for a 1024x1024 image. When no card does (small cards), or without
+            CUDA GPUs, a single replica that may use every GPU (``multi_gpu`` when the model splits over them)
+            or else the CPU or Apple GPU. Or a list such as ``["cuda:0", "cuda:1"]`` or ``["cpu", "cpu"]``,
+            taken as given: each replica then uses whatever strategy fits its card, offloading included.
         strategy: a strategy name for every replica (default: ``settings.strategy``, usually ``"auto"``).
             ``"multi_gpu"`` is refused: a replica lives on one device.
         load: load every replica now instead of at the first generation.
@@ -134,7 +135,8 @@ class GeneratorPool:
 
     @property
     def devices(self) -> tuple[str, ...]:
-        """Each replica's device, e.g. ``("cuda:0", "cuda:1")``."""
+        """Each replica's device, e.g. ``("cuda:0", "cuda:1")``; ``"default"`` for a replica not restricted to
+        one device."""
         return tuple(_name(replica) for replica in self.replicas)
 
     def _resolve(self) -> list[Generator]:
@@ -165,12 +167,13 @@ class GeneratorPool:
         for line in refused:
             logger.info("no replica on %s", line)
         if not chosen:
-            raise NotEnoughMemoryError(
-                "No GPU holds a whole replica of the model without offloading:\n  "
-                + "\n  ".join(refused)
-                + "\nTo split one model over these GPUs use a single Generator() (it picks multi_gpu when that "
-                "fits), or pass devices=[...] to run a replica on each card anyway (offloading)."
+            # Small cards: one model over all of them (the planner picks multi_gpu when it fits) beats a replica
+            # per card that streams its weights from the host.
+            logger.warning(
+                "no GPU holds the whole model without offloading (%s); one replica over every GPU instead",
+                "; ".join(refused),
             )
+            return [self._replica(None)]
         return chosen
 
     def load(self) -> GeneratorPool:
