@@ -1,4 +1,4 @@
-"""Draw a benchmark JSON (from benchmarks/full_gpu.py or benchmarks/strategies.py) as a PNG next to it.
+"""Draw a benchmark JSON (from benchmarks/full_gpu.py, strategies.py or multi_gpu.py) as a PNG next to it.
 
 python benchmarks/plot.py benchmarks/results/full_gpu-h200.json
 """
@@ -79,11 +79,49 @@ def plot_strategies(report: dict, target: Path) -> None:
     fig.savefig(target, dpi=120)
 
 
+def plot_multi_gpu(report: dict, target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_case = {c["case"]: c for c in report["cases"] if "error" not in c}
+    cap = report.get("cap_gib", 12)
+    labels = {
+        "reference": "full_gpu\n1 GPU, uncapped",
+        "dispatch_uncapped": "multi_gpu\n2 GPUs, uncapped",
+        "dispatch": f"auto: {by_case.get('dispatch', {}).get('strategy', '?')}\n2 GPUs, {cap:g} GiB each",
+        "streamed": f"streamed\n1 GPU, {cap:g} GiB",
+    }
+    shown = [name for name in labels if name in by_case]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [2, 1]})
+    bars = left.bar(range(len(shown)), [by_case[n]["s_per_image"] for n in shown], color="tab:blue")
+    left.bar_label(bars, fmt="%.2f", fontsize=8)
+    left.set_xticks(range(len(shown)))
+    left.set_xticklabels([labels[n] for n in shown], fontsize=8)
+    left.set_ylabel("s per 1024x1024 image (median)")
+    left.set_title("one model: split over two capped cards vs one card", fontsize=9)
+    replicas = by_case.get("replicas")
+    if replicas is not None:
+        rates = [replicas["one_replica_images_per_s"], replicas["all_replicas_images_per_s"]]
+        bars = right.bar([0, 1], rates, color=["tab:gray", "tab:green"])
+        right.bar_label(bars, fmt="%.3f", fontsize=8)
+        right.set_xticks([0, 1])
+        right.set_xticklabels(["1 replica", f"{len(replicas['devices'])} replicas"], fontsize=8)
+        right.set_ylabel("images per second")
+        right.set_title(f"throughput, {replicas['prompts']} prompts ({replicas['speedup']:.2f}x)", fontsize=9)
+    env = report["environment"]
+    gpus = f"{len(env['gpus'])}x {env['gpus'][0]}" if env.get("gpus") else "no GPU"
+    fig.suptitle(f"zimage-turbo on several GPUs, bf16, 8 passes, {gpus}, torch {env['torch']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+
+
 def main() -> None:
     source = Path(sys.argv[1])
     report = json.loads(source.read_text())
     target = source.with_suffix(".png")
-    plotters = {"full_gpu": plot_full_gpu, "strategies": plot_strategies}
+    plotters = {"full_gpu": plot_full_gpu, "strategies": plot_strategies, "multi_gpu": plot_multi_gpu}
     if report.get("benchmark") not in plotters:
         raise SystemExit(f"{source}: no plot for benchmark {report.get('benchmark')!r}")
     plotters[report["benchmark"]](report, target)

@@ -57,6 +57,9 @@ REVIEWED = {
     "GenerationInterruptedError",
     "NotEnoughDiskSpaceError",
     "StepInfo",
+    # several GPUs: one replica per device
+    "GeneratorPool",
+    "PromptFailure",
 }
 
 

@@ -30,6 +30,7 @@ from .generator import Generator
 from .hardware import GPUInfo, Hardware, detect_hardware
 from .layout import PipelineLayout, check_pipeline_dir
 from .planner import Candidate, Plan, plan
+from .pool import GeneratorPool, PromptFailure
 from .profile import ComponentProfile, ModelProfile, Workload
 from .request import GenerationRequest
 from .result import Fallback, GenerationResult, StepInfo, Timings
@@ -62,6 +63,7 @@ __all__ = [
     "GenerationResult",
     "Generator",
     "GeneratorClosedError",
+    "GeneratorPool",
     "Hardware",
     "Hybrid",
     "IncompleteModelError",
@@ -80,6 +82,7 @@ __all__ = [
     "NumericalError",
     "PipelineLayout",
     "Plan",
+    "PromptFailure",
     "ResolvedModel",
     "SequentialOffload",
     "StepInfo",

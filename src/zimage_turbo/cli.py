@@ -5,6 +5,7 @@
     zimage-turbo make-checkpoint tiny DIR  # or: full DIR (real sizes, random weights; needs a GPU)
     zimage-turbo hardware                  # what the library sees
     zimage-turbo bench --checkpoint DIR --out FILE.json   # against plain diffusers, every VRAM budget
+    zimage-turbo batch prompts.jsonl --out DIR [--ray ADDRESS]   # many prompts; rerun to resume
 
 Exit status: 0 success, 2 bad arguments or settings, 1 any other error, 130 interrupted.
 """
@@ -131,7 +132,38 @@ def _parser() -> argparse.ArgumentParser:
     planning.add_argument("--reserve-gib", type=float, default=None, help="GPU memory to keep free (default 0.5)")
     planning.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     planning.set_defaults(handler=_cmd_plan)
+
+    _add_batch_command(commands, common)
     return parser
+
+
+def _add_batch_command(commands: Any, common: argparse.ArgumentParser) -> None:
+    batch = commands.add_parser(
+        "batch",
+        parents=[common],
+        help="generate every prompt of a JSONL file into a folder (resumable; optionally on Ray)",
+        description='One JSON object per line: {"prompt": ..., "id"?, "seed"?, "width"?, "height"?, "steps"?}. '
+        "Writes <id>.png and manifest.jsonl into --out; rerunning skips what is done. See docs/scaling.md.",
+    )
+    batch.add_argument("prompts", type=Path, help="the JSONL prompt file")
+    batch.add_argument("-o", "--out", type=Path, required=True, help="output folder (created; rerun to resume)")
+    batch.add_argument("--seed", type=int, default=0, help="base seed of lines without a seed (default 0)")
+    batch.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT of lines without one (default 1024x1024)")
+    batch.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"default {DEFAULT_STEPS}")
+    batch.add_argument(
+        "--devices",
+        default=None,
+        help="local run: 'all' (a replica per GPU that holds the model) or e.g. cuda:0,cuda:1",
+    )
+    ray = batch.add_argument_group("Ray (pip install 'zimage-turbo[ray]')")
+    ray.add_argument(
+        "--ray", metavar="ADDRESS", default=None, help="run on Ray: 'local' starts one here; or a cluster address"
+    )
+    ray.add_argument("--replicas", type=int, default=None, help="actors (default: one per GPU of the cluster)")
+    ray.add_argument("--gpus-per-replica", type=float, default=None, help="default 1 with GPUs, else 0")
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="default 1")
+    _add_model_options(batch)
+    batch.set_defaults(handler=_cmd_batch)
 
 
 def _add_model_options(command: argparse.ArgumentParser) -> None:
@@ -310,6 +342,37 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     reserve = args.reserve_gib if args.reserve_gib is not None else ZImageSettings().vram_reserve_gib
     print(plan(profile, hardware, request, reserve_gib=reserve).describe())
     return EXIT_OK
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import read_prompts, run_batch
+
+    width, height = _parse_size(args.size)
+    settings = _settings_from(args)
+    # Read and check every line first: a mistake on line 900 must not wait for the model to load.
+    items = read_prompts(args.prompts, seed=args.seed, width=width, height=height, steps=args.steps)
+    if args.ray is None:
+        if args.replicas is not None or args.gpus_per_replica is not None:
+            raise InvalidRequestError("--replicas and --gpus-per-replica are for --ray runs; locally use --devices")
+        devices = args.devices or "all"
+        wanted: str | list[str] = devices if devices == "all" else [d.strip() for d in devices.split(",") if d.strip()]
+        report = run_batch(items, args.out, settings=settings, devices=wanted)
+    else:
+        if args.devices is not None:
+            raise InvalidRequestError("--devices is for local runs; with --ray use --replicas and --gpus-per-replica")
+        from .ray_batch import run_batch_ray
+
+        report = run_batch_ray(
+            items,
+            args.out,
+            address=None if args.ray == "local" else args.ray,
+            settings=settings,
+            replicas=args.replicas,
+            gpus_per_replica=args.gpus_per_replica,
+            cpus_per_replica=args.cpus_per_replica,
+        )
+    print(report.describe())
+    return EXIT_OK if not report.failed else EXIT_ERROR
 
 
 def _report(result: Any, written: list[Path]) -> None:

@@ -24,10 +24,14 @@ strategy objects) and may run at the same time.
 Faults: an exception raised by a ``callback`` (``KeyboardInterrupt`` included) reaches the caller unchanged;
 the lock is released and the strategy's hooks are reset, so the next call works as on a fresh Generator. A
 CUDA error other than out-of-memory marks the Generator unusable (:class:`~zimage_turbo.errors.DeviceFailedError`).
+
+Several GPUs at once: give each its own Generator with ``device="cuda:N"`` (or use
+:class:`~zimage_turbo.pool.GeneratorPool`, which does that).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -66,7 +70,7 @@ from .phases import (
 )
 from .planner import Candidate, Plan, candidate_for, effective_hardware, plan, smaller_workloads
 from .profile import ModelProfile, Workload
-from .request import DEFAULT_STEPS, GenerationRequest, check_seed
+from .request import DEFAULT_STEPS, GenerationRequest, check_seed, requests_for
 from .result import Fallback, GenerationResult, StepInfo, Timings
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
@@ -100,6 +104,9 @@ class Generator:
             instance; overrides ``settings.strategy``. A named strategy is tried first; when it runs out
             of memory the ladder continues below it.
         load: load the model now instead of at the first ``generate``.
+        device: use only this device (``"cuda:1"``, ``"cpu"``, ``"mps"``). The planner then sees that GPU alone,
+            so whatever it picks, the out-of-memory ladder included, stays on it: several Generators can share a
+            machine, one per card. None (the default) plans over every visible GPU.
 
     Arguments are checked here and in each call before anything is loaded: a bad one raises a typed error
     (:class:`~zimage_turbo.errors.InvalidSettingsError`, :class:`~zimage_turbo.errors.UnknownStrategyError`,
@@ -118,6 +125,7 @@ class Generator:
         settings: ZImageSettings | None = None,
         strategy: str | LoadStrategy | None = None,
         load: bool = False,
+        device: str | torch.device | None = None,
     ) -> None:
         if settings is not None and not isinstance(settings, ZImageSettings):
             raise InvalidSettingsError(f"settings must be a ZImageSettings, got {type(settings).__name__}")
@@ -127,6 +135,7 @@ class Generator:
         self.settings = base
         # Validate now, before any loading: None means "auto".
         self._requested: LoadStrategy | None = _own(strategy_from(strategy if strategy is not None else base.strategy))
+        self._device = _parse_device(device)
         self._lock = threading.Lock()
         self._loaded: _Loaded | None = None
         self._active: LoadStrategy | None = None
@@ -156,6 +165,11 @@ class Generator:
     def strategy(self) -> LoadStrategy | None:
         """The strategy currently applied (None before the first generation)."""
         return self._active
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device this Generator is restricted to (None: it may use every visible GPU)."""
+        return self._device
 
     @property
     def hardware(self) -> Hardware | None:
@@ -188,7 +202,7 @@ class Generator:
 
     def load(self) -> Generator:
         """Find, check and load the model now (otherwise the first ``generate`` does). Returns self."""
-        with self._exclusive():
+        with self._exclusive(), self._on_device():
             self._check_device()
             with self._watching_device():
                 self._ensure_loaded()
@@ -219,7 +233,7 @@ class Generator:
         modules, without reading anything from disk. A call running in another thread finishes first: the
         placement never changes under a generation."""
         chosen = _own(strategy_from(strategy))
-        with self._exclusive():
+        with self._exclusive(), self._on_device():
             self._check_device()
             self._requested = chosen
             self._unplaceable.discard(chosen)
@@ -269,7 +283,8 @@ class Generator:
 
     def _detect(self) -> Hardware:
         budget = self.settings.vram_budget_gib
-        self._hardware = detect_hardware(vram_budget_bytes=None if budget is None else int(budget * GIB))
+        hardware = detect_hardware(vram_budget_bytes=None if budget is None else int(budget * GIB))
+        self._hardware = hardware if self._device is None else hardware.restricted_to(self._device)
         return self._hardware
 
     def _held_bytes(self) -> dict[int, int]:
@@ -436,39 +451,20 @@ class Generator:
         callback's ``StepInfo.prompt_index`` says which prompt is running). Every prompt is validated
         before the first image is generated; an empty list returns an empty list without loading.
         """
-        if isinstance(prompts, (str, bytes)):
-            raise InvalidRequestError("generate_many takes a list of prompts; for one prompt use generate()")
-        try:
-            prompts = list(prompts)
-        except TypeError:
-            raise InvalidRequestError(f"prompts must be a list of strings, got {type(prompts).__name__}") from None
         if callback is not None and not callable(callback):
             raise InvalidRequestError(
                 f"callback must be callable (it is given a StepInfo after each step), got {type(callback).__name__}"
             )
-        seeds: list[int | None]
-        if seed is None:
-            seeds = [None] * len(prompts)
-        elif isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
-            seeds = list(seed)
-            if len(seeds) != len(prompts):
-                raise InvalidRequestError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-        else:
-            first = check_seed(seed)
-            seeds = [first + i for i in range(len(prompts))]
-        requests = [
-            GenerationRequest(
-                prompt=text,
-                height=height,
-                width=width,
-                steps=steps,
-                guidance_scale=guidance_scale,
-                negative_prompt=negative_prompt,
-                num_images=num_images,
-                seed=each_seed,
-            ).with_seed()
-            for text, each_seed in zip(prompts, seeds, strict=True)
-        ]
+        requests = requests_for(
+            prompts,
+            height=height,
+            width=width,
+            steps=steps,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            num_images=num_images,
+        )
         if not requests:
             # Nothing to generate; still refuse bad shared arguments, as a call with prompts would.
             GenerationRequest(
@@ -482,7 +478,7 @@ class Generator:
             )
             return []
         results = []
-        with self._exclusive():
+        with self._exclusive(), self._on_device():
             self._check_device()
             with self._watching_device():
                 load_seconds = self._ensure_loaded()
@@ -749,7 +745,7 @@ class Generator:
     ) -> tuple[list[Any], Timings, Candidate, dict[str, int]]:
         assert self._loaded is not None
         pipe = self._loaded.pipe
-        devices = _cuda_devices()
+        devices = self._gpu_devices()
         _reset_peaks(devices)
         guidance = request.guidance_scale > 0
         # Phase boundaries are marked without waiting for the GPU (a wait between phases would leave it idle
@@ -802,6 +798,19 @@ class Generator:
         encode_s, denoise_s, decode_s = clock.durations()
         timings = Timings(encode=encode_s, denoise=denoise_s, decode=decode_s)
         return images, timings, rung, _peaks(devices)
+
+    def _on_device(self) -> contextlib.AbstractContextManager[object]:
+        """Make this Generator's GPU the thread's current CUDA device while it works: streams and hooks made
+        without an explicit device (diffusers' group offloading among them) land on the current one."""
+        if self._device is not None and self._device.type == "cuda" and torch.cuda.is_available():
+            return torch.cuda.device(self._device)
+        return contextlib.nullcontext()
+
+    def _gpu_devices(self) -> list[torch.device]:
+        """The GPUs this Generator may use: where it measures peaks and waits for work to finish (never another
+        Generator's card, whose work would then be timed as ours)."""
+        assert self._hardware is not None
+        return [torch.device("cuda", g.index) for g in self._hardware.gpus]
 
     def _active_encode_device(self) -> torch.device:
         assert self._active is not None and self._loaded is not None
@@ -929,8 +938,16 @@ def _doing(phase: str) -> str:
     )
 
 
-def _cuda_devices() -> list[torch.device]:
-    return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+def _parse_device(device: str | torch.device | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidRequestError(f"device must be like 'cuda:1', 'cpu' or 'mps', got {device!r}") from None
+    if checked.type not in ("cuda", "cpu", "mps"):
+        raise InvalidRequestError(f"device must be a CUDA GPU, 'cpu' or 'mps', got {device!r}")
+    return torch.device("cuda", checked.index or 0) if checked.type == "cuda" else checked
 
 
 def _reset_peaks(devices: list[torch.device]) -> None:

@@ -15,10 +15,12 @@ user budget for shared cards.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 import torch
+
+from .errors import StrategyUnavailableError
 
 __all__ = ["GIB", "GPUInfo", "Hardware", "detect_hardware", "host_peak_rss_bytes", "usable_gpu_bytes"]
 
@@ -71,6 +73,24 @@ class Hardware:
         if self.gpus:
             return "cuda"
         return "mps" if self.mps else "cpu"
+
+    def restricted_to(self, device: str | torch.device) -> Hardware:
+        """This hardware as seen by something that may use only ``device`` (``"cuda:1"``, ``"cpu"``, ``"mps"``):
+        the other GPUs disappear, so every strategy planned on the result runs on that device alone.
+
+        Raises :class:`~zimage_turbo.errors.StrategyUnavailableError` when the device is not here.
+        """
+        wanted = torch.device(device)
+        if wanted.type == "cuda":
+            index = wanted.index or 0
+            gpus = tuple(g for g in self.gpus if g.index == index)
+            if not gpus:
+                visible = ", ".join(g.device for g in self.gpus) or "none"
+                raise StrategyUnavailableError(f"there is no cuda:{index}; visible GPUs: {visible}")
+            return replace(self, gpus=gpus, mps=False)
+        if wanted.type == "mps" and not self.mps:
+            raise StrategyUnavailableError("there is no Apple MPS device here")
+        return replace(self, gpus=(), mps=wanted.type == "mps")
 
     def describe(self) -> str:
         """A few human-readable lines, as printed by ``zimage-turbo hardware``."""

@@ -6,8 +6,9 @@
     >>> print(plan(ModelProfile.z_image_turbo(), hardware).describe())  # doctest: +SKIP
 
 Every strategy is estimated for the workload (peak GPU memory per card, host memory) and, if it fits the free
-memory minus a reserve, ranked by predicted time. Each that does not fit says why. VAE tiling is offered as a
-variant of each strategy: it lowers the decode peak a lot at large sizes, for a little time.
+memory minus a reserve, ranked by predicted time; with two or more GPUs, those that offload nothing to the host
+(``full_gpu``, ``multi_gpu``) rank above every offloading one. Each that does not fit says why. VAE tiling is
+offered as a variant of each strategy: it lowers the decode peak a lot at large sizes, for a little time.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Plan:
-    """Candidates for one workload: those that fit first (fastest first), then the rest (least memory first)."""
+    """Candidates for one workload: those that fit first (fastest first; with several GPUs, those that offload
+    nothing before those that do), then the rest (least memory first)."""
 
     workload: Workload
     hardware: Hardware
@@ -177,7 +179,13 @@ def plan(
             if isinstance(strategy, MultiGPUDispatch):
                 strategy = MultiGPUDispatch(reserve_gib=reserve_gib, workload=tiled)
             candidates.append(candidate_for(strategy, profile, hardware, tiled, steps=steps, reserve_bytes=reserve))
-    fitting = sorted((c for c in candidates if c.fits), key=lambda c: c.seconds)
+    # With several GPUs, placements that keep every weight on the GPUs come first whenever one fits, even where an
+    # offloading one is predicted a little faster (large images): the offload predictions assume an idle
+    # host link and host RAM for pinned weights, which cards in one machine share.
+    resident_first = len(hardware.gpus) > 1
+    fitting = sorted(
+        (c for c in candidates if c.fits), key=lambda c: (resident_first and c.strategy.offloads, c.seconds)
+    )
     rest = sorted((c for c in candidates if not c.fits), key=lambda c: (c.peak_bytes, c.seconds))
     notes = () if fitting else ("Nothing fits at this size; a smaller image or more memory would.",)
     return Plan(work, hardware, steps, tuple(fitting + rest), reserve, notes)

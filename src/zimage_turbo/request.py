@@ -11,6 +11,7 @@ import math
 import numbers
 import operator
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "GenerationRequest",
     "check_seed",
     "random_seed",
+    "requests_for",
 ]
 
 # The transformer works on 2x2 patches of a latent that is 8x smaller than the image.
@@ -92,6 +94,54 @@ class GenerationRequest:
         if self.seed is None:
             return ()
         return tuple(self.seed + k for k in range(self.num_images))
+
+
+def requests_for(
+    prompts: Sequence[str],
+    *,
+    height: int = 1024,
+    width: int = 1024,
+    steps: int = DEFAULT_STEPS,
+    seed: int | Sequence[int] | None = None,
+    guidance_scale: float = 0.0,
+    negative_prompt: str | None = None,
+    num_images: int = 1,
+) -> list[GenerationRequest]:
+    """One validated request per prompt, each with its seed, as ``Generator.generate_many`` makes them.
+
+    ``seed`` may be one int (prompt ``i`` uses ``seed + i``), one seed per prompt, or None (a random seed each).
+    Whoever runs the requests (one Generator, a pool of them) therefore makes the same images for the same
+    arguments.
+    """
+    if isinstance(prompts, (str, bytes)):
+        raise InvalidRequestError("generate_many takes a list of prompts; for one prompt use generate()")
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise InvalidRequestError(f"prompts must be a list of strings, got {type(prompts).__name__}") from None
+    seeds: list[int | None]
+    if seed is None:
+        seeds = [None] * len(prompts)
+    elif isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
+        seeds = list(seed)
+        if len(seeds) != len(prompts):
+            raise InvalidRequestError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    else:
+        first = check_seed(seed)
+        seeds = [first + i for i in range(len(prompts))]
+    return [
+        GenerationRequest(
+            prompt=text,
+            height=height,
+            width=width,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            num_images=num_images,
+            seed=each_seed,
+        ).with_seed()
+        for text, each_seed in zip(prompts, seeds, strict=True)
+    ]
 
 
 def check_seed(value: object) -> int:

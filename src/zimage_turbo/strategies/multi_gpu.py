@@ -1,9 +1,10 @@
 """Several GPUs, no offloading: components (or transformer blocks) spread over the cards.
 
 Whole components go to different cards when they fit (transformer and VAE on the roomiest card, text
-encoder on another); otherwise the transformer's blocks are split across cards in order, by the memory
-each card has, and accelerate's ``dispatch_model`` moves activations between them. The assignment is a pure
-function of the sizes (:func:`assign`), so the estimate and the placement always agree.
+encoder on another); otherwise the transformer's blocks are split across cards in order, each card taking a
+share in proportion to the memory it has left, and accelerate's ``dispatch_model`` moves activations between
+them. The assignment is a pure function of the sizes (:func:`assign`), so the estimate and the placement
+always agree.
 """
 
 from __future__ import annotations
@@ -75,8 +76,51 @@ def _spread(cards: list[_Card], component: ComponentProfile, activation: int, fi
     return tuple(placed)
 
 
+def _spread_balanced(
+    cards: list[_Card], component: ComponentProfile, activation: int, first: int
+) -> tuple[int, ...] | None:
+    """Blocks in order over the cards (from card ``first``, wrapping around), each card's share of the bytes in
+    proportion to the room it has: every card keeps about the same fraction of its memory free, instead of the
+    first ones being filled to the brim. None when the shares, rounded to whole blocks, do not fit."""
+    turn = [cards[(first + k) % len(cards)] for k in range(len(cards))]
+    rooms = [max(card.room(activation), 0) for card in turn]
+    blocks = component.block_bytes
+    if sum(blocks) > sum(rooms):
+        return None
+    owners: list[int] = []
+    remaining = sum(blocks)
+    for k, room in enumerate(rooms):
+        # Each card's target is its part of what is left, so that rounding on one card is made up by the next.
+        target = remaining * room / max(sum(rooms[k:]), 1)
+        last = k == len(rooms) - 1
+        share = 0
+        while len(owners) < len(blocks):
+            nbytes = blocks[len(owners)]
+            if share + nbytes > room or (not last and share + nbytes / 2 > target):
+                break
+            owners.append(k)
+            share += nbytes
+        remaining -= share
+    if len(owners) < len(blocks):
+        return None
+    for owner, nbytes in zip(owners, blocks, strict=True):
+        taken = turn[owner].take(nbytes, activation)
+        assert taken, "a share within its card's room must be taken"
+    return tuple(turn[owner].index for owner in owners)
+
+
 def assign(profile: ModelProfile, capacities: dict[int, int], work: Workload) -> Assignment | None:
-    """Place the model on GPUs with these capacities (bytes each may use), or None when it does not fit."""
+    """Place the model on GPUs with these capacities (bytes each may use), or None when it does not fit.
+
+    Whole components first: the transformer (with the VAE) whole on the roomiest card and the text encoder whole
+    on another, when they fit. A component that fits on no card is split into its blocks, each card taking a
+    share in proportion to its room. When such a balanced split leaves something without room (it makes every
+    card it uses hold a pass's activations), the blocks fill the cards in turn instead, which packs tightest.
+    """
+    return _assign(profile, capacities, work, balanced=True) or _assign(profile, capacities, work, balanced=False)
+
+
+def _assign(profile: ModelProfile, capacities: dict[int, int], work: Workload, *, balanced: bool) -> Assignment | None:
     acts = profile.activation_bytes(work)
     order = sorted(capacities, key=lambda index: -capacities[index])
     cards = [_Card(index, capacities[index]) for index in order]
@@ -84,26 +128,58 @@ def assign(profile: ModelProfile, capacities: dict[int, int], work: Workload) ->
     # The main card holds the transformer's non-block weights and the VAE, and runs the decode.
     if not main.take(profile.transformer.other_bytes + profile.vae.weight_bytes, max(acts["denoise"], acts["decode"])):
         return None
-    blocks = _spread(cards, profile.transformer, acts["denoise"], 0)
+    te = profile.text_encoder
+    te_main: int | None = None
+    whole = sum(profile.transformer.block_bytes) <= main.room(acts["denoise"])
+    if whole:
+        blocks = _spread(cards[:1], profile.transformer, acts["denoise"], 0)
+    else:
+        if balanced:
+            # Before the blocks are spread by room, the text encoder gets a card of its own if one can hold it
+            # and the blocks still fit; spreading first would leave no card room enough for it.
+            te_main = _reserve(cards, te, acts, sum(profile.transformer.block_bytes))
+        spread = _spread_balanced if balanced else _spread
+        blocks = spread(cards, profile.transformer, acts["denoise"], 0)
     if blocks is None:
         return None
-    # The text encoder: whole on the card with the most room left, else its blocks spread over the cards.
-    te = profile.text_encoder
-    by_room = sorted(cards, key=lambda card: -card.room(acts["encode"]))
-    if by_room[0].take(te.weight_bytes, acts["encode"]):
-        te_main = by_room[0].index
+    if te_main is not None:
         te_blocks = tuple(te_main for _ in te.block_bytes)
     else:
-        start = next((i for i, card in enumerate(cards) if card.take(te.other_bytes, acts["encode"])), None)
-        if start is None:
-            return None
-        te_main = cards[start].index
-        spread = _spread(cards, te, acts["encode"], start)
-        if spread is None:
-            return None
-        te_blocks = spread
+        # The text encoder: whole on a card of its own if one has room (the roomiest first), else whole on the
+        # main card, else its blocks spread over the cards.
+        by_room = sorted(cards[1:], key=lambda card: -card.room(acts["encode"])) + cards[:1]
+        whole_on = next((card for card in by_room if card.take(te.weight_bytes, acts["encode"])), None)
+        if whole_on is not None:
+            te_main = whole_on.index
+            te_blocks = tuple(te_main for _ in te.block_bytes)
+        else:
+            start = next((i for i, card in enumerate(cards) if card.take(te.other_bytes, acts["encode"])), None)
+            if start is None:
+                return None
+            te_main = cards[start].index
+            spread = _spread_balanced if balanced else _spread
+            te_spread = spread(cards, te, acts["encode"], start)
+            if te_spread is None:
+                return None
+            te_blocks = te_spread
     peaks = {card.index: card.weights + card.activation for card in cards if card.weights}
     return Assignment(main.index, blocks, te_main, te_blocks, peaks)
+
+
+def _reserve(cards: list[_Card], te: ComponentProfile, acts: dict[str, int], transformer_blocks: int) -> int | None:
+    """Put the whole text encoder on a card, keeping room for the transformer blocks; its card's index, or None.
+
+    Cards other than the main one come first, roomiest first, so that the text encoder and the transformer
+    end up on different cards when they can."""
+    for card in sorted(cards[1:], key=lambda c: -c.room(acts["encode"])) + cards[:1]:
+        if te.weight_bytes > card.room(acts["encode"]):
+            continue
+        saved = (card.weights, card.activation)
+        card.take(te.weight_bytes, acts["encode"])
+        if sum(max(c.room(acts["denoise"]), 0) for c in cards) >= transformer_blocks:
+            return card.index
+        card.weights, card.activation = saved
+    return None
 
 
 class MultiGPUDispatch(LoadStrategy):

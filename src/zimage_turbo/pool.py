@@ -1,0 +1,357 @@
+"""Several copies of the model, one per device, generating at once: throughput on one machine.
+
+    >>> from zimage_turbo import GeneratorPool
+    >>> with GeneratorPool(devices="all") as pool:                          # doctest: +SKIP
+    ...     for index, outcome in pool.as_completed(["a fox", "a ship", "a tree"], seed=7):
+    ...         print(index, outcome)
+
+Each replica is a :class:`~zimage_turbo.generator.Generator` restricted to its device
+(``Generator(device="cuda:1")``): it plans, places and recovers from running out of memory on that card alone.
+One worker thread per replica takes the next prompt as soon as its replica is free, so a faster card simply
+does more of the work; torch releases the GIL while it computes, so the threads run in parallel.
+
+Seeds are those of :meth:`Generator.generate_many` for the same arguments (``seed + i`` for prompt ``i``), so
+an image does not depend on which replica made it, nor on how many there are. A prompt that fails becomes a
+:class:`PromptFailure` in its place; the others carry on.
+
+To split one model over several small cards instead, use a single ``Generator()``: the planner picks
+``multi_gpu`` there (see docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import torch
+
+from .errors import GeneratorClosedError, InvalidRequestError, first_line
+from .generator import Generator
+from .request import DEFAULT_STEPS, GenerationRequest, requests_for
+from .result import GenerationResult
+from .settings import ZImageSettings
+from .strategies import strategy_from
+
+__all__ = ["GeneratorPool", "Outcome", "PromptFailure"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class PromptFailure:
+    """A prompt whose generation raised. It takes the prompt's place among the results; the others are kept.
+
+    Attributes:
+        index: the prompt's position in the list given.
+        prompt: the prompt.
+        error: the exception (for example :class:`~zimage_turbo.errors.NotEnoughMemoryError`).
+        device: the replica's device that ran it (``"cuda:1"``, ``"cpu"``).
+    """
+
+    index: int
+    prompt: str
+    error: BaseException
+    device: str = ""
+
+    def __str__(self) -> str:
+        return f"prompt {self.index} failed on {self.device or 'the default device'}: {first_line(self.error)}"
+
+
+#: what each prompt gives: its result, or why it has none
+Outcome: TypeAlias = GenerationResult | PromptFailure
+
+
+class GeneratorPool:
+    """One :class:`~zimage_turbo.generator.Generator` per device, sharing the prompts.
+
+    Args:
+        model: a repo id or local folder; overrides ``settings.model``.
+        settings: settings shared by every replica (by default read from ``ZIMAGE_*`` variables and ``.env``).
+        devices: ``"all"``: a replica on every visible GPU that holds the whole model without offloading to the
+            host, as the planner sees it for a 1024x1024 image. When no card does (small cards), or without
+            CUDA GPUs, a single replica that may use every GPU (``multi_gpu`` when the model splits over them)
+            or else the CPU or Apple GPU. Or a list such as ``["cuda:0", "cuda:1"]`` or ``["cpu", "cpu"]``,
+            taken as given: each replica then uses whatever strategy fits its card, offloading included.
+        strategy: a strategy name for every replica (default: ``settings.strategy``, usually ``"auto"``).
+            ``"multi_gpu"`` is refused: a replica lives on one device.
+        load: load every replica now instead of at the first generation.
+
+    Replicas load one after another (diffusers and transformers change process-wide defaults while loading),
+    then generate in parallel. Close the pool (or use it in a ``with`` block) to free their memory.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        settings: ZImageSettings | None = None,
+        devices: str | Sequence[str | torch.device] = "all",
+        strategy: str | None = None,
+        load: bool = False,
+    ) -> None:
+        base = settings if settings is not None else ZImageSettings()
+        if model is not None:
+            base = base.replace(model=os.fspath(model))
+        self.settings = base
+        name = strategy if strategy is not None else base.strategy
+        strategy_from(name)  # refuses unknown names now, before anything loads
+        if name == "multi_gpu":
+            raise InvalidRequestError(
+                "a pool replica runs on one device, and multi_gpu spreads one model over several: for that, use "
+                "one Generator(strategy='multi_gpu')"
+            )
+        self._strategy = name
+        if isinstance(devices, str):
+            if devices != "all":
+                raise InvalidRequestError(f"devices must be 'all' or a list like ['cuda:0', 'cuda:1'], got {devices!r}")
+            self._wanted: list[torch.device] | None = None
+        else:
+            self._wanted = [_device(d) for d in devices]
+            if not self._wanted:
+                raise InvalidRequestError("devices is empty: give at least one device, or 'all'")
+        self._lock = threading.Lock()
+        self._replicas: list[Generator] | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._idle: queue.SimpleQueue[Generator] = queue.SimpleQueue()
+        self._closed = False
+        if load:
+            self.load()
+
+    # -- replicas ----------------------------------------------------------------------------------------
+
+    @property
+    def replicas(self) -> tuple[Generator, ...]:
+        """The replicas, one per device (created, not loaded, on first access: for ``"all"`` this reads the
+        model's sizes from its headers and the GPUs' free memory)."""
+        with self._lock:
+            return tuple(self._resolve())
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Each replica's device, e.g. ``("cuda:0", "cuda:1")``; ``"default"`` for a replica not restricted to
+        one device."""
+        return tuple(_name(replica) for replica in self.replicas)
+
+    def _resolve(self) -> list[Generator]:
+        if self._closed:
+            raise GeneratorClosedError("this GeneratorPool was closed; create a new one")
+        if self._replicas is None:
+            self._replicas = self._make_replicas()
+        return self._replicas
+
+    def _replica(self, device: torch.device | None) -> Generator:
+        return Generator(settings=self.settings, strategy=self._strategy, device=device)
+
+    def _make_replicas(self) -> list[Generator]:
+        if self._wanted is not None:
+            return [self._replica(device) for device in self._wanted]
+        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+            logger.info("no CUDA GPU: one replica on the default device")
+            return [self._replica(None)]
+        chosen: list[Generator] = []
+        refused: list[str] = []
+        for index in range(torch.cuda.device_count()):
+            replica = self._replica(torch.device("cuda", index))
+            why = _why_not_whole(replica, self._strategy)
+            if why:
+                refused.append(f"cuda:{index}: {why}")
+            else:
+                chosen.append(replica)
+        for line in refused:
+            logger.info("no replica on %s", line)
+        if not chosen:
+            # Small cards: one model over all of them (the planner picks multi_gpu when it fits) beats a replica
+            # per card that streams its weights from the host.
+            logger.warning(
+                "no GPU holds the whole model without offloading (%s); one replica over every GPU instead",
+                "; ".join(refused),
+            )
+            return [self._replica(None)]
+        return chosen
+
+    def load(self) -> GeneratorPool:
+        """Load every replica now (otherwise the first generation does). Returns self."""
+        with self._lock:
+            self._start()
+        return self
+
+    def _start(self) -> concurrent.futures.ThreadPoolExecutor:
+        replicas = self._resolve()
+        if self._executor is None:
+            for replica in replicas:
+                replica.load()  # one at a time: loading is not thread-safe in diffusers and transformers
+            for replica in replicas:
+                self._idle.put(replica)
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=len(replicas), thread_name_prefix="zimage-turbo-replica"
+            )
+            logger.info("pool of %d replica(s): %s", len(replicas), ", ".join(_name(r) for r in replicas))
+        return self._executor
+
+    def close(self) -> None:
+        """Cancel prompts not yet started, wait for those running, and release every replica."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+            replicas, self._replicas = self._replicas or [], None
+            self._closed = True
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        for replica in replicas:
+            replica.close()
+
+    def __enter__(self) -> GeneratorPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "GeneratorPool(closed)"
+        if self._replicas is None:
+            wanted = "all" if self._wanted is None else [str(d) for d in self._wanted]
+            return f"GeneratorPool(devices={wanted!r}, not resolved)"
+        loaded = "loaded" if self._executor is not None else "not loaded"
+        return f"GeneratorPool(devices={[_name(r) for r in self._replicas]!r}, {loaded})"
+
+    # -- generation --------------------------------------------------------------------------------------
+
+    def generate_many(
+        self,
+        prompts: Sequence[str],
+        *,
+        height: int = 1024,
+        width: int = 1024,
+        steps: int = DEFAULT_STEPS,
+        seed: int | Sequence[int] | None = None,
+        guidance_scale: float = 0.0,
+        negative_prompt: str | None = None,
+        num_images: int = 1,
+    ) -> list[Outcome]:
+        """Generate for every prompt over the replicas; the outcomes keep the prompts' order.
+
+        The arguments and seeds are those of :meth:`Generator.generate_many`: with the same arguments each
+        image is the one a single Generator would make. Every prompt is validated before anything loads. A
+        prompt that raises gives a :class:`PromptFailure` at its index; the others are unaffected.
+        """
+        requests = requests_for(
+            prompts,
+            height=height,
+            width=width,
+            steps=steps,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            num_images=num_images,
+        )
+        return [outcome for _, outcome in self.generate_requests(requests, ordered=True)]
+
+    def as_completed(
+        self,
+        prompts: Sequence[str],
+        *,
+        height: int = 1024,
+        width: int = 1024,
+        steps: int = DEFAULT_STEPS,
+        seed: int | Sequence[int] | None = None,
+        guidance_scale: float = 0.0,
+        negative_prompt: str | None = None,
+        num_images: int = 1,
+    ) -> Iterator[tuple[int, Outcome]]:
+        """Like :meth:`generate_many`, but yields ``(index, outcome)`` as each prompt finishes.
+
+        Generation starts at once, before the first ``next()``. Leaving the loop early cancels the prompts not
+        yet started.
+        """
+        requests = requests_for(
+            prompts,
+            height=height,
+            width=width,
+            steps=steps,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            num_images=num_images,
+        )
+        return self.generate_requests(requests)
+
+    def generate_requests(
+        self, requests: Sequence[GenerationRequest], *, ordered: bool = False
+    ) -> collections.abc.Generator[tuple[int, Outcome], None, None]:
+        """Run ready-made requests (each with its own size, steps and seed) over the replicas; yields
+        ``(index, outcome)`` as they finish, or in the requests' order with ``ordered=True``.
+
+        Requests without a seed get a random one now (the result reports it). Submission happens at once;
+        closing the returned generator (or leaving a loop over it) cancels the requests not yet started.
+        """
+        with self._lock:
+            executor = self._start()
+            futures = [executor.submit(self._run, index, request.with_seed()) for index, request in enumerate(requests)]
+        return _collect(futures, ordered)
+
+    def _run(self, index: int, request: GenerationRequest) -> Outcome:
+        replica = self._idle.get()  # never waits: there are as many workers as replicas
+        try:
+            return replica.generate(
+                request.prompt,
+                height=request.height,
+                width=request.width,
+                steps=request.steps,
+                seed=request.seed,
+                guidance_scale=request.guidance_scale,
+                negative_prompt=request.negative_prompt,
+                num_images=request.num_images,
+            )
+        except Exception as exc:
+            logger.warning("prompt %d failed on %s: %s", index, _name(replica), first_line(exc))
+            return PromptFailure(index, request.prompt, exc, _name(replica))
+        finally:
+            self._idle.put(replica)
+
+
+def _collect(
+    futures: list[concurrent.futures.Future[Outcome]], ordered: bool
+) -> collections.abc.Generator[tuple[int, Outcome], None, None]:
+    index_of = {future: index for index, future in enumerate(futures)}
+    try:
+        finished = futures if ordered else concurrent.futures.as_completed(futures)
+        for future in finished:
+            yield index_of[future], future.result()
+    finally:
+        # The consumer stopped early (or was interrupted): do not leave the replicas busy with unwanted work.
+        for future in futures:
+            future.cancel()
+
+
+def _why_not_whole(replica: Generator, strategy: str) -> str:
+    """Why ``replica`` cannot hold the model on its card without offloading ("" when it can)."""
+    ranked = replica.plan()
+    if strategy != "auto":
+        fitting = [c for c in ranked.candidates if c.fits and c.strategy.name == strategy]
+        return "" if fitting else f"{strategy} does not fit"
+    best = ranked.best
+    if best is None:
+        return "nothing fits"
+    if best.strategy.offloads:
+        full = next((c for c in ranked.candidates if c.strategy.name == "full_gpu" and not c.vae_tiling), None)
+        return f"only with offloading ({best.name})" + (f"; full_gpu {full.reason}" if full and full.reason else "")
+    return ""
+
+
+def _device(value: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise InvalidRequestError(f"not a device: {value!r} (use e.g. 'cuda:0' or 'cpu')") from None
+    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
+
+
+def _name(replica: Generator) -> str:
+    return str(replica.device) if replica.device is not None else "default"

@@ -1,0 +1,311 @@
+"""Batches on the tiny checkpoint: the prompt file, the manifest, and resuming after an interruption (a hook
+that stops the run, a killed process, the debris of a crash) with every image made exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import zimage_turbo.generator as generator_module
+from zimage_turbo import Generator, GeneratorPool, InvalidRequestError, ZImageError, ZImageSettings
+from zimage_turbo.batch import MANIFEST_NAME, BatchItem, Manifest, derive_seed, items_from, read_prompts, run_batch
+from zimage_turbo.cli import main
+
+SMALL = {"width": 256, "height": 256, "steps": 2}
+
+
+class Stop(Exception):
+    """Raised by a hook to interrupt a batch half-way."""
+
+
+def write_lines(path: Path, lines: list[Any]) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def prompts_file(folder: Path, count: int = 6) -> Path:
+    lines: list[Any] = [{"prompt": f"a small watercolor of thing number {i}"} for i in range(count)]
+    lines[1] = {"prompt": "a lighthouse at dusk", "id": "lighthouse", "seed": 7}
+    lines[2] = {"prompt": "a wide red fox", "width": 320}
+    return write_lines(folder / "prompts.jsonl", lines)
+
+
+def manifest_lines(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (folder / MANIFEST_NAME).read_text().splitlines()]
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def assert_complete_and_equal(out: Path, reference: Path, items: list[BatchItem]) -> None:
+    """Every item exactly once in the manifest and on disk, each image equal to the reference run's."""
+    rows = manifest_lines(out)
+    assert sorted(r["id"] for r in rows) == sorted(item.id for item in items)  # exactly once each
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".png") == sorted(item.file for item in items)
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".part")]
+    for item in items:
+        assert np.array_equal(pixels(out / item.file), pixels(reference / item.file)), item.id
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_checkpoint: Path) -> ZImageSettings:
+    return ZImageSettings(model=str(tiny_checkpoint), progress=False)
+
+
+@pytest.fixture(scope="module")
+def pool(settings: ZImageSettings) -> Iterator[GeneratorPool]:
+    with GeneratorPool(settings=settings, devices=["cpu", "cpu"]) as shared:
+        yield shared
+
+
+@pytest.fixture(scope="module")
+def straight(pool: GeneratorPool, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[BatchItem]]:
+    """An uninterrupted run of prompts_file(): the reference for the interrupted ones."""
+    folder = tmp_path_factory.mktemp("straight")
+    source = prompts_file(folder)
+    items = read_prompts(source, **SMALL)
+    report = run_batch(source, folder / "out", pool=pool, **SMALL)
+    assert (report.total, report.generated, report.skipped, report.failed) == (6, 6, 0, ())
+    return folder / "out", items
+
+
+# -- the prompt file ----------------------------------------------------------------------------------------------
+
+
+def test_lines_get_ids_seeds_and_defaults(tmp_path: Path) -> None:
+    source = prompts_file(tmp_path)
+    with source.open("a") as stream:
+        stream.write("\n   \n")  # blank lines are skipped
+    items = read_prompts(source, seed=3, **SMALL)
+    assert [i.id for i in items] == ["000001", "lighthouse", "000003", "000004", "000005", "000006"]
+    assert [i.line for i in items] == [1, 2, 3, 4, 5, 6]
+    assert items[1].seed == 7 and items[0].seed == derive_seed(3, "000001")
+    assert (items[2].width, items[2].height, items[2].steps) == (320, 256, 2)
+    assert items[0].file == "000001.png"
+    # the same line gives the same seed whatever the base seed's other lines are; another base, another seed
+    assert read_prompts(source, seed=3, **SMALL) == items
+    assert read_prompts(source, seed=4, **SMALL)[0].seed != items[0].seed
+    assert len({i.seed for i in items}) == len(items)
+
+
+def test_derived_seeds_never_change() -> None:
+    # Resuming relies on this: a different derivation would silently give a half-old, half-new batch.
+    assert derive_seed(0, "000001") == 1418002970964095728
+    assert derive_seed(7, "fox") == 4828788522129564890
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", r"prompts.jsonl:2: not valid JSON"),
+        ('"a fox"', r"prompts.jsonl:2: expected an object"),
+        ('{"text": "a fox"}', r"prompts.jsonl:2: unknown field\(s\) text"),
+        ('{"seed": 1}', r"prompts.jsonl:2: no prompt"),
+        ('{"prompt": "a fox", "width": 1000}', r"prompts.jsonl:2: width must be a multiple of 16"),
+        ('{"prompt": "a fox", "seed": -1}', r"prompts.jsonl:2: seed must be between"),
+        ('{"prompt": "a fox", "steps": "8"}', r"prompts.jsonl:2: steps must be an integer"),
+        ('{"prompt": "  "}', r"prompts.jsonl:2: prompt is empty"),
+        ('{"prompt": "a fox", "id": "../fox"}', r"prompts.jsonl:2: id must be"),
+        ('{"prompt": "a fox", "id": "000001"}', r"prompts.jsonl:2: id '000001' is also used at line 1"),
+    ],
+)
+def test_bad_lines_are_refused_with_their_line_number(tmp_path: Path, line: str, message: str) -> None:
+    source = write_lines(tmp_path / "prompts.jsonl", [{"prompt": "a cat"}, line])
+    with pytest.raises(InvalidRequestError, match=message):
+        read_prompts(source)
+
+
+def test_prompts_in_memory(tmp_path: Path) -> None:
+    items = items_from(["a cat", {"prompt": "a dog", "id": "dog"}], seed=1)
+    assert [(i.id, i.prompt) for i in items] == [("000001", "a cat"), ("dog", "a dog")]
+    in_file = write_lines(tmp_path / "p.jsonl", [{"prompt": "a cat"}, {"prompt": "a dog", "id": "dog"}])
+    assert items == read_prompts(in_file, seed=1)
+    with pytest.raises(InvalidRequestError, match=r"missing\.jsonl"):
+        read_prompts(tmp_path / "missing.jsonl")
+
+
+# -- a straight run -----------------------------------------------------------------------------------------------
+
+
+def test_a_run_writes_each_image_and_its_manifest_line(
+    straight: tuple[Path, list[BatchItem]], settings: ZImageSettings
+) -> None:
+    out, items = straight
+    rows = manifest_lines(out)
+    assert len(rows) == 6
+    by_id = {r["id"]: r for r in rows}
+    fox = by_id["000003"]
+    assert (fox["prompt"], fox["file"], fox["width"], fox["height"], fox["steps"]) == (
+        "a wide red fox",
+        "000003.png",
+        320,
+        256,
+        2,
+    )
+    assert fox["strategy"] == "cpu" and fox["timings"]["denoise"] > 0 and fox["line"] == 3
+    assert Image.open(out / "000003.png").size == (320, 256)
+    assert by_id["lighthouse"]["seed"] == 7
+    # Each image is the one a single Generator makes for that line.
+    with Generator(settings=settings) as gen:
+        for item in items[:3]:
+            alone = gen.generate(item.prompt, width=item.width, height=item.height, steps=item.steps, seed=item.seed)
+            assert np.array_equal(np.asarray(alone.image), pixels(out / item.file))
+    # Running again does nothing.
+    again = run_batch(out.parent / "prompts.jsonl", out, settings=settings, devices=["cpu"], **SMALL)
+    assert (again.generated, again.skipped) == (0, 6) and len(manifest_lines(out)) == 6
+
+
+# -- interrupted, then resumed ------------------------------------------------------------------------------------
+
+
+def test_interrupted_half_way_then_resumed(
+    straight: tuple[Path, list[BatchItem]], pool: GeneratorPool, tmp_path: Path
+) -> None:
+    reference, items = straight
+    source = prompts_file(tmp_path)
+    out = tmp_path / "out"
+    seen: list[str] = []
+
+    def stop_after_three(row: dict[str, Any]) -> None:
+        seen.append(row["id"])
+        if len(seen) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_batch(source, out, pool=pool, on_row=stop_after_three, **SMALL)
+    assert len(manifest_lines(out)) == 3
+    resumed = run_batch(source, out, pool=pool, **SMALL)
+    assert (resumed.skipped, resumed.generated, resumed.complete) == (3, 3, True)
+    assert_complete_and_equal(out, reference, items)
+    assert not {r["id"] for r in manifest_lines(out)[3:]} & set(seen)  # the first three were not made again
+
+
+def test_resume_cleans_what_a_crash_leaves(
+    straight: tuple[Path, list[BatchItem]], pool: GeneratorPool, tmp_path: Path
+) -> None:
+    reference, items = straight
+    source = prompts_file(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = manifest_lines(reference)
+    by_id = {r["id"]: r for r in rows}
+    for name in ("000001.png", "lighthouse.png", "000004.png", "000005.png"):
+        (out / name).write_bytes((reference / name).read_bytes())
+    stale = {**by_id["000005"], "prompt": "what line 5 said before the file was edited"}
+    lines = [
+        json.dumps(by_id["000001"]),
+        json.dumps(by_id["000001"]),  # listed twice
+        json.dumps(by_id["000003"]),  # its image is gone
+        json.dumps(stale),  # another prompt under the same id: made again
+        json.dumps(by_id["lighthouse"]),
+        "{\x00 garbage",  # unreadable
+        json.dumps(by_id["000006"])[:40],  # half-written when the process died
+    ]
+    (out / MANIFEST_NAME).write_text("\n".join(lines))
+    (out / ".000006.png.0badc0de.part").write_bytes(b"\x89PNG half")  # a temporary file of a killed writer
+    # 000004.png exists without a manifest line (killed between the two writes): made again, listed once.
+    assert Manifest(out).rows()[-1]["id"] == "lighthouse"
+    report = run_batch(source, out, pool=pool, **SMALL)
+    assert (report.skipped, report.generated) == (2, 4)  # 000001 and lighthouse were done
+    assert_complete_and_equal(out, reference, items)
+    assert (out / MANIFEST_NAME).read_text().endswith("\n")
+
+
+def test_a_failing_line_is_reported_and_made_by_the_next_run(
+    straight: tuple[Path, list[BatchItem]], pool: GeneratorPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference, items = straight
+    source = prompts_file(tmp_path)
+    out = tmp_path / "out"
+    real_encode = generator_module.encode
+
+    def encode(pipe: Any, prompt: str, *args: Any) -> Any:
+        if prompt == "a lighthouse at dusk":
+            raise RuntimeError("something broke on this prompt")
+        return real_encode(pipe, prompt, *args)
+
+    monkeypatch.setattr(generator_module, "encode", encode)
+    report = run_batch(source, out, pool=pool, **SMALL)
+    assert report.failed == (("lighthouse", "RuntimeError: something broke on this prompt"),)
+    assert report.generated == 5 and not report.complete and "failed lighthouse" in report.describe()
+    assert not (out / "lighthouse.png").exists() and "lighthouse" not in {r["id"] for r in manifest_lines(out)}
+    monkeypatch.setattr(generator_module, "encode", real_encode)
+    assert run_batch(source, out, pool=pool, **SMALL).generated == 1
+    assert_complete_and_equal(out, reference, items)
+
+
+# -- the command line, and a process killed with SIGKILL ----------------------------------------------------------
+
+
+def test_cli_batch(straight: tuple[Path, list[BatchItem]], tiny_checkpoint: Path, tmp_path: Path, capsys: Any) -> None:
+    reference, items = straight
+    source = prompts_file(tmp_path)
+    common = ["batch", str(source), "--out", str(tmp_path / "out"), "--size", "256x256", "--steps", "2"]
+    status = main([*common, "--model", str(tiny_checkpoint), "--devices", "cpu,cpu", "--quiet"])
+    assert status == 0 and "6 generated, 0 already done, 0 failed" in capsys.readouterr().out
+    assert_complete_and_equal(tmp_path / "out", reference, items)
+    assert main([*common, "--model", str(tiny_checkpoint), "--quiet"]) == 0
+    assert "0 generated, 6 already done" in capsys.readouterr().out
+    assert main([*common, "--ray", "local", "--devices", "cpu", "--quiet"]) == 2
+    assert "--devices is for local runs" in capsys.readouterr().err
+    write_lines(source, [{"prompt": "a cat"}, {"prompt": "a dog", "width": 100}])
+    assert main([*common, "--quiet"]) == 2  # checked before any loading
+    assert "prompts.jsonl:2: width" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_a_killed_process_resumes_to_the_same_images(
+    straight: tuple[Path, list[BatchItem]], pool: GeneratorPool, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    # Larger images than the reference run, so that the process is still working when it is killed.
+    lines = [{"prompt": f"a small watercolor of thing number {i}", "width": 384, "height": 384} for i in range(6)]
+    source = write_lines(tmp_path / "prompts.jsonl", lines)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "zimage_turbo", "batch", str(source), "--out", str(out), "--steps", "3"]
+    command += ["--model", str(tiny_checkpoint), "--devices", "cpu", "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            manifest = out / MANIFEST_NAME
+            if manifest.is_file() and manifest.read_text().count("\n") >= 2:
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    killed_at = len(manifest_lines(out))
+    assert 2 <= killed_at < 6
+    resumed = run_batch(source, out, pool=pool, steps=3)
+    assert (resumed.skipped, resumed.generated) == (killed_at, 6 - killed_at)
+    # The same batch run straight through, for comparison.
+    whole = tmp_path / "whole"
+    run_batch(source, whole, pool=pool, steps=3)
+    assert_complete_and_equal(out, whole, read_prompts(source, steps=3))
+
+
+def test_ray_is_needed_only_when_there_is_work(
+    straight: tuple[Path, list[BatchItem]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zimage_turbo.ray_batch import run_batch_ray
+
+    out, _ = straight
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    report = run_batch_ray(out.parent / "prompts.jsonl", out, **SMALL)
+    assert (report.skipped, report.generated) == (6, 0)
+    with pytest.raises(ZImageError, match=r"pip install \"zimage-turbo\[ray\]\""):
+        run_batch_ray(["a cat"], tmp_path / "new", **SMALL)
