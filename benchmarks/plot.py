@@ -1,4 +1,5 @@
-"""Draw a benchmark JSON (from benchmarks/full_gpu.py, strategies.py or multi_gpu.py) as a PNG next to it.
+"""Draw a benchmark JSON (benchmarks/full_gpu.py, multi_gpu.py, or the strategies.py that `zimage-turbo bench`
+replaced) as a PNG next to it. The harness draws its own plots.
 
 python benchmarks/plot.py benchmarks/results/full_gpu-h200.json
 """
