@@ -466,16 +466,6 @@ class Generator:
             num_images=num_images,
         )
         if not requests:
-            # Nothing to generate; still refuse bad shared arguments, as a call with prompts would.
-            GenerationRequest(
-                prompt="-",
-                height=height,
-                width=width,
-                steps=steps,
-                guidance_scale=guidance_scale,
-                negative_prompt=negative_prompt,
-                num_images=num_images,
-            )
             return []
         results = []
         with self._exclusive(), self._on_device():

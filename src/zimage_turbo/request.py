@@ -111,7 +111,7 @@ def requests_for(
 
     ``seed`` may be one int (prompt ``i`` uses ``seed + i``), one seed per prompt, or None (a random seed each).
     Whoever runs the requests (one Generator, a pool of them) therefore makes the same images for the same
-    arguments.
+    arguments. No prompts: an empty list, after checking the shared arguments all the same.
     """
     if isinstance(prompts, (str, bytes)):
         raise InvalidRequestError("generate_many takes a list of prompts; for one prompt use generate()")
@@ -129,6 +129,18 @@ def requests_for(
     else:
         first = check_seed(seed)
         seeds = [first + i for i in range(len(prompts))]
+    if not prompts:
+        # Nothing to generate; still refuse bad shared arguments, as a call with prompts would.
+        GenerationRequest(
+            prompt="-",
+            height=height,
+            width=width,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            num_images=num_images,
+        )
+        return []
     return [
         GenerationRequest(
             prompt=text,
