@@ -129,29 +129,19 @@ def requests_for(
     else:
         first = check_seed(seed)
         seeds = [first + i for i in range(len(prompts))]
+    shared: dict[str, Any] = {
+        "height": height,
+        "width": width,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "negative_prompt": negative_prompt,
+        "num_images": num_images,
+    }
     if not prompts:
-        # Nothing to generate; still refuse bad shared arguments, as a call with prompts would.
-        GenerationRequest(
-            prompt="-",
-            height=height,
-            width=width,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            num_images=num_images,
-        )
+        GenerationRequest(prompt="-", **shared)  # nothing to generate; still refuse bad shared arguments
         return []
     return [
-        GenerationRequest(
-            prompt=text,
-            height=height,
-            width=width,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            num_images=num_images,
-            seed=each_seed,
-        ).with_seed()
+        GenerationRequest(prompt=text, seed=each_seed, **shared).with_seed()
         for text, each_seed in zip(prompts, seeds, strict=True)
     ]
 

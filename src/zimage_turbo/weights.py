@@ -166,12 +166,11 @@ def fill_module(
     dtype: torch.dtype,
     destination: str | torch.device,
     homes: HostHomes | None = None,
-    keep_dtype: Callable[[str], bool] = lambda name: False,
     on_bytes: Callable[[int], None] | None = None,
 ) -> None:
     """Give every parameter and persistent buffer of ``module`` (built with meta parameters) its values from
     ``entries``, placed at ``destination``: ``"homes"`` (pinned host homes in ``homes``), ``"cpu"``, or a
-    device. Floating tensors become ``dtype`` unless ``keep_dtype(name)``.
+    device. Floating tensors become ``dtype``; others keep theirs.
 
     Raises :class:`~zimage_turbo.errors.ModelLoadError` naming the keys when the files and the module do not
     match (a missing tensor, an unexpected one, another shape).
@@ -179,7 +178,7 @@ def fill_module(
     targets = _named_tensors(module)
     by_name = _match(module, targets, entries)
     wanted = {
-        name: (dtype if entry.dtype.is_floating_point and not keep_dtype(name) else entry.dtype)
+        name: (dtype if entry.dtype.is_floating_point else entry.dtype)
         for name, entry in by_name.items()
     }
     unique = list(_unique(by_name))
