@@ -177,10 +177,7 @@ def fill_module(
     """
     targets = _named_tensors(module)
     by_name = _match(module, targets, entries)
-    wanted = {
-        name: (dtype if entry.dtype.is_floating_point else entry.dtype)
-        for name, entry in by_name.items()
-    }
+    wanted = {name: (dtype if entry.dtype.is_floating_point else entry.dtype) for name, entry in by_name.items()}
     unique = list(_unique(by_name))
     device = None if str(destination) in ("homes", "cpu") else torch.device(destination)
     into_homes = homes if destination == "homes" else None
