@@ -54,8 +54,8 @@ class _Packer:
     """Places tensors one after another into host buffers allocated on demand, so that the originals can be
     freed as we go: peak host memory is the weights plus one buffer, not twice the weights.
 
-    With ``device="meta"`` it only lays the tensors out (``placements`` and ``sizes``), for buffers that are
-    allocated afterwards, in parallel (see :func:`_allocate_pinned`)."""
+    With ``device="meta"`` it only lays the tensors out (``placements``, and ``buffers`` on the meta device for
+    their sizes), for buffers that are allocated afterwards, in parallel (see :func:`_allocate_pinned`)."""
 
     def __init__(self, *, pin: bool, pending_bytes: int, chunk_bytes: int, device: str = "cpu") -> None:
         self.pin = pin

@@ -81,9 +81,7 @@ def load_pipeline(
                 modules[name] = module.eval()
             tokenizer = Qwen2Tokenizer.from_pretrained(root / "tokenizer")
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
-    except torch.OutOfMemoryError:
-        raise
-    except ModelLoadError:
+    except torch.OutOfMemoryError:  # a RuntimeError, but the Generator's ladder handles it
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelLoadError(f"Loading the model from {root} failed: {exc}") from exc

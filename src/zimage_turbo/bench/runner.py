@@ -113,8 +113,8 @@ def run(args: argparse.Namespace) -> bool:
         pending += [(Case("diffusers", mode, budget), {}) for mode in args.diffusers_modes]
     for spec in args.forced:
         name, _, cap = spec.partition("@")
-        case = Case("ours", name, None if cap in ("", "none", "unlimited") else float(cap))
-        pending.append((Case("ours", f"{name}!", case.budget_gib), {"mode": name}))  # "!": forced
+        budget = None if cap in ("", "none", "unlimited") else float(cap)
+        pending.append((Case("ours", f"{name}!", budget), {"mode": name}))  # "!": forced, the key says so
     sweep_sizes = [[int(v) for v in size.lower().split("x")] for size in args.sweep_sizes]
     for budget in _budgets(args.sweep_budgets, args.device):
         pending.append((Case("sweep", "auto", budget), {"sweep_sizes": sweep_sizes, "mode": "auto"}))

@@ -15,6 +15,7 @@ holds every measurement of the case:
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -248,7 +249,7 @@ def _probe(spec: Spec) -> dict[str, Any]:
         if cuda
         else [],
         "host_ram_gib": hardware.host_total_bytes / GIB,
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,

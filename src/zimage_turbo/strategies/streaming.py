@@ -62,10 +62,11 @@ def stream(
 ) -> None:
     """Install diffusers group offloading on ``module``, its streamed tensors homed in pinned memory.
 
-    At block level diffusers moves the non-block weights (embeddings, norms) itself, synchronously and through
-    pageable memory, on every call; they keep no pinned home, so that the host holds one copy of them, not
-    two. With ``keep_other_resident`` they stay on the GPU instead (their group's offload device is the GPU):
-    for the text encoder that is a 0.78 GB embedding that would otherwise cross the bus twice per prompt.
+    At block level diffusers moves the non-block weights (embeddings, norms) itself, synchronously, on every
+    call, and sends them back by copying into new pageable memory (when loaded into homes, their pinned home
+    stays beside that copy until the strategy is removed). With ``keep_other_resident`` they stay on the GPU
+    instead (their group's offload device is the GPU): for the text encoder that is a 0.78 GB embedding that
+    would otherwise cross the bus twice per prompt.
     """
     from diffusers.hooks import apply_group_offloading
 
