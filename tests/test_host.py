@@ -46,7 +46,7 @@ def test_homes_swap_pointers_not_data() -> None:
 
 
 def test_tied_weights_are_one_tensor() -> None:
-    from zimage_turbo.host import _tensors
+    from zimage_turbo.host import module_tensors as _tensors
 
     first = torch.nn.Linear(4, 4, bias=False)
     second = torch.nn.Linear(4, 4, bias=False)

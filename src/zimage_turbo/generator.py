@@ -44,6 +44,14 @@ from typing import Any, TypeVar
 
 import torch
 
+from .acceleration import (
+    Accelerator,
+    blocks_compiled,
+    compile_cache_dir,
+    quantization_for,
+    quantization_unavailable,
+    stored_bytes,
+)
 from .errors import (
     DeviceFailedError,
     GeneratorClosedError,
@@ -74,7 +82,7 @@ from .request import DEFAULT_STEPS, GenerationRequest, check_seed, requests_for
 from .result import Fallback, GenerationResult, StepInfo, Timings
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
-from .strategies import LoadStrategy, strategy_from
+from .strategies import FullGPU, Hybrid, LoadStrategy, strategy_from
 from .strategies.base import components, host_homes, new_host_homes, send_everything_home
 
 __all__ = ["MAX_SEQUENCE_LENGTH", "Generator", "count_prompt_tokens"]
@@ -152,6 +160,11 @@ class Generator:
         self._callback: Callable[[StepInfo], None] | None = None  # of the generation running now
         self._callback_index = 0
         self._callback_error: BaseException | None = None  # what that callback raised, if anything
+        self._accelerator = Accelerator(base.attention, base.compile, compile_cache_dir(base.cache_dir))
+        # the quantization the planner may use (None: lossless only), and whether lossless placements rank first
+        self._quantize: str | None = None
+        self._prefer_lossless = True
+        self._upcoming_s = 0.0  # predicted eager denoising of the images left in the running call
         if load:
             self.load()
 
@@ -279,7 +292,33 @@ class Generator:
 
     def _plan(self, profile: ModelProfile, request: GenerationRequest | Workload) -> Plan:
         hardware = effective_hardware(self._detect(), self._held_bytes())
-        return plan(profile, hardware, request, reserve_gib=self.settings.vram_reserve_gib)
+        return plan(
+            profile,
+            hardware,
+            request,
+            reserve_gib=self.settings.vram_reserve_gib,
+            quantize=self._quantize,
+            prefer_lossless=self._prefer_lossless,
+        )
+
+    def _resolve_quantization(self, device: torch.device) -> None:
+        """What ``settings.quantization`` means on ``device``: an explicit kind must be possible there (else a
+        clear error before loading); ``"auto"`` quietly means lossless only where torchao is missing."""
+        setting = self.settings.quantization
+        if setting == "none":
+            return
+        kind = quantization_for(device) if setting == "auto" else setting
+        reason = quantization_unavailable(kind, device)
+        if reason and setting != "auto":
+            raise InvalidSettingsError(f"quantization={setting!r} cannot run on {device}: {reason}")
+        if reason:
+            logger.info("quantization='auto' stays lossless here: %s", reason)
+            return
+        self._quantize, self._prefer_lossless = kind, setting == "auto"
+        requested = self._requested
+        if setting != "auto" and isinstance(requested, (FullGPU, Hybrid)) and requested.quantize is None:
+            # strategy="full_gpu" with quantization="fp8": the quantized variant of that strategy
+            self._requested = type(requested)(device=requested.device, quantize=kind)
 
     def _detect(self) -> Hardware:
         budget = self.settings.vram_budget_gib
@@ -300,7 +339,7 @@ class Generator:
             for tensor in (*module.parameters(), *module.buffers()):
                 if tensor.device.type == "cuda":
                     index = tensor.device.index or 0
-                    held[index] = held.get(index, 0) + tensor.numel() * tensor.element_size()
+                    held[index] = held.get(index, 0) + stored_bytes(tensor)
         if self._active is not None:
             self._held = held
         return held
@@ -326,6 +365,7 @@ class Generator:
         model, dtype, profile = self._read_model()
         hardware = self._hardware
         assert hardware is not None
+        self._resolve_quantization(self._first_device(hardware))
         first = self._first_candidate(profile, hardware)
         targets = first.strategy.load_targets(hardware)
         where = ", ".join(f"{name} to {target}" for name, target in targets.items()) or "everything to host memory"
@@ -351,7 +391,14 @@ class Generator:
         candidate needing the least memory."""
         if self._requested is not None:
             return candidate_for(self._requested, profile, hardware, Workload())
-        ranked = plan(profile, hardware, Workload(), reserve_gib=self.settings.vram_reserve_gib)
+        ranked = plan(
+            profile,
+            hardware,
+            Workload(),
+            reserve_gib=self.settings.vram_reserve_gib,
+            quantize=self._quantize,
+            prefer_lossless=self._prefer_lossless,
+        )
         return ranked.best or ranked.candidates[0]
 
     def _load_to(
@@ -472,7 +519,11 @@ class Generator:
             self._check_device()
             with self._watching_device():
                 load_seconds = self._ensure_loaded()
+            assert self._loaded is not None
+            profile = self._loaded.profile
+            eager = [profile.compute_seconds(Workload.of(r), r.steps)["denoise"] for r in requests]
             for index, request in enumerate(_progress(requests, enabled=self.settings.progress and len(requests) > 1)):
+                self._upcoming_s = sum(eager[index:])
                 results.append(self._generate(request, load_seconds, callback, index))
                 load_seconds = 0.0
         return results
@@ -738,6 +789,16 @@ class Generator:
         devices = self._gpu_devices()
         _reset_peaks(devices)
         guidance = request.guidance_scale > 0
+        assert self._active is not None
+        # the attention kernel for this shape, and the blocks compiled when that pays off (see acceleration.py)
+        self._accelerator.prepare(
+            pipe.transformer,
+            torch.device(pipe._execution_device),
+            self._loaded.dtype,
+            self._active.compilable,
+            (request.height, request.width, self._upcoming_s),
+        )
+
         # Phase boundaries are marked without waiting for the GPU (a wait between phases would leave it idle
         # while the next phase is being prepared); the marks are read once, when the images are out.
         clock = PhaseClock(devices)
@@ -787,6 +848,9 @@ class Generator:
         assert images is not None
         encode_s, denoise_s, decode_s = clock.durations()
         timings = Timings(encode=encode_s, denoise=denoise_s, decode=decode_s)
+        if finite is not None:  # this attempt denoised (a retried decode reuses earlier latents)
+            predicted = self._loaded.profile.compute_seconds(Workload.of(request), request.steps)["denoise"]
+            self._accelerator.finished(pipe.transformer, denoise_s, predicted)
         return images, timings, rung, _peaks(devices)
 
     def _on_device(self) -> contextlib.AbstractContextManager[object]:
@@ -833,6 +897,9 @@ class Generator:
             peak_memory=peaks,
             predicted_peak_memory=predicted,
             vae_tiling=rung.vae_tiling,
+            attention=self._accelerator.attention,
+            compiled=blocks_compiled(self._loaded.pipe.transformer),
+            quantization=rung.strategy.quantize,
             fallbacks=tuple(fallbacks),
             warnings=tuple(warnings),
         )

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-__all__ = ["HostHomes", "pack_tensors"]
+__all__ = ["HostHomes", "module_tensors", "pack_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ ALIGNMENT = 256
 PIN_THREADS = 4
 
 
-def _tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+def module_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
     """Every parameter and buffer of ``module``, once each (tied weights are one tensor)."""
     seen: set[int] = set()
     for tensor in (*module.parameters(), *module.buffers()):
@@ -249,7 +249,7 @@ class HostHomes:
 
 
 def _as_tensors(what: torch.nn.Module | Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    return _tensors(what) if isinstance(what, torch.nn.Module) else iter(what)
+    return module_tensors(what) if isinstance(what, torch.nn.Module) else iter(what)
 
 
 def _return_freed_memory_to_the_system() -> None:

@@ -53,7 +53,7 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        return self.strategy.name + ("+vae_tiling" if self.vae_tiling else "")
+        return self.strategy.label + ("+vae_tiling" if self.vae_tiling else "")
 
     @property
     def peak_bytes(self) -> int:
@@ -109,12 +109,14 @@ class Plan:
         return "\n".join(lines)
 
 
-def _strategies(hardware: Hardware, reserve_gib: float, work: Workload) -> list[LoadStrategy]:
+def _strategies(hardware: Hardware, reserve_gib: float, work: Workload, quantize: str | None) -> list[LoadStrategy]:
     if hardware.gpus:
         strategies: list[LoadStrategy] = [FullGPU()]
         if len(hardware.gpus) > 1:
             strategies.append(MultiGPUDispatch(reserve_gib=reserve_gib, workload=work))
         strategies += [Hybrid(), ModelCPUOffload(), StreamedOffload(), SequentialOffload()]
+        if quantize is not None:
+            strategies += [FullGPU(quantize=quantize), Hybrid(quantize=quantize)]
         return strategies
     if hardware.mps:
         return [FullGPU(), CPUOnly()]
@@ -162,15 +164,21 @@ def plan(
     steps: int | None = None,
     reserve_gib: float = 0.5,
     strategies: Sequence[LoadStrategy] | None = None,
+    quantize: str | None = None,
+    prefer_lossless: bool = True,
 ) -> Plan:
     """Rank every way of running ``request`` on ``hardware``; pure (reads nothing, loads nothing).
 
     ``request`` may be a :class:`GenerationRequest`, a :class:`Workload`, or None (1024x1024, one image).
     ``hardware.gpus[i].free_bytes`` is what the plan may use on each card; ``reserve_gib`` is kept free on top.
+
+    ``quantize`` (``"fp8"``, ``"int8"``) adds the quantized variants of ``full_gpu`` and ``hybrid``. With
+    ``prefer_lossless`` they rank below every lossless placement that keeps the transformer on the GPUs and above
+    those that stream it (the small-card case); without, they rank first.
     """
     work, steps = _workload(request, steps)
     reserve = int(reserve_gib * GIB)
-    chosen = list(strategies) if strategies is not None else _strategies(hardware, reserve_gib, work)
+    chosen = list(strategies) if strategies is not None else _strategies(hardware, reserve_gib, work, quantize)
     variants = [False, True] if max(work.height, work.width) > VAE_TILE_PIXELS else [False]
     candidates = []
     for tiling in variants:
@@ -183,12 +191,28 @@ def plan(
     # offloading one is predicted a little faster (large images): the offload predictions assume an idle
     # host link and host RAM for pinned weights, which cards in one machine share.
     resident_first = len(hardware.gpus) > 1
+    tiered = any(c.strategy.quantize is not None for c in candidates)
     fitting = sorted(
-        (c for c in candidates if c.fits), key=lambda c: (resident_first and c.strategy.offloads, c.seconds)
+        (c for c in candidates if c.fits),
+        key=lambda c: (
+            _quality_tier(c.strategy, prefer_lossless) if tiered else 0,
+            resident_first and c.strategy.offloads,
+            c.seconds,
+        ),
     )
     rest = sorted((c for c in candidates if not c.fits), key=lambda c: (c.peak_bytes, c.seconds))
     notes = () if fitting else ("Nothing fits at this size; a smaller image or more memory would.",)
     return Plan(work, hardware, steps, tuple(fitting + rest), reserve, notes)
+
+
+def _quality_tier(strategy: LoadStrategy, prefer_lossless: bool) -> int:
+    """0 ranks first. Quantized placements change the image, so by default they come only after every lossless
+    one that keeps the transformer on the GPUs (where they would buy speed, not fit)."""
+    if strategy.quantize is not None:
+        return 1 if prefer_lossless else 0
+    if not prefer_lossless:
+        return 1
+    return 0 if isinstance(strategy, (FullGPU, MultiGPUDispatch, Hybrid)) else 2
 
 
 def _workload(request: GenerationRequest | Workload | None, steps: int | None) -> tuple[Workload, int]:

@@ -114,6 +114,9 @@ class GenerationResult:
             that succeeded; ``"host"`` is the peak resident memory of the whole process so far.
         predicted_peak_memory: what the planner predicted for that attempt, per GPU.
         vae_tiling: whether the VAE decoded in tiles.
+        attention: the attention kernel the transformer used (see ``settings.attention``).
+        compiled: whether the transformer's blocks ran compiled (``torch.compile``).
+        quantization: ``"fp8"`` or ``"int8"`` when the transformer's linear layers were quantized, else None.
         fallbacks: each change of plan taken to get here, with its reason (empty when none).
         warnings: things the caller should know (a prompt cut at the token limit, an ignored option).
     """
@@ -132,6 +135,9 @@ class GenerationResult:
     peak_memory: Mapping[str, int] = field(default_factory=dict)
     predicted_peak_memory: Mapping[str, int] = field(default_factory=dict)
     vae_tiling: bool = False
+    attention: str = "native"
+    compiled: bool = False
+    quantization: str | None = None
     fallbacks: tuple[Fallback, ...] = ()
     warnings: tuple[str, ...] = ()
 

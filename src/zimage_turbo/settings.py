@@ -21,7 +21,10 @@ from .errors import InvalidSettingsError
 __all__ = [
     "DEFAULT_MODEL",
     "STRATEGY_NAMES",
+    "AttentionName",
+    "CompileMode",
     "DtypeName",
+    "QuantizationSetting",
     "SourceName",
     "StrategyName",
     "ZImageSettings",
@@ -37,6 +40,10 @@ StrategyName = Literal[
     "auto", "full_gpu", "multi_gpu", "hybrid", "model_offload", "streamed", "sequential_offload", "cpu"
 ]
 STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
+# See zimage_turbo.acceleration for what each does.
+AttentionName = Literal["auto", "native", "flash", "cudnn", "efficient", "math", "flash_attn", "flash_attn_3", "sage"]
+CompileMode = Literal["auto", "on", "off"]
+QuantizationSetting = Literal["none", "auto", "fp8", "int8"]
 
 
 class ZImageSettings(BaseSettings):
@@ -104,6 +111,24 @@ class ZImageSettings(BaseSettings):
         description="When nothing fits, allow a lower resolution (aspect ratio kept); the result says so.",
     )
     progress: bool = Field(True, description="Show progress bars (loading, denoising).")
+    attention: AttentionName = Field(
+        "auto",
+        description="Attention kernel. 'auto' times the exact kernels available on this GPU once (milliseconds) "
+        "and uses the fastest; 'native' is PyTorch's own choice; 'flash', 'cudnn', 'efficient', 'math' force one "
+        "of PyTorch's kernels; 'flash_attn', 'flash_attn_3', 'sage' need those packages ('sage' is lossy).",
+    )
+    compile: CompileMode = Field(
+        "auto",
+        description="torch.compile the transformer's repeated blocks when the transformer stays on one GPU. "
+        "'auto' compiles once the work seen (or queued in one call) makes it a net win including compile "
+        "time; 'on' at once; 'off' never.",
+    )
+    quantization: QuantizationSetting = Field(
+        "none",
+        description="Quantize the transformer's large linear layers with torchao (changes the image a little). "
+        "'none' never; 'fp8' (Ada/Hopper and newer) or 'int8' (weight-only) always; 'auto' only when no "
+        "lossless placement keeps the transformer on the GPU (small cards), with the kind suited to the GPU.",
+    )
 
     def __init__(self, **values: Any) -> None:
         unknown = sorted(set(values) - set(type(self).model_fields))

@@ -202,13 +202,17 @@ def _reference_path(out: Path) -> Path:
 
 
 def _run_worker(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
+    return run_case(spec, args.case_timeout_s)
+
+
+def run_case(spec: Spec, timeout_s: float) -> dict[str, Any]:
     """Run one case in a fresh Python process; its row, or an error row."""
     command = [sys.executable, "-m", "zimage_turbo.bench.worker", json.dumps(asdict(spec))]
     base = {"key": spec.key, "kind": spec.kind, "mode": spec.mode, "budget_gib": spec.budget_gib}
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.case_timeout_s)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {**base, "status": "error", "error": f"timed out after {args.case_timeout_s:g} s"}
+        return {**base, "status": "error", "error": f"timed out after {timeout_s:g} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         tail = (done.stderr or done.stdout)[-2000:]

@@ -48,6 +48,9 @@ class Spec:
     reference: str | None = None  # PNG of the reference image (written by the first case that may)
     sweep_sizes: list[list[int]] = field(default_factory=list)
     budgets: list[float | None] = field(default_factory=list)  # probe: plan for each
+    # ours: settings (attention, compile, quantization); diffusers: "attention" (a diffusers backend name),
+    # "compile" ("on": compile_repeated_blocks) and "quantize" ("fp8": torchao on the whole transformer)
+    options: dict[str, str] = field(default_factory=dict)
 
 
 def run_spec(spec: Spec) -> dict[str, Any]:
@@ -74,7 +77,7 @@ def _ours(spec: Spec) -> dict[str, Any]:
     started = time.perf_counter()  # load_s counts importing the model libraries, on both sides
     from zimage_turbo import Generator, NotEnoughMemoryError, ZImageSettings
 
-    settings = ZImageSettings(progress=False, source="local", model=spec.checkpoint)
+    settings = ZImageSettings(progress=False, source="local", model=spec.checkpoint, **spec.options)
     gen = Generator(settings=settings, strategy=spec.mode)
     try:
         gen.load()
@@ -101,6 +104,9 @@ def _ours(spec: Spec) -> dict[str, Any]:
         strategy=last.strategy,
         fallbacks=[str(f) for r in results for f in r.fallbacks],
         vae_tiling=last.vae_tiling,
+        attention=last.attention,
+        compiled=[r.compiled for r in results],
+        quantization=last.quantization,
         dtype=last.dtype,
         predicted_peak_gib={k: v / GIB for k, v in last.predicted_peak_memory.items()},
         host_homes_gib=homes.host_bytes / GIB if homes is not None else 0.0,
@@ -142,6 +148,7 @@ def _diffusers(spec: Spec) -> dict[str, Any]:
             )
         else:
             raise ValueError(f"unknown diffusers mode {spec.mode!r}")
+        _diffusers_options(pipe, spec.options)
     except torch.OutOfMemoryError as exc:
         return _oom("load", exc)
     pipe.set_progress_bar_config(disable=True)
@@ -169,6 +176,18 @@ def _diffusers(spec: Spec) -> dict[str, Any]:
     first = row.pop("_first_image")
     _compare(spec, first, row)
     return row
+
+
+def _diffusers_options(pipe: Any, options: dict[str, str]) -> None:
+    """The speed-ups a diffusers user would add by hand, as its documentation shows them."""
+    if options.get("quantize") == "fp8":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    if options.get("attention"):
+        pipe.transformer.set_attention_backend(options["attention"])
+    if options.get("compile") == "on":
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
 
 
 # -- resolution sweep --------------------------------------------------------------------------------------

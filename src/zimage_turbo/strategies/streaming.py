@@ -3,7 +3,9 @@
 Weights stay in pinned host memory (their homes); diffusers' hooks copy each block to the GPU on a side
 CUDA stream just before it runs, prefetching the next block while the current one computes, and drop the
 GPU copy afterwards. Peak GPU memory is then a couple of blocks plus activations, and the price is PCIe
-bandwidth: the 12.3 GB transformer crosses the bus once per transformer pass.
+bandwidth: the 12.3 GB transformer crosses the bus once per transformer pass. The weights outside the blocks
+(embeddings, norms) either stay on the GPU or are copied from their homes when the component is called and
+pointed back at them afterwards (see :func:`stream`).
 
 * :class:`Hybrid`: transformer and VAE resident, only the text encoder streamed (8 GB once per prompt).
 * :class:`StreamedOffload`: text encoder and transformer streamed by blocks, VAE resident.
@@ -20,21 +22,24 @@ import torch
 from ..hardware import Hardware
 from ..profile import ModelProfile, Workload
 from .base import (
+    COMPONENTS,
+    QUANTIZED_DENOISE,
     LoadStrategy,
     MemoryEstimate,
+    check_quantize,
     host_homes,
     peaks_over_phases,
     pinned_size,
+    place_resident,
+    quantized_transformer_bytes,
     send_everything_home,
+    unquantize,
 )
 
 __all__ = ["Hybrid", "SequentialOffload", "StreamedOffload"]
 
 # diffusers' hook names (private constants there; stable since group offloading appeared).
 _HOOK_NAMES = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
-# Pageable (unpinned) copies run at a fraction of the pinned bandwidth (18.3 against 51.6 GiB/s on the H200,
-# before the page faults of a fresh host allocation).
-PAGEABLE_SLOWDOWN = 4.0
 # Cost of each streamed block beyond its transfer (hooks, a stream synchronisation); measured on the H200.
 BLOCK_OVERHEAD_S = 0.002
 # Leaf-level streaming synchronises per layer: measured overhead on top of the transfer time.
@@ -51,6 +56,49 @@ def block_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
+def other_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers outside the repeated blocks (embeddings, norms, top-level tensors), once each."""
+    seen = {id(tensor) for tensor in block_tensors(module)}
+    others: list[torch.Tensor] = []
+    for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            others.append(tensor)
+    return others
+
+
+def _top_group(module: torch.nn.Module) -> Any | None:
+    """The group diffusers made of the tensors of ``module`` that no block holds, if any.
+
+    Its GroupOffloadingHook sits on ``module`` itself, with or without streams: with streams diffusers adds a
+    LazyPrefetchGroupOffloadingHook beside it, which holds no group (it only traces the block order on the
+    first call and then links the top hook's ``next_group`` to the first block).
+    """
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook(_HOOK_NAMES[0]) if registry is not None else None
+    return None if hook is None else hook.group
+
+
+def _move_through_homes(group: Any, tensors: list[torch.Tensor], homes: Any, device: torch.device) -> None:
+    """Make ``group`` copy ``tensors`` from their pinned homes when onloaded and point them home when offloaded.
+
+    diffusers gives this group no stream, so it would copy synchronously from pageable memory and offload by
+    copying into new pageable memory each call. Copying on the current stream is safe: it is the compute
+    stream, which runs these copies before the layers that read them. Offloading copies nothing back since
+    weights never change. The hook calls ``group.onload_()``/``group.offload_()``, so instance attributes win.
+    """
+
+    def onload() -> None:
+        homes.send_to(tensors, device)
+
+    def offload() -> None:
+        homes.send_home(tensors)
+
+    # Kept out of torch.compile's tracing like diffusers' own methods: they re-point tensors at other memory.
+    group.onload_ = torch.compiler.disable(onload)  # type: ignore[no-untyped-call]
+    group.offload_ = torch.compiler.disable(offload)  # type: ignore[no-untyped-call]
+
+
 def stream(
     module: torch.nn.Module,
     homes: Any,
@@ -62,33 +110,39 @@ def stream(
 ) -> None:
     """Install diffusers group offloading on ``module``, its streamed tensors homed in pinned memory.
 
-    At block level diffusers moves the non-block weights (embeddings, norms) itself, synchronously, on every
-    call, and sends them back by copying into new pageable memory (when loaded into homes, their pinned home
-    stays beside that copy until the strategy is removed). With ``keep_other_resident`` they stay on the GPU
-    instead (their group's offload device is the GPU): for the text encoder that is a 0.78 GB embedding that
-    would otherwise cross the bus twice per prompt.
+    At block level diffusers puts the non-block weights (embeddings, norms) in one group of their own, moved
+    when ``module`` is called. With ``keep_other_resident`` they stay on the GPU (their group's offload device
+    is the GPU). Otherwise they are homed too and that group moves them through their homes: one asynchronous
+    copy from pinned memory per call, and a pointer swap back home afterwards (diffusers would copy from and
+    into pageable memory, a fresh host copy per call; for the text encoder a 0.78 GB embedding).
     """
     from diffusers.hooks import apply_group_offloading
 
-    homes.adopt(block_tensors(module) if level == "block" else module)
+    blocks = level == "block"
+    homes.adopt(block_tensors(module) if blocks else module)
+    # Homed before the hooks are installed, so that diffusers' first offload finds them on the host already.
+    others = other_tensors(module) if blocks and not keep_other_resident else []
+    homes.adopt(others)
     use_stream = device.type == "cuda"
     apply_group_offloading(
         module,
         onload_device=device,
         offload_device=torch.device("cpu"),
-        offload_type="block_level" if level == "block" else "leaf_level",
-        num_blocks_per_group=1 if level == "block" else None,
+        offload_type="block_level" if blocks else "leaf_level",
+        num_blocks_per_group=1 if blocks else None,
         use_stream=use_stream,
         # record_stream has produced garbage outputs in some diffusers releases; synchronising is the default.
         record_stream=record_stream and use_stream,
         low_cpu_mem_usage=False,
     )
+    group = _top_group(module)
+    if group is None:
+        return
     if keep_other_resident:
-        registry = getattr(module, "_diffusers_hook", None)
-        top = registry.get_hook(_HOOK_NAMES[0]) if registry is not None else None
-        if top is not None:
-            top.group.offload_device = device
-            top.group.offload_()
+        group.offload_device = device
+        group.offload_()
+    elif blocks:
+        _move_through_homes(group, others, homes, device)
 
 
 def unstream(module: torch.nn.Module, homes: Any) -> None:
@@ -98,14 +152,6 @@ def unstream(module: torch.nn.Module, homes: Any) -> None:
         for name in _HOOK_NAMES:
             registry.remove_hook(name, recurse=True)
     homes.send_home(module)
-
-
-def _resident(pipe: Any, names: tuple[str, ...], device: torch.device) -> None:
-    homes = host_homes(pipe)
-    for name in names:
-        module = getattr(pipe, name)
-        homes.send_to(module, device)
-        homes.release(module)
 
 
 class _StreamingStrategy(LoadStrategy):
@@ -125,12 +171,13 @@ class _StreamingStrategy(LoadStrategy):
     def __init__(self, device: str | torch.device | None = None, record_stream: bool = False) -> None:
         super().__init__(device)
         self.record_stream = record_stream
+        self._originals: dict[str, torch.nn.Parameter] = {}  # bf16 weights of quantized layers (see Hybrid)
 
     def apply(self, pipe: Any, hardware: Hardware) -> None:
         device = self.place_on(hardware)
         homes = host_homes(pipe)
-        resident = tuple(n for n in ("text_encoder", "transformer", "vae") if n not in self.streamed)
-        _resident(pipe, resident, device)
+        resident = tuple(n for n in COMPONENTS if n not in self.streamed)
+        self._originals = place_resident(pipe, resident, device, self.quantize)
         for name in self.streamed:
             stream(
                 getattr(pipe, name),
@@ -145,28 +192,55 @@ class _StreamingStrategy(LoadStrategy):
         homes = host_homes(pipe)
         for name in self.streamed:
             unstream(getattr(pipe, name), homes)
-        send_everything_home(pipe, [name for name in keep if name not in self.streamed])
+        keep = [name for name in keep if name not in self.streamed]
+        if self._originals:  # the bf16 weights come back; the quantized copies are dropped
+            unquantize(pipe, self._originals)
+            self._originals = {}
+            keep = [name for name in keep if name != "transformer"]
+        send_everything_home(pipe, keep)
         self.placed_off()
 
     def resident(self, hardware: Hardware) -> dict[str, torch.device]:
         device = self.target(hardware)
-        return {n: device for n in ("text_encoder", "transformer", "vae") if n not in self.streamed}
+        return {n: device for n in COMPONENTS if n not in self.streamed}
 
 
 class Hybrid(_StreamingStrategy):
     """Transformer and VAE resident on the GPU; the text encoder streamed block by block per prompt.
 
     For 13-20 GB cards: about 14 GiB at 1024x1024, and only the 8 GB text encoder crosses the bus per prompt.
+    With ``quantize="fp8"`` (or ``"int8"``) the transformer takes about half as much (8-12 GB cards), its bf16
+    weights staying in host memory; the image changes a little.
     """
 
     name: ClassVar[str] = "hybrid"
     streamed: ClassVar[tuple[str, ...]] = ("text_encoder",)
     other_resident: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    compilable: ClassVar[bool] = True
+
+    def __init__(
+        self, device: str | torch.device | None = None, record_stream: bool = False, quantize: str | None = None
+    ) -> None:
+        super().__init__(device, record_stream)
+        self._quantize = check_quantize(quantize)
+
+    @property
+    def quantize(self) -> str | None:
+        return self._quantize
+
+    def identity(self) -> tuple[Any, ...]:
+        return (*super().identity(), ("quantize", str(self._quantize)))
+
+    def load_targets(self, hardware: Hardware) -> dict[str, torch.device | str]:
+        targets: dict[str, torch.device | str] = dict(self.resident(hardware))
+        if self._quantize is not None:
+            targets.pop("transformer", None)  # quantized layer by layer from host memory
+        return targets
 
     def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
         gpu = self.gpu_index(hardware)
         te = profile.text_encoder
-        base = profile.transformer.weight_bytes + profile.vae.weight_bytes + te.other_bytes
+        base = quantized_transformer_bytes(profile, self._quantize) + profile.vae.weight_bytes + te.other_bytes
         acts = profile.activation_bytes(work)
         estimate = peaks_over_phases(
             {
@@ -177,10 +251,15 @@ class Hybrid(_StreamingStrategy):
             {phase: {gpu: value} for phase, value in acts.items()},
         )
         pinned = pinned_size(sum(te.block_bytes), te.largest_block_tensor_bytes)
+        if self._quantize is not None:
+            tr = profile.transformer
+            pinned += pinned_size(sum(tr.block_bytes), tr.largest_block_tensor_bytes)
         return MemoryEstimate(estimate.gpu_peak, pinned, pinned, estimate.by_phase)
 
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
         compute = profile.compute_seconds(work, steps)
+        if self._quantize is not None:
+            compute["denoise"] *= QUANTIZED_DENOISE[self._quantize]
         te = profile.text_encoder
         encode = max(compute["encode"], profile.transfer_seconds(sum(te.block_bytes))) + BLOCK_OVERHEAD_S * len(
             te.block_bytes
@@ -215,7 +294,9 @@ class StreamedOffload(_StreamingStrategy):
         pinned = pinned_size(sum(te.block_bytes), te.largest_block_tensor_bytes) + pinned_size(
             sum(tr.block_bytes), tr.largest_tensor_bytes
         )
-        return MemoryEstimate(estimate.gpu_peak, pinned + te.other_bytes, pinned, estimate.by_phase)
+        # the text encoder's non-block weights stay in their pinned homes too (see stream())
+        pinned += te.other_bytes
+        return MemoryEstimate(estimate.gpu_peak, pinned, pinned, estimate.by_phase)
 
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
         compute = profile.compute_seconds(work, steps)
@@ -224,7 +305,7 @@ class StreamedOffload(_StreamingStrategy):
         per_pass += BLOCK_OVERHEAD_S * len(tr.block_bytes)
         encode = max(compute["encode"], profile.transfer_seconds(sum(te.block_bytes)))
         encode += BLOCK_OVERHEAD_S * len(te.block_bytes)
-        encode += 2 * PAGEABLE_SLOWDOWN * profile.transfer_seconds(te.other_bytes)
+        encode += profile.transfer_seconds(te.other_bytes)  # once per call, from their pinned homes
         return encode + steps * per_pass + compute["decode"]
 
 

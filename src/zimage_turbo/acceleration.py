@@ -1,0 +1,513 @@
+"""Speed-ups on top of a placement: the attention kernel, regional ``torch.compile``, and quantized weights.
+
+None of these moves weights between devices, so they combine with any strategy that keeps the transformer
+where it runs:
+
+* **Attention.** diffusers can run attention through several kernels (PyTorch's SDPA with its default choice,
+  its flash, cuDNN or memory-efficient kernels, or the FlashAttention packages when installed). Which is
+  fastest depends on the GPU and the PyTorch build, so ``"auto"`` measures: it times each available kernel
+  on this model's attention shape (a few milliseconds, once per GPU model and shape), checks that each gives
+  the same output as the default within bf16 rounding, and uses the fastest.
+* **Regional compile.** ``torch.compile`` of the transformer's repeated blocks (the 34 blocks run every pass;
+  compiling only them costs a fraction of a whole-model compile). It pays off only over many images, since
+  the first compile takes tens of seconds; :class:`CompileAdvisor` decides (see there).
+* **Quantization.** torchao fp8 (dynamic, per-row scales; Ada/Hopper and newer) or int8 weight-only (elsewhere)
+  for the large linear layers of the transformer's blocks. It changes the image a little; it is never chosen
+  unless the settings allow it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import statistics
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .errors import StrategyUnavailableError
+from .settings import AttentionName, CompileMode
+
+__all__ = [
+    "ATTENTION_KERNELS",
+    "COMPILE_SAVING",
+    "QUANTIZATIONS",
+    "Accelerator",
+    "AttentionName",
+    "AttentionShape",
+    "CompileAdvisor",
+    "CompileMode",
+    "QuantizationName",
+    "attention_available",
+    "blocks_compiled",
+    "choose_attention",
+    "compile_blocks",
+    "compile_cache_dir",
+    "compile_key",
+    "compile_unavailable",
+    "measure_attention",
+    "quantization_for",
+    "quantization_unavailable",
+    "quantize_linears",
+    "quantized_linears",
+    "restore_linears",
+    "set_attention",
+    "stored_bytes",
+    "uncompile_blocks",
+]
+
+logger = logging.getLogger(__name__)
+
+QuantizationName = Literal["fp8", "int8"]
+QUANTIZATIONS: tuple[QuantizationName, ...] = ("fp8", "int8")
+
+# Our names for diffusers' attention backends (diffusers.models.attention_dispatch.AttentionBackendName).
+ATTENTION_KERNELS: Mapping[str, str] = {
+    "native": "native",  # torch SDPA, letting PyTorch pick the kernel
+    "flash": "_native_flash",  # torch SDPA's FlashAttention-2 kernel
+    "cudnn": "_native_cudnn",
+    "efficient": "_native_efficient",
+    "math": "_native_math",
+    "flash_attn": "flash",  # the flash-attn package (FlashAttention 2)
+    "flash_attn_3": "_flash_3",  # the flash-attn 3 package (Hopper)
+    "sage": "sage",  # SageAttention: 8-bit, lossy
+}
+# The package each kernel needs beyond PyTorch.
+_KERNEL_PACKAGES = {"flash_attn": "flash_attn", "flash_attn_3": "flash_attn_interface", "sage": "sageattention"}
+# Kernels the automatic choice considers: exact ones only (SageAttention quantizes; math is only a reference).
+_AUTOMATIC_KERNELS = ("native", "flash", "cudnn", "efficient", "flash_attn", "flash_attn_3")
+# Largest relative difference (Frobenius norm) from the default kernel that still counts as the same result:
+# bf16 outputs of exact kernels differ by about 4e-3 from accumulation order alone.
+ATTENTION_TOLERANCE = 2e-2
+
+# Share of the denoising time that regional compile saves: 0.145 s to 0.094 s per transformer pass on an
+# H200 (DESIGN.md reference numbers), rounded down.
+COMPILE_SAVING = 0.33
+# What the first compile costs when it has never been measured on this machine (18.7 s first image against
+# 1.4 s eager on the H200, with an empty cache).
+DEFAULT_COMPILE_SECONDS = 20.0
+# Passed to torch.compile for each block. Tests swap in backend="eager" (Dynamo's tracing only): Inductor's
+# code generation is what takes the time, and the CPU tests check the plumbing, not the kernels.
+COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": True}
+_RECORD_FILE = "zimage-turbo-compile-times.json"
+
+
+# -- attention -------------------------------------------------------------------------------------------
+
+
+def attention_available(name: str, device: torch.device) -> str:
+    """Why kernel ``name`` cannot run on ``device`` ("" when it can)."""
+    if name not in ATTENTION_KERNELS:
+        return f"unknown attention kernel {name!r}; known: {', '.join(ATTENTION_KERNELS)}"
+    if name in ("native", "math"):
+        return ""
+    if device.type != "cuda":
+        return f"the {name} kernel needs a CUDA GPU"
+    package = _KERNEL_PACKAGES.get(name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        return f"the {name} kernel needs the {package} package, which is not installed"
+    return ""
+
+
+def set_attention(transformer: Any, name: str, device: torch.device) -> None:
+    """Route the transformer's attention through kernel ``name`` (``"native"``: PyTorch's own choice), which
+    must run on ``device``, where the transformer computes."""
+    reason = attention_available(name, device)
+    if reason:
+        raise StrategyUnavailableError(reason)
+    with _quiet_diffusers():  # diffusers warns that backends are experimental on every call
+        if name == "native":
+            transformer.reset_attention_backend()
+        else:
+            transformer.set_attention_backend(ATTENTION_KERNELS[name])
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """One attention call of the transformer: batch x tokens x heads x head size."""
+
+    batch: int
+    tokens: int
+    heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, transformer: Any, height: int, width: int, batch: int = 1) -> AttentionShape:
+        """The main layers' shape for an image of ``height`` x ``width`` pixels and a short prompt."""
+        config = transformer.config
+        heads = int(config.n_heads)
+        patch = int(config.all_patch_size[0]) * 8  # latents are 1/8 of the pixels, patches are 2x2 latents
+        caption_tokens = 128  # a typical prompt with the chat template, padded to a multiple of 32
+        return cls(batch, (height // patch) * (width // patch) + caption_tokens, heads, int(config.dim) // heads)
+
+
+_choices: dict[tuple[Any, ...], str] = {}
+_choices_lock = threading.Lock()
+
+
+def choose_attention(device: torch.device, dtype: torch.dtype, shape: AttentionShape) -> tuple[str, dict[str, float]]:
+    """The fastest exact kernel for ``shape`` on ``device``, and the seconds each took (inf: unavailable or
+    not matching). Measured once per GPU model, dtype and shape in a process; off CUDA it is ``"native"``."""
+    if device.type != "cuda":
+        return "native", {}
+    key = (torch.cuda.get_device_name(device), torch.__version__, dtype, shape)
+    with _choices_lock:
+        if key in _choices:
+            return _choices[key], {}
+        seconds = measure_attention(device, dtype, shape, _AUTOMATIC_KERNELS)
+        best = min(seconds, key=lambda name: seconds[name])
+        if not math.isfinite(seconds[best]):
+            best = "native"
+        _choices[key] = best
+    logger.info(
+        "attention kernel: %s (%s)",
+        best,
+        ", ".join(f"{name} {value * 1e3:.2f} ms" for name, value in seconds.items() if math.isfinite(value)),
+    )
+    return best, seconds
+
+
+def measure_attention(
+    device: torch.device, dtype: torch.dtype, shape: AttentionShape, names: tuple[str, ...], repeats: int = 5
+) -> dict[str, float]:
+    """Median seconds of one attention call per kernel, timed with CUDA events on random inputs; inf for a
+    kernel that is unavailable, fails, or differs from the default kernel beyond bf16 rounding."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    generator = torch.Generator(device).manual_seed(0)
+    size = (shape.batch, shape.tokens, shape.heads, shape.head_dim)
+    q, k, v = (torch.randn(size, device=device, dtype=dtype, generator=generator) for _ in range(3))
+    results: dict[str, float] = {}
+    with torch.inference_mode(), _quiet_diffusers():
+        reference = dispatch_attention_fn(q, k, v, backend=None).float()
+
+        for name in names:
+            if attention_available(name, device):
+                results[name] = math.inf
+                continue
+            backend = None if name == "native" else ATTENTION_KERNELS[name]
+            try:
+                out = dispatch_attention_fn(q, k, v, backend=backend)
+                error = float((out.float() - reference).norm() / reference.norm())
+                if not error <= ATTENTION_TOLERANCE:
+                    logger.info("attention kernel %s differs from the default by %.2g; not used", name, error)
+                    results[name] = math.inf
+                    continue
+                times = []
+                for _ in range(repeats + 1):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                    start.record()
+                    dispatch_attention_fn(q, k, v, backend=backend)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) / 1e3)
+                results[name] = statistics.median(times[1:])  # the first call may build plans or load code
+            except Exception as exc:  # a kernel that rejects this GPU or shape is simply not a candidate
+                logger.info("attention kernel %s unavailable here: %s", name, str(exc).splitlines()[0][:200])
+                results[name] = math.inf
+    return results
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    quiet = logging.getLogger("diffusers.models.modeling_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
+
+
+# -- regional compile ------------------------------------------------------------------------------------
+
+
+def compile_unavailable(device: torch.device) -> str:
+    """Why the transformer's blocks cannot be compiled for ``device`` ("" when they can)."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "torch.compile needs Triton for CUDA GPUs, and it is not installed (or not supported here)"
+        if torch.cuda.get_device_capability(device) < (7, 0):
+            return "torch.compile's GPU code generator (Triton) needs compute capability 7.0 or newer"
+        return ""
+    if device.type == "cpu":
+        return ""
+    return f"regional compile is not supported on {device.type}"
+
+
+def compile_blocks(transformer: Any, cache_dir: Path | None = None) -> None:
+    """Compile each repeated block of the transformer in place (lazily: the first pass pays for it).
+
+    Inductor's caches go to ``cache_dir`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set already, so that a later
+    process compiling the same blocks reuses the generated kernels instead of generating them again."""
+    if cache_dir is not None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    transformer.compile_repeated_blocks(**COMPILE_OPTIONS)
+
+
+def uncompile_blocks(transformer: Any) -> None:
+    """Back to eager blocks (strategies that hook the blocks, like streaming, run them uncompiled)."""
+    for module in transformer.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+
+
+def blocks_compiled(transformer: Any) -> bool:
+    return any(getattr(module, "_compiled_call_impl", None) is not None for module in transformer.modules())
+
+
+def compile_cache_dir(cache_root: Path | None) -> Path:
+    """Where compiled kernels and measured compile times are kept: ``<cache_dir>/torch-compile`` when the
+    settings name a cache folder, else ``$XDG_CACHE_HOME/zimage-turbo/torch-compile`` (``~/.cache`` by default)."""
+    if cache_root is not None:
+        return cache_root / "torch-compile"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "zimage-turbo" / "torch-compile"
+
+
+class CompileAdvisor:
+    """Decides when compiling the blocks is a net win for the work this Generator is given.
+
+    Compiling costs ``C`` seconds once (measured on this machine the last time, :data:`DEFAULT_COMPILE_SECONDS`
+    before that; a warm kernel cache makes it much smaller) and then saves :data:`COMPILE_SAVING` of every
+    denoising. Two rules, checked before each image:
+
+    * **Known work.** When the images still to come in this call (``generate_many`` with many prompts) would
+      save more than ``C``, compile now.
+    * **Ski rental** for work that arrives one call at a time: once the time already spent denoising eagerly
+      would have saved ``C`` had the blocks been compiled, compile. Whatever the user does next, this never
+      costs more than twice the best choice in hindsight.
+
+    ``mode="on"`` compiles at once, ``"off"`` never; both only where the strategy keeps the transformer's
+    blocks resident and unhooked (``full_gpu``, ``hybrid``).
+    """
+
+    def __init__(self, mode: CompileMode, cache_dir: Path, device_key: str) -> None:
+        self.mode = mode
+        self.cache_dir = cache_dir
+        self.device_key = device_key
+        self.eager_denoise_s = 0.0
+        self.expected_compile_s = self._recorded().get(device_key, DEFAULT_COMPILE_SECONDS)
+
+    def should_compile(self, upcoming_denoise_s: float) -> bool:
+        """``upcoming_denoise_s``: predicted eager denoising seconds of the images still to come in this call,
+        the next one included."""
+        if self.mode != "auto":
+            return self.mode == "on"
+        saving = COMPILE_SAVING * (self.eager_denoise_s + upcoming_denoise_s)
+        return saving >= self.expected_compile_s
+
+    def ran_eager(self, denoise_s: float) -> None:
+        self.eager_denoise_s += denoise_s
+
+    def compiled_in(self, seconds: float) -> None:
+        """Record what the compile took (the first compiled denoise minus what it would take compiled)."""
+        self.expected_compile_s = max(seconds, 0.0)
+        records = self._recorded()
+        records[self.device_key] = round(self.expected_compile_s, 2)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            temporary = self.cache_dir / (_RECORD_FILE + f".{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(records, indent=1, sort_keys=True))
+            temporary.replace(self.cache_dir / _RECORD_FILE)
+        except OSError as exc:  # a read-only home folder must not stop a generation
+            logger.debug("could not record the compile time: %s", exc)
+
+    def _recorded(self) -> dict[str, float]:
+        try:
+            data = json.loads((self.cache_dir / _RECORD_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def compile_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a recorded compile time depends on: PyTorch's version, the device model and the dtype."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"torch {torch.__version__} / {name} / {str(dtype).removeprefix('torch.')}"
+
+
+# -- quantization ----------------------------------------------------------------------------------------
+
+# The linear layers worth quantizing: attention projections and the feed-forward network of every block,
+# over 97% of the transformer's weights and nearly all its FLOPs. Embedders, the adaLN modulation and the
+# final layer stay in bf16 (small, and the image is most sensitive to them).
+_QUANTIZED_SUFFIXES = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+                       "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")  # fmt: skip
+_BLOCK_LISTS = ("layers.", "noise_refiner.", "context_refiner.")
+
+
+def quantization_for(device: torch.device) -> QuantizationName:
+    """fp8 where the GPU multiplies fp8 natively (compute capability 8.9: Ada, Hopper and newer), else int8
+    weight-only."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        return "fp8"
+    return "int8"
+
+
+def quantization_unavailable(kind: str, device: torch.device) -> str:
+    """Why ``kind`` cannot run on ``device`` ("" when it can)."""
+    if kind not in QUANTIZATIONS:
+        return f"unknown quantization {kind!r}; known: {', '.join(QUANTIZATIONS)}"
+    if importlib.util.find_spec("torchao") is None:
+        return "quantization needs torchao: pip install 'zimage-turbo[quant]'"
+    if kind == "fp8":
+        if device.type != "cuda":
+            return "fp8 needs a CUDA GPU"
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            return "fp8 needs compute capability 8.9 or newer (Ada, Hopper); use int8"
+    return ""
+
+
+def quantized_linears(transformer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The linear layers that quantization replaces, by module name."""
+    return {
+        name: module
+        for name, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and name.startswith(_BLOCK_LISTS)
+        and name.endswith(_QUANTIZED_SUFFIXES)
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    }
+
+
+def quantize_linears(
+    transformer: torch.nn.Module, kind: QuantizationName, device: torch.device
+) -> dict[str, torch.nn.Parameter]:
+    """Give each quantized linear a quantized copy of its weight on ``device``, one layer at a time (so that a
+    card too small for the bf16 weights can still hold the quantized ones). Returns the original weights by
+    module name: they stay where they were (their host homes), and :func:`restore_linears` puts them back."""
+    reason = quantization_unavailable(kind, device)
+    if reason:
+        raise StrategyUnavailableError(reason)
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+        quantize_,
+    )
+
+    config: Any = Int8WeightOnlyConfig()
+    if kind == "fp8":
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    originals: dict[str, torch.nn.Parameter] = {}
+    for name, linear in quantized_linears(transformer).items():
+        originals[name] = linear.weight  # type: ignore[assignment]
+        linear.weight = torch.nn.Parameter(linear.weight.detach().to(device), requires_grad=False)
+        quantize_(linear, config)
+    return originals
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor really stores: for a quantized tensor (a torchao subclass), those of its inner tensors."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None or type(tensor) in (torch.Tensor, torch.nn.Parameter):
+        return tensor.numel() * tensor.element_size()
+    names, _ = flatten()
+    return sum(stored_bytes(getattr(tensor, name)) for name in names)
+
+
+def restore_linears(transformer: torch.nn.Module, originals: Mapping[str, torch.nn.Parameter]) -> None:
+    """Undo :func:`quantize_linears`: the original weights back in their layers, the quantized copies freed."""
+    modules = dict(transformer.named_modules())
+    for name, weight in originals.items():
+        modules[name].weight = weight
+
+
+# -- per Generator ---------------------------------------------------------------------------------------
+
+
+class Accelerator:
+    """A Generator's speed-ups: sets the attention kernel and decides when to compile, before each image.
+
+    Args:
+        attention: the ``attention`` setting.
+        compile: the ``compile`` setting.
+        cache_dir: where compiled kernels and compile times are kept (:func:`compile_cache_dir`).
+    """
+
+    def __init__(self, attention: AttentionName, compile: CompileMode, cache_dir: Path) -> None:
+        self.attention_setting = attention
+        self.compile_mode = compile
+        self.cache_dir = cache_dir
+        self.attention = "native"  # the kernel in use
+        self._attention_for: tuple[Any, ...] | None = None  # (device, shape) the kernel was chosen for
+        self._advisors: dict[str, CompileAdvisor] = {}
+        self._compiling: CompileAdvisor | None = None  # set while the first compiled image runs
+        self._eager_rate = 1.0  # measured eager denoising time over the planner's prediction
+
+    def prepare(
+        self,
+        transformer: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        compilable: bool,
+        upcoming: tuple[int, int, float],
+    ) -> None:
+        """Before an image: the attention kernel for this shape, and the blocks compiled or not.
+
+        ``upcoming`` is (height, width, predicted eager denoising seconds of the images left in this call)."""
+        height, width, upcoming_s = upcoming
+        self._set_attention(transformer, device, dtype, AttentionShape.of(transformer, height, width))
+        advisor = self._advisor(device, dtype) if compilable and not compile_unavailable(device) else None
+        if advisor is None or (device.type != "cuda" and self.compile_mode == "auto"):
+            if blocks_compiled(transformer):
+                uncompile_blocks(transformer)  # hooks of the new strategy must not run inside a compiled graph
+            self._compiling = None
+            return
+        if blocks_compiled(transformer):
+            return
+        if advisor.should_compile(upcoming_s * self._eager_rate):
+            logger.info(
+                "compiling the transformer's blocks (expected %.0f s once; saves about %.0f%% of each denoising)",
+                advisor.expected_compile_s,
+                100 * COMPILE_SAVING,
+            )
+            compile_blocks(transformer, self.cache_dir / "inductor")
+            self._compiling = advisor
+
+    def finished(self, transformer: Any, denoise_s: float, predicted_s: float) -> None:
+        """After an image: what its denoising took (measured) and what the planner predicted for it eagerly."""
+        if not blocks_compiled(transformer):
+            if predicted_s > 0:
+                self._eager_rate = denoise_s / predicted_s
+            for advisor in self._advisors.values():
+                advisor.ran_eager(denoise_s)
+            return
+        if self._compiling is not None:
+            expected = predicted_s * self._eager_rate * (1 - COMPILE_SAVING)
+            self._compiling.compiled_in(denoise_s - expected)
+            logger.info("compiled in about %.1f s", self._compiling.expected_compile_s)
+            self._compiling = None
+
+    def _advisor(self, device: torch.device, dtype: torch.dtype) -> CompileAdvisor:
+        key = compile_key(device, dtype)
+        if key not in self._advisors:
+            self._advisors[key] = CompileAdvisor(self.compile_mode, self.cache_dir, key)
+        return self._advisors[key]
+
+    def _set_attention(self, transformer: Any, device: torch.device, dtype: torch.dtype, shape: AttentionShape) -> None:
+        wanted: tuple[Any, ...] = (device, shape if self.attention_setting == "auto" else None)
+        if self._attention_for == wanted:
+            return
+        if self.attention_setting == "auto":
+            name, _ = choose_attention(device, dtype, shape)
+        else:
+            name = self.attention_setting
+        set_attention(transformer, name, device)
+        self.attention = name
+        self._attention_for = wanted

@@ -1,0 +1,102 @@
+"""GPU tests of the speed-ups: attention kernels, regional compile, quantization (run them on a CUDA machine).
+
+Every kernel and the compiled blocks must give the image of PyTorch's default attention within bf16 rounding;
+quantization changes the image, and the test bounds by how much (the numbers for the docs come from
+benchmarks/speed.py)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from zimage_turbo import Generator, ZImageSettings
+from zimage_turbo.acceleration import AttentionShape, attention_available, choose_attention, measure_attention
+
+pytestmark = pytest.mark.gpu
+
+PROMPT = "a lighthouse on a rocky coast at sunset, oil painting"
+SIZE = 512  # small images keep the suite fast; the kernels and graphs are the same at 1024
+
+
+def _pixels(image: object) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def generator(full_checkpoint: Path) -> Generator:
+    settings = ZImageSettings(progress=False, attention="native", compile="off")
+    return Generator(model=full_checkpoint, strategy="full_gpu", settings=settings).load()
+
+
+@pytest.fixture(scope="module")
+def reference(generator: Generator) -> np.ndarray:
+    result = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
+    assert result.attention == "native" and not result.compiled
+    return _pixels(result.image)
+
+
+def test_automatic_choice_is_the_fastest_exact_kernel() -> None:
+    device = torch.device("cuda")
+    shape = AttentionShape(1, 4096 + 128, 30, 128)
+    chosen, seconds = choose_attention(device, torch.bfloat16, shape)
+    assert seconds, "the first choice in a process measures"
+    finite = {name: value for name, value in seconds.items() if math.isfinite(value)}
+    assert "native" in finite and chosen == min(finite, key=lambda name: finite[name])
+    # A second call reuses the measurement.
+    assert choose_attention(device, torch.bfloat16, shape) == (chosen, {})
+    # A kernel that is not installed is never a candidate.
+    for name in ("flash_attn", "flash_attn_3"):
+        if attention_available(name, device):
+            assert measure_attention(device, torch.bfloat16, shape, (name,))[name] == math.inf
+
+
+@pytest.mark.parametrize("kernel", ["flash", "cudnn", "efficient"])
+def test_each_exact_kernel_gives_the_default_image(full_checkpoint: Path, reference: np.ndarray, kernel: str) -> None:
+    settings = ZImageSettings(progress=False, attention=kernel, compile="off")
+    with Generator(model=full_checkpoint, strategy="full_gpu", settings=settings) as generator:
+        result = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
+    assert result.attention == kernel
+    image = _pixels(result.image)
+    assert np.abs(image - reference).max() <= 12
+    assert _psnr(image, reference) > 40
+
+
+def test_compiled_blocks_give_the_eager_image(full_checkpoint: Path, reference: np.ndarray, tmp_path: Path) -> None:
+    settings = ZImageSettings(progress=False, attention="native", compile="on", cache_dir=tmp_path)
+    with Generator(model=full_checkpoint, strategy="full_gpu", settings=settings) as generator:
+        first = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
+        again = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
+    assert first.compiled and again.compiled
+    for result in (first, again):
+        image = _pixels(result.image)
+        assert np.abs(image - reference).max() <= 12 and _psnr(image, reference) > 40
+    # the compile time was measured and recorded for the next Generator's decision
+    assert any(tmp_path.rglob("zimage-turbo-compile-times.json"))
+
+
+def test_fp8_changes_the_image_a_little_and_switching_back_restores_bf16(
+    full_checkpoint: Path, reference: np.ndarray
+) -> None:
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9")
+    settings = ZImageSettings(progress=False, attention="native", compile="off", quantization="fp8")
+    with Generator(model=full_checkpoint, strategy="full_gpu", settings=settings) as generator:
+        quantized = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
+        assert quantized.strategy == "full_gpu" and quantized.quantization == "fp8"
+        held = torch.cuda.memory_allocated()
+        generator.switch("hybrid")  # hybrid, not quantized: the bf16 weights come back from host memory
+        lossless = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
+    assert lossless.quantization is None
+    assert np.abs(_pixels(lossless.image) - reference).max() <= 12
+    # fp8 weights take about half the bytes of bf16 ones on the card (with TE and VAE resident: ~15 GiB)
+    assert held < 17 * 2**30
+    assert _psnr(_pixels(quantized.image), reference) > 15  # a visible but small change; docs give the number
