@@ -188,7 +188,11 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     first = runs[0]["requested"] if runs else "auto"
     gen = Generator(
-        model=args.checkpoint, strategy=_strategy(first, device), settings=ZImageSettings(progress=False)
+        model=args.checkpoint,
+        strategy=_strategy(first, device),
+        # compile off: each new size would be compiled, which is by design and not what a soak looks for; the
+        # compiled path is measured by benchmarks/speed.py
+        settings=ZImageSettings(progress=False, compile="off"),
     ).load()
     report["load_seconds"] = time.perf_counter() - started
     report["after_load"] = measure(gen, device)

@@ -345,6 +345,8 @@ def compile_key(device: torch.device, dtype: torch.dtype) -> str:
 # The linear layers worth quantizing: attention projections and the feed-forward network of every block,
 # over 97% of the transformer's weights and nearly all its FLOPs. Embedders, the adaLN modulation and the
 # final layer stay in bf16 (small, and the image is most sensitive to them).
+# Smallest activation amax that fp8 scaling uses (rows of zeros otherwise get a zero scale).
+FP8_ROW_FLOOR = 1e-12
 _QUANTIZED_SUFFIXES = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
                        "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")  # fmt: skip
 _BLOCK_LISTS = ("layers.", "noise_refiner.", "context_refiner.")
@@ -403,7 +405,9 @@ def quantize_linears(
 
     config: Any = Int8WeightOnlyConfig()
     if kind == "fp8":
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        # A lower bound on each row's scale: the caption's padding rows are all zero, and torchao divides
+        # by their amax (0/0: NaN latents, seen on the H200 with the random-weight checkpoint).
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=FP8_ROW_FLOOR)
     originals: dict[str, torch.nn.Parameter] = {}
     for name, linear in quantized_linears(transformer).items():
         originals[name] = linear.weight  # type: ignore[assignment]

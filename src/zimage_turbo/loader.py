@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -74,11 +75,19 @@ def load_pipeline(
     try:
         with _progress_bars(progress), _bytes_bar(total, enabled=progress) as advance:
             for name in ("transformer", "text_encoder", "vae"):
+                started = time.perf_counter()
                 module = _empty_module(layout, name, dtype)
+                built = time.perf_counter()
                 target = targets.get(name, "homes")
-                logger.debug("loading %s into %s", name, target)
                 fill_module(module, entries[name], dtype=dtype, destination=target, homes=homes, on_bytes=advance)
                 modules[name] = module.eval()
+                logger.debug(
+                    "%s: built empty in %.2f s, weights into %s in %.2f s",
+                    name,
+                    built - started,
+                    target,
+                    time.perf_counter() - built,
+                )
             tokenizer = Qwen2Tokenizer.from_pretrained(root / "tokenizer")
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
     except torch.OutOfMemoryError:  # a RuntimeError, but the Generator's ladder handles it

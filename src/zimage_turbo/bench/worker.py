@@ -183,7 +183,10 @@ def _diffusers_options(pipe: Any, options: dict[str, str]) -> None:
     if options.get("quantize") == "fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-        quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        # activation_value_lb: without it the caption's all-zero padding rows get a zero scale and the
+        # latents turn to NaN (a black image); the library sets the same bound.
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=1e-12)
+        quantize_(pipe.transformer, config)
     if options.get("attention"):
         pipe.transformer.set_attention_backend(options["attention"])
     if options.get("compile") == "on":
