@@ -1,6 +1,7 @@
 """Speed on one GPU, side by side with plain diffusers at the same number of transformer passes.
 
     python benchmarks/speed.py --checkpoint /tmp/full --out benchmarks/results/speed-h200-DATE.json
+    python benchmarks/speed.py --checkpoint - --out benchmarks/results/speed-h200-DATE.json --plot-only
 
 Each case runs in a fresh process (``zimage_turbo.bench.worker``): a warm-up image, then ``--images`` timed
 ones (median). Cases, in this order:
@@ -60,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--only", nargs="*", help="run only the cases whose key contains one of these")
     parser.add_argument("--case-timeout-s", type=float, default=240)
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG of the existing --out JSON")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        _plot(json.loads(args.out.read_text(encoding="utf-8")), args.out.with_suffix(".png"))
+        return 0
     # the compile cases share one kernel cache, fresh for this run, so that "cache warm" means this run's
     cache = args.out.with_name(args.out.stem + "-inductor")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache.resolve())

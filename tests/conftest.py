@@ -17,7 +17,7 @@ import torch
 from zimage_turbo.checkpoints import make_checkpoint
 
 # Variables that would change what the library does; tests must not inherit them from the developer.
-_ISOLATED_PREFIXES = ("ZIMAGE_", "HF_", "MODELSCOPE_")
+_ISOLATED_PREFIXES = ("ZIMAGE_", "HF_", "MODELSCOPE_", "TORCHINDUCTOR_")
 
 
 @pytest.fixture(autouse=True)

@@ -46,6 +46,7 @@ import torch
 
 from .acceleration import (
     Accelerator,
+    attention_available,
     blocks_compiled,
     compile_cache_dir,
     quantization_for,
@@ -301,6 +302,13 @@ class Generator:
             prefer_lossless=self._prefer_lossless,
         )
 
+    def _check_attention(self, device: torch.device) -> None:
+        """A forced attention kernel must run here: say so before loading 20 GB, not at the first image."""
+        name = self.settings.attention
+        reason = "" if name == "auto" else attention_available(name, device)
+        if reason:
+            raise InvalidSettingsError(f"attention={name!r} cannot run on {device}: {reason}")
+
     def _resolve_quantization(self, device: torch.device) -> None:
         """What ``settings.quantization`` means on ``device``: an explicit kind must be possible there (else a
         clear error before loading); ``"auto"`` quietly means lossless only where torchao is missing."""
@@ -366,6 +374,7 @@ class Generator:
         hardware = self._hardware
         assert hardware is not None
         self._resolve_quantization(self._first_device(hardware))
+        self._check_attention(self._first_device(hardware))
         first = self._first_candidate(profile, hardware)
         targets = first.strategy.load_targets(hardware)
         where = ", ".join(f"{name} to {target}" for name, target in targets.items()) or "everything to host memory"

@@ -1,0 +1,265 @@
+"""The speed-ups on the CPU: attention settings, the compile decision, regional compile, quantized rungs.
+
+Kernel timings and fp8 need a GPU (tests/gpu/test_acceleration.py). Here: what is refused before loading, the
+compile rules, that compiled blocks (Dynamo's tracing, with the "eager" backend: Inductor's code generation is
+what takes time, not what is tested here) give the eager image bit for bit, that int8 quantization swaps
+weights in and out without losing the originals, and how the planner ranks quantized rungs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_generator import same
+from zimage_turbo import (
+    CPUOnly,
+    FullGPU,
+    Generator,
+    GPUInfo,
+    Hardware,
+    Hybrid,
+    InvalidSettingsError,
+    ModelProfile,
+    StreamedOffload,
+    ZImageSettings,
+    plan,
+)
+from zimage_turbo import acceleration as acc
+from zimage_turbo.hardware import GIB
+
+PROMPT = "a red fox in fresh snow at dawn"
+CPU = torch.device("cpu")
+SIZE = {"height": 256, "width": 256}
+
+
+@pytest.fixture
+def eager_compile(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setitem(acc.COMPILE_OPTIONS, "backend", "eager")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _settings(checkpoint: Path, **changes: object) -> ZImageSettings:
+    return ZImageSettings(model=str(checkpoint), source="local", progress=False, **changes)
+
+
+def _pixels(image: object) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+# -- attention -------------------------------------------------------------------------------------------
+
+
+def test_off_cuda_the_automatic_kernel_is_the_default_without_measuring() -> None:
+    assert acc.choose_attention(CPU, torch.float32, acc.AttentionShape(1, 4224, 30, 128)) == ("native", {})
+
+
+def test_kernel_availability_says_why() -> None:
+    assert acc.attention_available("native", CPU) == ""
+    assert "CUDA" in acc.attention_available("cudnn", CPU)
+    assert "unknown attention kernel 'fast'" in acc.attention_available("fast", CPU)
+    missing = [name for name, package in (("flash_attn", "flash_attn"), ("sage", "sageattention")) if not _has(package)]
+    for name in missing:
+        assert "package" in acc.attention_available(name, torch.device("cuda"))
+
+
+def _has(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+def test_a_kernel_that_cannot_run_here_is_refused_before_loading(tiny_checkpoint: Path) -> None:
+    generator = Generator(settings=_settings(tiny_checkpoint, attention="cudnn"), strategy="cpu")
+    with pytest.raises(InvalidSettingsError, match="attention='cudnn' cannot run on cpu"):
+        generator.generate(PROMPT, seed=1, **SIZE)
+    assert not generator.is_loaded
+
+
+def test_the_result_names_the_kernel(tiny_checkpoint: Path) -> None:
+    result = Generator(settings=_settings(tiny_checkpoint), strategy="cpu").generate(PROMPT, seed=1, **SIZE)
+    assert result.attention == "native" and result.compiled is False and result.quantization is None
+
+
+def test_an_unknown_kernel_name_is_an_invalid_setting() -> None:
+    with pytest.raises(InvalidSettingsError, match="attention"):
+        ZImageSettings(attention="fastest")
+
+
+# -- when to compile --------------------------------------------------------------------------------------
+
+
+def test_on_and_off_do_what_they_say(tmp_path: Path) -> None:
+    assert acc.CompileAdvisor("on", tmp_path, "k").should_compile(0.0)
+    assert not acc.CompileAdvisor("off", tmp_path, "k").should_compile(1e9)
+
+
+def test_known_work_compiles_when_its_saving_covers_the_compile(tmp_path: Path) -> None:
+    advisor = acc.CompileAdvisor("auto", tmp_path, "k")
+    assert advisor.expected_compile_s == acc.DEFAULT_COMPILE_SECONDS
+    break_even = acc.DEFAULT_COMPILE_SECONDS / acc.COMPILE_SAVING
+    assert not advisor.should_compile(0.9 * break_even)
+    assert advisor.should_compile(1.1 * break_even)
+
+
+def test_work_arriving_one_image_at_a_time_compiles_once_it_has_paid_the_compile(tmp_path: Path) -> None:
+    """Ski rental: compile once the eager time already spent would have saved the compile's cost."""
+    advisor = acc.CompileAdvisor("auto", tmp_path, "k")
+    per_image = 1.2
+    images = 0
+    while not advisor.should_compile(per_image):
+        advisor.ran_eager(per_image)
+        images += 1
+    spent = images * per_image
+    assert spent * acc.COMPILE_SAVING < acc.DEFAULT_COMPILE_SECONDS <= (spent + per_image) * acc.COMPILE_SAVING
+    # never more than twice the best choice in hindsight: the eager time wasted is at most the compile cost
+    assert spent * acc.COMPILE_SAVING <= acc.DEFAULT_COMPILE_SECONDS
+
+
+def test_a_measured_compile_time_is_what_the_next_advisor_expects(tmp_path: Path) -> None:
+    acc.CompileAdvisor("auto", tmp_path, "torch x / GPU y / bfloat16").compiled_in(3.25)
+    records = json.loads((tmp_path / "zimage-turbo-compile-times.json").read_text())
+    assert records == {"torch x / GPU y / bfloat16": 3.25}
+    assert acc.CompileAdvisor("auto", tmp_path, "torch x / GPU y / bfloat16").expected_compile_s == 3.25
+    # another device or PyTorch version starts from the default
+    assert acc.CompileAdvisor("auto", tmp_path, "other").expected_compile_s == acc.DEFAULT_COMPILE_SECONDS
+
+
+def test_a_damaged_record_file_means_no_record(tmp_path: Path) -> None:
+    (tmp_path / "zimage-turbo-compile-times.json").write_text("{not json")
+    assert acc.CompileAdvisor("auto", tmp_path, "k").expected_compile_s == acc.DEFAULT_COMPILE_SECONDS
+    (tmp_path / "zimage-turbo-compile-times.json").write_text('{"k": "NaN", "j": [1]}')
+    assert acc.CompileAdvisor("auto", tmp_path, "k").expected_compile_s == acc.DEFAULT_COMPILE_SECONDS
+
+
+def test_compile_cache_folder_follows_the_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert acc.compile_cache_dir(tmp_path / "cache") == tmp_path / "cache" / "torch-compile"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert acc.compile_cache_dir(None) == tmp_path / "xdg" / "zimage-turbo" / "torch-compile"
+
+
+# -- regional compile ----------------------------------------------------------------------------------------
+
+
+def test_compiled_blocks_give_the_eager_image_and_leave_with_a_streaming_strategy(
+    tiny_checkpoint: Path, tmp_path: Path, eager_compile: None
+) -> None:
+    eager = Generator(settings=_settings(tiny_checkpoint, compile="off"), strategy="cpu")
+    reference = eager.generate(PROMPT, seed=4, **SIZE).image
+    settings = _settings(tiny_checkpoint, compile="on", cache_dir=tmp_path)
+    generator = Generator(settings=settings, strategy="cpu")
+    first = generator.generate(PROMPT, seed=4, **SIZE)
+    assert first.compiled and acc.blocks_compiled(generator.pipeline.transformer)
+    assert same(first.image, reference)
+    # Streaming hooks the blocks: they run eagerly there, with the same image.
+    generator.switch(StreamedOffload(device="cpu"))
+    streamed = generator.generate(PROMPT, seed=4, **SIZE)
+    assert not streamed.compiled and not acc.blocks_compiled(generator.pipeline.transformer)
+    assert same(streamed.image, reference)
+    generator.switch(CPUOnly())
+    assert generator.generate(PROMPT, seed=4, **SIZE).compiled
+    # the compile was timed and recorded where the settings keep caches
+    records = json.loads((tmp_path / "torch-compile" / "zimage-turbo-compile-times.json").read_text())
+    assert list(records) == [acc.compile_key(CPU, torch.float32)]
+    assert math.isfinite(next(iter(records.values())))
+
+
+def test_auto_never_compiles_on_a_cpu(tiny_checkpoint: Path, eager_compile: None) -> None:
+    generator = Generator(settings=_settings(tiny_checkpoint), strategy="cpu")
+    results = generator.generate_many([PROMPT] * 3, seed=1, **SIZE)
+    assert not any(result.compiled for result in results)
+
+
+# -- quantization -----------------------------------------------------------------------------------------
+
+
+def test_the_quantized_layers_are_the_blocks_attention_and_feed_forward(tiny_checkpoint: Path) -> None:
+    generator = Generator(settings=_settings(tiny_checkpoint), strategy="cpu").load()
+    transformer = generator.pipeline.transformer
+    names = acc.quantized_linears(transformer)
+    expected = set()
+    for group in ("layers", "noise_refiner", "context_refiner"):
+        for index, block in enumerate(getattr(transformer, group)):
+            layers = {"attention.to_q": block.attention.to_q, "attention.to_k": block.attention.to_k}
+            layers |= {"attention.to_v": block.attention.to_v, "attention.to_out.0": block.attention.to_out[0]}
+            layers |= {f"feed_forward.{w}": getattr(block.feed_forward, w) for w in ("w1", "w2", "w3")}
+            # fp8 matmuls need both sizes to be multiples of 16 (the tiny model's feed-forward is not)
+            expected |= {
+                f"{group}.{index}.{name}"
+                for name, linear in layers.items()
+                if linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+            }
+    assert set(names) == expected and len(expected) >= 4 * 4
+
+
+def test_int8_swaps_quantized_weights_in_and_the_originals_back(tiny_checkpoint: Path) -> None:
+    plain = Generator(settings=_settings(tiny_checkpoint), strategy="cpu")
+    reference = plain.generate(PROMPT, seed=5, **SIZE).image
+    generator = Generator(settings=_settings(tiny_checkpoint), strategy=FullGPU(device="cpu", quantize="int8"))
+    quantized = generator.generate(PROMPT, seed=5, **SIZE)
+    assert quantized.quantization == "int8" and quantized.strategy == "full_gpu"
+    transformer = generator.pipeline.transformer
+    weights = [linear.weight for linear in acc.quantized_linears(transformer).values()]
+    assert all(acc.stored_bytes(weight) < weight.numel() * 2 for weight in weights)  # one byte, plus scales
+    difference = np.abs(_pixels(quantized.image) - _pixels(reference))
+    assert 0 < difference.max() <= 16  # it changes the image, a little
+    # Back to an unquantized strategy: the very same original weights, so the very same image.
+    generator.switch(CPUOnly())
+    restored = generator.generate(PROMPT, seed=5, **SIZE)
+    assert restored.quantization is None and same(restored.image, reference)
+    assert all(type(linear.weight) is torch.nn.Parameter for linear in acc.quantized_linears(transformer).values())
+
+
+def test_hybrid_quantizes_its_resident_transformer(tiny_checkpoint: Path) -> None:
+    generator = Generator(settings=_settings(tiny_checkpoint), strategy=Hybrid(device="cpu", quantize="int8"))
+    result = generator.generate(PROMPT, seed=5, **SIZE)
+    assert result.quantization == "int8" and result.strategy == "hybrid"
+
+
+def test_fp8_on_a_cpu_is_refused_before_loading(tiny_checkpoint: Path) -> None:
+    generator = Generator(settings=_settings(tiny_checkpoint, quantization="fp8"), strategy="cpu")
+    with pytest.raises(InvalidSettingsError, match="fp8 needs a CUDA GPU"):
+        generator.generate(PROMPT, seed=1, **SIZE)
+    assert not generator.is_loaded
+    with pytest.raises(InvalidSettingsError, match="quantize"):
+        FullGPU(quantize="int4")
+
+
+def test_stored_bytes_counts_what_a_quantized_weight_really_holds() -> None:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    linear = torch.nn.Linear(64, 32, bias=False)
+    assert acc.stored_bytes(linear.weight) == 64 * 32 * 4
+    quantize_(linear, Int8WeightOnlyConfig())
+    assert 64 * 32 <= acc.stored_bytes(linear.weight) < 64 * 32 * 2
+
+
+def _card(gib: float) -> Hardware:
+    gpu = GPUInfo(0, "card", total_bytes=int(gib * GIB), free_bytes=int(gib * GIB), compute_capability=(8, 9))
+    return Hardware(gpus=(gpu,), host_total_bytes=128 * GIB, host_available_bytes=120 * GIB)
+
+
+def test_quantized_rungs_are_for_small_cards_unless_asked_for() -> None:
+    profile = ModelProfile.z_image_turbo()
+    # A 12 GiB card: bf16 hybrid does not fit; fp8 hybrid does, and beats streaming every pass.
+    small = plan(profile, _card(12), quantize="fp8")
+    assert small.best is not None and small.best.name == "hybrid+fp8"
+    assert plan(profile, _card(12)).best.name == "streamed"  # type: ignore[union-attr]
+    # A big card: lossless full_gpu first, though fp8 is predicted faster...
+    big = plan(profile, _card(80), quantize="fp8")
+    assert big.best is not None and big.best.name == "full_gpu"
+    fp8 = next(c for c in big.candidates if c.name == "full_gpu+fp8")
+    assert fp8.fits and fp8.seconds < big.best.seconds
+    # ...unless quantization was asked for outright.
+    asked = plan(profile, _card(80), quantize="fp8", prefer_lossless=False)
+    assert asked.best is not None and asked.best.name == "full_gpu+fp8"
+    # fp8 weights take about half the transformer's bytes
+    assert fp8.peak_bytes < big.best.peak_bytes - 5 * GIB
