@@ -218,6 +218,22 @@ def test_int8_swaps_quantized_weights_in_and_the_originals_back(tiny_checkpoint:
     assert all(type(linear.weight) is torch.nn.Parameter for linear in acc.quantized_linears(transformer).values())
 
 
+def test_an_explicit_quantization_applies_to_strategies_named_not_to_instances(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # int8 is the only kind a CPU runs, and the CPU's only strategy has no quantized variant: name full_gpu and
+    # hybrid on the CPU by giving their default device as "cpu".
+    monkeypatch.setattr(FullGPU, "target", lambda self, hardware: CPU)
+    monkeypatch.setattr(Hybrid, "target", lambda self, hardware: CPU)
+    generator = Generator(settings=_settings(tiny_checkpoint, quantization="int8"), strategy="full_gpu")
+    assert generator.generate(PROMPT, seed=5, **SIZE).quantization == "int8"
+    generator.switch("hybrid")
+    named = generator.generate(PROMPT, seed=5, **SIZE)
+    assert named.strategy == "hybrid" and named.quantization == "int8"
+    generator.switch(Hybrid())
+    assert generator.generate(PROMPT, seed=5, **SIZE).quantization is None
+
+
 def test_hybrid_quantizes_its_resident_transformer(tiny_checkpoint: Path) -> None:
     generator = Generator(settings=_settings(tiny_checkpoint), strategy=Hybrid(device="cpu", quantize="int8"))
     result = generator.generate(PROMPT, seed=5, **SIZE)

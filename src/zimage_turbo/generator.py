@@ -144,6 +144,8 @@ class Generator:
         self.settings = base
         # Validate now, before any loading: None means "auto".
         self._requested: LoadStrategy | None = _own(strategy_from(strategy if strategy is not None else base.strategy))
+        # a strategy given by name takes settings.quantization; an instance is used as it is
+        self._requested_by_name = not isinstance(strategy, LoadStrategy)
         self._device = _parse_device(device)
         self._lock = threading.Lock()
         self._loaded: _Loaded | None = None
@@ -249,6 +251,8 @@ class Generator:
         chosen = _own(strategy_from(strategy))
         with self._exclusive(), self._on_device():
             self._check_device()
+            self._requested_by_name = not isinstance(strategy, LoadStrategy)
+            chosen = self._quantized_variant(chosen)
             self._requested = chosen
             self._unplaceable.discard(chosen)
             if self._loaded is None or chosen is None:
@@ -323,10 +327,19 @@ class Generator:
             logger.info("quantization='auto' stays lossless here: %s", reason)
             return
         self._quantize, self._prefer_lossless = kind, setting == "auto"
-        requested = self._requested
-        if setting != "auto" and isinstance(requested, (FullGPU, Hybrid)) and requested.quantize is None:
-            # strategy="full_gpu" with quantization="fp8": the quantized variant of that strategy
-            self._requested = type(requested)(device=requested.device, quantize=kind)
+        self._requested = self._quantized_variant(self._requested)
+
+    def _quantized_variant(self, strategy: LoadStrategy | None) -> LoadStrategy | None:
+        """With an explicit ``quantization``, ``strategy="full_gpu"`` (or ``"hybrid"``) by name means its quantized
+        variant; instances, and every strategy under ``"auto"`` or ``"none"``, stay as they are."""
+        kind = self._quantize
+        if kind is None or self._prefer_lossless or not self._requested_by_name:
+            return strategy
+        if isinstance(strategy, FullGPU) and strategy.quantize is None:
+            return FullGPU(device=strategy.device, quantize=kind)
+        if isinstance(strategy, Hybrid) and strategy.quantize is None:
+            return Hybrid(device=strategy.device, record_stream=strategy.record_stream, quantize=kind)
+        return strategy
 
     def _detect(self) -> Hardware:
         budget = self.settings.vram_budget_gib

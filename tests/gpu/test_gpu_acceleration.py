@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from zimage_turbo import Generator, ZImageSettings
+from zimage_turbo import Generator, Hybrid, ZImageSettings
 from zimage_turbo.acceleration import AttentionShape, attention_available, choose_attention, measure_attention
 
 pytestmark = pytest.mark.gpu
@@ -94,7 +94,7 @@ def test_fp8_changes_the_image_a_little_and_switching_back_restores_bf16(
         quantized = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
         assert quantized.strategy == "full_gpu" and quantized.quantization == "fp8"
         held = torch.cuda.memory_allocated() - before
-        generator.switch("hybrid")  # hybrid, not quantized: the bf16 weights come back from host memory
+        generator.switch(Hybrid())  # an instance, not quantized: the bf16 weights come back from host memory
         lossless = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
     assert lossless.quantization is None
     assert np.abs(_pixels(lossless.image) - reference).max() <= 12
