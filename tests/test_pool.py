@@ -14,6 +14,7 @@ from PIL import Image
 
 import zimage_turbo.generator as generator_module
 from zimage_turbo import (
+    DeviceFailedError,
     GenerationRequest,
     GenerationResult,
     Generator,
@@ -126,6 +127,54 @@ def test_a_failing_prompt_loses_nothing_else(
     unordered = dict(pool.as_completed(PROMPTS, seed=100, **SIZE))
     assert sorted(unordered) == list(range(len(PROMPTS)))
     assert [i for i, o in unordered.items() if isinstance(o, PromptFailure)] == [2]
+
+
+ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
+
+
+def test_a_replica_whose_gpu_fails_is_retired_and_its_prompt_runs_elsewhere(
+    settings: ZImageSettings, single: list[GenerationResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_encode = generator_module.encode
+    broken: list[Any] = []
+
+    def encode(pipe: Any, prompt: str, *args: Any) -> Any:
+        if prompt == PROMPTS[1] and not broken:
+            broken.append(pipe)
+            raise RuntimeError(ILLEGAL_ACCESS)  # what a poisoned CUDA context raises, on one replica, once
+        return real_encode(pipe, prompt, *args)
+
+    monkeypatch.setattr(generator_module, "encode", encode)
+    with GeneratorPool(settings=settings, devices=["cpu", "cpu"]) as two:
+        outcomes = two.generate_many(PROMPTS, seed=100, **SIZE)
+        assert all(same(o.image, r.image) for o, r in zip(results(outcomes), single, strict=True))
+        assert two.retired == ("cpu",)
+        [failed] = [replica for replica in two.replicas if replica.device_failure is not None]
+        assert failed.pipeline is broken[0] and ILLEGAL_ACCESS in (failed.device_failure or "")
+        # The pool goes on with the replica left.
+        again = two.generate_many(PROMPTS[:3], seed=100, **SIZE)
+        assert all(same(o.image, r.image) for o, r in zip(results(again), single[:3], strict=True))
+
+
+def test_a_prompt_that_breaks_every_gpu_fails_without_hanging_the_pool(
+    settings: ZImageSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_encode = generator_module.encode
+
+    def encode(pipe: Any, prompt: str, *args: Any) -> Any:
+        if prompt == PROMPTS[1]:
+            raise RuntimeError(ILLEGAL_ACCESS)
+        return real_encode(pipe, prompt, *args)
+
+    monkeypatch.setattr(generator_module, "encode", encode)
+    with GeneratorPool(settings=settings, devices=["cpu", "cpu"]) as two:
+        outcomes = two.generate_many(PROMPTS, seed=100, **SIZE)
+        failure = outcomes[1]
+        assert isinstance(failure, PromptFailure) and ILLEGAL_ACCESS in str(failure.error)
+        assert two.retired == ("cpu", "cpu")  # it was tried on a second card, which broke too
+        # Nothing is left to run on: every later prompt fails at once, saying why.
+        later = two.generate_many(PROMPTS[:2], seed=100, **SIZE)
+        assert all(isinstance(o, PromptFailure) and isinstance(o.error, DeviceFailedError) for o in later)
 
 
 def test_leaving_the_loop_early_cancels_the_rest(pool: GeneratorPool) -> None:

@@ -188,6 +188,11 @@ class Generator:
         return self._device
 
     @property
+    def device_failure(self) -> str | None:
+        """The CUDA error (other than out-of-memory) that made this Generator refuse further work, or None."""
+        return self._device_failure
+
+    @property
     def hardware(self) -> Hardware | None:
         """The hardware as last seen (free memory changes between calls)."""
         return self._hardware

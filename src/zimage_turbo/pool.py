@@ -12,7 +12,9 @@ does more of the work; torch releases the GIL while it computes, so the threads 
 
 Seeds are those of :meth:`Generator.generate_many` for the same arguments (``seed + i`` for prompt ``i``), so
 an image does not depend on which replica made it, nor on how many there are. A prompt that fails becomes a
-:class:`PromptFailure` in its place; the others carry on.
+:class:`PromptFailure` in its place; the others carry on. A replica whose GPU meets a CUDA error other than
+out-of-memory (which leaves that card's context unusable) is retired: the prompt it was running goes to another
+replica (once: a prompt that breaks two cards fails), and the others share the remaining work.
 
 To split one model over several small cards instead, use a single ``Generator()``: the planner picks
 ``multi_gpu`` there (see docs/scaling.md).
@@ -32,7 +34,7 @@ from typing import TypeAlias
 
 import torch
 
-from .errors import GeneratorClosedError, InvalidRequestError, first_line
+from .errors import DeviceFailedError, GeneratorClosedError, InvalidRequestError, first_line
 from .generator import Generator
 from .request import DEFAULT_STEPS, GenerationRequest, requests_for
 from .result import GenerationResult
@@ -120,6 +122,8 @@ class GeneratorPool:
         self._replicas: list[Generator] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._idle: queue.SimpleQueue[Generator] = queue.SimpleQueue()
+        self._healthy = 0  # replicas not retired
+        self._retired: list[Generator] = []
         self._closed = False
         if load:
             self.load()
@@ -189,6 +193,7 @@ class GeneratorPool:
                 replica.load()  # one at a time: loading is not thread-safe in diffusers and transformers
             for replica in replicas:
                 self._idle.put(replica)
+            self._healthy = len(replicas)
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=len(replicas), thread_name_prefix="zimage-turbo-replica"
             )
@@ -296,24 +301,65 @@ class GeneratorPool:
             futures = [executor.submit(self._run, index, request.with_seed()) for index, request in enumerate(requests)]
         return _collect(futures, ordered)
 
+    @property
+    def retired(self) -> tuple[str, ...]:
+        """Devices of the replicas retired after a CUDA error other than out-of-memory."""
+        return tuple(_name(replica) for replica in self._retired)
+
     def _run(self, index: int, request: GenerationRequest) -> Outcome:
-        replica = self._idle.get()  # never waits: there are as many workers as replicas
-        try:
-            return replica.generate(
-                request.prompt,
-                height=request.height,
-                width=request.width,
-                steps=request.steps,
-                seed=request.seed,
-                guidance_scale=request.guidance_scale,
-                negative_prompt=request.negative_prompt,
-                num_images=request.num_images,
-            )
-        except Exception as exc:
-            logger.warning("prompt %d failed on %s: %s", index, _name(replica), first_line(exc))
-            return PromptFailure(index, request.prompt, exc, _name(replica))
-        finally:
+        broken = 0  # replicas this request was running on when their GPU failed
+        while True:
+            replica = self._take()
+            if replica is None:
+                error = DeviceFailedError(
+                    "every replica of the pool met a CUDA error other than out-of-memory, which leaves a GPU's "
+                    "context unusable; restart the process"
+                )
+                return PromptFailure(index, request.prompt, error)
+            try:
+                result = replica.generate(
+                    request.prompt,
+                    height=request.height,
+                    width=request.width,
+                    steps=request.steps,
+                    seed=request.seed,
+                    guidance_scale=request.guidance_scale,
+                    negative_prompt=request.negative_prompt,
+                    num_images=request.num_images,
+                )
+            except Exception as exc:
+                if replica.device_failure is None:  # the prompt's own failure: the replica goes on
+                    self._idle.put(replica)
+                    logger.warning("prompt %d failed on %s: %s", index, _name(replica), first_line(exc))
+                    return PromptFailure(index, request.prompt, exc, _name(replica))
+                self._retire(replica)
+                broken += 1
+                if broken > 1:  # a second card broke on it: the prompt, not the card, is the likely cause
+                    return PromptFailure(index, request.prompt, exc, _name(replica))
+                continue
             self._idle.put(replica)
+            return result
+
+    def _take(self) -> Generator | None:
+        """A free replica, waiting for one if need be; None once every replica is retired."""
+        while True:
+            try:
+                return self._idle.get(timeout=0.05)
+            except queue.Empty:
+                with self._lock:
+                    if self._healthy == 0:
+                        return None
+
+    def _retire(self, replica: Generator) -> None:
+        with self._lock:
+            self._healthy -= 1
+            self._retired.append(replica)
+        logger.error(
+            "retiring the replica on %s after a CUDA error (%s); the other %d replica(s) take its prompts",
+            _name(replica),
+            replica.device_failure,
+            self._healthy,
+        )
 
 
 def _collect(
