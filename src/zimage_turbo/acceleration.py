@@ -403,11 +403,15 @@ def quantize_linears(
         quantize_,
     )
 
-    config: Any = Int8WeightOnlyConfig()
+    # set_inductor_config=False: torchao would otherwise switch on process-wide Inductor tuning (coordinate
+    # descent), which changes every later compile in the process (diffusers with it compiled for over 100 s).
+    config: Any = Int8WeightOnlyConfig(set_inductor_config=False)
     if kind == "fp8":
         # A lower bound on each row's scale: the caption's padding rows are all zero, and torchao divides
         # by their amax (0/0: NaN latents, seen on the H200 with the random-weight checkpoint).
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=FP8_ROW_FLOOR)
+        config = Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerRow(), activation_value_lb=FP8_ROW_FLOOR, set_inductor_config=False
+        )
     originals: dict[str, torch.nn.Parameter] = {}
     for name, linear in quantized_linears(transformer).items():
         originals[name] = linear.weight  # type: ignore[assignment]
