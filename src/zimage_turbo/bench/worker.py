@@ -410,7 +410,10 @@ def _compare(spec: Spec, image: Any, row: dict[str, Any]) -> None:
     ours = np.asarray(image).astype(np.int16)
     if ours.shape == theirs.shape:
         diff = np.abs(ours - theirs)
-        row["difference"] = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
+        mse = float(np.mean(diff.astype(np.float64) ** 2))
+        # PSNR in dB against the reference (None when identical); fp8 and tiled decodes are judged by it
+        psnr = None if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+        row["difference"] = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "psnr_db": psnr}
 
 
 def _oom(phase: str, exc: BaseException) -> dict[str, Any]:
