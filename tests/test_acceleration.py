@@ -84,6 +84,15 @@ def test_a_kernel_that_cannot_run_here_is_refused_before_loading(tiny_checkpoint
     assert not generator.is_loaded
 
 
+def test_a_forced_kernel_falls_back_to_the_default_where_a_strategy_moved_the_model(
+    tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    accelerator = acc.Accelerator("cudnn", "off", Path("unused"))
+    generator = Generator(settings=_settings(tiny_checkpoint), strategy="cpu").load()
+    accelerator.prepare(generator.pipeline.transformer, CPU, torch.float32, False, (256, 256, 0.0))
+    assert accelerator.attention == "native" and "cannot run on cpu" in caplog.text
+
+
 def test_the_result_names_the_kernel(tiny_checkpoint: Path) -> None:
     result = Generator(settings=_settings(tiny_checkpoint), strategy="cpu").generate(PROMPT, seed=1, **SIZE)
     assert result.attention == "native" and result.compiled is False and result.quantization is None

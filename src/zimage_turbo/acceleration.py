@@ -516,6 +516,10 @@ class Accelerator:
             name, _ = choose_attention(device, dtype, shape)
         else:
             name = self.attention_setting
+            reason = attention_available(name, device)
+            if reason:  # checked before loading for the first device; a fallback may have moved elsewhere
+                logger.warning("attention=%r cannot run on %s (%s); using the default kernel", name, device, reason)
+                name = "native"
         set_attention(transformer, name, device)
         self.attention = name
         self._attention_for = wanted
