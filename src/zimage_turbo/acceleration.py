@@ -88,11 +88,11 @@ _AUTOMATIC_KERNELS = ("native", "flash", "cudnn", "efficient", "flash_attn", "fl
 # bf16 outputs of exact kernels differ by about 4e-3 from accumulation order alone.
 ATTENTION_TOLERANCE = 2e-2
 
-# Share of the denoising time that regional compile saves: 0.145 s to 0.094 s per transformer pass on an
-# H200 (DESIGN.md reference numbers), rounded down.
+# Share of the denoising time that regional compile saves: 1.177 s to 0.779 s for 8 passes at 1024x1024 on an
+# H200 (benchmarks/results/speed-h200-2026-11-23.json), rounded down.
 COMPILE_SAVING = 0.33
-# What the first compile costs when it has never been measured on this machine (18.7 s first image against
-# 1.4 s eager on the H200, with an empty cache).
+# What the first compile costs when it has never been measured on this machine: the first compiled image took
+# 22.8 s on the H200 with an empty kernel cache (7.3 s with a warm one), against 2.7 s for a first eager image.
 DEFAULT_COMPILE_SECONDS = 20.0
 # Passed to torch.compile for each block. Tests swap in backend="eager" (Dynamo's tracing only): Inductor's
 # code generation is what takes the time, and the CPU tests check the plumbing, not the kernels.
@@ -281,7 +281,7 @@ class CompileAdvisor:
 
     Compiling costs ``C`` seconds once (measured on this machine the last time, :data:`DEFAULT_COMPILE_SECONDS`
     before that; a warm kernel cache makes it much smaller) and then saves :data:`COMPILE_SAVING` of every
-    denoising. Two rules, checked before each image:
+    denoising. Two rules, checked together before each image (compile once their sum reaches ``C``):
 
     * **Known work.** When the images still to come in this call (``generate_many`` with many prompts) would
       save more than ``C``, compile now.
@@ -334,10 +334,12 @@ class CompileAdvisor:
         return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
-def compile_key(device: torch.device, dtype: torch.dtype) -> str:
-    """What a recorded compile time depends on: PyTorch's version, the device model and the dtype."""
+def compile_key(device: torch.device, dtype: torch.dtype, quantization: str | None = None) -> str:
+    """What a recorded compile time depends on: PyTorch's version, the device model, the dtype and the
+    quantization (a quantized block is another graph)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"torch {torch.__version__} / {name} / {str(dtype).removeprefix('torch.')}"
+    weights = quantization or str(dtype).removeprefix("torch.")
+    return f"torch {torch.__version__} / {name} / {weights}"
 
 
 # -- quantization ----------------------------------------------------------------------------------------
@@ -465,13 +467,15 @@ class Accelerator:
         dtype: torch.dtype,
         compilable: bool,
         upcoming: tuple[int, int, float],
+        quantization: str | None = None,
     ) -> None:
         """Before an image: the attention kernel for this shape, and the blocks compiled or not.
 
         ``upcoming`` is (height, width, predicted eager denoising seconds of the images left in this call)."""
         height, width, upcoming_s = upcoming
         self._set_attention(transformer, device, dtype, AttentionShape.of(transformer, height, width))
-        advisor = self._advisor(device, dtype) if compilable and not compile_unavailable(device) else None
+        usable = compilable and not compile_unavailable(device)
+        advisor = self._advisor(compile_key(device, dtype, quantization)) if usable else None
         if advisor is None or (device.type != "cuda" and self.compile_mode == "auto"):
             if blocks_compiled(transformer):
                 uncompile_blocks(transformer)  # hooks of the new strategy must not run inside a compiled graph
@@ -502,8 +506,7 @@ class Accelerator:
             logger.info("compiled in about %.1f s", self._compiling.expected_compile_s)
             self._compiling = None
 
-    def _advisor(self, device: torch.device, dtype: torch.dtype) -> CompileAdvisor:
-        key = compile_key(device, dtype)
+    def _advisor(self, key: str) -> CompileAdvisor:
         if key not in self._advisors:
             self._advisors[key] = CompileAdvisor(self.compile_mode, self.cache_dir, key)
         return self._advisors[key]

@@ -824,6 +824,7 @@ class Generator:
             self._loaded.dtype,
             self._active.compilable,
             (request.height, request.width, self._upcoming_s),
+            self._active.quantize,
         )
 
         # Phase boundaries are marked without waiting for the GPU (a wait between phases would leave it idle
