@@ -297,7 +297,9 @@ class Generator:
     def _read_model(self) -> tuple[ResolvedModel, torch.dtype, ModelProfile]:
         """Resolve the model and read its sizes (headers only) at the dtype it will run in here."""
         model = resolve_model(self.settings)
-        dtype = self._dtype_for(self._first_device(self._detect()))
+        device = self._first_device(self._detect())
+        dtype = self._dtype_for(device)
+        self._resolve_quantization(device)  # plan() shows the quantized rungs before loading too
         return model, dtype, ModelProfile.from_layout(model.layout, dtype_bytes=dtype.itemsize)
 
     def _plan(self, profile: ModelProfile, request: GenerationRequest | Workload) -> Plan:
@@ -391,7 +393,6 @@ class Generator:
         model, dtype, profile = self._read_model()
         hardware = self._hardware
         assert hardware is not None
-        self._resolve_quantization(self._first_device(hardware))
         self._check_attention(self._first_device(hardware))
         first = self._first_candidate(profile, hardware)
         targets = first.strategy.load_targets(hardware)
