@@ -105,6 +105,25 @@ def test_unknown_strategy_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -
     assert "full_gpu" in capsys.readouterr().err
 
 
+def test_speed_options_reach_the_settings(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fox.png"
+    argv = ["generate", "a fox", "-o", str(out), "--model", str(tiny_checkpoint), "--size", "256x256", "-q"]
+    assert main([*argv, "--attention", "native", "--compile", "off", "--quantization", "none"]) == 0
+    assert out.is_file()
+    # a kernel that cannot run on this machine is refused before loading, as a settings error
+    assert main([*argv, "--overwrite", "--attention", "cudnn"]) == 2
+    assert "attention='cudnn' cannot run on cpu" in capsys.readouterr().err
+
+
+def test_unknown_speed_option_values_are_usage_errors() -> None:
+    for option, value in (("--attention", "fastest"), ("--compile", "maybe"), ("--quantization", "int4")):
+        with pytest.raises(SystemExit) as caught:
+            main(["generate", "a cat", option, value])
+        assert caught.value.code == 2
+
+
 def test_model_not_found_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["generate", "a cat", "-o", str(tmp_path / "x.png"), "--offline", "--cache-dir", str(tmp_path / "c")])
     assert status == 1

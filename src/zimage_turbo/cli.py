@@ -20,12 +20,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from ._version import __version__
 from .errors import InvalidRequestError, InvalidSettingsError, UnknownStrategyError, ZImageError
 from .request import DEFAULT_STEPS
-from .settings import STRATEGY_NAMES, ZImageSettings
+from .settings import STRATEGY_NAMES, AttentionName, CompileMode, QuantizationSetting, ZImageSettings
 
 __all__ = ["main"]
 
@@ -174,15 +174,23 @@ def _add_model_options(command: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None)
     group.add_argument("--cache-dir", type=Path, default=None, help="root of the model caches (like HF_HOME)")
     group.add_argument("--offline", action="store_true", default=None, help="use caches only, never download")
+    speed = command.add_argument_group("speed (docs/speed.md)")
+    speed.add_argument("--attention", choices=get_args(AttentionName), default=None, help="attention kernel")
+    speed.add_argument("--compile", choices=get_args(CompileMode), default=None, help="torch.compile the blocks")
+    speed.add_argument(
+        "--quantization", choices=get_args(QuantizationSetting), default=None, help="fp8/int8 transformer (lossy)"
+    )
+
+
+# the command-line options that are settings of the same name
+_SETTINGS_OPTIONS = (
+    "model", "source", "strategy", "dtype", "cache_dir", "offline", "attention", "compile", "quantization",
+)  # fmt: skip
 
 
 def _settings_from(args: argparse.Namespace, **fixed: Any) -> ZImageSettings:
     """Settings from the environment, overridden by the options given on the command line."""
-    given = {
-        name: getattr(args, name)
-        for name in ("model", "source", "strategy", "dtype", "cache_dir", "offline")
-        if getattr(args, name, None) is not None
-    }
+    given = {name: getattr(args, name) for name in _SETTINGS_OPTIONS if getattr(args, name, None) is not None}
     if args.quiet:
         given["progress"] = False
     return ZImageSettings(**given, **fixed)
