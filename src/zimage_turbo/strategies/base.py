@@ -33,6 +33,7 @@ __all__ = [
     "PHASES",
     "LoadStrategy",
     "MemoryEstimate",
+    "QuantizableTransformer",
     "components",
     "host_homes",
     "new_host_homes",
@@ -165,12 +166,6 @@ def place_resident(
     return quantize_linears(pipe.transformer, quantize, device) if quantized else {}  # type: ignore[arg-type]
 
 
-def unquantize(pipe: Any, originals: dict[str, torch.nn.Parameter]) -> None:
-    """Put back the weights :func:`place_resident` quantized (they point at their host homes)."""
-    if originals:
-        restore_linears(pipe.transformer, originals)
-
-
 class LoadStrategy(ABC):
     """How the pipeline's components are placed on devices.
 
@@ -296,3 +291,62 @@ def send_everything_home(pipe: Any, keep: Collection[str] = ()) -> None:
     for name, module in components(pipe).items():
         if name not in keep:
             homes.send_home(module)
+
+
+class QuantizableTransformer(LoadStrategy):
+    """What the strategies that keep the transformer on one GPU (``full_gpu``, ``hybrid``) share: their blocks can
+    be compiled, and their transformer can be quantized (``quantize="fp8"`` or ``"int8"``).
+
+    Subclasses call :meth:`_set_quantize` in ``__init__``, place their resident components with
+    :meth:`_place` and start ``remove()`` with :meth:`_restore`.
+    """
+
+    compilable: ClassVar[bool] = True
+    _quantize: str | None = None
+    _originals: dict[str, torch.nn.Parameter]  # bf16 weights of the quantized layers, at their host homes
+
+    def _set_quantize(self, quantize: str | None) -> None:
+        self._quantize = check_quantize(quantize)
+        self._originals = {}
+
+    @property
+    def quantize(self) -> str | None:
+        return self._quantize
+
+    def identity(self) -> tuple[Any, ...]:
+        return (*super().identity(), ("quantize", str(self._quantize)))
+
+    def load_targets(self, hardware: Hardware) -> dict[str, torch.device | str]:
+        targets = super().load_targets(hardware)
+        if self._quantize is not None:
+            targets.pop("transformer", None)  # quantized layer by layer from its bf16 weights in host memory
+        return targets
+
+    def _place(self, pipe: Any, names: Collection[str], device: torch.device) -> None:
+        self._originals = place_resident(pipe, names, device, self._quantize)
+
+    def _restore(self, pipe: Any, keep: Collection[str]) -> list[str]:
+        """Put the bf16 weights back (the quantized copies are dropped); returns ``keep`` without the
+        transformer when it was quantized, since its device copy is gone."""
+        if not self._originals:
+            return list(keep)
+        restore_linears(pipe.transformer, self._originals)
+        self._originals = {}
+        return [name for name in keep if name != "transformer"]
+
+    def _transformer_bytes(self, profile: ModelProfile) -> int:
+        """The transformer's bytes on the GPU."""
+        return quantized_transformer_bytes(profile, self._quantize)
+
+    def _quantized_host_bytes(self, profile: ModelProfile) -> int:
+        """Pinned host memory the bf16 originals of quantized layers keep (0 without quantization)."""
+        if self._quantize is None:
+            return 0
+        transformer = profile.transformer
+        return pinned_size(sum(transformer.block_bytes), transformer.largest_block_tensor_bytes)
+
+    def _compute_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> dict[str, float]:
+        compute = profile.compute_seconds(work, steps)
+        if self._quantize is not None:
+            compute["denoise"] *= QUANTIZED_DENOISE[self._quantize]
+        return compute

@@ -11,16 +11,11 @@ from ..hardware import Hardware
 from ..profile import ModelProfile, Workload
 from .base import (
     COMPONENTS,
-    QUANTIZED_DENOISE,
     LoadStrategy,
     MemoryEstimate,
-    check_quantize,
+    QuantizableTransformer,
     peaks_over_phases,
-    pinned_size,
-    place_resident,
-    quantized_transformer_bytes,
     send_everything_home,
-    unquantize,
 )
 
 __all__ = ["CPUOnly", "FullGPU"]
@@ -37,7 +32,7 @@ def _on_one_device(profile: ModelProfile, work: Workload, gpu: int, resident: in
     )
 
 
-class FullGPU(LoadStrategy):
+class FullGPU(QuantizableTransformer):
     """All components on one GPU: nothing moves per image. Needs about 21.7 GiB at 1024x1024 in bf16.
 
     Args:
@@ -49,51 +44,25 @@ class FullGPU(LoadStrategy):
 
     name: ClassVar[str] = "full_gpu"
     offloads: ClassVar[bool] = False
-    compilable: ClassVar[bool] = True
 
     def __init__(self, device: str | torch.device | None = None, quantize: str | None = None) -> None:
         super().__init__(device)
-        self._quantize = check_quantize(quantize)
-        self._originals: dict[str, torch.nn.Parameter] = {}
-
-    @property
-    def quantize(self) -> str | None:
-        return self._quantize
-
-    def identity(self) -> tuple[Any, ...]:
-        return (*super().identity(), ("quantize", str(self._quantize)))
+        self._set_quantize(quantize)
 
     def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
-        resident = profile.weight_bytes - profile.transformer.weight_bytes
-        resident += quantized_transformer_bytes(profile, self._quantize)
+        resident = profile.weight_bytes - profile.transformer.weight_bytes + self._transformer_bytes(profile)
         estimate = _on_one_device(profile, work, self.gpu_index(hardware), resident)
-        if self._quantize is None:
-            return estimate
-        pinned = pinned_size(sum(profile.transformer.block_bytes), profile.transformer.largest_block_tensor_bytes)
+        pinned = self._quantized_host_bytes(profile)
         return MemoryEstimate(estimate.gpu_peak, pinned, pinned, estimate.by_phase)
 
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
-        compute = profile.compute_seconds(work, steps)
-        if self._quantize is not None:
-            compute["denoise"] *= QUANTIZED_DENOISE[self._quantize]
-        return sum(compute.values())
-
-    def load_targets(self, hardware: Hardware) -> dict[str, torch.device | str]:
-        # A quantized transformer is built layer by layer from its bf16 weights in host memory.
-        targets = dict(self.resident(hardware))
-        if self._quantize is not None:
-            targets.pop("transformer", None)
-        return dict(targets)
+        return sum(self._compute_seconds(profile, work, steps).values())
 
     def apply(self, pipe: Any, hardware: Hardware) -> None:
-        self._originals = place_resident(pipe, COMPONENTS, self.place_on(hardware), self._quantize)
+        self._place(pipe, COMPONENTS, self.place_on(hardware))
 
     def remove(self, pipe: Any, keep: Collection[str] = ()) -> None:
-        if self._originals:  # the bf16 weights come back; the quantized copies are dropped
-            unquantize(pipe, self._originals)
-            self._originals = {}
-            keep = [name for name in keep if name != "transformer"]
-        send_everything_home(pipe, keep)
+        send_everything_home(pipe, self._restore(pipe, keep))
         self.placed_off()
 
     def resident(self, hardware: Hardware) -> dict[str, torch.device]:

@@ -23,17 +23,14 @@ from ..hardware import Hardware
 from ..profile import ModelProfile, Workload
 from .base import (
     COMPONENTS,
-    QUANTIZED_DENOISE,
     LoadStrategy,
     MemoryEstimate,
-    check_quantize,
+    QuantizableTransformer,
     host_homes,
     peaks_over_phases,
     pinned_size,
     place_resident,
-    quantized_transformer_bytes,
     send_everything_home,
-    unquantize,
 )
 
 __all__ = ["Hybrid", "SequentialOffload", "StreamedOffload"]
@@ -181,13 +178,11 @@ class _StreamingStrategy(LoadStrategy):
     def __init__(self, device: str | torch.device | None = None, record_stream: bool = False) -> None:
         super().__init__(device)
         self.record_stream = record_stream
-        self._originals: dict[str, torch.nn.Parameter] = {}  # bf16 weights of quantized layers (see Hybrid)
 
     def apply(self, pipe: Any, hardware: Hardware) -> None:
         device = self.place_on(hardware)
         homes = host_homes(pipe)
-        resident = tuple(n for n in COMPONENTS if n not in self.streamed)
-        self._originals = place_resident(pipe, resident, device, self.quantize)
+        self._place(pipe, [n for n in COMPONENTS if n not in self.streamed], device)
         for name in self.streamed:
             stream(
                 getattr(pipe, name),
@@ -202,20 +197,22 @@ class _StreamingStrategy(LoadStrategy):
         homes = host_homes(pipe)
         for name in self.streamed:
             unstream(getattr(pipe, name), homes)
-        keep = [name for name in keep if name not in self.streamed]
-        if self._originals:  # the bf16 weights come back; the quantized copies are dropped
-            unquantize(pipe, self._originals)
-            self._originals = {}
-            keep = [name for name in keep if name != "transformer"]
+        keep = self._restore(pipe, [name for name in keep if name not in self.streamed])
         send_everything_home(pipe, keep)
         self.placed_off()
+
+    def _place(self, pipe: Any, names: Collection[str], device: torch.device) -> None:
+        place_resident(pipe, names, device)  # Hybrid quantizes its transformer here (QuantizableTransformer)
+
+    def _restore(self, pipe: Any, keep: Collection[str]) -> list[str]:
+        return list(keep)
 
     def resident(self, hardware: Hardware) -> dict[str, torch.device]:
         device = self.target(hardware)
         return {n: device for n in COMPONENTS if n not in self.streamed}
 
 
-class Hybrid(_StreamingStrategy):
+class Hybrid(QuantizableTransformer, _StreamingStrategy):
     """Transformer and VAE resident on the GPU; the text encoder streamed block by block per prompt.
 
     For 13-20 GB cards: about 14 GiB at 1024x1024, and only the 8 GB text encoder crosses the bus per prompt.
@@ -226,31 +223,17 @@ class Hybrid(_StreamingStrategy):
     name: ClassVar[str] = "hybrid"
     streamed: ClassVar[tuple[str, ...]] = ("text_encoder",)
     other_resident: ClassVar[tuple[str, ...]] = ("text_encoder",)
-    compilable: ClassVar[bool] = True
 
     def __init__(
         self, device: str | torch.device | None = None, record_stream: bool = False, quantize: str | None = None
     ) -> None:
         super().__init__(device, record_stream)
-        self._quantize = check_quantize(quantize)
-
-    @property
-    def quantize(self) -> str | None:
-        return self._quantize
-
-    def identity(self) -> tuple[Any, ...]:
-        return (*super().identity(), ("quantize", str(self._quantize)))
-
-    def load_targets(self, hardware: Hardware) -> dict[str, torch.device | str]:
-        targets: dict[str, torch.device | str] = dict(self.resident(hardware))
-        if self._quantize is not None:
-            targets.pop("transformer", None)  # quantized layer by layer from host memory
-        return targets
+        self._set_quantize(quantize)
 
     def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
         gpu = self.gpu_index(hardware)
         te = profile.text_encoder
-        base = quantized_transformer_bytes(profile, self._quantize) + profile.vae.weight_bytes + te.other_bytes
+        base = self._transformer_bytes(profile) + profile.vae.weight_bytes + te.other_bytes
         acts = profile.activation_bytes(work)
         estimate = peaks_over_phases(
             {
@@ -260,16 +243,11 @@ class Hybrid(_StreamingStrategy):
             },
             {phase: {gpu: value} for phase, value in acts.items()},
         )
-        pinned = pinned_size(sum(te.block_bytes), te.largest_block_tensor_bytes)
-        if self._quantize is not None:
-            tr = profile.transformer
-            pinned += pinned_size(sum(tr.block_bytes), tr.largest_block_tensor_bytes)
+        pinned = pinned_size(sum(te.block_bytes), te.largest_block_tensor_bytes) + self._quantized_host_bytes(profile)
         return MemoryEstimate(estimate.gpu_peak, pinned, pinned, estimate.by_phase)
 
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
-        compute = profile.compute_seconds(work, steps)
-        if self._quantize is not None:
-            compute["denoise"] *= QUANTIZED_DENOISE[self._quantize]
+        compute = self._compute_seconds(profile, work, steps)
         te = profile.text_encoder
         encode = max(compute["encode"], profile.transfer_seconds(sum(te.block_bytes))) + BLOCK_OVERHEAD_S * len(
             te.block_bytes
