@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--only", nargs="*", help="run only the cases whose key contains one of these")
+    parser.add_argument("--skip", nargs="*", default=[], help="leave out the cases whose key contains one of these")
     parser.add_argument("--case-timeout-s", type=float, default=240)
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG of the existing --out JSON")
     args = parser.parse_args(argv)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": rows,
     }
     for key, kind, mode, budget, options in CASES:
-        if args.only and not any(part in key for part in args.only):
+        if (args.only and not any(part in key for part in args.only)) or any(part in key for part in args.skip):
             continue
         spec = Spec(
             kind=kind,

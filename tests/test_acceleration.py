@@ -90,13 +90,13 @@ def test_a_forced_kernel_falls_back_to_the_default_where_a_strategy_moved_the_mo
 ) -> None:
     accelerator = acc.Accelerator("cudnn", "off", Path("unused"))
     generator = Generator(settings=_settings(tiny_checkpoint), strategy="cpu").load()
-    accelerator.prepare(generator.pipeline.transformer, CPU, torch.float32, False, (256, 256, 0.0))
+    accelerator.prepare(generator.pipeline, CPU, torch.float32, False, (256, 256, {}))
     assert accelerator.attention == "native" and "cannot run on cpu" in caplog.text
 
 
 def test_the_result_names_the_kernel(tiny_checkpoint: Path) -> None:
     result = Generator(settings=_settings(tiny_checkpoint), strategy="cpu").generate(PROMPT, seed=1, **SIZE)
-    assert result.attention == "native" and result.compiled is False and result.quantization is None
+    assert result.attention == "native" and result.compiled == () and result.quantization is None
 
 
 def test_an_unknown_kernel_name_is_an_invalid_setting() -> None:
@@ -159,7 +159,7 @@ def test_compile_cache_folder_follows_the_settings(tmp_path: Path, monkeypatch: 
 # -- regional compile ----------------------------------------------------------------------------------------
 
 
-def test_compiled_blocks_give_the_eager_image_and_leave_with_a_streaming_strategy(
+def test_compiled_parts_give_the_eager_image_and_leave_with_a_streaming_strategy(
     tiny_checkpoint: Path, tmp_path: Path, eager_compile: None
 ) -> None:
     eager = Generator(settings=_settings(tiny_checkpoint, compile="off"), strategy="cpu")
@@ -167,19 +167,62 @@ def test_compiled_blocks_give_the_eager_image_and_leave_with_a_streaming_strateg
     settings = _settings(tiny_checkpoint, compile="on", cache_dir=tmp_path)
     generator = Generator(settings=settings, strategy="cpu")
     first = generator.generate(PROMPT, seed=4, **SIZE)
-    assert first.compiled and acc.blocks_compiled(generator.pipeline.transformer)
+    everything = ("blocks", "text_encoder", "vae_decoder")
+    assert first.compiled == everything == acc.compiled_parts(generator.pipeline)
     assert same(first.image, reference)
-    # Streaming hooks the blocks: they run eagerly there, with the same image.
+    # Streaming hooks the blocks and the text encoder: they run eagerly there, with the same image.
     generator.switch(StreamedOffload(device="cpu"))
     streamed = generator.generate(PROMPT, seed=4, **SIZE)
-    assert not streamed.compiled and not acc.blocks_compiled(generator.pipeline.transformer)
+    assert "blocks" not in streamed.compiled and "text_encoder" not in streamed.compiled
     assert same(streamed.image, reference)
     generator.switch(CPUOnly())
-    assert generator.generate(PROMPT, seed=4, **SIZE).compiled
-    # the compile was timed and recorded where the settings keep caches
+    assert generator.generate(PROMPT, seed=4, **SIZE).compiled == everything
+    # each part's compile was timed and recorded where the settings keep caches
     records = json.loads((tmp_path / "torch-compile" / "zimage-turbo-compile-times.json").read_text())
-    assert list(records) == [acc.compile_key(CPU, torch.float32)]
-    assert math.isfinite(next(iter(records.values())))
+    key = acc.compile_key(CPU, torch.float32)
+    assert sorted(records) == [key, f"{key} / text_encoder", f"{key} / vae_decoder"]
+    assert all(math.isfinite(value) for value in records.values())
+
+
+def test_a_compiler_failure_costs_speed_not_the_image(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A graph Dynamo cannot trace (fullgraph) fails on the first call: that call and every later one run
+    eagerly, with the eager image, and the part is never compiled again in this Generator."""
+    reference = Generator(settings=_settings(tiny_checkpoint, compile="off"), strategy="cpu")
+    expected = reference.generate(PROMPT, seed=5, **SIZE).image
+    monkeypatch.setitem(acc.COMPILE_OPTIONS, "backend", "eager")
+    monkeypatch.setitem(acc.COMPILE_OPTIONS, "fullgraph", True)
+    torch._dynamo.reset()
+    decoder_class = type(Generator(settings=_settings(tiny_checkpoint), strategy="cpu").load().pipeline.vae.decoder)
+    untraceable = decoder_class.forward
+
+    def forward(self: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        torch._dynamo.graph_break()  # with fullgraph=True, Dynamo refuses the whole graph
+        return untraceable(self, *args, **kwargs)
+
+    monkeypatch.setattr(decoder_class, "forward", forward)
+    generator = Generator(settings=_settings(tiny_checkpoint, compile="on"), strategy="cpu")
+    try:
+        first = generator.generate(PROMPT, seed=5, **SIZE)
+        second = generator.generate(PROMPT, seed=5, **SIZE)
+    finally:
+        torch._dynamo.reset()
+    assert same(first.image, expected) and same(second.image, expected)
+    assert first.compiled == second.compiled == ("blocks", "text_encoder")
+    assert "torch.compile failed on vae_decoder" in caplog.text
+
+
+def test_a_part_behind_offloading_hooks_is_not_compiled(tiny_checkpoint: Path, eager_compile: None) -> None:
+    generator = Generator(settings=_settings(tiny_checkpoint, compile="on"), strategy="cpu").load()
+    pipe = generator.pipeline
+    assert acc.runs_unhooked_on([pipe.text_encoder], CPU)
+    assert not acc.runs_unhooked_on([pipe.text_encoder], torch.device("cuda"))  # not where it would run
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    add_hook_to_module(pipe.text_encoder.layers[0], ModelHook())
+    assert not acc.runs_unhooked_on([pipe.text_encoder], CPU)
+    assert not acc.runs_unhooked_on([], CPU)
 
 
 def test_auto_never_compiles_on_a_cpu(tiny_checkpoint: Path, eager_compile: None) -> None:

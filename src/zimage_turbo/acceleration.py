@@ -8,9 +8,10 @@ where it runs:
   fastest depends on the GPU and the PyTorch build, so ``"auto"`` measures: it times each available kernel
   on this model's attention shape (a few milliseconds, once per GPU model and shape), checks that each gives
   the same output as the default within bf16 rounding, and uses the fastest.
-* **Regional compile.** ``torch.compile`` of the transformer's repeated blocks (the 34 blocks run every pass;
-  compiling only them costs a fraction of a whole-model compile). It pays off only over many images, since
-  the first compile takes tens of seconds; :class:`CompileAdvisor` decides (see there).
+* **Compile.** ``torch.compile`` of the transformer's repeated blocks (the 34 blocks run every pass;
+  compiling only them costs a fraction of a whole-model compile), of the text encoder and of the VAE's
+  decoder (:data:`COMPILE_PARTS`). Each pays off only over many images, since the first compile takes tens of
+  seconds; :class:`CompileAdvisor` decides, part by part (see there).
 * **Quantization.** torchao fp8 (dynamic, per-row scales; Ada/Hopper and newer) or int8 weight-only (elsewhere)
   for the large linear layers of the transformer's blocks. It changes the image a little; it is never chosen
   unless the settings allow it.
@@ -26,18 +27,19 @@ import math
 import os
 import statistics
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from .errors import StrategyUnavailableError
+from .errors import StrategyUnavailableError, first_line
 from .settings import AttentionName, CompileMode
 
 __all__ = [
     "ATTENTION_KERNELS",
+    "COMPILE_PARTS",
     "COMPILE_SAVING",
     "QUANTIZATIONS",
     "Accelerator",
@@ -45,23 +47,26 @@ __all__ = [
     "AttentionShape",
     "CompileAdvisor",
     "CompileMode",
+    "CompilePart",
     "QuantizationName",
     "attention_available",
-    "blocks_compiled",
     "choose_attention",
-    "compile_blocks",
     "compile_cache_dir",
     "compile_key",
+    "compile_part",
     "compile_unavailable",
+    "compiled_parts",
     "measure_attention",
     "quantization_for",
     "quantization_unavailable",
     "quantize_linears",
     "quantized_linears",
     "restore_linears",
+    "runs_unhooked_on",
     "set_attention",
     "stored_bytes",
-    "uncompile_blocks",
+    "uncompile_part",
+    "use_compile_cache",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,8 +99,14 @@ COMPILE_SAVING = 0.33
 # What the first compile costs when it has never been measured on this machine: the first compiled image took
 # 22.8 s on the H200 with an empty kernel cache (7.3 s with a warm one), against 2.7 s for a first eager image.
 DEFAULT_COMPILE_SECONDS = 20.0
-# Passed to torch.compile for each block. Tests swap in backend="eager" (Dynamo's tracing only): Inductor's
-# code generation is what takes the time, and the CPU tests check the plumbing, not the kernels.
+# The same for the text encoder and the VAE decoder. Eager, the text encoder takes 0.04-0.08 s on the H200 for
+# about 4 TFLOP (5 ms of matmul): it waits on Python, which a compiled graph removes; the decoder's saving is
+# Inductor fusing normalisations and activations. Until measured, assumed small and costly to compile, so that
+# "auto" compiles them only after many images.
+TEXT_ENCODER_SAVING = 0.5
+TEXT_ENCODER_COMPILE_SECONDS = 30.0
+VAE_DECODER_SAVING = 0.2
+VAE_DECODER_COMPILE_SECONDS = 30.0
 COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": True}
 _RECORD_FILE = "zimage-turbo-compile-times.json"
 
@@ -227,11 +238,72 @@ def _quiet_diffusers() -> Iterator[None]:
         quiet.setLevel(level)
 
 
-# -- regional compile ------------------------------------------------------------------------------------
+# -- compile ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompilePart:
+    """A part of the pipeline that ``torch.compile`` can speed up, the phase whose time it cuts, and how much.
+
+    ``saving`` is the share of that phase's eager seconds that compiling saves and ``default_compile_s`` what
+    the compile costs before it has been measured on this machine (both measured on an H200 at 1024x1024)."""
+
+    name: str
+    phase: Literal["encode", "denoise", "decode"]
+    saving: float
+    default_compile_s: float
+    find: Callable[[Any], list[torch.nn.Module]]
+    prime: Callable[[Any], None] | None = None  # set-up the part needs before its first compiled call
+
+    def modules(self, pipe: Any) -> list[torch.nn.Module]:
+        return self.find(pipe)
+
+    def compiled(self, pipe: Any) -> bool:
+        return any(getattr(module, "_compiled_call_impl", None) is not None for module in self.modules(pipe))
+
+
+def _install_output_hooks(pipe: Any) -> None:
+    """transformers (5.x) captures hidden states with hooks that it installs on a model's first call, under a
+    thread lock that Dynamo cannot trace: install them before the first call is a compiled one. Its module
+    has moved between versions; if neither is found, a failed compile falls back to eager (see compile_part)."""
+    import importlib
+
+    for module in ("transformers.utils.output_capturing", "transformers.utils.generic"):
+        with contextlib.suppress(ImportError):
+            install = getattr(importlib.import_module(module), "maybe_install_capturing_hooks", None)
+            if install is not None:
+                install(pipe.text_encoder)
+                return
+
+
+def _repeated_blocks(pipe: Any) -> list[torch.nn.Module]:
+    transformer = pipe.transformer
+    names = set(getattr(transformer, "_repeated_blocks", None) or ())
+    return [module for module in transformer.modules() if type(module).__name__ in names]
+
+
+COMPILE_PARTS: tuple[CompilePart, ...] = (
+    # The transformer's 34 repeated blocks, one graph for all (regional compile).
+    CompilePart("blocks", "denoise", COMPILE_SAVING, DEFAULT_COMPILE_SECONDS, _repeated_blocks),
+    # The text encoder as a whole (transformers captures the hidden states with hooks that only a whole-model
+    # compile traces). Eager, its 36 layers at 512 tokens are bound by Python, not by the GPU.
+    CompilePart(
+        "text_encoder",
+        "encode",
+        TEXT_ENCODER_SAVING,
+        TEXT_ENCODER_COMPILE_SECONDS,
+        lambda pipe: [pipe.text_encoder],
+        _install_output_hooks,
+    ),
+    # The VAE's decoder: Inductor fuses its group norms and activations into the convolutions' neighbours.
+    CompilePart(
+        "vae_decoder", "decode", VAE_DECODER_SAVING, VAE_DECODER_COMPILE_SECONDS, lambda pipe: [pipe.vae.decoder]
+    ),
+)
 
 
 def compile_unavailable(device: torch.device) -> str:
-    """Why the transformer's blocks cannot be compiled for ``device`` ("" when they can)."""
+    """Why the pipeline cannot be compiled for ``device`` ("" when it can)."""
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 
@@ -242,29 +314,68 @@ def compile_unavailable(device: torch.device) -> str:
         return ""
     if device.type == "cpu":
         return ""
-    return f"regional compile is not supported on {device.type}"
+    return f"torch.compile is not supported on {device.type}"
 
 
-def compile_blocks(transformer: Any, cache_dir: Path | None = None) -> None:
-    """Compile each repeated block of the transformer in place (lazily: the first pass pays for it).
+def runs_unhooked_on(modules: list[torch.nn.Module], device: torch.device) -> bool:
+    """Whether ``modules`` run where they are, on ``device``, with no offloading hooks (accelerate's or
+    diffusers') that move weights in their forward: a compiled graph must not contain those moves."""
+    for module in modules:
+        for part in module.modules():
+            registry = getattr(part, "_diffusers_hook", None)
+            if hasattr(part, "_hf_hook") or (registry is not None and getattr(registry, "hooks", None)):
+                return False
+        if any(parameter.device != device for parameter in module.parameters()):
+            return False
+    return bool(modules)
 
-    Inductor's caches go to ``cache_dir`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set already, so that a later
-    process compiling the same blocks reuses the generated kernels instead of generating them again."""
-    if cache_dir is not None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+
+def compile_part(pipe: Any, part: CompilePart, on_failure: Callable[[CompilePart, BaseException], None]) -> None:
+    """Compile each module of ``part`` in place (lazily: its first call pays for it).
+
+    If the compiler fails (Dynamo cannot trace, Inductor cannot generate code), the part goes back to eager,
+    ``on_failure`` is told, and the call runs eagerly: a compiler problem costs speed, never an image. Errors
+    of the model itself propagate as they would eagerly. Modules of one class share one graph."""
+    from torch._dynamo.exc import TorchDynamoException  # imported here: importing Dynamo takes seconds
+
+    def guarded(module: torch.nn.Module) -> Callable[..., Any]:
+        compiled = torch.compile(module._call_impl, **COMPILE_OPTIONS)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return compiled(*args, **kwargs)
+            except TorchDynamoException as exc:
+                if "out of memory" in str(exc):  # while tuning kernels: the ladder's business, as any OOM
+                    raise torch.OutOfMemoryError(first_line(exc)) from exc
+                uncompile_part(pipe, part)
+                on_failure(part, exc)
+                return module._call_impl(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+        return call
+
+    if part.prime is not None:
+        part.prime(pipe)
+    for module in part.modules(pipe):
+        module._compiled_call_impl = guarded(module)
+
+
+def uncompile_part(pipe: Any, part: CompilePart) -> None:
+    """Back to eager (strategies that hook modules, like streaming, run them uncompiled)."""
+    for module in part.modules(pipe):
+        module._compiled_call_impl = None
+
+
+def compiled_parts(pipe: Any) -> tuple[str, ...]:
+    """The names of the parts that run compiled now."""
+    return tuple(part.name for part in COMPILE_PARTS if part.compiled(pipe))
+
+
+def use_compile_cache(cache_dir: Path) -> None:
+    """Inductor's caches go to ``cache_dir`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set already, so that a later
+    process compiling the same graphs reuses the generated kernels instead of generating them again."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         cache_dir.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
-    transformer.compile_repeated_blocks(**COMPILE_OPTIONS)
-
-
-def uncompile_blocks(transformer: Any) -> None:
-    """Back to eager blocks (strategies that hook the blocks, like streaming, run them uncompiled)."""
-    for module in transformer.modules():
-        if getattr(module, "_compiled_call_impl", None) is not None:
-            module._compiled_call_impl = None
-
-
-def blocks_compiled(transformer: Any) -> bool:
-    return any(getattr(module, "_compiled_call_impl", None) is not None for module in transformer.modules())
 
 
 def compile_cache_dir(cache_root: Path | None) -> Path:
@@ -277,39 +388,42 @@ def compile_cache_dir(cache_root: Path | None) -> Path:
 
 
 class CompileAdvisor:
-    """Decides when compiling the blocks is a net win for the work this Generator is given.
+    """Decides when compiling one part (the blocks unless ``part`` says otherwise) is a net win for the work
+    this Generator is given.
 
-    Compiling costs ``C`` seconds once (measured on this machine the last time, :data:`DEFAULT_COMPILE_SECONDS`
-    before that; a warm kernel cache makes it much smaller) and then saves :data:`COMPILE_SAVING` of every
-    denoising. Two rules, checked together before each image (compile once their sum reaches ``C``):
+    Compiling costs ``C`` seconds once (measured on this machine the last time, the part's
+    ``default_compile_s`` before that; a warm kernel cache makes it much smaller) and then saves the part's
+    ``saving`` share of every run of its phase (:data:`COMPILE_SAVING` of every denoising for the blocks).
+    Two rules, checked together before each image (compile once their sum reaches ``C``):
 
     * **Known work.** When the images still to come in this call (``generate_many`` with many prompts) would
       save more than ``C``, compile now.
-    * **Ski rental** for work that arrives one call at a time: once the time already spent denoising eagerly
-      would have saved ``C`` had the blocks been compiled, compile. Whatever the user does next, this never
+    * **Ski rental** for work that arrives one call at a time: once the time already spent eagerly in the
+      part's phase would have saved ``C`` had the part been compiled, compile. Whatever the user does next, this never
       costs more than twice the best choice in hindsight.
 
-    ``mode="on"`` compiles at once, ``"off"`` never; both only where the strategy keeps the transformer's
-    blocks resident and unhooked (``full_gpu``, ``hybrid``).
+    ``mode="on"`` compiles at once, ``"off"`` never; both only where the part runs resident and unhooked
+    (the blocks under ``full_gpu`` and ``hybrid``, the text encoder and VAE under ``full_gpu``).
     """
 
-    def __init__(self, mode: CompileMode, cache_dir: Path, device_key: str) -> None:
+    def __init__(self, mode: CompileMode, cache_dir: Path, device_key: str, part: CompilePart | None = None) -> None:
         self.mode = mode
         self.cache_dir = cache_dir
         self.device_key = device_key
-        self.eager_denoise_s = 0.0
-        self.expected_compile_s = self._recorded().get(device_key, DEFAULT_COMPILE_SECONDS)
+        self.part = part or COMPILE_PARTS[0]
+        self.eager_s = 0.0
+        self.expected_compile_s = self._recorded().get(device_key, self.part.default_compile_s)
 
-    def should_compile(self, upcoming_denoise_s: float) -> bool:
-        """``upcoming_denoise_s``: predicted eager denoising seconds of the images still to come in this call,
-        the next one included."""
+    def should_compile(self, upcoming_s: float) -> bool:
+        """``upcoming_s``: predicted eager seconds of the part's phase for the images still to come in this
+        call, the next one included."""
         if self.mode != "auto":
             return self.mode == "on"
-        saving = COMPILE_SAVING * (self.eager_denoise_s + upcoming_denoise_s)
+        saving = self.part.saving * (self.eager_s + upcoming_s)
         return saving >= self.expected_compile_s
 
-    def ran_eager(self, denoise_s: float) -> None:
-        self.eager_denoise_s += denoise_s
+    def ran_eager(self, seconds: float) -> None:
+        self.eager_s += seconds
 
     def compiled_in(self, seconds: float) -> None:
         """Record what the compile took (the first compiled denoise minus what it would take compiled)."""
@@ -442,7 +556,7 @@ def restore_linears(transformer: torch.nn.Module, originals: Mapping[str, torch.
 
 
 class Accelerator:
-    """A Generator's speed-ups: sets the attention kernel and decides when to compile, before each image.
+    """A Generator's speed-ups: sets the attention kernel and decides what to compile, before each image.
 
     Args:
         attention: the ``attention`` setting.
@@ -457,58 +571,90 @@ class Accelerator:
         self.attention = "native"  # the kernel in use
         self._attention_for: tuple[Any, ...] | None = None  # (device, shape) the kernel was chosen for
         self._advisors: dict[str, CompileAdvisor] = {}
-        self._compiling: CompileAdvisor | None = None  # set while the first compiled image runs
-        self._eager_rate = 1.0  # measured eager denoising time over the planner's prediction
+        self._compiling: dict[str, CompileAdvisor] = {}  # parts whose first compiled image is running
+        self._failed: set[str] = set()  # parts the compiler failed on: eager from then on
+        # measured eager seconds over the planner's prediction, per phase
+        self._eager_rate: dict[str, float] = {"encode": 1.0, "denoise": 1.0, "decode": 1.0}
 
     def prepare(
         self,
-        transformer: Any,
+        pipe: Any,
         device: torch.device,
         dtype: torch.dtype,
         compilable: bool,
-        upcoming: tuple[int, int, float],
+        upcoming: tuple[int, int, Mapping[str, float]],
         quantization: str | None = None,
     ) -> None:
-        """Before an image: the attention kernel for this shape, and the blocks compiled or not.
+        """Before an image: the attention kernel for this shape, and each part compiled or not.
 
-        ``upcoming`` is (height, width, predicted eager denoising seconds of the images left in this call)."""
+        ``compilable``: the strategy keeps the transformer on one device with nothing hooked into its blocks.
+        ``upcoming`` is (height, width, predicted eager seconds per phase of the images left in this call)."""
         height, width, upcoming_s = upcoming
+        transformer = pipe.transformer
         self._set_attention(transformer, device, dtype, AttentionShape.of(transformer, height, width))
         usable = compilable and not compile_unavailable(device)
-        advisor = self._advisor(compile_key(device, dtype, quantization)) if usable else None
-        if advisor is None or (device.type != "cuda" and self.compile_mode == "auto"):
-            if blocks_compiled(transformer):
-                uncompile_blocks(transformer)  # hooks of the new strategy must not run inside a compiled graph
-            self._compiling = None
-            return
-        if blocks_compiled(transformer):
-            return
-        if advisor.should_compile(upcoming_s * self._eager_rate):
-            logger.info(
-                "compiling the transformer's blocks (expected %.0f s once; saves about %.0f%% of each denoising)",
-                advisor.expected_compile_s,
-                100 * COMPILE_SAVING,
-            )
-            compile_blocks(transformer, self.cache_dir / "inductor")
-            self._compiling = advisor
+        if device.type != "cuda" and self.compile_mode == "auto":
+            usable = False  # on a CPU Inductor's compile would rarely pay back; "on" still compiles there
+        for part in COMPILE_PARTS:
+            modules = part.modules(pipe)
+            if not (usable and part.name not in self._failed and runs_unhooked_on(modules, device)):
+                if part.compiled(pipe):
+                    uncompile_part(pipe, part)  # hooks of the new strategy must not run inside a compiled graph
+                self._compiling.pop(part.name, None)
+                continue
+            if part.compiled(pipe):
+                continue
+            advisor = self._advisor(part, device, dtype, quantization)
+            if advisor.should_compile(upcoming_s.get(part.phase, 0.0) * self._eager_rate[part.phase]):
+                logger.info(
+                    "compiling %s (expected %.0f s once; saves about %.0f%% of each %s)",
+                    part.name,
+                    advisor.expected_compile_s,
+                    100 * part.saving,
+                    part.phase,
+                )
+                use_compile_cache(self.cache_dir / "inductor")
+                compile_part(pipe, part, self._compiler_failed)
+                self._compiling[part.name] = advisor
 
-    def finished(self, transformer: Any, denoise_s: float, predicted_s: float) -> None:
-        """After an image: what its denoising took (measured) and what the planner predicted for it eagerly."""
-        if not blocks_compiled(transformer):
-            if predicted_s > 0:
-                self._eager_rate = denoise_s / predicted_s
-            for advisor in self._advisors.values():
-                advisor.ran_eager(denoise_s)
-            return
-        if self._compiling is not None:
-            expected = predicted_s * self._eager_rate * (1 - COMPILE_SAVING)
-            self._compiling.compiled_in(denoise_s - expected)
-            logger.info("compiled in about %.1f s", self._compiling.expected_compile_s)
-            self._compiling = None
+    def finished(self, pipe: Any, measured: Mapping[str, float], predicted: Mapping[str, float]) -> None:
+        """After an image: the seconds of each phase that ran in it (measured) and what the planner predicted
+        for it eagerly."""
+        for part in COMPILE_PARTS:
+            phase = part.phase
+            if phase not in measured:
+                continue
+            if not part.compiled(pipe):
+                if predicted.get(phase, 0.0) > 0:
+                    self._eager_rate[phase] = measured[phase] / predicted[phase]
+                for advisor in self._advisors.values():
+                    if advisor.part is part:
+                        advisor.ran_eager(measured[phase])
+                continue
+            compiling = self._compiling.pop(part.name, None)
+            if compiling is not None:
+                expected = predicted.get(phase, 0.0) * self._eager_rate[phase] * (1 - part.saving)
+                compiling.compiled_in(measured[phase] - expected)
+                logger.info("%s compiled in about %.1f s", part.name, compiling.expected_compile_s)
 
-    def _advisor(self, key: str) -> CompileAdvisor:
+    def _compiler_failed(self, part: CompilePart, exc: BaseException) -> None:
+        self._failed.add(part.name)
+        self._compiling.pop(part.name, None)
+        logger.warning(
+            "torch.compile failed on %s; it runs eagerly from now on (same images, slower): %s",
+            part.name,
+            first_line(exc),
+        )
+
+    def _advisor(
+        self, part: CompilePart, device: torch.device, dtype: torch.dtype, quantization: str | None
+    ) -> CompileAdvisor:
+        if part.name == "blocks":
+            key = compile_key(device, dtype, quantization)
+        else:  # only the transformer is quantized
+            key = f"{compile_key(device, dtype)} / {part.name}"
         if key not in self._advisors:
-            self._advisors[key] = CompileAdvisor(self.compile_mode, self.cache_dir, key)
+            self._advisors[key] = CompileAdvisor(self.compile_mode, self.cache_dir, key, part)
         return self._advisors[key]
 
     def _set_attention(self, transformer: Any, device: torch.device, dtype: torch.dtype, shape: AttentionShape) -> None:

@@ -47,8 +47,8 @@ import torch
 from .acceleration import (
     Accelerator,
     attention_available,
-    blocks_compiled,
     compile_cache_dir,
+    compiled_parts,
     quantization_for,
     quantization_unavailable,
     stored_bytes,
@@ -167,7 +167,7 @@ class Generator:
         # the quantization the planner may use (None: lossless only), and whether lossless placements rank first
         self._quantize: str | None = None
         self._prefer_lossless = True
-        self._upcoming_s = 0.0  # predicted eager denoising of the images left in the running call
+        self._upcoming: dict[str, float] = {}  # predicted eager seconds per phase of the images left in the call
         if load:
             self.load()
 
@@ -549,9 +549,9 @@ class Generator:
                 load_seconds = self._ensure_loaded()
             assert self._loaded is not None
             profile = self._loaded.profile
-            eager = [profile.compute_seconds(Workload.of(r), r.steps)["denoise"] for r in requests]
+            eager = [profile.compute_seconds(Workload.of(r), r.steps) for r in requests]
             for index, request in enumerate(_progress(requests, enabled=self.settings.progress and len(requests) > 1)):
-                self._upcoming_s = sum(eager[index:])
+                self._upcoming = {phase: sum(e[phase] for e in eager[index:]) for phase in eager[index]}
                 results.append(self._generate(request, load_seconds, callback, index))
                 load_seconds = 0.0
         return results
@@ -818,20 +818,22 @@ class Generator:
         _reset_peaks(devices)
         guidance = request.guidance_scale > 0
         assert self._active is not None
-        # the attention kernel for this shape, and the blocks compiled when that pays off (see acceleration.py)
+        # the attention kernel for this shape, and what is compiled when that pays off (see acceleration.py)
         self._accelerator.prepare(
-            pipe.transformer,
+            pipe,
             torch.device(pipe._execution_device),
             self._loaded.dtype,
             self._active.compilable,
-            (request.height, request.width, self._upcoming_s),
+            (request.height, request.width, self._upcoming),
             self._active.quantize,
         )
 
         # Phase boundaries are marked without waiting for the GPU (a wait between phases would leave it idle
         # while the next phase is being prepared); the marks are read once, when the images are out.
         clock = PhaseClock(devices)
+        ran = {"decode"}  # the phases this attempt runs (a retry reuses what an earlier one finished)
         if progress.embeds is None:
+            ran.add("encode")
             progress.phase = "encode"
             progress.embeds = encode(
                 pipe, request.prompt, request.negative_prompt, guidance, self._active_encode_device()
@@ -839,6 +841,7 @@ class Generator:
         clock.mark()
         finite: torch.Tensor | None = None
         if progress.latents is None:
+            ran.add("denoise")
             progress.phase = "denoise"
             progress.latents = denoise(
                 pipe,
@@ -877,9 +880,11 @@ class Generator:
         assert images is not None
         encode_s, denoise_s, decode_s = clock.durations()
         timings = Timings(encode=encode_s, denoise=denoise_s, decode=decode_s)
-        if finite is not None:  # this attempt denoised (a retried decode reuses earlier latents)
-            predicted = self._loaded.profile.compute_seconds(Workload.of(request), request.steps)["denoise"]
-            self._accelerator.finished(pipe.transformer, denoise_s, predicted)
+        if rung.vae_tiling:
+            ran.discard("decode")  # a tiled decode is not the workload the planner predicted
+        predicted = self._loaded.profile.compute_seconds(Workload.of(request), request.steps)
+        measured = {"encode": encode_s, "denoise": denoise_s, "decode": decode_s}
+        self._accelerator.finished(pipe, {phase: measured[phase] for phase in ran}, predicted)
         return images, timings, rung, _peaks(devices)
 
     def _on_device(self) -> contextlib.AbstractContextManager[object]:
@@ -927,7 +932,7 @@ class Generator:
             predicted_peak_memory=predicted,
             vae_tiling=rung.vae_tiling,
             attention=self._accelerator.attention,
-            compiled=blocks_compiled(self._loaded.pipe.transformer),
+            compiled=compiled_parts(self._loaded.pipe),
             quantization=rung.strategy.quantize,
             fallbacks=tuple(fallbacks),
             warnings=tuple(warnings),

@@ -115,7 +115,9 @@ class GenerationResult:
         predicted_peak_memory: what the planner predicted for that attempt, per GPU.
         vae_tiling: whether the VAE decoded in tiles.
         attention: the attention kernel the transformer used (see ``settings.attention``).
-        compiled: whether the transformer's blocks ran compiled (``torch.compile``).
+        compiled: the parts that ran compiled (``torch.compile``): ``"blocks"`` (the transformer's repeated
+            blocks), ``"text_encoder"``, ``"vae_decoder"``; empty when none did (a tuple, so ``if
+            result.compiled:`` reads naturally).
         quantization: ``"fp8"`` or ``"int8"`` when the transformer's linear layers were quantized, else None.
         fallbacks: each change of plan taken to get here, with its reason (empty when none).
         warnings: things the caller should know (a prompt cut at the token limit, an ignored option).
@@ -136,7 +138,7 @@ class GenerationResult:
     predicted_peak_memory: Mapping[str, int] = field(default_factory=dict)
     vae_tiling: bool = False
     attention: str = "native"
-    compiled: bool = False
+    compiled: tuple[str, ...] = ()
     quantization: str | None = None
     fallbacks: tuple[Fallback, ...] = ()
     warnings: tuple[str, ...] = ()
