@@ -99,14 +99,18 @@ COMPILE_SAVING = 0.33
 # What the first compile costs when it has never been measured on this machine: the first compiled image took
 # 22.8 s on the H200 with an empty kernel cache (7.3 s with a warm one), against 2.7 s for a first eager image.
 DEFAULT_COMPILE_SECONDS = 20.0
-# The same for the text encoder and the VAE decoder. Eager, the text encoder takes 0.04-0.08 s on the H200 for
-# about 4 TFLOP (5 ms of matmul): it waits on Python, which a compiled graph removes; the decoder's saving is
-# Inductor fusing normalisations and activations. Until measured, assumed small and costly to compile, so that
-# "auto" compiles them only after many images.
+# The same for the text encoder and the VAE decoder, measured on the H200 at 1024x1024
+# (benchmarks/results/speed-compile-h200-2026-11-23.json): the text encoder's 0.037 s become 0.017 s (eager,
+# it waits on Python: its 4 TFLOP are 5 ms of matmul), the decoder's 0.099 s become 0.055 s (Inductor fuses
+# its normalisations and activations). Their first compiles took 44 s and 20 s with an empty kernel cache
+# (tests/gpu, 512x512), so "auto" compiles them only after many images.
 TEXT_ENCODER_SAVING = 0.5
-TEXT_ENCODER_COMPILE_SECONDS = 30.0
-VAE_DECODER_SAVING = 0.2
-VAE_DECODER_COMPILE_SECONDS = 30.0
+TEXT_ENCODER_COMPILE_SECONDS = 45.0
+VAE_DECODER_SAVING = 0.4
+VAE_DECODER_COMPILE_SECONDS = 20.0
+# fp8 blocks gain more from compiling (1.364 s to 0.569 s of denoising on the H200): eager, torchao quantizes
+# each activation in separate kernels, which the compiled graph fuses into its neighbours.
+QUANTIZED_COMPILE_SAVING = {"fp8": 0.55}
 COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": True}
 _RECORD_FILE = "zimage-turbo-compile-times.json"
 
@@ -406,11 +410,19 @@ class CompileAdvisor:
     (the blocks under ``full_gpu`` and ``hybrid``, the text encoder and VAE under ``full_gpu``).
     """
 
-    def __init__(self, mode: CompileMode, cache_dir: Path, device_key: str, part: CompilePart | None = None) -> None:
+    def __init__(
+        self,
+        mode: CompileMode,
+        cache_dir: Path,
+        device_key: str,
+        part: CompilePart | None = None,
+        saving: float | None = None,
+    ) -> None:
         self.mode = mode
         self.cache_dir = cache_dir
         self.device_key = device_key
         self.part = part or COMPILE_PARTS[0]
+        self.saving = self.part.saving if saving is None else saving
         self.eager_s = 0.0
         self.expected_compile_s = self._recorded().get(device_key, self.part.default_compile_s)
 
@@ -419,8 +431,7 @@ class CompileAdvisor:
         call, the next one included."""
         if self.mode != "auto":
             return self.mode == "on"
-        saving = self.part.saving * (self.eager_s + upcoming_s)
-        return saving >= self.expected_compile_s
+        return self.saving * (self.eager_s + upcoming_s) >= self.expected_compile_s
 
     def ran_eager(self, seconds: float) -> None:
         self.eager_s += seconds
@@ -610,7 +621,7 @@ class Accelerator:
                     "compiling %s (expected %.0f s once; saves about %.0f%% of each %s)",
                     part.name,
                     advisor.expected_compile_s,
-                    100 * part.saving,
+                    100 * advisor.saving,
                     part.phase,
                 )
                 use_compile_cache(self.cache_dir / "inductor")
@@ -633,7 +644,7 @@ class Accelerator:
                 continue
             compiling = self._compiling.pop(part.name, None)
             if compiling is not None:
-                expected = predicted.get(phase, 0.0) * self._eager_rate[phase] * (1 - part.saving)
+                expected = predicted.get(phase, 0.0) * self._eager_rate[phase] * (1 - compiling.saving)
                 compiling.compiled_in(measured[phase] - expected)
                 logger.info("%s compiled in about %.1f s", part.name, compiling.expected_compile_s)
 
@@ -649,12 +660,14 @@ class Accelerator:
     def _advisor(
         self, part: CompilePart, device: torch.device, dtype: torch.dtype, quantization: str | None
     ) -> CompileAdvisor:
+        saving = part.saving
         if part.name == "blocks":
             key = compile_key(device, dtype, quantization)
+            saving = QUANTIZED_COMPILE_SAVING.get(quantization or "", saving)
         else:  # only the transformer is quantized
             key = f"{compile_key(device, dtype)} / {part.name}"
         if key not in self._advisors:
-            self._advisors[key] = CompileAdvisor(self.compile_mode, self.cache_dir, key, part)
+            self._advisors[key] = CompileAdvisor(self.compile_mode, self.cache_dir, key, part, saving)
         return self._advisors[key]
 
     def _set_attention(self, transformer: Any, device: torch.device, dtype: torch.dtype, shape: AttentionShape) -> None:

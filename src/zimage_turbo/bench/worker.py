@@ -77,7 +77,7 @@ def _ours(spec: Spec) -> dict[str, Any]:
     started = time.perf_counter()  # load_s counts importing the model libraries, on both sides
     from zimage_turbo import Generator, NotEnoughMemoryError, ZImageSettings
 
-    settings = ZImageSettings(progress=False, source="local", model=spec.checkpoint, **spec.options)
+    settings = ZImageSettings(**_our_settings(spec), **spec.options)
     gen = Generator(settings=settings, strategy=spec.mode)
     try:
         gen.load()
@@ -115,6 +115,16 @@ def _ours(spec: Spec) -> dict[str, Any]:
     )
     _compare(spec, results[0].image, row)
     return row
+
+
+def _our_settings(spec: Spec) -> dict[str, Any]:
+    """Our settings for a case. Each case gets a cache folder of its own: the compile times that the library
+    records there (and its compiled kernels) would otherwise carry from one case to the next on the same
+    machine, and ``compile="auto"`` would decide differently than for a user's first run."""
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="zimage-turbo-bench-cache-")
+    return {"progress": False, "source": "local", "model": spec.checkpoint, "cache_dir": cache}
 
 
 # -- plain diffusers, as people write it -------------------------------------------------------------------
@@ -199,8 +209,7 @@ def _diffusers_options(pipe: Any, options: dict[str, str]) -> None:
 def _sweep(spec: Spec) -> dict[str, Any]:
     from zimage_turbo import Generator, NotEnoughMemoryError, ZImageSettings
 
-    settings = ZImageSettings(progress=False, source="local", model=spec.checkpoint)
-    gen = Generator(settings=settings, strategy=spec.mode).load()
+    gen = Generator(settings=ZImageSettings(**_our_settings(spec)), strategy=spec.mode).load()
     profile = gen._loaded.profile if gen._loaded is not None else None
     sizes: list[dict[str, Any]] = []
     for width, height in spec.sweep_sizes:
