@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--only", nargs="*", help="run only the cases whose key contains one of these")
     parser.add_argument("--skip", nargs="*", default=[], help="leave out the cases whose key contains one of these")
+    parser.add_argument("--rounds", type=int, default=1, help="run the chosen cases this many times, interleaved")
     parser.add_argument("--case-timeout-s", type=float, default=240)
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG of the existing --out JSON")
     args = parser.parse_args(argv)
@@ -83,9 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         "floor": _floor(),
         "cases": rows,
     }
-    for key, kind, mode, budget, options in CASES:
-        if (args.only and not any(part in key for part in args.only)) or any(part in key for part in args.skip):
-            continue
+    chosen = [
+        case
+        for case in CASES
+        if not (args.only and not any(part in case[0] for part in args.only))
+        and not any(part in case[0] for part in args.skip)
+    ]
+    # Rounds interleave the cases (A B A B), so that a drift of the machine does not favour one side.
+    rounds = [
+        (f"{key} #{n + 1}" if args.rounds > 1 else key, *rest) for n in range(args.rounds) for key, *rest in chosen
+    ]
+    for key, kind, mode, budget, options in rounds:
         spec = Spec(
             kind=kind,
             mode=mode,

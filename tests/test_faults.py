@@ -67,9 +67,9 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = generator_module.decode
 
-    def counted(pipe: Any, latents: torch.Tensor) -> list[Any]:
+    def counted(pipe: Any, latents: torch.Tensor, device: torch.device | None = None) -> list[Any]:
         calls.append(latents.shape[0])
-        return original(pipe, latents)
+        return original(pipe, latents, device)
 
     monkeypatch.setattr(generator_module, "decode", counted)
     return calls

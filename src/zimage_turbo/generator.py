@@ -167,6 +167,8 @@ class Generator:
         # the quantization the planner may use (None: lossless only), and whether lossless placements rank first
         self._quantize: str | None = None
         self._prefer_lossless = True
+        # (id of the pipeline, its execution device) under the placement in use; None: not known yet
+        self._execution_device: tuple[int, torch.device] | None = None
         self._upcoming: dict[str, float] = {}  # predicted eager seconds per phase of the images left in the call
         if load:
             self.load()
@@ -239,6 +241,7 @@ class Generator:
                 host_homes(self._loaded.pipe).clear()
             self._loaded = None
             self._active = None
+            self._execution_device = None
             self._closed = True
         release_memory()
 
@@ -620,6 +623,7 @@ class Generator:
         strategy = self._active
         hardware = effective_hardware(self._detect(), self._held_bytes())
         strategy.remove(self._loaded.pipe, list(strategy.resident(hardware)))
+        self._execution_device = None
         strategy.apply(self._loaded.pipe, hardware)
 
     def _step_hook(self, request: GenerationRequest, rung: Candidate) -> Callable[[int], None] | None:
@@ -774,6 +778,7 @@ class Generator:
             logger.info("placing the model: %s", rung.strategy.name)
             self._held = None
             self._active = rung.strategy
+            self._execution_device = None
             self._tile_from = None
             rung.strategy.apply(pipe, hardware)
         set_vae_tiling(pipe, rung.vae_tiling)
@@ -788,6 +793,7 @@ class Generator:
             keep = [name for name, device in held.items() if wanted.get(name) == device]
         self._active.remove(self._loaded.pipe, keep)
         self._active = None
+        self._execution_device = None
         self._held = None
         self._loaded.loaded_for = None
 
@@ -818,10 +824,15 @@ class Generator:
         _reset_peaks(devices)
         guidance = request.guidance_scale > 0
         assert self._active is not None
+        # diffusers finds the execution device by walking every module of every component (milliseconds of
+        # host time while the GPU waits): once per placement is enough
+        if self._execution_device is None or self._execution_device[0] != id(pipe):
+            self._execution_device = (id(pipe), torch.device(pipe._execution_device))
+        device = self._execution_device[1]
         # the attention kernel for this shape, and what is compiled when that pays off (see acceleration.py)
         self._accelerator.prepare(
             pipe,
-            torch.device(pipe._execution_device),
+            device,
             self._loaded.dtype,
             self._active.compilable,
             (request.height, request.width, self._upcoming),
@@ -836,7 +847,7 @@ class Generator:
             ran.add("encode")
             progress.phase = "encode"
             progress.embeds = encode(
-                pipe, request.prompt, request.negative_prompt, guidance, self._active_encode_device()
+                pipe, request.prompt, request.negative_prompt, guidance, self._active.encode_device(pipe, device)
             )
         clock.mark()
         finite: torch.Tensor | None = None
@@ -852,13 +863,14 @@ class Generator:
                 guidance_scale=request.guidance_scale,
                 seeds=request.seeds,
                 on_step=self._step_hook(request, rung),
+                device=device,
             )
             finite = torch.isfinite(progress.latents).all()  # read after the decode, which waits anyway
         clock.mark()
         progress.phase = "decode"
         latents = progress.latents
         assert latents is not None
-        images, failure = _attempt(decode, pipe, latents)
+        images, failure = _attempt(decode, pipe, latents, device)
         if failure is not None:
             if rung.vae_tiling:
                 raise torch.OutOfMemoryError(failure)  # tiling did not help: the ladder takes it from here
@@ -869,7 +881,7 @@ class Generator:
             pixels = request.width * request.height * request.num_images
             self._tile_from = min(pixels, self._tile_from or pixels)
             set_vae_tiling(pipe, True)
-            images = decode(pipe, latents)
+            images = decode(pipe, latents, device)
         clock.mark()
         if finite is not None and not bool(finite):
             progress.latents = None
@@ -900,10 +912,6 @@ class Generator:
         assert self._hardware is not None
         return [torch.device("cuda", g.index) for g in self._hardware.gpus]
 
-    def _active_encode_device(self) -> torch.device:
-        assert self._active is not None and self._loaded is not None
-        return self._active.encode_device(self._loaded.pipe)
-
     def _result(
         self,
         request: GenerationRequest,
@@ -925,7 +933,7 @@ class Generator:
             steps=request.steps,
             guidance_scale=request.guidance_scale,
             strategy=rung.strategy.name,
-            device=str(self._loaded.pipe._execution_device),
+            device=str(self._execution_device[1] if self._execution_device else self._loaded.pipe._execution_device),
             dtype=str(self._loaded.dtype).removeprefix("torch."),
             timings=timings,
             peak_memory=peaks,

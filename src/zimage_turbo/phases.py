@@ -68,6 +68,7 @@ def denoise(
     guidance_scale: float,
     seeds: Sequence[int],
     on_step: Callable[[int], None] | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Latents after ``steps`` transformer passes from the noise of ``seeds`` (one CPU generator per image:
     the same seed gives the same noise on every device).
@@ -76,8 +77,11 @@ def denoise(
     propagates. If the loop is interrupted through diffusers' ``pipe._interrupt`` flag instead, diffusers
     skips the remaining steps and returns half-denoised latents: we raise
     :class:`~zimage_turbo.errors.GenerationInterruptedError` rather than let them be decoded.
+
+    ``device``: the pipeline's execution device when the caller knows it (diffusers finds it by walking every
+    module of every component, milliseconds of host time while the GPU may be idle).
     """
-    device = torch.device(pipe._execution_device)
+    device = device or torch.device(pipe._execution_device)
     positive, negative = ([t.to(device) for t in part] for part in embeds)
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     finished = 0
@@ -112,10 +116,10 @@ def denoise(
     return latents  # type: ignore[no-any-return]
 
 
-def decode(pipe: Any, latents: torch.Tensor) -> list[Any]:
-    """The VAE half of ``ZImagePipeline.__call__``: latents to PIL images."""
+def decode(pipe: Any, latents: torch.Tensor, device: torch.device | None = None) -> list[Any]:
+    """The VAE half of ``ZImagePipeline.__call__``: latents to PIL images (``device`` as for :func:`denoise`)."""
     vae = pipe.vae
-    device = torch.device(pipe._execution_device)
+    device = device or torch.device(pipe._execution_device)
     latents = latents.to(device=device, dtype=vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
     image = vae.decode(latents, return_dict=False)[0]
     return list(pipe.image_processor.postprocess(image, output_type="pil"))

@@ -223,9 +223,10 @@ class LoadStrategy(ABC):
         where offloading will stream them from."""
         return dict(self.resident(hardware))
 
-    def encode_device(self, pipe: Any) -> torch.device:
-        """Where prompt token ids go: the device the text encoder computes on."""
-        return torch.device(pipe._execution_device)
+    def encode_device(self, pipe: Any, execution_device: torch.device) -> torch.device:
+        """Where prompt token ids go: the device the text encoder computes on (for most strategies the
+        pipeline's ``execution_device``)."""
+        return execution_device
 
     # -- side effects -------------------------------------------------------------------------------------
 

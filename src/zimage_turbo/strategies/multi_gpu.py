@@ -253,7 +253,7 @@ class MultiGPUDispatch(LoadStrategy):
         homes.release(pipe.vae)
         self._placed = placed
 
-    def encode_device(self, pipe: Any) -> torch.device:
+    def encode_device(self, pipe: Any, execution_device: torch.device) -> torch.device:
         assert self._placed is not None
         return torch.device("cuda", self._placed.text_encoder_main)
 
