@@ -584,6 +584,10 @@ class Accelerator:
         self._advisors: dict[str, CompileAdvisor] = {}
         self._compiling: dict[str, CompileAdvisor] = {}  # parts whose first compiled image is running
         self._failed: set[str] = set()  # parts the compiler failed on: eager from then on
+        self._compiled: set[str] = set()  # parts compiled now (walking the modules to find out takes ms)
+        # whether each part runs unhooked on the device, under the placement it was checked for
+        self._placement: object = None
+        self._unhooked: dict[str, bool] = {}
         # measured eager seconds over the planner's prediction, per phase
         self._eager_rate: dict[str, float] = {"encode": 1.0, "denoise": 1.0, "decode": 1.0}
 
@@ -595,25 +599,34 @@ class Accelerator:
         compilable: bool,
         upcoming: tuple[int, int, Mapping[str, float]],
         quantization: str | None = None,
+        placement: object = None,
     ) -> None:
         """Before an image: the attention kernel for this shape, and each part compiled or not.
 
         ``compilable``: the strategy keeps the transformer on one device with nothing hooked into its blocks.
-        ``upcoming`` is (height, width, predicted eager seconds per phase of the images left in this call)."""
+        ``upcoming`` is (height, width, predicted eager seconds per phase of the images left in this call).
+        ``placement`` identifies the placement of the weights: while it stays the same, which parts run
+        unhooked is not checked again (a walk over every module and weight). None: check every time."""
         height, width, upcoming_s = upcoming
         transformer = pipe.transformer
         self._set_attention(transformer, device, dtype, AttentionShape.of(transformer, height, width))
         usable = compilable and not compile_unavailable(device)
         if device.type != "cuda" and self.compile_mode == "auto":
             usable = False  # on a CPU Inductor's compile would rarely pay back; "on" still compiles there
+        if placement is None or (id(pipe), placement) != self._placement:
+            self._placement = (id(pipe), placement)
+            self._unhooked.clear()
+            self._compiled = set(compiled_parts(pipe))
         for part in COMPILE_PARTS:
-            modules = part.modules(pipe)
-            if not (usable and part.name not in self._failed and runs_unhooked_on(modules, device)):
-                if part.compiled(pipe):
+            if usable and part.name not in self._failed and part.name not in self._unhooked:
+                self._unhooked[part.name] = runs_unhooked_on(part.modules(pipe), device)
+            if not (usable and part.name not in self._failed and self._unhooked[part.name]):
+                if part.name in self._compiled:
                     uncompile_part(pipe, part)  # hooks of the new strategy must not run inside a compiled graph
+                    self._compiled.discard(part.name)
                 self._compiling.pop(part.name, None)
                 continue
-            if part.compiled(pipe):
+            if part.name in self._compiled:
                 continue
             advisor = self._advisor(part, device, dtype, quantization)
             if advisor.should_compile(upcoming_s.get(part.phase, 0.0) * self._eager_rate[part.phase]):
@@ -626,6 +639,7 @@ class Accelerator:
                 )
                 use_compile_cache(self.cache_dir / "inductor")
                 compile_part(pipe, part, self._compiler_failed)
+                self._compiled.add(part.name)
                 self._compiling[part.name] = advisor
 
     def finished(self, pipe: Any, measured: Mapping[str, float], predicted: Mapping[str, float]) -> None:
@@ -635,7 +649,7 @@ class Accelerator:
             phase = part.phase
             if phase not in measured:
                 continue
-            if not part.compiled(pipe):
+            if part.name not in self._compiled:
                 if predicted.get(phase, 0.0) > 0:
                     self._eager_rate[phase] = measured[phase] / predicted[phase]
                 for advisor in self._advisors.values():
@@ -648,8 +662,14 @@ class Accelerator:
                 compiling.compiled_in(measured[phase] - expected)
                 logger.info("%s compiled in about %.1f s", part.name, compiling.expected_compile_s)
 
+    @property
+    def compiled(self) -> tuple[str, ...]:
+        """The parts compiled now, in :data:`COMPILE_PARTS` order."""
+        return tuple(part.name for part in COMPILE_PARTS if part.name in self._compiled)
+
     def _compiler_failed(self, part: CompilePart, exc: BaseException) -> None:
         self._failed.add(part.name)
+        self._compiled.discard(part.name)
         self._compiling.pop(part.name, None)
         logger.warning(
             "torch.compile failed on %s; it runs eagerly from now on (same images, slower): %s",

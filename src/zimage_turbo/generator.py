@@ -48,7 +48,6 @@ from .acceleration import (
     Accelerator,
     attention_available,
     compile_cache_dir,
-    compiled_parts,
     quantization_for,
     quantization_unavailable,
     stored_bytes,
@@ -169,6 +168,7 @@ class Generator:
         self._prefer_lossless = True
         # (id of the pipeline, its execution device) under the placement in use; None: not known yet
         self._execution_device: tuple[int, torch.device] | None = None
+        self._placements = 0  # counts placements (the speed-ups re-check hooks after each)
         self._upcoming: dict[str, float] = {}  # predicted eager seconds per phase of the images left in the call
         if load:
             self.load()
@@ -828,6 +828,7 @@ class Generator:
         # host time while the GPU waits): once per placement is enough
         if self._execution_device is None or self._execution_device[0] != id(pipe):
             self._execution_device = (id(pipe), torch.device(pipe._execution_device))
+            self._placements += 1
         device = self._execution_device[1]
         # the attention kernel for this shape, and what is compiled when that pays off (see acceleration.py)
         self._accelerator.prepare(
@@ -837,6 +838,7 @@ class Generator:
             self._active.compilable,
             (request.height, request.width, self._upcoming),
             self._active.quantize,
+            self._placements,
         )
 
         # Phase boundaries are marked without waiting for the GPU (a wait between phases would leave it idle
@@ -940,7 +942,7 @@ class Generator:
             predicted_peak_memory=predicted,
             vae_tiling=rung.vae_tiling,
             attention=self._accelerator.attention,
-            compiled=compiled_parts(self._loaded.pipe),
+            compiled=self._accelerator.compiled,
             quantization=rung.strategy.quantize,
             fallbacks=tuple(fallbacks),
             warnings=tuple(warnings),

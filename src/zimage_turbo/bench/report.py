@@ -146,11 +146,13 @@ def _sweep_lines(report: dict[str, Any]) -> list[str]:
         "### Resolution sweep (`auto`)",
         "",
         "Compute floor = passes x transformer TFLOP per pass / the measured bf16 matmul rate (the transformer "
-        "alone; the text encoder and VAE add a little).",
+        "alone; the text encoder and VAE add a little). Streamed strategies also move every block once per "
+        "pass: their floor is the larger of that and the copy time at the measured pinned bandwidth.",
         "",
-        "| budget | size | strategy | s/image | TFLOP per pass | compute floor s | floor / measured |",
+        "| budget | size | strategy | s/image | TFLOP per pass | floor s | floor / measured |",
         "|---|---|---|---|---|---|---|",
     ]
+    streamed = _transfer_floor(report)
     for row in sweeps:
         for size in row["sizes"]:
             if size.get("status") != "ok":
@@ -160,6 +162,8 @@ def _sweep_lines(report: dict[str, Any]) -> list[str]:
                 continue
             tflop = size.get("pass_tflop")
             floor = steps * tflop / rate if tflop and rate else None
+            if floor is not None and size["strategy"] in _STREAMING and streamed is not None:
+                floor = max(floor, streamed)
             fraction = f"{floor / size['s_per_image']:.0%}" if floor else "-"
             lines.append(
                 f"| {_budget(row['budget_gib'])} | {size['width']}x{size['height']} | {size['strategy']}"
@@ -169,6 +173,20 @@ def _sweep_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Strategies that copy every transformer block to the GPU once per pass.
+_STREAMING = ("streamed", "sequential_offload")
+
+
+def _transfer_floor(report: dict[str, Any]) -> float | None:
+    """Seconds to copy the transformer's blocks once per pass at the measured pinned bandwidth."""
+    probe = report.get("probe") or {}
+    floors = probe.get("floors", {})
+    if not floors.get("pinned_h2d_gib_s") or not probe.get("transformer_block_gib"):
+        return None
+    steps: int = report.get("settings", {}).get("steps", 8)
+    return float(steps * probe["transformer_block_gib"] / floors["pinned_h2d_gib_s"])
+
+
 def _floor_lines(report: dict[str, Any]) -> list[str]:
     probe = report.get("probe") or {}
     floors = probe.get("floors", {})
@@ -176,7 +194,7 @@ def _floor_lines(report: dict[str, Any]) -> list[str]:
         return []
     steps = report.get("settings", {}).get("steps", 8)
     compute = steps * probe["pass_tflop"] / floors["bf16_matmul_tflops"]
-    streamed = steps * probe["transformer_block_gib"] / floors["pinned_h2d_gib_s"]
+    streamed = _transfer_floor(report) or 0.0
     lines = [
         "",
         "### The card's limits, measured in the same run",
@@ -193,7 +211,7 @@ def _floor_lines(report: dict[str, Any]) -> list[str]:
     for key, row in by_key.items():
         if row.get("kind") != "ours" or row.get("status") != "ok" or row.get("inferred_from"):
             continue
-        bound = max(compute, streamed) if row.get("strategy") in ("streamed", "sequential_offload") else compute
+        bound = max(compute, streamed) if row.get("strategy") in _STREAMING else compute
         fractions.append(f"{key}: {bound / row['s_per_image']:.0%}")
     if fractions:
         lines.append(
