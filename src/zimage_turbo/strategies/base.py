@@ -51,10 +51,11 @@ _HOMES_ATTRIBUTE = "_zimage_turbo_homes"
 # Share of a transformer block's bytes in the linear layers that quantization replaces (attention and
 # feed-forward: 177 of 181 M parameters per block in Z-Image).
 QUANTIZED_SHARE = 0.97
-# Denoising time of a quantized transformer relative to bf16, compiled (fp8 matmuls run at about twice the
-# bf16 rate, but activations are quantized on the fly and attention stays bf16); int8 weight-only
-# dequantizes in every matmul, which costs time at 4096 image tokens. Measured on the H200.
-QUANTIZED_DENOISE = {"fp8": 0.8, "int8": 1.1}
+# Eager denoising time of a quantized transformer relative to bf16 (predictions are eager; compiling scales
+# both, see acceleration.py). fp8, measured on the H200 at 1024x1024: 1.364 s against 1.185 s, since torchao
+# quantizes each activation in kernels of its own (compiled, 0.569 s against 0.793 s). int8 weight-only
+# dequantizes in every matmul: an estimate, not measured.
+QUANTIZED_DENOISE = {"fp8": 1.15, "int8": 1.1}
 
 
 @dataclass(frozen=True)
