@@ -143,6 +143,49 @@ def test_a_measured_compile_time_is_what_the_next_advisor_expects(tmp_path: Path
     assert acc.CompileAdvisor("auto", tmp_path, "other").expected_compile_s == acc.DEFAULT_COMPILE_SECONDS
 
 
+def test_each_part_has_its_own_cost_saving_and_record(tmp_path: Path) -> None:
+    """The text encoder saves a share of the encode, not of the denoising, and costs its own compile time;
+    fp8 blocks expect a larger saving than bf16 ones (activation quantization fuses away)."""
+    blocks, text_encoder, _ = acc.COMPILE_PARTS
+    advisor = acc.CompileAdvisor("auto", tmp_path, "k / text_encoder", text_encoder)
+    assert advisor.expected_compile_s == acc.TEXT_ENCODER_COMPILE_SECONDS
+    break_even = acc.TEXT_ENCODER_COMPILE_SECONDS / acc.TEXT_ENCODER_SAVING
+    assert not advisor.should_compile(0.9 * break_even) and advisor.should_compile(1.1 * break_even)
+    advisor.compiled_in(12.5)
+    assert acc.CompileAdvisor("auto", tmp_path, "k / text_encoder", text_encoder).expected_compile_s == 12.5
+    assert acc.CompileAdvisor("auto", tmp_path, "k", blocks).expected_compile_s == acc.DEFAULT_COMPILE_SECONDS
+    accelerator = acc.Accelerator("native", "auto", tmp_path)
+    bf16 = accelerator._advisor(blocks, CPU, torch.bfloat16, None)
+    fp8 = accelerator._advisor(blocks, CPU, torch.bfloat16, "fp8")
+    assert bf16 is not fp8 and fp8.saving > bf16.saving == acc.COMPILE_SAVING
+
+
+def test_known_work_pays_for_each_part_from_its_own_phase(tmp_path: Path) -> None:
+    """Work ahead whose denoising covers the blocks' compile, with a short encode and decode, pays for the
+    blocks alone."""
+    upcoming = {"encode": 1.0, "denoise": 2 * acc.DEFAULT_COMPILE_SECONDS / acc.COMPILE_SAVING, "decode": 1.0}
+    decisions = {
+        part.name: acc.CompileAdvisor("auto", tmp_path, part.name, part).should_compile(upcoming[part.phase])
+        for part in acc.COMPILE_PARTS
+    }
+    assert decisions == {"blocks": True, "text_encoder": False, "vae_decoder": False}
+
+
+def test_parts_leave_compile_when_the_strategy_cannot_run_them_compiled(
+    tiny_checkpoint: Path, tmp_path: Path, eager_compile: None
+) -> None:
+    pipe = Generator(settings=_settings(tiny_checkpoint, compile="off"), strategy="cpu").load().pipeline
+    accelerator = acc.Accelerator("native", "on", tmp_path)
+    accelerator.prepare(pipe, CPU, torch.float32, True, (256, 256, {}), placement=1)
+    assert accelerator.compiled == ("blocks", "text_encoder", "vae_decoder") == acc.compiled_parts(pipe)
+    accelerator.prepare(pipe, CPU, torch.float32, False, (256, 256, {}), placement=2)
+    assert accelerator.compiled == () == acc.compiled_parts(pipe)
+    # "auto" never compiles on a CPU ("on" above does)
+    automatic = acc.Accelerator("native", "auto", tmp_path)
+    automatic.prepare(pipe, CPU, torch.float32, True, (256, 256, {"denoise": 1e9}), placement=3)
+    assert automatic.compiled == () == acc.compiled_parts(pipe)
+
+
 def test_a_damaged_record_file_means_no_record(tmp_path: Path) -> None:
     (tmp_path / "zimage-turbo-compile-times.json").write_text("{not json")
     assert acc.CompileAdvisor("auto", tmp_path, "k").expected_compile_s == acc.DEFAULT_COMPILE_SECONDS
