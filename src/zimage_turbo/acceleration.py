@@ -437,7 +437,8 @@ class CompileAdvisor:
         self.eager_s += seconds
 
     def compiled_in(self, seconds: float) -> None:
-        """Record what the compile took (the first compiled denoise minus what it would take compiled)."""
+        """Record what the compile took (the part's phase in its first compiled image, minus what that phase
+        takes compiled)."""
         self.expected_compile_s = max(seconds, 0.0)
         records = self._recorded()
         records[self.device_key] = round(self.expected_compile_s, 2)
@@ -586,7 +587,7 @@ class Accelerator:
         self._failed: set[str] = set()  # parts the compiler failed on: eager from then on
         self._compiled: set[str] = set()  # parts compiled now (walking the modules to find out takes ms)
         # whether each part runs unhooked on the device, under the placement it was checked for
-        self._placement: object = None
+        self._placement: tuple[int, object] | None = None  # (id of the pipeline, the caller's placement)
         self._unhooked: dict[str, bool] = {}
         # measured eager seconds over the planner's prediction, per phase
         self._eager_rate: dict[str, float] = {"encode": 1.0, "denoise": 1.0, "decode": 1.0}
@@ -618,9 +619,10 @@ class Accelerator:
             self._unhooked.clear()
             self._compiled = set(compiled_parts(pipe))
         for part in COMPILE_PARTS:
-            if usable and part.name not in self._failed and part.name not in self._unhooked:
+            runnable = usable and part.name not in self._failed
+            if runnable and part.name not in self._unhooked:
                 self._unhooked[part.name] = runs_unhooked_on(part.modules(pipe), device)
-            if not (usable and part.name not in self._failed and self._unhooked[part.name]):
+            if not (runnable and self._unhooked[part.name]):
                 if part.name in self._compiled:
                     uncompile_part(pipe, part)  # hooks of the new strategy must not run inside a compiled graph
                     self._compiled.discard(part.name)
