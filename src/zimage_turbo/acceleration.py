@@ -61,6 +61,7 @@ __all__ = [
     "quantization_unavailable",
     "quantize_linears",
     "quantized_linears",
+    "quantized_weight",
     "restore_linears",
     "runs_unhooked_on",
     "set_attention",
@@ -521,31 +522,39 @@ def quantize_linears(
     """Give each quantized linear a quantized copy of its weight on ``device``, one layer at a time (so that a
     card too small for the bf16 weights can still hold the quantized ones). Returns the original weights by
     module name: they stay where they were (their host homes), and :func:`restore_linears` puts them back."""
-    reason = quantization_unavailable(kind, device)
-    if reason:
-        raise StrategyUnavailableError(reason)
-    from torchao.quantization import (
-        Float8DynamicActivationFloat8WeightConfig,
-        Int8WeightOnlyConfig,
-        PerRow,
-        quantize_,
-    )
-
-    # set_inductor_config=False: torchao would otherwise switch on process-wide Inductor tuning (coordinate
-    # descent), which changes every later compile in the process (diffusers with it compiled for over 100 s).
-    config: Any = Int8WeightOnlyConfig(set_inductor_config=False)
-    if kind == "fp8":
-        # A lower bound on each row's scale: the caption's padding rows are all zero, and torchao divides
-        # by their amax (0/0: NaN latents, seen on the H200 with the random-weight checkpoint).
-        config = Float8DynamicActivationFloat8WeightConfig(
-            granularity=PerRow(), activation_value_lb=FP8_ROW_FLOOR, set_inductor_config=False
-        )
     originals: dict[str, torch.nn.Parameter] = {}
     for name, linear in quantized_linears(transformer).items():
         originals[name] = linear.weight  # type: ignore[assignment]
-        linear.weight = torch.nn.Parameter(linear.weight.detach().to(device), requires_grad=False)
-        quantize_(linear, config)
+        linear.weight = quantized_weight(linear.weight, kind, device)
     return originals
+
+
+def quantized_weight(weight: torch.Tensor, kind: QuantizationName, device: torch.device) -> torch.nn.Parameter:
+    """A quantized copy (a torchao tensor subclass) of a linear layer's ``weight``, made on ``device``."""
+    reason = quantization_unavailable(kind, device)
+    if reason:
+        raise StrategyUnavailableError(reason)
+    from torchao.quantization import quantize_
+
+    out_features, in_features = weight.shape
+    scratch = torch.nn.Linear(in_features, out_features, bias=False, device="meta")
+    scratch.weight = torch.nn.Parameter(weight.detach().to(device), requires_grad=False)
+    quantize_(scratch, _quantization_config(kind))
+    return scratch.weight
+
+
+def _quantization_config(kind: QuantizationName) -> Any:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow
+
+    # set_inductor_config=False: torchao would otherwise switch on process-wide Inductor tuning (coordinate
+    # descent), which changes every later compile in the process (diffusers with it compiled for over 100 s).
+    if kind == "fp8":
+        # A lower bound on each row's scale: the caption's padding rows are all zero, and torchao divides
+        # by their amax (0/0: NaN latents, seen on the H200 with the random-weight checkpoint).
+        return Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerRow(), activation_value_lb=FP8_ROW_FLOOR, set_inductor_config=False
+        )
+    return Int8WeightOnlyConfig(set_inductor_config=False)
 
 
 def stored_bytes(tensor: torch.Tensor) -> int:

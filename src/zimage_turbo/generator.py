@@ -82,7 +82,7 @@ from .request import DEFAULT_STEPS, GenerationRequest, check_seed, requests_for
 from .result import Fallback, GenerationResult, StepInfo, Timings
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
-from .strategies import FullGPU, Hybrid, LoadStrategy, strategy_from
+from .strategies import FullGPU, Hybrid, LoadStrategy, StreamedOffload, strategy_from
 from .strategies.base import components, host_homes, new_host_homes, send_everything_home
 
 __all__ = ["MAX_SEQUENCE_LENGTH", "Generator", "count_prompt_tokens"]
@@ -340,15 +340,15 @@ class Generator:
         self._requested = self._quantized_variant(self._requested)
 
     def _quantized_variant(self, strategy: LoadStrategy | None) -> LoadStrategy | None:
-        """With an explicit ``quantization``, ``strategy="full_gpu"`` (or ``"hybrid"``) by name means its quantized
-        variant; instances, and every strategy under ``"auto"`` or ``"none"``, stay as they are."""
+        """With an explicit ``quantization``, ``strategy="full_gpu"`` (``"hybrid"``, ``"streamed"``) by name means its
+        quantized variant; instances, and every strategy under ``"auto"`` or ``"none"``, stay as they are."""
         kind = self._quantize
         if kind is None or self._prefer_lossless or not self._requested_by_name:
             return strategy
         if isinstance(strategy, FullGPU) and strategy.quantize is None:
             return FullGPU(device=strategy.device, quantize=kind)
-        if isinstance(strategy, Hybrid) and strategy.quantize is None:
-            return Hybrid(device=strategy.device, record_stream=strategy.record_stream, quantize=kind)
+        if isinstance(strategy, (Hybrid, StreamedOffload)) and strategy.quantize is None:
+            return type(strategy)(device=strategy.device, record_stream=strategy.record_stream, quantize=kind)
         return strategy
 
     def _detect(self) -> Hardware:

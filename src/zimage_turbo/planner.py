@@ -116,7 +116,7 @@ def _strategies(hardware: Hardware, reserve_gib: float, work: Workload, quantize
             strategies.append(MultiGPUDispatch(reserve_gib=reserve_gib, workload=work))
         strategies += [Hybrid(), ModelCPUOffload(), StreamedOffload(), SequentialOffload()]
         if quantize is not None:
-            strategies += [FullGPU(quantize=quantize), Hybrid(quantize=quantize)]
+            strategies += [FullGPU(quantize=quantize), Hybrid(quantize=quantize), StreamedOffload(quantize=quantize)]
         return strategies
     if hardware.mps:
         return [FullGPU(), CPUOnly()]
@@ -172,7 +172,7 @@ def plan(
     ``request`` may be a :class:`GenerationRequest`, a :class:`Workload`, or None (1024x1024, one image).
     ``hardware.gpus[i].free_bytes`` is what the plan may use on each card; ``reserve_gib`` is kept free on top.
 
-    ``quantize`` (``"fp8"``, ``"int8"``) adds the quantized variants of ``full_gpu`` and ``hybrid``. With
+    ``quantize`` (``"fp8"``, ``"int8"``) adds the quantized variants of ``full_gpu``, ``hybrid`` and ``streamed``. With
     ``prefer_lossless`` they rank below every lossless placement that keeps the transformer on the GPUs and above
     those that stream it (the small-card case); without, they rank first.
     """

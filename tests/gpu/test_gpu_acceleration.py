@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from zimage_turbo import Generator, Hybrid, ZImageSettings, acceleration
+from zimage_turbo import Generator, Hybrid, StreamedOffload, ZImageSettings, acceleration
 from zimage_turbo.acceleration import AttentionShape, attention_available, choose_attention, measure_attention
+from zimage_turbo.strategies.base import host_homes
 
 pytestmark = pytest.mark.gpu
 
@@ -115,3 +116,34 @@ def test_fp8_changes_the_image_a_little_and_switching_back_restores_bf16(
     largest = int(np.abs(_pixels(quantized.image) - reference).max())
     print(f"fp8 against bf16 at {SIZE}x{SIZE}: PSNR {psnr:.1f} dB, max diff {largest}")
     assert psnr > 15  # a visible but small change; docs give the number
+
+
+def test_streamed_fp8_gives_the_resident_fp8_image_within_4_gib(full_checkpoint: Path, reference: np.ndarray) -> None:
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9")
+    settings = ZImageSettings(progress=False, attention="native", compile="off", quantization="fp8")
+    with Generator(model=full_checkpoint, strategy="full_gpu", settings=settings) as generator:
+        resident = _pixels(generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3).image)
+    # A 4 GiB card, quantization left to the planner: it streams fp8 blocks.
+    small = settings.model_copy(update={"quantization": "auto", "vram_budget_gib": 4.0})
+    with Generator(model=full_checkpoint, settings=small) as generator:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        streamed = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
+        peak = torch.cuda.max_memory_allocated() - before
+        homes = host_homes(generator.pipeline)
+        pinned = homes.host_bytes
+        generator.switch(StreamedOffload())  # an instance, not quantized: bf16 blocks from their own homes
+        lossless = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
+        freed = pinned - homes.host_bytes
+    assert streamed.strategy == "streamed" and streamed.quantization == "fp8"
+    largest = int(np.abs(_pixels(streamed.image) - resident).max())
+    print(
+        f"streamed fp8 against full_gpu fp8: max diff {largest}; GPU peak {peak / 2**30:.2f} GiB; "
+        f"fp8 homes freed on the switch back {freed / 2**30:.2f} GiB"
+    )
+    assert largest <= 2  # the same quantized weights, only streamed
+    assert peak < 4 * 2**30
+    assert lossless.quantization is None and np.abs(_pixels(lossless.image) - reference).max() <= 2
+    assert 4 * 2**30 < freed < 8 * 2**30  # the fp8 copies' pinned homes (about 6 GiB)

@@ -119,6 +119,12 @@ def run(args: argparse.Namespace) -> bool:
     for budget in _budgets(args.sweep_budgets, args.device):
         pending.append((Case("sweep", "auto", budget), {"sweep_sizes": sweep_sizes, "mode": "auto"}))
 
+    to_run = [case for case, _ in pending if case.key not in done]
+    if to_run and not _reference_path(args.out).is_file() and not _writes_reference(to_run[0]):
+        # A resumed or narrowed run that no longer starts with the case that draws the reference image
+        # (last session's budgeted re-runs lost their "difference" so): draw it first, in a process of its own.
+        _run_worker(Spec(**{**base, "kind": "ours", "mode": "auto", "key": "reference", "images": 1}), args)
+
     missing: list[str] = []
     for case, extra in pending:
         if case.key in done:
@@ -195,6 +201,11 @@ def _git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+def _writes_reference(case: Case) -> bool:
+    """Whether the worker draws the reference image for this case (ours, no cap: see worker._compare)."""
+    return case.kind == "ours" and case.budget_gib is None
 
 
 def _reference_path(out: Path) -> Path:

@@ -33,12 +33,14 @@ __all__ = [
     "PHASES",
     "LoadStrategy",
     "MemoryEstimate",
+    "Quantizable",
     "QuantizableTransformer",
     "components",
     "host_homes",
     "new_host_homes",
     "peaks_over_phases",
     "place_resident",
+    "quantized_block_bytes",
     "quantized_transformer_bytes",
 ]
 
@@ -131,11 +133,15 @@ def host_homes(pipe: Any, homes: HostHomes | None = None) -> HostHomes:
 
 def quantized_transformer_bytes(profile: ModelProfile, kind: str | None) -> int:
     """The transformer's bytes on the GPU with its large linear layers quantized to one byte per weight."""
-    transformer = profile.transformer
+    blocks = sum(profile.transformer.block_bytes)
+    return profile.transformer.weight_bytes - blocks + quantized_block_bytes(profile, kind, blocks)
+
+
+def quantized_block_bytes(profile: ModelProfile, kind: str | None, block_bytes: int) -> int:
+    """Bytes of transformer blocks of ``block_bytes`` once their linear layers hold one byte per weight."""
     if kind is None:
-        return transformer.weight_bytes
-    saved = sum(transformer.block_bytes) * QUANTIZED_SHARE * (1 - 1 / profile.dtype_bytes)
-    return transformer.weight_bytes - int(saved)
+        return block_bytes
+    return block_bytes - int(block_bytes * QUANTIZED_SHARE * (1 - 1 / profile.dtype_bytes))
 
 
 def check_quantize(quantize: str | None) -> str | None:
@@ -295,21 +301,16 @@ def send_everything_home(pipe: Any, keep: Collection[str] = ()) -> None:
             homes.send_home(module)
 
 
-class QuantizableTransformer(LoadStrategy):
-    """What the strategies that keep the transformer on one GPU (``full_gpu``, ``hybrid``) share: their blocks can
-    be compiled, and their transformer can be quantized (``quantize="fp8"`` or ``"int8"``).
+class Quantizable(LoadStrategy):
+    """A strategy whose transformer's large linear layers can be quantized (``quantize="fp8"`` or ``"int8"``).
 
-    Subclasses call :meth:`_set_quantize` in ``__init__``, place their resident components with
-    :meth:`_place` and start ``remove()`` with :meth:`_restore`.
+    Subclasses call :meth:`_set_quantize` in ``__init__``.
     """
 
-    compilable: ClassVar[bool] = True
     _quantize: str | None = None
-    _originals: dict[str, torch.nn.Parameter]  # bf16 weights of the quantized layers, at their host homes
 
     def _set_quantize(self, quantize: str | None) -> None:
         self._quantize = check_quantize(quantize)
-        self._originals = {}
 
     @property
     def quantize(self) -> str | None:
@@ -317,6 +318,28 @@ class QuantizableTransformer(LoadStrategy):
 
     def identity(self) -> tuple[Any, ...]:
         return (*super().identity(), ("quantize", str(self._quantize)))
+
+    def _compute_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> dict[str, float]:
+        compute = profile.compute_seconds(work, steps)
+        if self._quantize is not None:
+            compute["denoise"] *= QUANTIZED_DENOISE[self._quantize]
+        return compute
+
+
+class QuantizableTransformer(Quantizable):
+    """What the strategies that keep the transformer on one GPU (``full_gpu``, ``hybrid``) share: their blocks can
+    be compiled, and their transformer can be quantized in place on the GPU.
+
+    Subclasses call :meth:`_set_quantize` in ``__init__``, place their resident components with
+    :meth:`_place` and start ``remove()`` with :meth:`_restore`.
+    """
+
+    compilable: ClassVar[bool] = True
+    _originals: dict[str, torch.nn.Parameter]  # bf16 weights of the quantized layers, at their host homes
+
+    def _set_quantize(self, quantize: str | None) -> None:
+        super()._set_quantize(quantize)
+        self._originals = {}
 
     def load_targets(self, hardware: Hardware) -> dict[str, torch.device | str]:
         targets = super().load_targets(hardware)
@@ -346,9 +369,3 @@ class QuantizableTransformer(LoadStrategy):
             return 0
         transformer = profile.transformer
         return pinned_size(sum(transformer.block_bytes), transformer.largest_block_tensor_bytes)
-
-    def _compute_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> dict[str, float]:
-        compute = profile.compute_seconds(work, steps)
-        if self._quantize is not None:
-            compute["denoise"] *= QUANTIZED_DENOISE[self._quantize]
-        return compute
