@@ -65,10 +65,10 @@ def test_a_flattened_fp8_layer_computes_what_the_quantized_weight_does() -> None
     quantized = _fp8_weight(weight)
     layer = FlatQuantizedLinear(quantized, bias, CPU)
     # what movers see: plain tensors, one byte per weight, and the original bias (shared, not copied)
-    inner = dict(layer.named_buffers())
-    assert set(inner) == {"qdata", "scale"} and all(type(t) is torch.Tensor for t in inner.values())
-    assert inner["qdata"].dtype == torch.float8_e4m3fn and layer.bias is bias
-    assert list(layer.parameters()) == [bias] and layer.state_dict().keys() == {"bias"}
+    inner = {name: tensor for name, tensor in layer.named_parameters() if name != "bias"}
+    assert set(inner) == set(layer.inner_names) == {"qdata", "scale"}
+    assert all(type(t.data) is torch.Tensor and not t.requires_grad for t in inner.values())
+    assert inner["qdata"].dtype == torch.float8_e4m3fn and layer.bias is bias and not list(layer.buffers())
     x = torch.randn(3, 5, 128, dtype=torch.bfloat16)
     expected = torch.nn.functional.linear(x, quantized, bias)
     assert torch.equal(layer(x), expected)

@@ -3,8 +3,9 @@
 A quantized weight is a torchao tensor subclass (``Float8Tensor``: fp8 ``qdata`` and a per-row ``scale``;
 ``Int8Tensor`` likewise in int8). Code that moves weights by re-pointing ``tensor.data`` (our host homes,
 diffusers' group offloading) cannot move such a wrapper: ``.data`` replaces only the outer shell, and the
-inner tensors stay where they were. :class:`FlatQuantizedLinear` therefore keeps the *inner* tensors as its
-plain buffers, which every mover handles, and re-wraps them on each call through PyTorch's subclass protocol
+inner tensors stay where they were. :class:`FlatQuantizedLinear` therefore keeps the *inner* tensors as
+plain parameters of its own (``qdata``, ``scale``; a state dict saved meanwhile has those in place of
+``weight``), which every mover handles, and re-wraps them on each call through PyTorch's subclass protocol
 (``__tensor_flatten__``/``__tensor_unflatten__``). torchao still does all the arithmetic, so a flattened layer
 gives bit for bit what the resident quantized layer gives.
 
@@ -36,7 +37,7 @@ class FlatQuantizedLinear(torch.nn.Module):
         super().__init__()
         names, context = weight.__tensor_flatten__()  # type: ignore[attr-defined]
         self._subclass = type(weight)
-        self._inner_names: tuple[str, ...] = tuple(names)
+        self.inner_names: tuple[str, ...] = tuple(names)
         self._context = context
         self._size = weight.size()
         self._stride = weight.stride()
@@ -45,14 +46,16 @@ class FlatQuantizedLinear(torch.nn.Module):
             inner = getattr(weight, name)
             if type(inner) is not torch.Tensor:
                 raise TypeError(f"cannot flatten {type(weight).__name__}: its {name!r} is a {type(inner).__name__}")
-            # non-persistent: a state dict of the transformer stays the original one, not these
-            self.register_buffer(name, inner.to(to), persistent=False)
+            # Parameters, not buffers: diffusers' group offloading onloads a block's buffers but offloads only
+            # its parameters (0.42), so buffers would stay on the GPU after their block ran (seen on the H200:
+            # all 6 GiB of fp8 weights ended up there).
+            self.register_parameter(name, torch.nn.Parameter(inner.to(to), requires_grad=False))
         self.bias = bias
 
     @property
     def weight(self) -> torch.Tensor:
         """The quantized weight, re-wrapped around the inner tensors wherever they are now."""
-        inner = {name: getattr(self, name) for name in self._inner_names}
+        inner = {name: getattr(self, name) for name in self.inner_names}
         return self._subclass.__tensor_unflatten__(inner, self._context, self._size, self._stride)  # type: ignore[attr-defined,no-any-return]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -94,7 +97,7 @@ def flattened_tensors(transformer: torch.nn.Module) -> list[torch.Tensor]:
     tensors: list[torch.Tensor] = []
     for module in transformer.modules():
         if isinstance(module, FlatQuantizedLinear):
-            tensors.extend(module.buffers(recurse=False))
+            tensors.extend(getattr(module, name) for name in module.inner_names)
     return tensors
 
 
