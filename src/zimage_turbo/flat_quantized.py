@@ -14,14 +14,21 @@ Streaming fp8 blocks instead of bf16 ones halves the bytes that cross the host l
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .acceleration import QuantizationName, quantized_linears, quantized_weight
+from .host import HostHomes
 
-__all__ = ["FlatQuantizedLinear", "flatten_quantized_linears", "flattened_tensors", "restore_flattened_linears"]
+__all__ = [
+    "FlatQuantizedLinear",
+    "flatten_quantized_linears",
+    "flattened_tensors",
+    "inner_specs",
+    "restore_flattened_linears",
+]
 
 
 class FlatQuantizedLinear(torch.nn.Module):
@@ -30,26 +37,25 @@ class FlatQuantizedLinear(torch.nn.Module):
     Args:
         weight: the quantized weight (a traceable tensor subclass, such as torchao's ``Float8Tensor``).
         bias: the original layer's bias, shared (not copied): it keeps its host home.
-        to: where the inner tensors go (the host, for streaming them from there).
+        slots: where the inner tensors are kept, one per inner tensor in :func:`inner_specs` order (host
+            homes, for streaming them from there); they are filled here, asynchronously from a GPU.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.nn.Parameter | None, to: torch.device) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.nn.Parameter | None, slots: Sequence[torch.Tensor]) -> None:
         super().__init__()
-        names, context = weight.__tensor_flatten__()  # type: ignore[attr-defined]
+        names, context = _flatten(weight)
         self._subclass = type(weight)
         self.inner_names: tuple[str, ...] = tuple(names)
         self._context = context
         self._size = weight.size()
         self._stride = weight.stride()
         self.out_features, self.in_features = weight.shape
-        for name in names:
-            inner = getattr(weight, name)
-            if type(inner) is not torch.Tensor:
-                raise TypeError(f"cannot flatten {type(weight).__name__}: its {name!r} is a {type(inner).__name__}")
+        for name, slot in zip(names, slots, strict=True):
+            slot.copy_(getattr(weight, name), non_blocking=True)
             # Parameters, not buffers: diffusers' group offloading onloads a block's buffers but offloads only
             # its parameters (0.42), so buffers would stay on the GPU after their block ran (seen on the H200:
             # all 6 GiB of fp8 weights ended up there).
-            self.register_parameter(name, torch.nn.Parameter(inner.to(to), requires_grad=False))
+            self.register_parameter(name, torch.nn.Parameter(slot, requires_grad=False))
         self.bias = bias
 
     @property
@@ -65,22 +71,64 @@ class FlatQuantizedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._subclass.__name__}"
 
 
+def inner_specs(weight: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of each inner tensor of a quantized weight, in the order :class:`FlatQuantizedLinear` keeps
+    them."""
+    names, _ = _flatten(weight)
+    return [(tuple(getattr(weight, name).shape), getattr(weight, name).dtype) for name in names]
+
+
+def _flatten(weight: torch.Tensor) -> tuple[list[str], Any]:
+    names, context = weight.__tensor_flatten__()  # type: ignore[attr-defined]
+    for name in names:
+        inner = getattr(weight, name)
+        if type(inner) is not torch.Tensor:
+            raise TypeError(f"cannot flatten {type(weight).__name__}: its {name!r} is a {type(inner).__name__}")
+    return list(names), context
+
+
 def flatten_quantized_linears(
-    transformer: torch.nn.Module, kind: QuantizationName, device: torch.device, to: torch.device
+    transformer: torch.nn.Module, kind: QuantizationName, device: torch.device, homes: HostHomes
 ) -> dict[str, torch.nn.Module]:
-    """Replace each linear layer that quantization targets by a :class:`FlatQuantizedLinear`, one layer at a time:
-    quantized on ``device`` (torchao makes fp8 only on a GPU), its inner tensors then moved to ``to``, so that
-    the GPU never holds more than one layer's copy. Returns the original layers by name, untouched (their
-    weights keep their host homes), for :func:`restore_flattened_linears`."""
+    """Replace each linear layer that quantization targets by a :class:`FlatQuantizedLinear` whose inner tensors
+    live in host homes of their own.
+
+    Each layer is quantized on ``device`` (torchao makes fp8 only on a GPU) from its bf16 weight, one at a time,
+    and copied straight into pinned slots reserved for all of them at once (pinning gigabytes is slow on one
+    thread; :meth:`HostHomes.reserve` spreads it): the GPU holds one layer's copies at a time, and the host no
+    pageable copy. The first layer of each shape is quantized before the reservation, to learn its inner
+    tensors' shapes. Returns the original layers by name, untouched (their weights keep their homes), for
+    :func:`restore_flattened_linears`. All or nothing: after an error the bf16 layers are all in place.
+    """
+    layers = quantized_linears(transformer)
+    first: dict[str, torch.Tensor] = {}  # the first quantized weight of each shape, to learn its inner tensors
+    layouts: dict[tuple[int, ...], list[tuple[tuple[int, ...], torch.dtype]]] = {}
+    for name, linear in layers.items():
+        shape = tuple(linear.weight.shape)
+        if shape not in layouts:
+            first[name] = quantized_weight(linear.weight, kind, device)
+            layouts[shape] = inner_specs(first[name])
+    slots, group = homes.reserve(spec for linear in layers.values() for spec in layouts[tuple(linear.weight.shape)])
     modules = dict(transformer.named_modules())
     originals: dict[str, torch.nn.Module] = {}
+    taken = 0
     try:
-        for name, linear in quantized_linears(transformer).items():
-            flat = FlatQuantizedLinear(quantized_weight(linear.weight, kind, device), linear.bias, to)
+        for name, linear in layers.items():
+            count = len(layouts[tuple(linear.weight.shape)])
+            weight = first.pop(name, None)
+            if weight is None:
+                weight = quantized_weight(linear.weight, kind, device)
+            flat = FlatQuantizedLinear(weight, linear.bias, slots[taken : taken + count])
+            for inner_name, slot in zip(flat.inner_names, slots[taken : taken + count], strict=True):
+                homes.claim(getattr(flat, inner_name), slot, group)
+            taken += count
             _replace(modules, name, flat)
             originals[name] = linear
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the slots are filled asynchronously
     except BaseException:
-        restore_flattened_linears(transformer, originals)  # all or nothing: an error leaves the bf16 layers
+        restore_flattened_linears(transformer, originals)
+        homes.forget_group(group)
         raise
     return originals
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -132,7 +133,9 @@ class HostHomes:
         self._homes: dict[int, torch.Tensor] = {}
         self._group_of: dict[int, int] = {}  # tensor id -> the buffer group holding its home
         self._groups: dict[int, tuple[set[int], list[torch.Tensor]]] = {}  # group -> (its tensors, its buffers)
-        self._next_group = 0
+        # next() on a count is atomic: the loader reserves homes on its reading thread while the main thread
+        # claims and adopts (a "+= 1" could hand two groups one number)
+        self._group_numbers = itertools.count()
 
     @property
     def host_bytes(self) -> int:
@@ -160,8 +163,7 @@ class HostHomes:
             return
         pending = sum(t.numel() * t.element_size() for t in new)
         packer = _Packer(pin=self.pin, pending_bytes=pending, chunk_bytes=CHUNK_BYTES)
-        group = self._next_group
-        self._next_group += 1
+        group = next(self._group_numbers)
         self._groups[group] = ({id(t) for t in new}, packer.buffers)
         for tensor in new:
             # Re-point at once, so the original (a device copy, or the pageable copy from loading) is freed
@@ -184,8 +186,7 @@ class HostHomes:
         group to claim them in. Pinned: packed into shared buffers; unpinned: a tensor each, like any host
         tensor (see :meth:`adopt`)."""
         specs = list(specs)
-        group = self._next_group
-        self._next_group += 1
+        group = next(self._group_numbers)
         if not self.pin:
             slots = [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
             self._groups[group] = (set(), [])
@@ -209,6 +210,14 @@ class HostHomes:
         self._homes[id(tensor)] = slot
         self._group_of[id(tensor)] = group
         self._groups[group][0].add(id(tensor))
+
+    def forget_group(self, group: int) -> None:
+        """Forget a group of homes whole (from :meth:`reserve` or :meth:`adopt`): its buffers are freed once no
+        tensor uses them. For slots reserved and never (or not all) claimed, when an error stopped the fill."""
+        members, _ = self._groups.pop(group, (set(), []))
+        for key in members:
+            self._homes.pop(key, None)
+            self._group_of.pop(key, None)
 
     def send_home(self, what: torch.nn.Module | Iterable[torch.Tensor]) -> None:
         """Point every weight at its home (device copies are freed); weights without one are adopted."""

@@ -44,7 +44,6 @@ __all__ = ["Hybrid", "SequentialOffload", "StreamedOffload"]
 _HOOK_NAMES = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
 # Cost of each streamed block beyond its transfer (hooks, a stream synchronisation); measured on the H200.
 BLOCK_OVERHEAD_S = 0.002
-HOST = torch.device("cpu")
 # Leaf-level streaming synchronises per layer: measured overhead on top of the transfer time.
 LEAF_OVERHEAD = 1.5
 
@@ -286,7 +285,8 @@ class StreamedOffload(Quantizable, _StreamingStrategy):
         if self._quantize is not None:
             # before the hooks go in, so that the hooks' groups see the flattened layers' inner tensors
             kind = cast(QuantizationName, self._quantize)
-            self._flattened = flatten_quantized_linears(pipe.transformer, kind, self.target(hardware), HOST)
+            homes = host_homes(pipe)
+            self._flattened = flatten_quantized_linears(pipe.transformer, kind, self.target(hardware), homes)
         super().apply(pipe, hardware)
 
     def remove(self, pipe: Any, keep: Collection[str] = ()) -> None:
