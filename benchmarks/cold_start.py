@@ -3,8 +3,8 @@
     python benchmarks/cold_start.py --checkpoint DIR --out benchmarks/results/cold_start-h200-DATE.json
 
 Marks the seconds since the process started after each step (starting Python, importing torch, creating the
-CUDA context, importing zimage_turbo, loading, which imports diffusers and transformers while the weights are
-read, the first and second image), prints the library's own log lines with the same clock, and also times
+CUDA context, importing zimage_turbo, loading, which imports diffusers and transformers first, as in an app,
+the first and second image), prints the library's own log lines with the same clock, and also times
 ``python -c "import torch"`` alone in a child process. Run it right after another process read the checkpoint
 ("from page cache").
 
@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     settings = zimage_turbo.ZImageSettings(progress=False, source="local")
     generator = zimage_turbo.Generator(model=args.checkpoint, settings=settings).load()
     torch.cuda.synchronize()
-    # the load imports diffusers and transformers while another thread reads the weights
     label = generator.strategy.label if generator.strategy else "-"
     mark(f"diffusers and transformers imported, weights loaded and placed ({label})")
     first = generator.generate("a red fox in the snow", height=args.size, width=args.size, seed=1)

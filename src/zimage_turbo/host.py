@@ -133,8 +133,6 @@ class HostHomes:
         self._homes: dict[int, torch.Tensor] = {}
         self._group_of: dict[int, int] = {}  # tensor id -> the buffer group holding its home
         self._groups: dict[int, tuple[set[int], list[torch.Tensor]]] = {}  # group -> (its tensors, its buffers)
-        # next() on a count is atomic: the loader reserves homes on its reading thread while the main thread
-        # claims and adopts (a "+= 1" could hand two groups one number)
         self._group_numbers = itertools.count()
 
     @property

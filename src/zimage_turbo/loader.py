@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,14 +27,12 @@ from .hardware import Hardware
 from .host import HostHomes
 from .layout import WEIGHTED_COMPONENTS, PipelineLayout
 from .settings import DtypeName
-from .weights import TensorEntry, fill_module, read_safetensors_header, read_tensors
+from .weights import TensorEntry, fill_module, read_safetensors_header
 
 __all__ = ["default_dtype", "load_pipeline", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
-# Largest first: its read starts at once and overlaps the most.
-_READ_ORDER = ("transformer", "text_encoder", "vae")
 # Where a component's weights go when the pipeline is loaded: a device, "homes" (pinned host homes, plain
 # host tensors without CUDA) or "cpu" (plain host tensors).
 Target = str | torch.device
@@ -67,61 +64,36 @@ def load_pipeline(
     progress: bool,
 ) -> Any:
     """Build a ``ZImagePipeline`` from a complete folder (see :func:`~zimage_turbo.layout.check_pipeline_dir`),
-    each weighted component's weights placed at ``targets[name]`` (default ``"homes"``).
+    each weighted component's weights placed at ``targets[name]`` (default ``"homes"``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from transformers import Qwen2Tokenizer
 
-    The weights are read on a thread of their own from the start, while this thread imports diffusers and
-    transformers and builds the empty modules: on a first load in a process those imports take seconds (5.7 s
-    on the H200 machine), and reading 20 GB from the page cache takes about one.
-    """
     root = layout.root
     entries = {name: _entries(layout, name) for name in WEIGHTED_COMPONENTS}
     total = sum(entry.nbytes for listed in entries.values() for entry in listed)
     modules: dict[str, Any] = {}
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zimage-turbo-weights")
     try:
-        with _bytes_bar(total, enabled=progress) as advance:
-            started = time.perf_counter()
-            reads = {
-                name: reader.submit(
-                    read_tensors,
-                    entries[name],
-                    dtype=dtype,
-                    destination=targets.get(name, "homes"),
-                    homes=homes,
-                    on_bytes=advance,
+        with _progress_bars(progress), _bytes_bar(total, enabled=progress) as advance:
+            for name in ("transformer", "text_encoder", "vae"):
+                started = time.perf_counter()
+                module = _empty_module(layout, name, dtype)
+                built = time.perf_counter()
+                target = targets.get(name, "homes")
+                fill_module(module, entries[name], dtype=dtype, destination=target, homes=homes, on_bytes=advance)
+                modules[name] = module.eval()
+                logger.debug(
+                    "%s: built empty in %.2f s, weights into %s in %.2f s",
+                    name,
+                    built - started,
+                    target,
+                    time.perf_counter() - built,
                 )
-                for name in _READ_ORDER
-            }
-            with _progress_bars(progress):
-                from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
-                from transformers import Qwen2Tokenizer
-
-                imported = time.perf_counter()
-                for name in _READ_ORDER:
-                    module = _empty_module(layout, name, dtype)
-                    built = time.perf_counter()
-                    read = reads[name].result()
-                    target = targets.get(name, "homes")
-                    fill_module(module, entries[name], dtype=dtype, destination=target, homes=homes, read=read)
-                    modules[name] = module.eval()
-                    logger.debug(
-                        "%s: built empty, then waited %.2f s for its weights", name, time.perf_counter() - built
-                    )
-                tokenizer = Qwen2Tokenizer.from_pretrained(root / "tokenizer")
-                scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
-            logger.debug(
-                "loading: %.2f s of imports while the weights were read, %.2f s in all",
-                imported - started,
-                time.perf_counter() - started,
-            )
+            tokenizer = Qwen2Tokenizer.from_pretrained(root / "tokenizer")
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
     except torch.OutOfMemoryError:  # a RuntimeError, but the Generator's ladder handles it
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelLoadError(f"Loading the model from {root} failed: {exc}") from exc
-    finally:
-        # After an error, reads not yet started are dropped; one under way ends first (it writes into memory
-        # that must outlive it).
-        reader.shutdown(wait=True, cancel_futures=True)
     pipe = ZImagePipeline(scheduler=scheduler, tokenizer=tokenizer, **modules)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe

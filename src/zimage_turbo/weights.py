@@ -41,11 +41,9 @@ from .errors import IncompleteModelError, ModelLoadError
 from .host import HostHomes
 
 __all__ = [
-    "ReadTensors",
     "TensorEntry",
     "fill_module",
     "read_safetensors_header",
-    "read_tensors",
 ]
 
 # A safetensors header larger than this is not a real checkpoint.
@@ -169,27 +167,31 @@ def fill_module(
     destination: str | torch.device,
     homes: HostHomes | None = None,
     on_bytes: Callable[[int], None] | None = None,
-    read: ReadTensors | None = None,
 ) -> None:
     """Give every parameter and persistent buffer of ``module`` (built with meta parameters) its values from
     ``entries``, placed at ``destination``: ``"homes"`` (pinned host homes in ``homes``), ``"cpu"``, or a
-    device. Floating tensors become ``dtype``; others keep theirs. ``read``: the entries already read with
-    :func:`read_tensors` and the same arguments (the loader reads while the model's classes are imported).
+    device. Floating tensors become ``dtype``; others keep theirs.
 
     Raises :class:`~zimage_turbo.errors.ModelLoadError` naming the keys when the files and the module do not
     match (a missing tensor, an unexpected one, another shape).
     """
     targets = _named_tensors(module)
     by_name = _match(module, targets, entries)
-    if read is None:
-        read = read_tensors(entries, dtype=dtype, destination=destination, homes=homes, on_bytes=on_bytes)
+    wanted = {name: (dtype if entry.dtype.is_floating_point else entry.dtype) for name, entry in by_name.items()}
+    unique = list(_unique(by_name))
     device = None if str(destination) in ("homes", "cpu") else torch.device(destination)
     into_homes = homes if destination == "homes" else None
-    for entry, names in _unique(by_name):
-        value = read.values[(entry.path, entry.name)]
+    if device is None:
+        values, group = _read_to_host(unique, wanted, into_homes, on_bytes)
+    elif device.type == "cuda":
+        values, group = _read_to_cuda(unique, wanted, device, on_bytes), None
+    else:  # another accelerator (MPS): through ordinary host memory
+        host_values, group = _read_to_host(unique, wanted, None, on_bytes)
+        values = [value.to(device) for value in host_values]
+    for (_, names), value in zip(unique, values, strict=True):
         placed = _assign(module, names, value)
-        if into_homes is not None and read.group is not None:
-            into_homes.claim(placed, value, read.group)
+        if into_homes is not None and group is not None:
+            into_homes.claim(placed, value, group)
     # Buffers that are not saved (RoPE frequency tables) were computed by the constructor on the CPU.
     if device is not None:
         for name, buffer in list(module.named_buffers()):
@@ -200,40 +202,6 @@ def fill_module(
     leftover = [name for name, tensor in _named_tensors(module).items() if tensor.is_meta]
     if leftover:
         raise ModelLoadError(f"{type(module).__name__}: no values for {', '.join(leftover[:5])}")
-
-
-@dataclass(frozen=True)
-class ReadTensors:
-    """Tensors read from their files before a module takes them: by (file, name), and the host homes' group
-    that holds them (None unless read into homes)."""
-
-    values: Mapping[tuple[Path, str], torch.Tensor]
-    group: int | None
-
-
-def read_tensors(
-    entries: Sequence[TensorEntry],
-    *,
-    dtype: torch.dtype,
-    destination: str | torch.device,
-    homes: HostHomes | None = None,
-    on_bytes: Callable[[int], None] | None = None,
-) -> ReadTensors:
-    """Read every entry to ``destination`` (see :func:`fill_module`), floating tensors as ``dtype``. Needs no
-    module: only the files and where their tensors go."""
-    unique = _unique({f"{entry.path}:{entry.name}": entry for entry in entries})
-    wanted = {names[0]: (dtype if entry.dtype.is_floating_point else entry.dtype) for entry, names in unique}
-    device = None if str(destination) in ("homes", "cpu") else torch.device(destination)
-    into_homes = homes if destination == "homes" else None
-    if device is None:
-        values, group = _read_to_host(unique, wanted, into_homes, on_bytes)
-    elif device.type == "cuda":
-        values, group = _read_to_cuda(unique, wanted, device, on_bytes), None
-    else:  # another accelerator (MPS): through ordinary host memory
-        host_values, group = _read_to_host(unique, wanted, None, on_bytes)
-        values = [value.to(device) for value in host_values]
-    by_key = {(entry.path, entry.name): value for (entry, _), value in zip(unique, values, strict=True)}
-    return ReadTensors(by_key, group)
 
 
 def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
