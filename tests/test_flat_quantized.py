@@ -7,6 +7,7 @@ on a GPU, which tests/gpu covers); the whole pipeline runs in int8, the CPU's qu
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -81,6 +82,44 @@ def test_a_flattened_fp8_layer_computes_what_the_quantized_weight_does() -> None
     layer.qdata.data = torch.zeros_like(layer.qdata)
     assert not layer(x).abs().gt(bias.abs() + 1e-2).any()  # zero weights: only the bias is left
     assert "Float8Tensor" in repr(layer)
+
+
+def test_compiled_fp8_layers_compute_what_torchao_does_and_go_back_to_eager_when_the_compiler_fails() -> None:
+    """Streamed blocks run eagerly; only their fp8 layers' arithmetic is compiled (the ``fp8_linears`` part)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    torch.manual_seed(1)
+    quantized = _fp8_weight(torch.randn(48, 64, dtype=torch.bfloat16))
+    bias = torch.nn.Parameter(torch.randn(48, dtype=torch.bfloat16))
+    layer = FlatQuantizedLinear(quantized, bias, [torch.empty(s, dtype=d) for s, d in inner_specs(quantized)])
+    pipe = SimpleNamespace(transformer=torch.nn.Sequential(layer))
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    x[0, 3] = 0  # a padding row: its scale is the floor, not 0/0
+    expected = torch.nn.functional.linear(x, quantized, bias)
+    # Step by step on the inner tensors, eagerly: bit for bit what torchao's subclass computes.
+    assert layer.fp8_options is not None
+    stepwise = flat_quantized._fp8_rowwise_linear(x, layer.qdata, layer.scale, bias, *layer.fp8_options)
+    assert torch.equal(stepwise, expected)
+    part = next(part for part in acc.COMPILE_PARTS if part.name == "fp8_linears")
+    assert part.inside_hooks and part.modules(pipe) == [layer] and not part.compiled(pipe)
+    failures: list[str] = []
+    acc.compile_part(pipe, part, lambda failed, exc: failures.append(f"{failed.name}: {exc}"))
+    assert part.compiled(pipe)
+    with torch.inference_mode():  # as the Generator runs (the bias is a trainable Parameter)
+        compiled = layer(x)  # Inductor fuses the activation's quantization: fp8 rounding may differ in places
+        assert layer(torch.randn(3, 11, 64, dtype=torch.bfloat16)).shape == (3, 11, 48)  # dynamic shapes
+    assert torch.isfinite(compiled).all() and (compiled - expected).abs().max() <= 0.1 * expected.abs().max()
+
+    # A compiler error: this call and the later ones run torchao's eager path, and the Accelerator is told.
+    def broken(*args: object) -> torch.Tensor:
+        raise TorchDynamoException("cannot trace this")
+
+    layer.compiled = broken
+    assert torch.equal(layer(x), expected)
+    assert failures == ["fp8_linears: cannot trace this"] and not part.compiled(pipe)
+    acc.compile_part(pipe, part, lambda failed, exc: None)
+    acc.uncompile_part(pipe, part)
+    assert not part.compiled(pipe) and torch.equal(layer(x), expected)
 
 
 def test_an_inner_tensor_that_is_itself_a_subclass_is_refused() -> None:

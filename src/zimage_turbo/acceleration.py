@@ -112,6 +112,12 @@ VAE_DECODER_COMPILE_SECONDS = 20.0
 # fp8 blocks gain more from compiling (1.364 s to 0.569 s of denoising on the H200): eager, torchao quantizes
 # each activation in separate kernels, which the compiled graph fuses into its neighbours.
 QUANTIZED_COMPILE_SAVING = {"fp8": 0.55}
+# Streamed fp8 blocks (hooks move their weights, so the blocks run eagerly) with only their linear layers'
+# arithmetic compiled (flat_quantized.compile_flat_linears): 2.146 s to 1.823 s of denoising at 1024x1024 under
+# 4 GiB on an H100 (benchmarks/results/speed-small-fp8-h100-2026-11-25.json), rounded down. Its first image
+# took 6.3 s longer than an eager one (Inductor's cache empty).
+FLAT_FP8_SAVING = 0.14
+FLAT_FP8_COMPILE_SECONDS = 6.0
 COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": True}
 _RECORD_FILE = "zimage-turbo-compile-times.json"
 
@@ -259,11 +265,16 @@ class CompilePart:
     default_compile_s: float
     find: Callable[[Any], list[torch.nn.Module]]
     prime: Callable[[Any], None] | None = None  # set-up the part needs before its first compiled call
+    #: compiled inside the strategy's hooks (its modules' own arithmetic, no weight moves in the graph): any
+    #: strategy that has these modules may compile them. Such a part switches its modules itself.
+    inside_hooks: bool = False
 
     def modules(self, pipe: Any) -> list[torch.nn.Module]:
         return self.find(pipe)
 
     def compiled(self, pipe: Any) -> bool:
+        if self.inside_hooks:
+            return any(getattr(module, "compiled", None) is not None for module in self.modules(pipe))
         return any(getattr(module, "_compiled_call_impl", None) is not None for module in self.modules(pipe))
 
 
@@ -287,6 +298,12 @@ def _repeated_blocks(pipe: Any) -> list[torch.nn.Module]:
     return [module for module in transformer.modules() if type(module).__name__ in names]
 
 
+def _flat_fp8_linears(pipe: Any) -> list[torch.nn.Module]:
+    from .flat_quantized import FlatQuantizedLinear  # imports this module
+
+    return [m for m in pipe.transformer.modules() if isinstance(m, FlatQuantizedLinear) and m.fp8_options is not None]
+
+
 COMPILE_PARTS: tuple[CompilePart, ...] = (
     # The transformer's 34 repeated blocks, one graph for all (regional compile).
     CompilePart("blocks", "denoise", COMPILE_SAVING, DEFAULT_COMPILE_SECONDS, _repeated_blocks),
@@ -303,6 +320,11 @@ COMPILE_PARTS: tuple[CompilePart, ...] = (
     # The VAE's decoder: Inductor fuses its group norms and activations into the convolutions' neighbours.
     CompilePart(
         "vae_decoder", "decode", VAE_DECODER_SAVING, VAE_DECODER_COMPILE_SECONDS, lambda pipe: [pipe.vae.decoder]
+    ),
+    # The fp8 linear layers of streamed blocks (flat_quantized.py): their activation quantization fused into
+    # one kernel, inside the hooks that stream the blocks.
+    CompilePart(
+        "fp8_linears", "denoise", FLAT_FP8_SAVING, FLAT_FP8_COMPILE_SECONDS, _flat_fp8_linears, inside_hooks=True
     ),
 )
 
@@ -360,12 +382,26 @@ def compile_part(pipe: Any, part: CompilePart, on_failure: Callable[[CompilePart
 
     if part.prime is not None:
         part.prime(pipe)
+    if part.inside_hooks:
+        from .flat_quantized import compile_flat_linears
+
+        def failed(exc: BaseException) -> None:
+            uncompile_part(pipe, part)
+            on_failure(part, exc)
+
+        compile_flat_linears(pipe.transformer, failed)
+        return
     for module in part.modules(pipe):
         module._compiled_call_impl = guarded(module)
 
 
 def uncompile_part(pipe: Any, part: CompilePart) -> None:
     """Back to eager (strategies that hook modules, like streaming, run them uncompiled)."""
+    if part.inside_hooks:
+        from .flat_quantized import uncompile_flat_linears
+
+        uncompile_flat_linears(pipe.transformer)
+        return
     for module in part.modules(pipe):
         module._compiled_call_impl = None
 
@@ -620,17 +656,18 @@ class Accelerator:
         height, width, upcoming_s = upcoming
         transformer = pipe.transformer
         self._set_attention(transformer, device, dtype, AttentionShape.of(transformer, height, width))
-        usable = compilable and not compile_unavailable(device)
+        can_compile = not compile_unavailable(device)
         if device.type != "cuda" and self.compile_mode == "auto":
-            usable = False  # on a CPU Inductor's compile would rarely pay back; "on" still compiles there
+            can_compile = False  # on a CPU Inductor's compile would rarely pay back; "on" still compiles there
         if placement is None or (id(pipe), placement) != self._placement:
             self._placement = (id(pipe), placement)
             self._unhooked.clear()
             self._compiled = set(compiled_parts(pipe))
         for part in COMPILE_PARTS:
-            runnable = usable and part.name not in self._failed
+            runnable = can_compile and (compilable or part.inside_hooks) and part.name not in self._failed
             if runnable and part.name not in self._unhooked:
-                self._unhooked[part.name] = runs_unhooked_on(part.modules(pipe), device)
+                modules = part.modules(pipe)
+                self._unhooked[part.name] = bool(modules) if part.inside_hooks else runs_unhooked_on(modules, device)
             if not (runnable and self._unhooked[part.name]):
                 if part.name in self._compiled:
                     uncompile_part(pipe, part)  # hooks of the new strategy must not run inside a compiled graph

@@ -116,8 +116,8 @@ class GenerationResult:
         vae_tiling: whether the VAE decoded in tiles.
         attention: the attention kernel the transformer used (see ``settings.attention``).
         compiled: the parts that ran compiled (``torch.compile``): ``"blocks"`` (the transformer's repeated
-            blocks), ``"text_encoder"``, ``"vae_decoder"``; empty when none did (a tuple, so ``if
-            result.compiled:`` reads naturally).
+            blocks), ``"text_encoder"``, ``"vae_decoder"``, ``"fp8_linears"`` (the fp8 layers of streamed
+            blocks); empty when none did (a tuple, so ``if result.compiled:`` reads naturally).
         quantization: ``"fp8"`` or ``"int8"`` when the transformer's linear layers were quantized, else None.
         fallbacks: each change of plan taken to get here, with its reason (empty when none).
         warnings: things the caller should know (a prompt cut at the token limit, an ignored option).
