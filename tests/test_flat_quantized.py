@@ -84,7 +84,9 @@ def test_a_flattened_fp8_layer_computes_what_the_quantized_weight_does() -> None
     assert "Float8Tensor" in repr(layer)
 
 
-def test_compiled_fp8_layers_compute_what_torchao_does_and_go_back_to_eager_when_the_compiler_fails() -> None:
+def test_compiled_fp8_layers_compute_what_torchao_does_and_go_back_to_eager_when_the_compiler_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Streamed blocks run eagerly; only their fp8 layers' arithmetic is compiled (the ``fp8_linears`` part)."""
     from torch._dynamo.exc import TorchDynamoException
 
@@ -110,11 +112,13 @@ def test_compiled_fp8_layers_compute_what_torchao_does_and_go_back_to_eager_when
         assert layer(torch.randn(3, 11, 64, dtype=torch.bfloat16)).shape == (3, 11, 48)  # dynamic shapes
     assert torch.isfinite(compiled).all() and (compiled - expected).abs().max() <= 0.1 * expected.abs().max()
 
-    # A compiler error: this call and the later ones run torchao's eager path, and the Accelerator is told.
+    # A compiler error: this call runs the same steps eagerly, later ones torchao's own path, and the
+    # Accelerator is told.
     def broken(*args: object) -> torch.Tensor:
         raise TorchDynamoException("cannot trace this")
 
-    layer.compiled = broken
+    monkeypatch.setattr(flat_quantized, "_compiled_fp8_linear", broken)
+    acc.compile_part(pipe, part, lambda failed, exc: failures.append(f"{failed.name}: {exc}"))
     assert torch.equal(layer(x), expected)
     assert failures == ["fp8_linears: cannot trace this"] and not part.compiled(pipe)
     acc.compile_part(pipe, part, lambda failed, exc: None)

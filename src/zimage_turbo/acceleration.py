@@ -299,9 +299,9 @@ def _repeated_blocks(pipe: Any) -> list[torch.nn.Module]:
 
 
 def _flat_fp8_linears(pipe: Any) -> list[torch.nn.Module]:
-    from .flat_quantized import FlatQuantizedLinear  # imports this module
+    from .flat_quantized import compilable_flat_linears  # imports this module
 
-    return [m for m in pipe.transformer.modules() if isinstance(m, FlatQuantizedLinear) and m.fp8_options is not None]
+    return list(compilable_flat_linears(pipe.transformer))
 
 
 COMPILE_PARTS: tuple[CompilePart, ...] = (
@@ -363,36 +363,42 @@ def compile_part(pipe: Any, part: CompilePart, on_failure: Callable[[CompilePart
     If the compiler fails (Dynamo cannot trace, Inductor cannot generate code), the part goes back to eager,
     ``on_failure`` is told, and the call runs eagerly: a compiler problem costs speed, never an image. Errors
     of the model itself propagate as they would eagerly. Modules of one class share one graph."""
-    from torch._dynamo.exc import TorchDynamoException  # imported here: importing Dynamo takes seconds
 
-    def guarded(module: torch.nn.Module) -> Callable[..., Any]:
-        compiled = torch.compile(module._call_impl, **COMPILE_OPTIONS)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return compiled(*args, **kwargs)
-            except TorchDynamoException as exc:
-                if "out of memory" in str(exc):  # while tuning kernels: the ladder's business, as any OOM
-                    raise torch.OutOfMemoryError(first_line(exc)) from exc
-                uncompile_part(pipe, part)
-                on_failure(part, exc)
-                return module._call_impl(*args, **kwargs)  # type: ignore[no-untyped-call]
-
-        return call
+    def failed(exc: BaseException) -> None:
+        uncompile_part(pipe, part)
+        on_failure(part, exc)
 
     if part.prime is not None:
         part.prime(pipe)
     if part.inside_hooks:
         from .flat_quantized import compile_flat_linears
 
-        def failed(exc: BaseException) -> None:
-            uncompile_part(pipe, part)
-            on_failure(part, exc)
-
-        compile_flat_linears(pipe.transformer, failed)
+        compile_flat_linears(part.modules(pipe), failed)
         return
     for module in part.modules(pipe):
-        module._compiled_call_impl = guarded(module)
+        compiled = torch.compile(module._call_impl, **COMPILE_OPTIONS)
+        module._compiled_call_impl = guard_compiled(compiled, module._call_impl, failed)
+
+
+def guard_compiled(
+    compiled: Callable[..., Any], eager: Callable[..., Any], on_failure: Callable[[BaseException], None]
+) -> Callable[..., Any]:
+    """``compiled``, but if the compiler fails (Dynamo cannot trace, Inductor cannot generate code), ``on_failure``
+    is told and the call runs ``eager``: a compiler problem costs speed, never an image. Running out of memory
+    while tuning kernels is raised as the OutOfMemoryError it is (the retry ladder's business); errors of the
+    model itself propagate as they would eagerly."""
+    from torch._dynamo.exc import TorchDynamoException  # imported here: importing Dynamo takes seconds
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compiled(*args, **kwargs)
+        except TorchDynamoException as exc:
+            if "out of memory" in str(exc):
+                raise torch.OutOfMemoryError(first_line(exc)) from exc
+            on_failure(exc)
+            return eager(*args, **kwargs)
+
+    return call
 
 
 def uncompile_part(pipe: Any, part: CompilePart) -> None:
@@ -400,7 +406,7 @@ def uncompile_part(pipe: Any, part: CompilePart) -> None:
     if part.inside_hooks:
         from .flat_quantized import uncompile_flat_linears
 
-        uncompile_flat_linears(pipe.transformer)
+        uncompile_flat_linears(part.modules(pipe))
         return
     for module in part.modules(pipe):
         module._compiled_call_impl = None

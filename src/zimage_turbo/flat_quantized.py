@@ -22,17 +22,17 @@ into one quantization kernel before the matmul.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 
-from .acceleration import QuantizationName, quantized_linears, quantized_weight
+from .acceleration import QuantizationName, guard_compiled, quantized_linears, quantized_weight
 from .host import HostHomes
 
 __all__ = [
     "FlatQuantizedLinear",
+    "compilable_flat_linears",
     "compile_flat_linears",
     "flatten_quantized_linears",
     "flattened_tensors",
@@ -40,8 +40,6 @@ __all__ = [
     "restore_flattened_linears",
     "uncompile_flat_linears",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 class FlatQuantizedLinear(torch.nn.Module):
@@ -73,7 +71,6 @@ class FlatQuantizedLinear(torch.nn.Module):
         #: the arguments of :func:`_fp8_rowwise_linear` besides the tensors, where it computes what torchao does
         self.fp8_options = _fp8_rowwise_options(weight)
         self.compiled: Callable[..., torch.Tensor] | None = None  # see compile_flat_linears
-        self._on_failure: Callable[[BaseException], None] | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -83,17 +80,7 @@ class FlatQuantizedLinear(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:
-            from torch._dynamo.exc import TorchDynamoException
-
-            try:
-                return self.compiled(hidden_states, self.qdata, self.scale, self.bias, *(self.fp8_options or ()))
-            except TorchDynamoException as exc:
-                if "out of memory" in str(exc):  # while tuning kernels: the retry ladder's business
-                    raise torch.OutOfMemoryError(str(exc).splitlines()[0]) from exc
-                on_failure = self._on_failure
-                self.compiled = None  # this layer; the caller's on_failure turns the others back too
-                if on_failure is not None:
-                    on_failure(exc)
+            return self.compiled(hidden_states, self.qdata, self.scale, self.bias, *(self.fp8_options or ()))
         return torch.nn.functional.linear(hidden_states, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -161,26 +148,29 @@ def _fp8_rowwise_linear(
 _compiled_fp8_linear: Callable[..., torch.Tensor] | None = None
 
 
-def compile_flat_linears(transformer: torch.nn.Module, on_failure: Callable[[BaseException], None]) -> int:
-    """Let each flattened fp8 layer of ``transformer`` compute through one compiled function (shapes dynamic:
-    one graph for every layer and token count); returns how many layers it applies to. If the compiler fails,
-    the layers go back to torchao's eager path and ``on_failure`` is told (the image is the same)."""
+def compilable_flat_linears(transformer: torch.nn.Module) -> Iterable[FlatQuantizedLinear]:
+    """The flattened layers of ``transformer`` that :func:`compile_flat_linears` can compile."""
+    for module in transformer.modules():
+        if isinstance(module, FlatQuantizedLinear) and module.fp8_options is not None:
+            yield module
+
+
+def compile_flat_linears(layers: Iterable[torch.nn.Module], on_failure: Callable[[BaseException], None]) -> None:
+    """Let each of ``layers`` (from :func:`compilable_flat_linears`) compute through one compiled function (shapes
+    dynamic: one graph for every layer and token count). If the compiler fails, ``on_failure`` is told and the
+    call runs the same steps eagerly (the image is the same)."""
     global _compiled_fp8_linear
     if _compiled_fp8_linear is None:
         _compiled_fp8_linear = torch.compile(_fp8_rowwise_linear, dynamic=True, fullgraph=True)
-    count = 0
-    for module in transformer.modules():
-        if isinstance(module, FlatQuantizedLinear) and module.fp8_options is not None:
-            module.compiled, module._on_failure = _compiled_fp8_linear, on_failure
-            count += 1
-    return count
+    linear = guard_compiled(_compiled_fp8_linear, _fp8_rowwise_linear, on_failure)
+    for layer in layers:
+        cast(FlatQuantizedLinear, layer).compiled = linear
 
 
-def uncompile_flat_linears(transformer: torch.nn.Module) -> None:
-    """Back to torchao's eager path for every flattened layer."""
-    for module in transformer.modules():
-        if isinstance(module, FlatQuantizedLinear):
-            module.compiled, module._on_failure = None, None
+def uncompile_flat_linears(layers: Iterable[torch.nn.Module]) -> None:
+    """Back to torchao's eager path for each of ``layers``."""
+    for layer in layers:
+        cast(FlatQuantizedLinear, layer).compiled = None
 
 
 def inner_specs(weight: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from zimage_turbo import Generator, Hybrid, StreamedOffload, ZImageSettings, acceleration
+from zimage_turbo import GenerationResult, Generator, Hybrid, StreamedOffload, ZImageSettings, acceleration
 from zimage_turbo.acceleration import AttentionShape, attention_available, choose_attention, measure_attention
 from zimage_turbo.strategies.base import host_homes
 
@@ -118,20 +118,30 @@ def test_fp8_changes_the_image_a_little_and_switching_back_restores_bf16(
     assert psnr > 15  # a visible but small change; docs give the number
 
 
+def _resident_fp8_image(full_checkpoint: Path, settings: ZImageSettings) -> np.ndarray:
+    """The image of the fp8 transformer kept on the GPU (full_gpu), to compare streamed fp8 with."""
+    with Generator(model=full_checkpoint, strategy="full_gpu", settings=settings) as generator:
+        return _pixels(generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3).image)
+
+
+def _generate_measuring_peak(generator: Generator) -> tuple[GenerationResult, int]:
+    """One image, and the GPU memory it took at its peak beyond what was held before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
+    return result, torch.cuda.max_memory_allocated() - before
+
+
 def test_streamed_fp8_gives_the_resident_fp8_image_within_4_gib(full_checkpoint: Path, reference: np.ndarray) -> None:
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs compute capability 8.9")
     settings = ZImageSettings(progress=False, attention="native", compile="off", quantization="fp8")
-    with Generator(model=full_checkpoint, strategy="full_gpu", settings=settings) as generator:
-        resident = _pixels(generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3).image)
+    resident = _resident_fp8_image(full_checkpoint, settings)
     # A 4 GiB card, quantization left to the planner: it streams fp8 blocks.
     small = settings.model_copy(update={"quantization": "auto", "vram_budget_gib": 4.0})
     with Generator(model=full_checkpoint, settings=small) as generator:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        streamed = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
-        peak = torch.cuda.max_memory_allocated() - before
+        streamed, peak = _generate_measuring_peak(generator)
         homes = host_homes(generator.pipeline)
         pinned = homes.host_bytes
         generator.switch(StreamedOffload())  # an instance, not quantized: bf16 blocks from their own homes
@@ -160,15 +170,10 @@ def test_streamed_fp8_with_compiled_layers_stays_close_to_eager_within_4_gib(
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs compute capability 8.9")
     settings = ZImageSettings(progress=False, attention="native", compile="off", quantization="fp8")
-    with Generator(model=full_checkpoint, strategy="full_gpu", settings=settings) as generator:
-        resident = _pixels(generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3).image)
+    resident = _resident_fp8_image(full_checkpoint, settings)
     small = settings.model_copy(update={"quantization": "auto", "vram_budget_gib": 4.0, "compile": "on"})
     with Generator(model=full_checkpoint, settings=small) as generator:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        result = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
-        peak = torch.cuda.max_memory_allocated() - before
+        result, peak = _generate_measuring_peak(generator)
     assert result.strategy == "streamed" and result.quantization == "fp8" and not result.fallbacks
     assert "fp8_linears" in result.compiled and "blocks" not in result.compiled
     compiled = _pixels(result.image)
