@@ -27,6 +27,7 @@ from zimage_turbo import (
     Hybrid,
     ModelCPUOffload,
     NotEnoughMemoryError,
+    PlacementFailedError,
     SequentialOffload,
     StreamedOffload,
     ZImageSettings,
@@ -289,3 +290,89 @@ def test_a_switch_leaves_in_place_what_both_strategies_keep_resident(tiny_checkp
     gen.switch(StreamedOffload(device="cpu"))
     gen.switch("cpu")
     assert hooks_left(gen.pipeline) == []
+
+
+# -- placements that fail for a reason other than memory ----------------------------------------------------------
+
+MISMATCH = RuntimeError(
+    "Expected all tensors to be on the same device, but got weight is on cuda:0, different from other tensors on "
+    "cuda:1 (when checking argument for argument mat1 in method wrapper_CUDA_addmm)"
+)
+
+
+def test_a_placement_failing_on_first_use_gives_way_to_the_next_rung(
+    tiny_checkpoint: Path, reference: Image.Image, inject: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    gen = generator(tiny_checkpoint, FullGPU(device="cpu"))
+    gen.load()
+    inject(gen.pipeline.transformer, lambda: isinstance(gen.strategy, FullGPU), MISMATCH)
+    with caplog.at_level("WARNING", logger="zimage_turbo"):
+        result = gen.generate(PROMPT, height=256, width=256, steps=4, seed=5)
+    assert result.strategy == "cpu" and same(result.image, reference)
+    [fallback] = result.fallbacks
+    assert (fallback.kind, fallback.before, fallback.phase) == ("error", "full_gpu", "denoise")
+    assert fallback.reason.startswith("RuntimeError: Expected all tensors to be on the same device")
+    assert "full_gpu failed on its first use while denoising" in caplog.text
+    # Marked unusable for this Generator: the next call does not try it again, and no hook is left behind.
+    again = gen.generate(PROMPT, height=256, width=256, steps=4, seed=5)
+    assert again.fallbacks == () and again.strategy == "cpu" and same(again.image, reference)
+    assert hooks_left(gen.pipeline) == []
+    # Asking for it by name clears the mark (and, still broken, it gives way again).
+    gen.switch(FullGPU(device="cpu"))
+    assert [f.kind for f in gen.generate(PROMPT, height=256, width=256, steps=1, seed=5).fallbacks] == ["error"]
+
+
+def test_a_placement_failing_while_placed_or_decoding_gives_way_too(
+    tiny_checkpoint: Path, inject: Callable[..., None]
+) -> None:
+    class Misplaced(Hybrid):
+        def apply(self, pipe: Any, hardware: Any) -> None:
+            super().apply(pipe, hardware)
+            raise ValueError("a kernel this card cannot run (injected)")
+
+    gen = generator(tiny_checkpoint, Misplaced(device="cpu"))
+    result = gen.generate(PROMPT, height=256, width=256, steps=1, seed=0)
+    assert result.strategy == "cpu" and hooks_left(gen.pipeline) == []
+    # The first placement happens while loading: its failure is reported with the first result.
+    assert [(f.kind, f.before, f.phase) for f in result.fallbacks] == [("error", "hybrid", "place")]
+
+    gen = generator(tiny_checkpoint, StreamedOffload(device="cpu"))
+    gen.load()
+    inject(gen.pipeline.vae.decoder, lambda: isinstance(gen.strategy, StreamedOffload), MISMATCH)
+    decoded = gen.generate(PROMPT, height=256, width=256, steps=2, seed=0)
+    assert decoded.strategy == "cpu" and [(f.kind, f.phase) for f in decoded.fallbacks] == [("error", "decode")]
+
+
+def test_a_placement_that_has_worked_fails_visibly(tiny_checkpoint: Path, inject: Callable[..., None]) -> None:
+    gen = generator(tiny_checkpoint, FullGPU(device="cpu"))
+    gen.generate(PROMPT, height=256, width=256, steps=1, seed=0)
+    failing = [True]
+    inject(gen.pipeline.transformer, lambda: failing[0], MISMATCH)
+    with pytest.raises(RuntimeError, match="same device"):  # not the placement's first use: a bug to show
+        gen.generate(PROMPT, height=256, width=256, steps=1, seed=0)
+    failing[0] = False
+    assert gen.generate(PROMPT, height=256, width=256, steps=1, seed=0).strategy == "full_gpu"
+
+
+def test_when_every_rung_fails_a_typed_error_names_each(tiny_checkpoint: Path, inject: Callable[..., None]) -> None:
+    gen = generator(tiny_checkpoint, FullGPU(device="cpu"), allow_downscale=True)
+    gen.load()
+    inject(gen.pipeline.transformer, lambda: True, MISMATCH)
+    with pytest.raises(PlacementFailedError) as caught:
+        gen.generate(PROMPT, height=256, width=256, steps=1, seed=0)
+    assert [(f.kind, f.before) for f in caught.value.tried] == [("error", "full_gpu"), ("error", "cpu")]  # type: ignore[attr-defined]
+    assert "full_gpu failed (denoise: RuntimeError: Expected all tensors" in str(caught.value)
+    assert "downscale" not in str(caught.value)  # a smaller image would not help
+
+
+def test_the_users_callback_and_our_own_errors_are_never_taken_for_a_broken_placement(
+    tiny_checkpoint: Path,
+) -> None:
+    gen = generator(tiny_checkpoint, FullGPU(device="cpu"))
+
+    def stop(_: Any) -> None:
+        raise RuntimeError("stop here (the user's own error)")
+
+    with pytest.raises(RuntimeError, match="user's own"):
+        gen.generate(PROMPT, height=256, width=256, steps=2, seed=0, callback=stop)
+    assert gen.generate(PROMPT, height=256, width=256, steps=1, seed=0).strategy == "full_gpu"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from zimage_turbo import GPUInfo, Hardware, ModelProfile, Workload, plan
 from zimage_turbo.hardware import GIB
-from zimage_turbo.strategies import MultiGPUDispatch
+from zimage_turbo.strategies import MultiGPUDispatch, MultiGPUHybrid
 from zimage_turbo.strategies.base import ALLOCATOR_MARGIN
 from zimage_turbo.strategies.multi_gpu import Assignment, assign
 
@@ -243,3 +243,64 @@ def test_no_offloading_when_a_split_fits(gibs: list[float], side: int, images: i
     if any(c.fits and c.strategy.name == "multi_gpu" for c in ranked.candidates):
         assert ranked.best is not None and not ranked.best.strategy.offloads
         assert ranked.best.estimate.host_bytes == 0
+
+
+# -- the transformer split, the text encoder streamed (multi_gpu_hybrid) -------------------------------------------
+
+
+def check_streamed(placed: Assignment, caps: dict[int, int], work: Workload) -> None:
+    """The transformer and VAE are on the cards, the text encoder on none; its card keeps room for streaming it."""
+    assert placed.text_encoder_streamed and placed.text_encoder_blocks == ()
+    assert len(placed.transformer_blocks) == len(TRANSFORMER.block_bytes)
+    held: Counter[int] = Counter()
+    held[placed.main] += TRANSFORMER.other_bytes + PROFILE.vae.weight_bytes
+    for gpu, nbytes in zip(placed.transformer_blocks, TRANSFORMER.block_bytes, strict=True):
+        held[gpu] += nbytes
+    assert sum(held.values()) == PROFILE.weight_bytes - TEXT_ENCODER.weight_bytes
+    streaming = TEXT_ENCODER.other_bytes + 2 * TEXT_ENCODER.largest_block_bytes
+    encode = held[placed.text_encoder_main] + streaming + PROFILE.activation_bytes(work)["encode"]
+    assert encode <= placed.peaks[placed.text_encoder_main] <= caps[placed.text_encoder_main]
+    for gpu, peak in placed.peaks.items():
+        assert held[gpu] <= peak <= caps[gpu], gpu
+
+
+def test_two_8_gib_cards_split_the_transformer_and_stream_the_text_encoder() -> None:
+    ranked = plan(PROFILE, machine(8, 8))
+    best = ranked.best
+    assert best is not None and best.strategy.name == "multi_gpu_hybrid"
+    assert isinstance(best.strategy, MultiGPUHybrid)
+    work = best.strategy.workload  # the planner's workload, with the tiled decode it chose
+    placed = best.strategy.assignment(PROFILE, machine(8, 8), work)
+    assert placed is not None and set(placed.transformer_blocks) == {0, 1}
+    check_streamed(placed, capacities(8, 8), work)
+    # Host RAM: only the text encoder's pinned copy; predicted well ahead of streaming everything on one card.
+    assert 7 * GIB < best.estimate.host_bytes < 9 * GIB
+    [streamed] = [c for c in ranked.fitting if c.name == best.name.replace("multi_gpu_hybrid", "streamed")]
+    assert best.seconds < 0.7 * streamed.seconds
+    # Where the whole model splits without offloading, that comes first.
+    twelve = plan(PROFILE, machine(12, 12)).fitting
+    names = [c.name for c in twelve]
+    assert names.index("multi_gpu") < names.index("multi_gpu_hybrid") < names.index("streamed")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    gibs=st.lists(st.floats(3, 24), min_size=2, max_size=4),
+    side=st.sampled_from([512, 1024, 1536]),
+    tiling=st.booleans(),
+)
+def test_any_streamed_text_encoder_placement_fits_its_cards(gibs: list[float], side: int, tiling: bool) -> None:
+    work = Workload(side, side, vae_tiling=tiling)
+    caps = capacities(*gibs)
+    placed = assign(PROFILE, caps, work, stream_text_encoder=True)
+    if placed is None:
+        # never refused when the roomiest card holds the transformer and VAE whole and another the stream
+        acts = PROFILE.activation_bytes(work)
+        roomiest, second = sorted(caps.values(), reverse=True)[:2]
+        main_need = TRANSFORMER.weight_bytes + PROFILE.vae.weight_bytes + max(acts["denoise"], acts["decode"])
+        stream_need = TEXT_ENCODER.other_bytes + 2 * TEXT_ENCODER.largest_block_bytes + acts["encode"]
+        assert not (roomiest >= main_need and second >= stream_need)
+        return
+    check_streamed(placed, caps, work)
+    assert caps[placed.main] == max(caps.values())
+    assert assign(PROFILE, caps, work, stream_text_encoder=True) == placed  # pure

@@ -256,11 +256,25 @@ def fake_gpus(monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_all_takes_every_card_that_holds_the_whole_model(settings: ZImageSettings, fake_gpus: Any) -> None:
     fake_gpus(gpus(24, 12, 80))
     pool = GeneratorPool(settings=settings)
-    assert pool.devices == ("cuda:0", "cuda:2")  # the 12 GiB card could only stream the model from the host
+    # fastest first; the 12 GiB card streams the model from the host, and its images add to the others'
+    assert pool.devices == ("cuda:0", "cuda:2", "cuda:1")
     assert not any(replica.is_loaded for replica in pool.replicas)
     # Each replica plans for its own card only: no multi_gpu over the others, full_gpu on its card.
     best = pool.replicas[1].plan().best
     assert best is not None and best.name == "full_gpu" and set(best.estimate.gpu_peak) == {2}
+    small = pool.replicas[2].plan().best
+    assert small is not None and small.strategy.offloads and set(small.estimate.gpu_peak) == {1}
+
+
+def test_all_skips_a_card_nothing_fits_on_and_stops_where_host_ram_ends(
+    settings: ZImageSettings, fake_gpus: Any
+) -> None:
+    fake_gpus(gpus(80, 80, 80, 1))
+    assert GeneratorPool(settings=settings).devices == ("cuda:0", "cuda:1", "cuda:2")  # 1 GiB holds nothing
+    # Three small cards: each replica would pin the streamed weights in host RAM; 48 GiB holds two such copies.
+    small = gpus(80, 8, 8, 8)
+    fake_gpus(replace(small, host_total_bytes=64 * GIB, host_available_bytes=48 * GIB))
+    assert GeneratorPool(settings=settings).devices == ("cuda:0", "cuda:1", "cuda:2")
 
 
 def test_all_on_cards_too_small_for_a_replica_is_one_model_over_all_of_them(

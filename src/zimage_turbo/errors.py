@@ -42,6 +42,7 @@ __all__ = [
     "NotEnoughDiskSpaceError",
     "NotEnoughMemoryError",
     "NumericalError",
+    "PlacementFailedError",
     "StrategyUnavailableError",
     "UnknownStrategyError",
     "ZImageError",
@@ -131,6 +132,19 @@ class NotEnoughMemoryError(ZImageError):
         super().__init__(message)
         self.tried: tuple[object, ...] = tuple(tried)
         self.would_fit = would_fit
+
+
+class PlacementFailedError(ZImageError):
+    """No rung made the image, and at least one failed for a reason other than memory: a placement that fails
+    on its first use (a tensor on the wrong GPU, a kernel that cannot run on that card) is set aside and the
+    next rung runs instead; this error comes only when every rung failed.
+
+    ``tried`` lists each attempt (:class:`~zimage_turbo.result.Fallback`) with the exception's text.
+    """
+
+    def __init__(self, message: str, tried: Sequence[object] = ()) -> None:
+        super().__init__(message)
+        self.tried: tuple[object, ...] = tuple(tried)
 
 
 class NumericalError(ZImageError):

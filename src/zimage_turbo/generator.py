@@ -59,8 +59,11 @@ from .errors import (
     InvalidSettingsError,
     NotEnoughMemoryError,
     NumericalError,
+    PlacementFailedError,
+    ZImageError,
     first_line,
 )
+from .execution import on_device, pin_execution_device
 from .hardware import GIB, Hardware, detect_hardware, host_peak_rss_bytes
 from .loader import load_pipeline, resolve_dtype
 from .phases import (
@@ -152,6 +155,9 @@ class Generator:
         self._hardware: Hardware | None = None
         self._pending: list[Fallback] = []  # what loading had to change, reported with the next result
         self._unplaceable: set[LoadStrategy] = set()  # strategies whose weights did not fit when placed
+        # strategies that failed on their first use for a reason other than memory, and those that have worked
+        self._broken: set[LoadStrategy] = set()
+        self._proven: set[LoadStrategy] = set()
         self._tile_from: int | None = None  # pixels from which the strategy in use needed a tiled decode
         self._held: dict[int, int] | None = None  # _held_bytes() of the placement in use
         self._closed = False
@@ -263,6 +269,7 @@ class Generator:
             chosen = self._quantized_variant(chosen)
             self._requested = chosen
             self._unplaceable.discard(chosen)
+            self._broken.discard(chosen)
             if self._loaded is None or chosen is None:
                 return
             hardware = effective_hardware(self._detect(), self._held_bytes())
@@ -406,16 +413,40 @@ class Generator:
         self._loaded = _Loaded(pipe=pipe, model=model, profile=profile, dtype=dtype, loaded_for=loaded_for)
         # Place the weights now, so that a loaded Generator is ready; if that runs out of memory, the first
         # generation's ladder takes over.
-        _, failure = _attempt(self._use, first)
+        failure, memory = self._try_placing(first)
         if failure is not None:
             release_memory()
-            self._pending.append(Fallback("strategy", first.name, "", "place", failure))
-            self._unplaceable.add(first.strategy)
+            self._pending.append(Fallback("strategy" if memory else "error", first.name, "", "place", failure))
+            (self._unplaceable if memory else self._broken).add(first.strategy)
             self._leave_active()
             release_memory()
         seconds = time.perf_counter() - started
         logger.info("loaded in %.1f s", seconds)
         return seconds
+
+    def _try_placing(self, rung: Candidate) -> tuple[str | None, bool]:
+        """Apply ``rung``; on failure (its message, whether memory ran out), *after* the except block."""
+        message = None
+        try:
+            self._use(rung)
+            return None, True
+        except Exception as exc:
+            if not is_out_of_memory(exc) and not self._placement_failed(rung, exc):
+                raise
+            memory, message = is_out_of_memory(exc), _failure_text(exc)
+        return message, memory
+
+    def _placement_failed(self, rung: Candidate, exc: BaseException) -> bool:
+        """Whether ``exc`` (not an out-of-memory error) counts against the placement rather than the caller: the
+        placement has not produced an image yet in this Generator (a device mismatch, a kernel that cannot run
+        on that card), and nothing says otherwise (our own errors, the user's callback, a CUDA error that
+        poisoned the context and rules out any retry)."""
+        return (
+            rung.strategy not in self._proven
+            and exc is not self._callback_error
+            and not isinstance(exc, ZImageError)
+            and not is_device_failure(exc)
+        )
 
     def _first_candidate(self, profile: ModelProfile, hardware: Hardware) -> Candidate:
         """The requested strategy, or what 'auto' picks for a 1024x1024 image: the best fit, else the
@@ -607,7 +638,7 @@ class Generator:
             self._unsettled = False
             return
         try:
-            if self._unsettled or self._active in self._unplaceable:
+            if self._unsettled or self._active in self._unplaceable | self._broken:
                 self._leave_active()  # half-placed: every weight home; the next call applies afresh
             elif self._active.offloads:
                 self._reapply()
@@ -623,7 +654,7 @@ class Generator:
         strategy = self._active
         hardware = effective_hardware(self._detect(), self._held_bytes())
         strategy.remove(self._loaded.pipe, list(strategy.resident(hardware)))
-        self._execution_device = None
+        self._forget_execution_device()
         strategy.apply(self._loaded.pipe, hardware)
 
     def _step_hook(self, request: GenerationRequest, rung: Candidate) -> Callable[[int], None] | None:
@@ -671,7 +702,7 @@ class Generator:
         self._pending = []
         started = time.perf_counter()
         attempt = self._climb(request, fallbacks)
-        if attempt is None and self.settings.allow_downscale:
+        if attempt is None and self.settings.allow_downscale and _memory_was_short(fallbacks):
             assert self._loaded is not None
             for smaller in smaller_workloads(Workload.of(request)):
                 shrunk = replace(request, height=smaller.height, width=smaller.width)
@@ -689,7 +720,7 @@ class Generator:
                     request = shrunk
                     break
         if attempt is None:
-            raise self._out_of_memory(request, fallbacks)
+            raise self._out_of_rungs(request, fallbacks)
         images, timings, rung, peaks = attempt
         timings = replace(timings, load=load_seconds, recovery=time.perf_counter() - started - timings.work)
         return self._result(request, images, timings, rung, peaks, fallbacks)
@@ -706,11 +737,26 @@ class Generator:
         for rung in self._rungs(ranked):
             if failed is not None and not _needs_less(rung, failed, failed_phase):
                 continue
-            outcome, failure = self._attempt_rung(request, rung, progress, fallbacks)
+            outcome, failure, memory = self._attempt_rung(request, rung, progress, fallbacks)
             if failure is None:
                 assert outcome is not None
+                self._proven.add(rung.strategy)
                 return outcome
             release_memory()  # we are out of the except block: the failed frames are gone
+            if not memory:
+                # A bug of that placement on this machine: say so loudly, never use it again here, and let the
+                # next rung (on the same weights, all of them sent home first) make the image.
+                fallbacks.append(Fallback("error", rung.name, "", progress.phase, failure))
+                self._broken.add(rung.strategy)
+                self._unsettled = True
+                logger.warning(
+                    "%s failed on its first use while %s, so this Generator will not use it again; trying the next "
+                    "placement. Please report it: %s",
+                    rung.name,
+                    _doing(progress.phase),
+                    failure,
+                )
+                continue
             fallbacks.append(Fallback("strategy", rung.name, "", progress.phase, failure))
             if progress.phase == "place":
                 self._unplaceable.add(rung.strategy)
@@ -720,17 +766,19 @@ class Generator:
 
     def _attempt_rung(
         self, request: GenerationRequest, rung: Candidate, progress: Progress, fallbacks: list[Fallback]
-    ) -> tuple[tuple[list[Any], Timings, Candidate, dict[str, int]] | None, str | None]:
-        """``_attempt(self._run, ...)``, except that what the user's callback raised is passed on unchanged,
-        even an out-of-memory error: it is the caller's, not a reason to change strategy."""
+    ) -> tuple[tuple[list[Any], Timings, Candidate, dict[str, int]] | None, str | None, bool]:
+        """``self._run(...)``, or why it failed and whether memory ran out, *after* the except block. What the
+        user's callback raised is passed on unchanged, even an out-of-memory error: it is the caller's, not a
+        reason to change strategy; so is any other error that does not count against the placement."""
         message = None
         try:
-            return self._run(request, rung, progress, fallbacks), None
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if exc is self._callback_error or not is_out_of_memory(exc):
+            return self._run(request, rung, progress, fallbacks), None, True
+        except Exception as exc:
+            memory = exc is not self._callback_error and is_out_of_memory(exc)
+            if not memory and not self._placement_failed(rung, exc):
                 raise
-            message = first_line(exc)
-        return None, message
+            message = _failure_text(exc) if not memory else first_line(exc)
+        return None, message, memory
 
     def _rungs(self, ranked: Plan) -> list[Candidate]:
         """The order to try: the requested strategy or the one in use if it still fits, else the plan's best;
@@ -759,7 +807,7 @@ class Generator:
             if least not in rungs:
                 rungs.append(least)
         # A strategy whose weights did not fit on the card will not fit now either (the model has not shrunk).
-        return [rung for rung in rungs if rung.strategy not in self._unplaceable]
+        return [rung for rung in rungs if rung.strategy not in self._unplaceable | self._broken]
 
     def _use(self, rung: Candidate) -> None:
         """Make ``rung`` the applied strategy (switching on the same weights) and set VAE tiling.
@@ -778,10 +826,16 @@ class Generator:
             logger.info("placing the model: %s", rung.strategy.name)
             self._held = None
             self._active = rung.strategy
-            self._execution_device = None
+            self._forget_execution_device()
             self._tile_from = None
             rung.strategy.apply(pipe, hardware)
         set_vae_tiling(pipe, rung.vae_tiling)
+
+    def _forget_execution_device(self) -> None:
+        """The placement changed: the execution device is asked again (and pinned) before the next phase."""
+        if self._execution_device is not None and self._loaded is not None:
+            pin_execution_device(self._loaded.pipe, None)
+        self._execution_device = None
 
     def _leave_active(self, wanted: dict[str, torch.device] | None = None) -> None:
         """Remove the applied strategy, keeping in place the components ``wanted`` resident where they are."""
@@ -793,7 +847,7 @@ class Generator:
             keep = [name for name, device in held.items() if wanted.get(name) == device]
         self._active.remove(self._loaded.pipe, keep)
         self._active = None
-        self._execution_device = None
+        self._forget_execution_device()
         self._held = None
         self._loaded.loaded_for = None
 
@@ -824,10 +878,12 @@ class Generator:
         _reset_peaks(devices)
         guidance = request.guidance_scale > 0
         assert self._active is not None
-        # diffusers finds the execution device by walking every module of every component (milliseconds of
-        # host time while the GPU waits): once per placement is enough
+        # Where the placement computes, asked once per placement and pinned on the pipeline: diffusers would
+        # walk every module on each call, and names the wrong card when components sit on different ones.
         if self._execution_device is None or self._execution_device[0] != id(pipe):
-            self._execution_device = (id(pipe), torch.device(pipe._execution_device))
+            pin_execution_device(pipe, None)
+            self._execution_device = (id(pipe), self._active.execution_device(pipe))
+            pin_execution_device(pipe, self._execution_device[1])
             self._placements += 1
         device = self._execution_device[1]
         # the attention kernel for this shape, and what is compiled when that pays off (see acceleration.py)
@@ -848,31 +904,34 @@ class Generator:
         if progress.embeds is None:
             ran.add("encode")
             progress.phase = "encode"
-            progress.embeds = encode(
-                pipe, request.prompt, request.negative_prompt, guidance, self._active.encode_device(pipe, device)
-            )
+            # each phase with its card as the current CUDA device: streaming hooks wait on its streams
+            encode_on = self._active.encode_device(pipe, device)
+            with on_device(encode_on):
+                progress.embeds = encode(pipe, request.prompt, request.negative_prompt, guidance, encode_on)
         clock.mark()
         finite: torch.Tensor | None = None
         if progress.latents is None:
             ran.add("denoise")
             progress.phase = "denoise"
-            progress.latents = denoise(
-                pipe,
-                progress.embeds,
-                height=request.height,
-                width=request.width,
-                steps=request.steps,
-                guidance_scale=request.guidance_scale,
-                seeds=request.seeds,
-                on_step=self._step_hook(request, rung),
-                device=device,
-            )
+            with on_device(device):
+                progress.latents = denoise(
+                    pipe,
+                    progress.embeds,
+                    height=request.height,
+                    width=request.width,
+                    steps=request.steps,
+                    guidance_scale=request.guidance_scale,
+                    seeds=request.seeds,
+                    on_step=self._step_hook(request, rung),
+                    device=device,
+                )
             finite = torch.isfinite(progress.latents).all()  # read after the decode, which waits anyway
         clock.mark()
         progress.phase = "decode"
         latents = progress.latents
         assert latents is not None
-        images, failure = _attempt(decode, pipe, latents, device)
+        with on_device(device):
+            images, failure = _attempt(decode, pipe, latents, device)
         if failure is not None:
             if rung.vae_tiling:
                 raise torch.OutOfMemoryError(failure)  # tiling did not help: the ladder takes it from here
@@ -883,7 +942,8 @@ class Generator:
             pixels = request.width * request.height * request.num_images
             self._tile_from = min(pixels, self._tile_from or pixels)
             set_vae_tiling(pipe, True)
-            images = decode(pipe, latents, device)
+            with on_device(device):
+                images = decode(pipe, latents, device)
         clock.mark()
         if finite is not None and not bool(finite):
             progress.latents = None
@@ -963,6 +1023,18 @@ class Generator:
             logger.warning(warning)
         return warnings
 
+    def _out_of_rungs(self, request: GenerationRequest, fallbacks: list[Fallback]) -> ZImageError:
+        """The error when no rung made the image: memory ran short, or a placement failed for another reason."""
+        if not any(f.kind == "error" for f in fallbacks):
+            return self._out_of_memory(request, fallbacks)
+        tried = "\n  ".join(str(f) for f in fallbacks)
+        return PlacementFailedError(
+            f"No placement could make {request.width}x{request.height} x{request.num_images}. Tried:\n  {tried}\n"
+            "A placement that fails for a reason other than memory is a bug: please report this message. "
+            "strategy='cpu' or device='cuda:0' avoid the failed placements.",
+            tried=fallbacks,
+        )
+
     def _out_of_memory(self, request: GenerationRequest, fallbacks: list[Fallback]) -> NotEnoughMemoryError:
         assert self._loaded is not None
         work = Workload.of(request)
@@ -997,6 +1069,16 @@ def _attempt(action: Callable[..., T], *args: Any) -> tuple[T | None, str | None
             raise
         message = first_line(exc)
     return None, message
+
+
+def _failure_text(exc: BaseException) -> str:
+    """An exception's type and first line, for fallbacks and logs."""
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def _memory_was_short(fallbacks: list[Fallback]) -> bool:
+    """Whether a smaller image could help: some rung ran out of memory, or none was even tried."""
+    return any(f.kind == "strategy" for f in fallbacks) or not any(f.kind == "error" for f in fallbacks)
 
 
 def _model_name(model: object) -> str:

@@ -27,6 +27,7 @@ from .strategies import (
     LoadStrategy,
     ModelCPUOffload,
     MultiGPUDispatch,
+    MultiGPUHybrid,
     SequentialOffload,
     StreamedOffload,
 )
@@ -114,6 +115,7 @@ def _strategies(hardware: Hardware, reserve_gib: float, work: Workload, quantize
         strategies: list[LoadStrategy] = [FullGPU()]
         if len(hardware.gpus) > 1:
             strategies.append(MultiGPUDispatch(reserve_gib=reserve_gib, workload=work))
+            strategies.append(MultiGPUHybrid(reserve_gib=reserve_gib, workload=work))
         strategies += [Hybrid(), ModelCPUOffload(), StreamedOffload(), SequentialOffload()]
         if quantize is not None:
             strategies += [FullGPU(quantize=quantize), Hybrid(quantize=quantize), StreamedOffload(quantize=quantize)]
@@ -185,7 +187,7 @@ def plan(
         tiled = replace(work, vae_tiling=tiling)
         for strategy in chosen:
             if isinstance(strategy, MultiGPUDispatch):
-                strategy = MultiGPUDispatch(reserve_gib=reserve_gib, workload=tiled)
+                strategy = type(strategy)(reserve_gib=reserve_gib, workload=tiled)
             candidates.append(candidate_for(strategy, profile, hardware, tiled, steps=steps, reserve_bytes=reserve))
     # With several GPUs, placements that keep every weight on the GPUs come first whenever one fits, even where an
     # offloading one is predicted a little faster (large images): the offload predictions assume an idle

@@ -8,7 +8,8 @@
 Each replica is a :class:`~zimage_turbo.generator.Generator` restricted to its device
 (``Generator(device="cuda:1")``): it plans, places and recovers from running out of memory on that card alone.
 One worker thread per replica takes the next prompt as soon as its replica is free, so a faster card simply
-does more of the work; torch releases the GIL while it computes, so the threads run in parallel.
+does more of the work (a small card that streams the model makes fewer images, but adds them); torch releases
+the GIL while it computes, so the threads run in parallel.
 
 Seeds are those of :meth:`Generator.generate_many` for the same arguments (``seed + i`` for prompt ``i``), so
 an image does not depend on which replica made it, nor on how many there are. A prompt that fails becomes a
@@ -36,6 +37,7 @@ import torch
 
 from .errors import DeviceFailedError, GeneratorClosedError, InvalidRequestError, first_line
 from .generator import Generator
+from .planner import HOST_RESERVE_BYTES, Candidate
 from .request import DEFAULT_STEPS, GenerationRequest, requests_for
 from .result import GenerationResult
 from .settings import ZImageSettings
@@ -44,6 +46,10 @@ from .strategies import strategy_from
 __all__ = ["GeneratorPool", "Outcome", "PromptFailure"]
 
 logger = logging.getLogger(__name__)
+
+# "all" spreads one model over every card rather than making a replica per card unless the replicas together
+# are predicted this much faster: near a tie, one model needs no host RAM for streaming and answers sooner.
+SPLIT_MARGIN = 1.1
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,13 +82,15 @@ class GeneratorPool:
     Args:
         model: a repo id or local folder; overrides ``settings.model``.
         settings: settings shared by every replica (by default read from ``ZIMAGE_*`` variables and ``.env``).
-        devices: ``"all"``: a replica on every visible GPU that holds the whole model without offloading to the
-            host, as the planner sees it for a 1024x1024 image. When no card does (small cards), or without
-            CUDA GPUs, a single replica that may use every GPU (``multi_gpu`` when the model splits over them)
-            or else the CPU or Apple GPU. Or a list such as ``["cuda:0", "cuda:1"]`` or ``["cpu", "cpu"]``,
-            taken as given: each replica then uses whatever strategy fits its card, offloading included.
+        devices: ``"all"``: a replica on every visible GPU that can run the model alone, as the planner sees
+            it for a 1024x1024 image: a small card streams its weights from host RAM and adds what it can (as
+            long as host RAM holds the streamed copies); a card on which nothing fits gets no prompt. When one
+            model spread over every GPU (``multi_gpu``) is predicted about as fast as those replicas together
+            (two 12 GiB cards), or no card can run it alone, a single replica over every GPU instead; without
+            CUDA GPUs, one replica on the CPU or Apple GPU. Or a list such as ``["cuda:0", "cuda:1"]`` or
+            ``["cpu", "cpu"]``, taken as given: each replica then uses whatever strategy fits its card.
         strategy: a strategy name for every replica (default: ``settings.strategy``, usually ``"auto"``).
-            ``"multi_gpu"`` is refused: a replica lives on one device.
+            ``"multi_gpu"`` and ``"multi_gpu_hybrid"`` are refused: a replica lives on one device.
         load: load every replica now instead of at the first generation.
 
     Replicas load one after another (diffusers and transformers change process-wide defaults while loading),
@@ -104,10 +112,10 @@ class GeneratorPool:
         self.settings = base
         name = strategy if strategy is not None else base.strategy
         strategy_from(name)  # refuses unknown names now, before anything loads
-        if name == "multi_gpu":
+        if name in ("multi_gpu", "multi_gpu_hybrid"):
             raise InvalidRequestError(
-                "a pool replica runs on one device, and multi_gpu spreads one model over several: for that, use "
-                "one Generator(strategy='multi_gpu')"
+                f"a pool replica runs on one device, and {name} spreads one model over several: for that, use "
+                f"one Generator(strategy={name!r})"
             )
         self._strategy = name
         if isinstance(devices, str):
@@ -159,26 +167,60 @@ class GeneratorPool:
         if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
             logger.info("no CUDA GPU: one replica on the default device")
             return [self._replica(None)]
-        chosen: list[Generator] = []
-        refused: list[str] = []
-        for index in range(torch.cuda.device_count()):
-            replica = self._replica(torch.device("cuda", index))
-            why = _why_not_whole(replica, self._strategy)
-            if why:
-                refused.append(f"cuda:{index}: {why}")
-            else:
-                chosen.append(replica)
+        chosen, refused = self._replicas_per_card()
         for line in refused:
             logger.info("no replica on %s", line)
-        if not chosen:
-            # Small cards: one model over all of them (the planner picks multi_gpu when it fits) beats a replica
-            # per card that streams its weights from the host.
-            logger.warning(
-                "no GPU holds the whole model without offloading (%s); one replica over every GPU instead",
-                "; ".join(refused),
-            )
+        if self._strategy != "auto":
+            if chosen:
+                return [replica for replica, _ in chosen]
+            logger.warning("%s fits on no single GPU (%s); one replica over every GPU", self._strategy, refused)
             return [self._replica(None)]
-        return chosen
+        per_card = sum(1 / best.seconds for _, best in chosen)
+        whole = self._replica(None)
+        best = whole.plan().best if torch.cuda.device_count() > 1 else None
+        # One model over every card, when it is about as fast as the replicas together: it needs no host RAM for
+        # streamed weights, and each image comes sooner.
+        if best is not None and best.strategy.name.startswith("multi_gpu") and per_card < SPLIT_MARGIN / best.seconds:
+            logger.info(
+                "one replica over every GPU (%s, %.2f images/s predicted) rather than one per card (%.2f)",
+                best.name,
+                1 / best.seconds,
+                per_card,
+            )
+            return [whole]
+        if not chosen:
+            logger.warning("no single GPU can run the model (%s); one replica over every GPU", "; ".join(refused))
+            return [whole]
+        return [replica for replica, _ in chosen]
+
+    def _replicas_per_card(self) -> tuple[list[tuple[Generator, Candidate]], list[str]]:
+        """A replica for every card that can run the model alone (fastest first), as long as host RAM holds
+        what they stream from it; and why each other card has none."""
+        options: list[tuple[Generator, Candidate]] = []
+        refused: list[str] = []
+        host_available = 0
+        for index in range(torch.cuda.device_count()):
+            replica = self._replica(torch.device("cuda", index))
+            ranked = replica.plan()
+            host_available = ranked.hardware.host_available_bytes
+            fitting = [c for c in ranked.fitting if self._strategy in ("auto", c.strategy.name)]
+            if fitting:
+                options.append((replica, fitting[0]))
+            else:
+                refused.append(f"cuda:{index}: {'nothing' if self._strategy == 'auto' else self._strategy} fits")
+        options.sort(key=lambda option: option[1].seconds)
+        host_left = host_available - HOST_RESERVE_BYTES
+        chosen = []
+        for replica, best in options:
+            if best.estimate.host_bytes and best.estimate.host_bytes > host_left:
+                refused.append(
+                    f"{_name(replica)}: {best.name} would pin {best.estimate.host_bytes / 2**30:.1f} GiB of host RAM, "
+                    f"{max(host_left, 0) / 2**30:.1f} GiB left after the other replicas"
+                )
+                continue
+            host_left -= best.estimate.host_bytes
+            chosen.append((replica, best))
+        return chosen, refused
 
     def load(self) -> GeneratorPool:
         """Load every replica now (otherwise the first generation does). Returns self."""
@@ -374,21 +416,6 @@ def _collect(
         # The consumer stopped early (or was interrupted): do not leave the replicas busy with unwanted work.
         for future in futures:
             future.cancel()
-
-
-def _why_not_whole(replica: Generator, strategy: str) -> str:
-    """Why ``replica`` cannot hold the model on its card without offloading ("" when it can)."""
-    ranked = replica.plan()
-    if strategy != "auto":
-        fitting = [c for c in ranked.candidates if c.fits and c.strategy.name == strategy]
-        return "" if fitting else f"{strategy} does not fit"
-    best = ranked.best
-    if best is None:
-        return "nothing fits"
-    if best.strategy.offloads:
-        full = next((c for c in ranked.candidates if c.strategy.name == "full_gpu" and not c.vae_tiling), None)
-        return f"only with offloading ({best.name})" + (f"; full_gpu {full.reason}" if full and full.reason else "")
-    return ""
 
 
 def _device(value: str | torch.device) -> torch.device:

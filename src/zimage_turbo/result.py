@@ -82,9 +82,11 @@ class Timings:
 class Fallback:
     """One change of plan: what was running, what replaced it, in which phase, and why.
 
-    ``kind`` is ``"strategy"`` (a placement ran out of memory and the next one took over), ``"vae_tiling"``
-    (a decode ran out of memory and was retried in tiles), ``"downscale"`` (a smaller image was made) or
-    ``"load"`` (loading onto the GPU ran out of memory; the weights went to host memory).
+    ``kind`` is ``"strategy"`` (a placement ran out of memory and the next one took over), ``"error"`` (a
+    placement failed on its first use for another reason, given with the exception's type and text; this
+    Generator does not use it again and the next one took over), ``"vae_tiling"`` (a decode ran out of memory
+    and was retried in tiles), ``"downscale"`` (a smaller image was made) or ``"load"`` (loading onto the GPU ran
+    out of memory; the weights went to host memory).
     """
 
     kind: str

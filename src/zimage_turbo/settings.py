@@ -37,7 +37,15 @@ SourceName = Literal["auto", "huggingface", "modelscope", "local"]
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 # "auto" lets the library choose; the others name a LoadStrategy (see zimage_turbo.strategies).
 StrategyName = Literal[
-    "auto", "full_gpu", "multi_gpu", "hybrid", "model_offload", "streamed", "sequential_offload", "cpu"
+    "auto",
+    "full_gpu",
+    "multi_gpu",
+    "multi_gpu_hybrid",
+    "hybrid",
+    "model_offload",
+    "streamed",
+    "sequential_offload",
+    "cpu",
 ]
 STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
 # See zimage_turbo.acceleration for what each does.

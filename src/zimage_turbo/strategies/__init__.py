@@ -6,6 +6,7 @@ Users pass a name (``strategy="hybrid"``) or an instance (``strategy=FullGPU(dev
 |---|---|---|
 | ``full_gpu`` | :class:`FullGPU` | every component resident on one GPU |
 | ``multi_gpu`` | :class:`MultiGPUDispatch` | components or transformer blocks spread over several GPUs |
+| ``multi_gpu_hybrid`` | :class:`MultiGPUHybrid` | transformer blocks spread over several GPUs, text encoder streamed |
 | ``hybrid`` | :class:`Hybrid` | transformer + VAE resident, text encoder streamed |
 | ``model_offload`` | :class:`ModelCPUOffload` | one whole component on the GPU at a time |
 | ``streamed`` | :class:`StreamedOffload` | text encoder and transformer streamed block by block |
@@ -18,7 +19,7 @@ from __future__ import annotations
 from ..errors import UnknownStrategyError
 from ..settings import STRATEGY_NAMES
 from .base import LoadStrategy, MemoryEstimate
-from .multi_gpu import MultiGPUDispatch
+from .multi_gpu import MultiGPUDispatch, MultiGPUHybrid
 from .offload import ModelCPUOffload
 from .resident import CPUOnly, FullGPU
 from .streaming import Hybrid, SequentialOffload, StreamedOffload
@@ -32,6 +33,7 @@ __all__ = [
     "MemoryEstimate",
     "ModelCPUOffload",
     "MultiGPUDispatch",
+    "MultiGPUHybrid",
     "SequentialOffload",
     "StreamedOffload",
     "strategy_from",
@@ -40,7 +42,16 @@ __all__ = [
 # name -> class, for every strategy a user may name. "auto" is not a strategy: the planner resolves it.
 STRATEGIES: dict[str, type[LoadStrategy]] = {
     cls.name: cls
-    for cls in (FullGPU, MultiGPUDispatch, Hybrid, ModelCPUOffload, StreamedOffload, SequentialOffload, CPUOnly)
+    for cls in (
+        FullGPU,
+        MultiGPUDispatch,
+        MultiGPUHybrid,
+        Hybrid,
+        ModelCPUOffload,
+        StreamedOffload,
+        SequentialOffload,
+        CPUOnly,
+    )
 }
 assert set(STRATEGIES) | {"auto"} == set(STRATEGY_NAMES), "settings.StrategyName and STRATEGIES disagree"
 

@@ -235,6 +235,12 @@ class LoadStrategy(ABC):
         pipeline's ``execution_device``)."""
         return execution_device
 
+    def execution_device(self, pipe: Any) -> torch.device:
+        """Where the transformer and the VAE compute once applied: latents, timesteps and the decode's input
+        go there. By default diffusers' own answer, which the Generator asks once per placement and then pins
+        (see :mod:`zimage_turbo.execution`); strategies that spread components over cards say it themselves."""
+        return torch.device(pipe._execution_device)
+
     # -- side effects -------------------------------------------------------------------------------------
 
     @abstractmethod

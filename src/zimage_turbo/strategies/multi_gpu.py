@@ -5,6 +5,13 @@ encoder on another); otherwise the transformer's blocks are split across cards i
 share in proportion to the memory it has left, and accelerate's ``dispatch_model`` moves activations between
 them. The assignment is a pure function of the sizes (:func:`assign`), so the estimate and the placement
 always agree.
+
+:class:`MultiGPUHybrid` is the same with the text encoder streamed block by block onto one card per prompt:
+for cards that together hold the transformer but not the whole model (two 8 GiB cards).
+
+The transformer and the VAE compute on the ``main`` card, the text encoder on its own: the pipeline's
+execution device is pinned to ``main`` (diffusers would name the text encoder's card, see
+:mod:`zimage_turbo.execution`), and accelerate's hooks move each block's inputs to the block's card.
 """
 
 from __future__ import annotations
@@ -16,11 +23,21 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import StrategyUnavailableError
+from ..execution import on_device
 from ..hardware import GIB, Hardware
 from ..profile import ComponentProfile, ModelProfile, Workload
-from .base import ALLOCATOR_MARGIN, LoadStrategy, MemoryEstimate, components, host_homes, send_everything_home
+from .base import (
+    ALLOCATOR_MARGIN,
+    LoadStrategy,
+    MemoryEstimate,
+    components,
+    host_homes,
+    pinned_size,
+    send_everything_home,
+)
+from .streaming import BLOCK_OVERHEAD_S, stream, unstream
 
-__all__ = ["Assignment", "MultiGPUDispatch", "assign"]
+__all__ = ["Assignment", "MultiGPUDispatch", "MultiGPUHybrid", "assign"]
 
 # Moving activations between cards costs little next to the transformer passes.
 CROSS_GPU_OVERHEAD = 1.03
@@ -36,6 +53,8 @@ class Assignment:
     text_encoder_main: int
     text_encoder_blocks: tuple[int, ...]
     peaks: dict[int, int] = field(default_factory=dict)
+    # True: the text encoder lives in host memory and streams onto ``text_encoder_main`` per prompt
+    text_encoder_streamed: bool = False
 
     @property
     def gpus(self) -> tuple[int, ...]:
@@ -109,18 +128,29 @@ def _spread_balanced(
     return tuple(turn[owner].index for owner in owners)
 
 
-def assign(profile: ModelProfile, capacities: dict[int, int], work: Workload) -> Assignment | None:
+def assign(
+    profile: ModelProfile, capacities: dict[int, int], work: Workload, *, stream_text_encoder: bool = False
+) -> Assignment | None:
     """Place the model on GPUs with these capacities (bytes each may use), or None when it does not fit.
 
     Whole components first: the transformer (with the VAE) whole on the roomiest card and the text encoder whole
     on another, when they fit. A component that fits on no card is split into its blocks, each card taking a
     share in proportion to its room. When such a balanced split leaves something without room (it makes every
     card it uses hold a pass's activations), the blocks fill the cards in turn instead, which packs tightest.
+
+    With ``stream_text_encoder`` the text encoder holds no card: one card (another than the main one when it
+    can) keeps room for what streaming it needs during the encode (its non-block weights, two blocks in
+    flight, the encode's activations) beside its share of the transformer.
     """
-    return _assign(profile, capacities, work, balanced=True) or _assign(profile, capacities, work, balanced=False)
+    stream = stream_text_encoder
+    return _assign(profile, capacities, work, balanced=True, stream_text_encoder=stream) or _assign(
+        profile, capacities, work, balanced=False, stream_text_encoder=stream
+    )
 
 
-def _assign(profile: ModelProfile, capacities: dict[int, int], work: Workload, *, balanced: bool) -> Assignment | None:
+def _assign(
+    profile: ModelProfile, capacities: dict[int, int], work: Workload, *, balanced: bool, stream_text_encoder: bool
+) -> Assignment | None:
     acts = profile.activation_bytes(work)
     order = sorted(capacities, key=lambda index: -capacities[index])
     cards = [_Card(index, capacities[index]) for index in order]
@@ -130,6 +160,8 @@ def _assign(profile: ModelProfile, capacities: dict[int, int], work: Workload, *
         return None
     te = profile.text_encoder
     te_main: int | None = None
+    if stream_text_encoder:
+        return _assign_streamed_text_encoder(profile, cards, acts, balanced=balanced)
     whole = sum(profile.transformer.block_bytes) <= main.room(acts["denoise"])
     if whole:
         blocks = _spread(cards[:1], profile.transformer, acts["denoise"], 0)
@@ -166,6 +198,39 @@ def _assign(profile: ModelProfile, capacities: dict[int, int], work: Workload, *
     return Assignment(main.index, blocks, te_main, te_blocks, peaks)
 
 
+def _assign_streamed_text_encoder(
+    profile: ModelProfile, cards: list[_Card], acts: dict[str, int], *, balanced: bool
+) -> Assignment | None:
+    """The transformer's blocks over the cards (the main card has taken its share already), the text encoder
+    streamed onto the card with the most room left for it."""
+    te = profile.text_encoder
+    encode = streaming_bytes(te) + acts["encode"]  # transient: only while the prompt is encoded
+    blocks_total = sum(profile.transformer.block_bytes)
+    te_main: int | None = None
+    for card in sorted(cards[1:], key=lambda c: -c.room(encode)) + cards[:1]:
+        saved = (card.weights, card.activation)
+        if card.take(0, encode) and sum(max(c.room(acts["denoise"]), 0) for c in cards) >= blocks_total:
+            te_main = card.index
+            break
+        card.weights, card.activation = saved
+    if te_main is None:
+        return None
+    if blocks_total <= cards[0].room(acts["denoise"]):
+        blocks = _spread(cards[:1], profile.transformer, acts["denoise"], 0)  # no need to split it
+    else:
+        blocks = (_spread_balanced if balanced else _spread)(cards, profile.transformer, acts["denoise"], 0)
+    if blocks is None:
+        return None
+    peaks = {card.index: card.weights + card.activation for card in cards if card.weights or card.activation}
+    return Assignment(cards[0].index, blocks, te_main, (), peaks, text_encoder_streamed=True)
+
+
+def streaming_bytes(component: ComponentProfile) -> int:
+    """GPU bytes a component streamed block by block needs while it runs: its non-block weights (copied in from
+    their homes per call) and two blocks (the one computing and the one arriving)."""
+    return component.other_bytes + 2 * component.largest_block_bytes
+
+
 def _reserve(cards: list[_Card], te: ComponentProfile, acts: dict[str, int], transformer_blocks: int) -> int | None:
     """Put the whole text encoder on a card, keeping room for the transformer blocks; its card's index, or None.
 
@@ -192,6 +257,8 @@ class MultiGPUDispatch(LoadStrategy):
 
     name: ClassVar[str] = "multi_gpu"
     offloads: ClassVar[bool] = False
+    #: the text encoder streams from host memory onto one card per prompt instead of holding a card
+    stream_text_encoder: ClassVar[bool] = False
     # Install accelerate's hooks even when a component lands on one card (lets tests run this path on one GPU).
     _always_dispatch: ClassVar[bool] = False
 
@@ -205,12 +272,17 @@ class MultiGPUDispatch(LoadStrategy):
         # The workload only sizes the headroom; an applied placement serves other sizes too.
         return (self.reserve_gib,)
 
+    @property
+    def placed(self) -> Assignment | None:
+        """Which card holds what while the strategy is applied (None otherwise)."""
+        return self._placed
+
     def assignment(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> Assignment | None:
         if len(hardware.gpus) < 2:
             return None
         reserve = int(self.reserve_gib * GIB)
         capacities = {g.index: int((g.free_bytes - reserve) / (1 + ALLOCATOR_MARGIN)) for g in hardware.gpus}
-        return assign(profile, capacities, work)
+        return assign(profile, capacities, work, stream_text_encoder=self.stream_text_encoder)
 
     def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
         placed = self.assignment(profile, hardware, work)
@@ -219,20 +291,27 @@ class MultiGPUDispatch(LoadStrategy):
                 return MemoryEstimate(gpu_peak={}, infeasible="needs two or more GPUs")
             usable = sum(g.free_bytes for g in hardware.gpus) - len(hardware.gpus) * int(self.reserve_gib * GIB)
             acts = profile.activation_bytes(work)
-            needed = profile.weight_bytes + max(acts.values())
+            needed = self._gpu_weight_bytes(profile) + max(acts.values())
             return MemoryEstimate(
                 gpu_peak={},
                 infeasible=f"does not split over the GPUs: needs about {needed / GIB:.1f} GiB in all, "
                 f"{usable / GIB:.1f} GiB usable",
             )
-        return MemoryEstimate(gpu_peak=dict(placed.peaks))
+        host = self._host_bytes(profile)
+        return MemoryEstimate(gpu_peak=dict(placed.peaks), host_bytes=host, pinned_bytes=host)
+
+    def _gpu_weight_bytes(self, profile: ModelProfile) -> int:
+        return profile.weight_bytes
+
+    def _host_bytes(self, profile: ModelProfile) -> int:
+        return 0
 
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
         return CROSS_GPU_OVERHEAD * sum(profile.compute_seconds(work, steps).values())
 
     def target(self, hardware: Hardware) -> torch.device:
         if len(hardware.gpus) < 2:
-            raise StrategyUnavailableError("multi_gpu needs at least two CUDA GPUs")
+            raise StrategyUnavailableError(f"{self.name} needs at least two CUDA GPUs")
         return torch.device("cuda", max(hardware.gpus, key=lambda g: g.free_bytes).index)
 
     def gpu_index(self, hardware: Hardware) -> int:
@@ -243,15 +322,27 @@ class MultiGPUDispatch(LoadStrategy):
         profile = ModelProfile.from_modules(components(pipe))
         placed = self.assignment(profile, hardware, self.workload)
         if placed is None:
-            raise torch.OutOfMemoryError("multi_gpu: the model does not fit on these GPUs")
+            raise torch.OutOfMemoryError(f"{self.name}: the model does not fit on these GPUs")
         homes = host_homes(pipe)
         force = self._always_dispatch
-        _place(pipe.transformer, profile.transformer, placed.main, placed.transformer_blocks, homes, force)
+        main = torch.device("cuda", placed.main)
+        with on_device(main):
+            _place(pipe.transformer, profile.transformer, placed.main, placed.transformer_blocks, homes, force)
+            homes.send_to(pipe.vae, main)
+            homes.release(pipe.vae)
         te = profile.text_encoder
-        _place(pipe.text_encoder, te, placed.text_encoder_main, placed.text_encoder_blocks, homes, force)
-        homes.send_to(pipe.vae, torch.device("cuda", placed.main))
-        homes.release(pipe.vae)
+        if placed.text_encoder_streamed:
+            # one prompt's worth of blocks at a time, from pinned homes (the non-block weights too: they are
+            # needed only while the prompt is encoded, and every byte of these cards counts)
+            stream(pipe.text_encoder, homes, torch.device("cuda", placed.text_encoder_main), level="block")
+        else:
+            with on_device(torch.device("cuda", placed.text_encoder_main)):
+                _place(pipe.text_encoder, te, placed.text_encoder_main, placed.text_encoder_blocks, homes, force)
         self._placed = placed
+
+    def execution_device(self, pipe: Any) -> torch.device:
+        assert self._placed is not None, "execution_device() is known once the strategy is applied"
+        return torch.device("cuda", self._placed.main)
 
     def encode_device(self, pipe: Any, execution_device: torch.device) -> torch.device:
         assert self._placed is not None
@@ -260,6 +351,9 @@ class MultiGPUDispatch(LoadStrategy):
     def remove(self, pipe: Any, keep: Collection[str] = ()) -> None:
         from accelerate.hooks import remove_hook_from_module
 
+        homes = host_homes(pipe)
+        if self._placed is not None and self._placed.text_encoder_streamed:
+            unstream(pipe.text_encoder, homes)
         for module in (pipe.transformer, pipe.text_encoder):
             remove_hook_from_module(module, recurse=True)
             if hasattr(module, "hf_device_map"):
@@ -267,6 +361,33 @@ class MultiGPUDispatch(LoadStrategy):
         send_everything_home(pipe)
         self._placed = None
         self.placed_off()
+
+
+class MultiGPUHybrid(MultiGPUDispatch):
+    """The transformer and the VAE spread over two or more GPUs, the text encoder streamed onto one of them.
+
+    For cards that together hold the transformer but not the whole model, e.g. two 8 GiB cards: every
+    transformer pass runs from GPU memory, and only the text encoder (7.5 GiB) crosses the bus, once per
+    prompt, from pinned host memory. Host RAM: the text encoder's pinned copy.
+    """
+
+    name: ClassVar[str] = "multi_gpu_hybrid"
+    offloads: ClassVar[bool] = True
+    stream_text_encoder: ClassVar[bool] = True
+
+    def _gpu_weight_bytes(self, profile: ModelProfile) -> int:
+        return profile.weight_bytes - profile.text_encoder.weight_bytes + streaming_bytes(profile.text_encoder)
+
+    def _host_bytes(self, profile: ModelProfile) -> int:
+        te = profile.text_encoder
+        return pinned_size(sum(te.block_bytes), te.largest_block_tensor_bytes) + te.other_bytes
+
+    def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
+        compute = profile.compute_seconds(work, steps)
+        te = profile.text_encoder
+        encode = max(compute["encode"], profile.transfer_seconds(sum(te.block_bytes)))
+        encode += BLOCK_OVERHEAD_S * len(te.block_bytes) + profile.transfer_seconds(te.other_bytes)
+        return encode + CROSS_GPU_OVERHEAD * (compute["denoise"] + compute["decode"])
 
 
 def _place(

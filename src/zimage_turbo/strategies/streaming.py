@@ -20,6 +20,7 @@ from typing import Any, ClassVar, cast
 import torch
 
 from ..acceleration import QuantizationName
+from ..execution import on_device
 from ..flat_quantized import flatten_quantized_linears, flattened_tensors, restore_flattened_linears
 from ..hardware import Hardware
 from ..profile import ModelProfile, Workload
@@ -118,6 +119,22 @@ def stream(
     copy from pinned memory per call, and a pointer swap back home afterwards (diffusers would copy from and
     into pageable memory, a fresh host copy per call; for the text encoder a 0.78 GB embedding).
     """
+    # diffusers makes its transfer stream on the current CUDA device, which must be the one streamed to
+    with on_device(device):
+        _stream(
+            module, homes, device, level=level, keep_other_resident=keep_other_resident, record_stream=record_stream
+        )
+
+
+def _stream(
+    module: torch.nn.Module,
+    homes: Any,
+    device: torch.device,
+    *,
+    level: str,
+    keep_other_resident: bool,
+    record_stream: bool,
+) -> None:
     from diffusers.hooks import apply_group_offloading
 
     blocks = level == "block"
