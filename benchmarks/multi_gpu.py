@@ -6,6 +6,8 @@ it names (``CUDA_VISIBLE_DEVICES``), each capped with ``torch.cuda.set_per_proce
 part ``placements`` (one model):
 
 * ``reference``: ``full_gpu`` on one uncapped card; every other image is compared with its image.
+* ``reference_tiled``: the same with a tiled decode (capped at 21 GiB); images decoded in tiles are compared
+  with it too.
 * ``split_uncapped``: ``multi_gpu`` forced on two uncapped cards (whole components on different cards).
 * ``auto_2x12``, ``auto_2x8``, ``auto_3x8``, ``auto_4x6``: ``Generator()`` on cards capped so; it must pick a
   placement that uses several cards (``multi_gpu``, or ``multi_gpu_hybrid`` with the text encoder streamed).
@@ -154,10 +156,13 @@ def worker_single(args: argparse.Namespace) -> dict[str, Any]:
         "gpus_visible": torch.cuda.device_count(),
     }
     reference = Path(args.reference)
-    if args.case == "reference":
-        results[0].image.save(reference)
-    elif reference.is_file():
+    tiled = reference.with_name(reference.stem + "-tiled.png")
+    if args.case in ("reference", "reference_tiled"):
+        results[0].image.save(tiled if last.vae_tiling else reference)
+    if reference.is_file():
         row["difference_from_reference"] = _difference(results[0].image, Image.open(reference))
+    if last.vae_tiling and tiled.is_file():  # the same decode, tile for tile
+        row["difference_from_tiled_reference"] = _difference(results[0].image, Image.open(tiled))
     gen.close()
     return row
 
@@ -352,6 +357,8 @@ def placement_cases(gpus: int) -> list[tuple[str, int, list[str]]]:
     """(name, GPUs it needs, worker arguments) of the one-model cases."""
     cases = [
         ("reference", 1, ["--strategy", "full_gpu", "--device", "cuda:0"]),
+        # full_gpu with a tiled decode (a 21 GiB cap leaves no room for the whole decode): what tiled cases match
+        ("reference_tiled", 1, ["--strategy", "full_gpu", "--device", "cuda:0", "--caps", "21"]),
         ("split_uncapped", 2, ["--strategy", "multi_gpu"]),
         ("auto_2x12", 2, ["--caps", "12,12"]),
         ("auto_2x8", 2, ["--caps", "8,8"]),
@@ -419,6 +426,7 @@ def main() -> None:
 
     def record(name: str, row: dict[str, Any]) -> None:
         row.setdefault("case", name)
+        row["git_commit"] = report["environment"]["git_commit"]  # parts of one report may run at other commits
         report["cases"] = [c for c in report["cases"] if c["case"] != name] + [row]
         print(json.dumps(row), flush=True)
         _write(args.out, report)  # after every case, so that an interrupted run keeps what it measured
@@ -441,7 +449,7 @@ def main() -> None:
             record("pool", run_case([*pool, "--case", "pool"], visible(gpus), timeout=560))
         if wanted("pool_capped"):
             capped = ",".join(["-"] * (gpus - 1) + ["8"])
-            extra = ["--case", "pool_capped", "--caps", capped, "--skip-alone", "--rounds", "1"]
+            extra = ["--case", "pool_capped", f"--caps={capped}", "--skip-alone", "--rounds", "1"]
             record("pool_capped", run_case([*pool, *extra], visible(gpus), timeout=400))
         if wanted("ray"):
             shutil.rmtree(args.workdir, ignore_errors=True)  # a batch left from an earlier run would be resumed

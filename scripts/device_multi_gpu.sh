@@ -2,7 +2,7 @@
 # On a machine with two to four GPUs (the device tool's nvidia-h200-x2 / -x4), from the repository root:
 # install the carried wheels (scripts/fetch_device_wheels.sh, scripts/fetch_device_ray.sh), build the full-size
 # checkpoint once, run one part of benchmarks/multi_gpu.py into $OUT, and check the report with the GPU tests.
-# Usage: [BENCH_ARGS="--images 3"] scripts/device_multi_gpu.sh placements|throughput|all [more GPU test files]
+# Usage: [BENCH_ARGS="--images 3"] [START_FROM=report.json] scripts/device_multi_gpu.sh placements|throughput|all [more GPU test files]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-all}
@@ -15,6 +15,8 @@ nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader
 if [ ! -f /tmp/full/model_index.json ]; then
     python3 -m zimage_turbo -q make-checkpoint full /tmp/full || python3 -m zimage_turbo make-checkpoint full /tmp/full
 fi
+# a report to add to (cases run again replace theirs)
+[ -n "${START_FROM:-}" ] && cp "$START_FROM" "$out/multi_gpu.json"
 ZT_GIT_COMMIT=${ZT_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)} \
     python3 benchmarks/multi_gpu.py --checkpoint /tmp/full --out "$out/multi_gpu.json" --part "$part" ${BENCH_ARGS:-}
 ZIMAGE_TEST_MULTI_GPU_JSON="$out/multi_gpu.json" ZIMAGE_TEST_FULL_CHECKPOINT=/tmp/full \

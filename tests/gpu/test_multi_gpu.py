@@ -24,8 +24,9 @@ pytestmark = [pytest.mark.gpu]
 ROOT = Path(__file__).resolve().parents[2]
 # Read at import: the autouse fixture in tests/conftest.py clears ZIMAGE_* variables for each test.
 _REPORT = os.environ.get("ZIMAGE_TEST_MULTI_GPU_JSON")
-# The same image as one uncapped GPU, within rounding; a tiled decode blends tiles a little differently.
-SAME, SAME_TILED = 2, 6
+# The same image as one uncapped GPU, within rounding; a tiled decode differs from an untiled one on average by
+# about this much (it blends tiles where they meet).
+SAME, SAME_TILED_MEAN = 2, 3
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,14 @@ def case(report: dict[str, Any], name: str, needs: int = 2) -> dict[str, Any]:
 
 
 def same_image(row: dict[str, Any]) -> None:
+    """The image of one uncapped card; with a tiled decode, that of one card decoding in the same tiles (tiles
+    blend where they meet: on two H200s up to 22 levels from the untiled decode, 1.5 on average)."""
     assert (row["width"], row["height"]) == (1024, 1024)
-    assert row["difference_from_reference"]["max_abs"] <= (SAME_TILED if row["vae_tiling"] else SAME)
+    if row["vae_tiling"]:
+        assert row["difference_from_tiled_reference"]["max_abs"] <= SAME
+        assert row["difference_from_reference"]["mean_abs"] <= SAME_TILED_MEAN
+    else:
+        assert row["difference_from_reference"]["max_abs"] <= SAME
 
 
 def cards_used(row: dict[str, Any]) -> int:
@@ -158,7 +165,7 @@ def test_a_small_card_adds_to_the_pool_through_a_streamed_replica(report: dict[s
     assert row["strategies"][small] in ("streamed", "streamed+vae_tiling")
     assert row["images_per_device"].get(small, 0) > 0
     assert row["all_replicas_images_per_s"] > (count - 1) * one  # more than the big cards alone could make
-    assert row["difference_from_reference"][small]["max_abs"] <= SAME
+    assert row["difference_from_reference"][small]["max_abs"] <= SAME  # a streamed replica draws the same image
 
 
 def test_a_ray_batch_uses_every_card_and_resumes_to_the_same_images(report: dict[str, Any]) -> None:
