@@ -443,11 +443,11 @@ def main() -> None:
                 continue
             worker = [*common, "--worker", "single", "--case", name, "--images", str(args.images), *extra]
             record(name, run_case(worker, visible(gpus if name.startswith("streamed") else needs), timeout=300))
-    if args.part in ("throughput", "all") and gpus >= 2:
+    if args.part in ("throughput", "all") and gpus >= 1:
         pool = [*common, "--worker", "pool", "--prompts", str(args.prompts), "--rounds", str(args.rounds)]
-        if wanted("pool"):
+        if wanted("pool") and gpus >= 2:
             record("pool", run_case([*pool, "--case", "pool"], visible(gpus), timeout=560))
-        if wanted("pool_capped"):
+        if wanted("pool_capped") and gpus >= 2:
             capped = ",".join(["-"] * (gpus - 1) + ["8"])
             extra = ["--case", "pool_capped", f"--caps={capped}", "--skip-alone", "--rounds", "1"]
             record("pool_capped", run_case([*pool, *extra], visible(gpus), timeout=400))

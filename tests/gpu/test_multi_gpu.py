@@ -169,11 +169,12 @@ def test_a_small_card_adds_to_the_pool_through_a_streamed_replica(report: dict[s
 
 
 def test_a_ray_batch_uses_every_card_and_resumes_to_the_same_images(report: dict[str, Any]) -> None:
-    row = case(report, "ray")
-    one = case(report, "pool")["one_replica_images_per_s"]
+    row = case(report, "ray", needs=1)
     count = gpus(report)
     assert row["whole_exit"] == 0 and row["actors"] == count and row["strategies"] == ["full_gpu"]
-    assert row["images_per_s"] >= 0.875 * count * one, (row["images_per_s"], one)  # 3.5x on four cards
     assert 0 < row["killed_after_lines"] < row["prompts"] and row["killed_exit"] != 0
     assert row["resumed_exit"] == 0 and row["manifest_lines"] == row["prompts"] and row["manifest_ids_unique"]
     assert row["max_abs_difference_resumed_vs_whole"] <= SAME
+    if count >= 2:
+        one = case(report, "pool")["one_replica_images_per_s"]
+        assert row["images_per_s"] >= 0.875 * count * one, (row["images_per_s"], one)  # 3.5x on four cards
