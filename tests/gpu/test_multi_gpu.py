@@ -136,7 +136,7 @@ def test_a_split_that_does_not_fit_climbs_the_ladder_on_the_same_weights(report:
 
 
 def test_every_card_streams_the_same_image(report: dict[str, Any]) -> None:
-    rows = [case(report, f"streamed_cuda{k}", 1) for k in range(gpus(report))]
+    rows = [case(report, f"streamed_cuda{k}") for k in range(gpus(report))]
     for k, row in enumerate(rows):
         assert row["strategy"] == "streamed" and row["device"] == f"cuda:{k}", row["device"]
         same_image(row)
