@@ -41,7 +41,7 @@ from .planner import HOST_RESERVE_BYTES, Candidate
 from .request import DEFAULT_STEPS, GenerationRequest, requests_for
 from .result import GenerationResult
 from .settings import ZImageSettings
-from .strategies import strategy_from
+from .strategies import MultiGPUDispatch, strategy_from
 
 __all__ = ["GeneratorPool", "Outcome", "PromptFailure"]
 
@@ -180,7 +180,7 @@ class GeneratorPool:
         best = whole.plan().best if torch.cuda.device_count() > 1 else None
         # One model over every card, when it is about as fast as the replicas together: it needs no host RAM for
         # streamed weights, and each image comes sooner.
-        if best is not None and best.strategy.name.startswith("multi_gpu") and per_card < SPLIT_MARGIN / best.seconds:
+        if best is not None and isinstance(best.strategy, MultiGPUDispatch) and per_card < SPLIT_MARGIN / best.seconds:
             logger.info(
                 "one replica over every GPU (%s, %.2f images/s predicted) rather than one per card (%.2f)",
                 best.name,

@@ -159,10 +159,10 @@ def _assign(
     # The main card holds the transformer's non-block weights and the VAE, and runs the decode.
     if not main.take(profile.transformer.other_bytes + profile.vae.weight_bytes, max(acts["denoise"], acts["decode"])):
         return None
-    te = profile.text_encoder
-    te_main: int | None = None
     if stream_text_encoder:
         return _assign_streamed_text_encoder(profile, cards, acts, balanced=balanced)
+    te = profile.text_encoder
+    te_main: int | None = None
     whole = sum(profile.transformer.block_bytes) <= main.room(acts["denoise"])
     if whole:
         blocks = _spread(cards[:1], profile.transformer, acts["denoise"], 0)
@@ -170,7 +170,8 @@ def _assign(
         if balanced:
             # Before the blocks are spread by room, the text encoder gets a card of its own if one can hold it
             # and the blocks still fit; spreading first would leave no card room enough for it.
-            te_main = _reserve(cards, te, acts, sum(profile.transformer.block_bytes))
+            blocks_total = sum(profile.transformer.block_bytes)
+            te_main = _reserve(cards, te.weight_bytes, acts["encode"], blocks_total, acts["denoise"])
         spread = _spread_balanced if balanced else _spread
         blocks = spread(cards, profile.transformer, acts["denoise"], 0)
     if blocks is None:
@@ -204,16 +205,9 @@ def _assign_streamed_text_encoder(
 ) -> Assignment | None:
     """The transformer's blocks over the cards (the main card has taken its share already), the text encoder
     streamed onto the card with the most room left for it."""
-    te = profile.text_encoder
-    encode = streaming_bytes(te) + acts["encode"]  # transient: only while the prompt is encoded
+    encode = streaming_bytes(profile.text_encoder) + acts["encode"]  # transient: only while the prompt is encoded
     blocks_total = sum(profile.transformer.block_bytes)
-    te_main: int | None = None
-    for card in sorted(cards[1:], key=lambda c: -c.room(encode)) + cards[:1]:
-        saved = (card.weights, card.activation)
-        if card.take(0, encode) and sum(max(c.room(acts["denoise"]), 0) for c in cards) >= blocks_total:
-            te_main = card.index
-            break
-        card.weights, card.activation = saved
+    te_main = _reserve(cards, 0, encode, blocks_total, acts["denoise"])
     if te_main is None:
         return None
     if blocks_total <= cards[0].room(acts["denoise"]):
@@ -232,17 +226,19 @@ def streaming_bytes(component: ComponentProfile) -> int:
     return component.other_bytes + 2 * component.largest_block_bytes
 
 
-def _reserve(cards: list[_Card], te: ComponentProfile, acts: dict[str, int], transformer_blocks: int) -> int | None:
-    """Put the whole text encoder on a card, keeping room for the transformer blocks; its card's index, or None.
+def _reserve(
+    cards: list[_Card], nbytes: int, activation: int, transformer_blocks: int, denoise_activation: int
+) -> int | None:
+    """Give the text encoder a card (``nbytes`` of weights resident, ``activation`` while it encodes: the whole
+    encoder, or what streaming it needs), keeping room for the transformer blocks; its card's index, or None.
 
     Cards other than the main one come first, roomiest first, so that the text encoder and the transformer
     end up on different cards when they can."""
-    for card in sorted(cards[1:], key=lambda c: -c.room(acts["encode"])) + cards[:1]:
-        if te.weight_bytes > card.room(acts["encode"]):
-            continue
+    for card in sorted(cards[1:], key=lambda c: -c.room(activation)) + cards[:1]:
         saved = (card.weights, card.activation)
-        card.take(te.weight_bytes, acts["encode"])
-        if sum(max(c.room(acts["denoise"]), 0) for c in cards) >= transformer_blocks:
+        if not card.take(nbytes, activation):
+            continue
+        if sum(max(c.room(denoise_activation), 0) for c in cards) >= transformer_blocks:
             return card.index
         card.weights, card.activation = saved
     return None

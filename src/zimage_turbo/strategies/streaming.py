@@ -119,49 +119,35 @@ def stream(
     copy from pinned memory per call, and a pointer swap back home afterwards (diffusers would copy from and
     into pageable memory, a fresh host copy per call; for the text encoder a 0.78 GB embedding).
     """
-    # diffusers makes its transfer stream on the current CUDA device, which must be the one streamed to
-    with on_device(device):
-        _stream(
-            module, homes, device, level=level, keep_other_resident=keep_other_resident, record_stream=record_stream
-        )
-
-
-def _stream(
-    module: torch.nn.Module,
-    homes: Any,
-    device: torch.device,
-    *,
-    level: str,
-    keep_other_resident: bool,
-    record_stream: bool,
-) -> None:
     from diffusers.hooks import apply_group_offloading
 
-    blocks = level == "block"
-    homes.adopt(block_tensors(module) if blocks else module)
-    # Homed before the hooks are installed, so that diffusers' first offload finds them on the host already.
-    others = other_tensors(module) if blocks and not keep_other_resident else []
-    homes.adopt(others)
-    use_stream = device.type == "cuda"
-    apply_group_offloading(
-        module,
-        onload_device=device,
-        offload_device=torch.device("cpu"),
-        offload_type="block_level" if blocks else "leaf_level",
-        num_blocks_per_group=1 if blocks else None,
-        use_stream=use_stream,
-        # record_stream has produced garbage outputs in some diffusers releases; synchronising is the default.
-        record_stream=record_stream and use_stream,
-        low_cpu_mem_usage=False,
-    )
-    group = _top_group(module)
-    if group is None:
-        return
-    if keep_other_resident:
-        group.offload_device = device
-        group.offload_()
-    elif blocks:
-        _move_through_homes(group, others, homes, device)
+    # diffusers makes its transfer stream on the current CUDA device, which must be the one streamed to
+    with on_device(device):
+        blocks = level == "block"
+        homes.adopt(block_tensors(module) if blocks else module)
+        # Homed before the hooks are installed, so that diffusers' first offload finds them on the host already.
+        others = other_tensors(module) if blocks and not keep_other_resident else []
+        homes.adopt(others)
+        use_stream = device.type == "cuda"
+        apply_group_offloading(
+            module,
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level" if blocks else "leaf_level",
+            num_blocks_per_group=1 if blocks else None,
+            use_stream=use_stream,
+            # record_stream has produced garbage outputs in some diffusers releases; synchronising is the default.
+            record_stream=record_stream and use_stream,
+            low_cpu_mem_usage=False,
+        )
+        group = _top_group(module)
+        if group is None:
+            return
+        if keep_other_resident:
+            group.offload_device = device
+            group.offload_()
+        elif blocks:
+            _move_through_homes(group, others, homes, device)
 
 
 def unstream(module: torch.nn.Module, homes: Any) -> None:
