@@ -27,7 +27,7 @@ import torch
 
 from ._version import __version__
 from .errors import CheckpointError
-from .loader import default_dtype
+from .process_state import default_dtype
 from .toy_tokenizer import build_toy_tokenizer
 
 __all__ = ["MARKER_FILE", "PRESETS", "CheckpointPreset", "PresetName", "make_checkpoint", "read_marker"]
@@ -260,8 +260,15 @@ def _build_pipeline(spec: CheckpointPreset, seed: int, device: torch.device) -> 
 
     tokenizer = build_toy_tokenizer()
     text_config = {"vocab_size": len(tokenizer), **spec.text_encoder}
-    torch.manual_seed(seed)
-    with default_dtype(spec.dtype), device:
+    # Seeded inside a fork of the random state of the build device only: the caller's random numbers are not
+    # ours to reset (torch.manual_seed would also queue a reseed of every GPU).
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), default_dtype(spec.dtype), device:
+        if device.type == "cuda":
+            index = torch.cuda.current_device() if device.index is None else device.index
+            torch.cuda.default_generators[index].manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
         # Building directly on the target device in the target dtype: the full preset never exists in
         # float32 or on the CPU, which keeps its build under a minute on a GPU.
         text_encoder = Qwen3Model(Qwen3Config(**text_config))

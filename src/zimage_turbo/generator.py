@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from . import process_state
 from .acceleration import (
     Accelerator,
     attention_available,
@@ -857,17 +858,19 @@ class Generator:
         """Place the model for ``rung`` and run the phases not yet done; on a decode that runs out of memory
         without tiling, retry the decode with tiling from the same latents."""
         progress.phase = "place"
-        if self._unsettled:  # an earlier call was stopped while weights moved, and could not clean up
-            self._leave_active()
-            self._unsettled = False
-        try:
-            self._use(rung)  # outside inference mode: weights must stay ordinary tensors
-        except BaseException as exc:
-            if not is_out_of_memory(exc):
-                self._unsettled = True  # stopped half-way (an interrupt): remove before anything else
-            raise
-        with torch.inference_mode():
-            return self._phases(request, rung, progress, fallbacks)
+        # shared: never while another thread's load has torch's default dtype changed (process_state.py)
+        with process_state.shared():
+            if self._unsettled:  # an earlier call was stopped while weights moved, and could not clean up
+                self._leave_active()
+                self._unsettled = False
+            try:
+                self._use(rung)  # outside inference mode: weights must stay ordinary tensors
+            except BaseException as exc:
+                if not is_out_of_memory(exc):
+                    self._unsettled = True  # stopped half-way (an interrupt): remove before anything else
+                raise
+            with torch.inference_mode():
+                return self._phases(request, rung, progress, fallbacks)
 
     def _phases(
         self, request: GenerationRequest, rung: Candidate, progress: Progress, fallbacks: list[Fallback]

@@ -26,10 +26,11 @@ from .errors import ModelLoadError
 from .hardware import Hardware
 from .host import HostHomes
 from .layout import WEIGHTED_COMPONENTS, PipelineLayout
+from .process_state import default_dtype, exclusive
 from .settings import DtypeName
 from .weights import TensorEntry, fill_module, read_safetensors_header
 
-__all__ = ["default_dtype", "load_pipeline", "resolve_dtype"]
+__all__ = ["load_pipeline", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ def _empty_module(layout: PipelineLayout, component: str, dtype: torch.dtype) ->
     from accelerate import init_empty_weights
 
     folder = layout.root / component
-    with init_empty_weights(), default_dtype(dtype):
+    # exclusive: both contexts change what every thread of the process shares (see process_state.py)
+    with exclusive(), init_empty_weights(), default_dtype(dtype):
         if component == "text_encoder":
             from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
@@ -122,18 +124,6 @@ def _empty_module(layout: PipelineLayout, component: str, dtype: torch.dtype) ->
         model = model_class.from_config(config)
         model.register_to_config(_name_or_path=str(folder))
         return model
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Floating tensors created inside (buffers that constructors compute) get ``dtype``, as when the
-    libraries load a model in that dtype."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 @contextmanager
