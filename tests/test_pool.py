@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -221,6 +223,54 @@ def test_close_releases_the_replicas(settings: ZImageSettings) -> None:
     assert not replica.is_loaded and repr(pool) == "GeneratorPool(closed)"
     with pytest.raises(GeneratorClosedError):
         pool.generate_many(["a cat"], **SIZE)
+
+
+def closed_while_waiting(settings: ZImageSettings, wait: Callable[[GeneratorPool], object]) -> BaseException | None:
+    """Run ``wait(pool)`` in a thread over a one-replica pool, close the pool from here once the first prompt
+    is done, and return what the waiting thread raised (it must end within seconds)."""
+    pool = GeneratorPool(settings=settings, devices=["cpu"], load=True)
+    first_done = threading.Event()
+    raised: list[BaseException] = []
+    original = Generator.generate
+
+    def marked(self: Generator, *args: Any, **kwargs: Any) -> GenerationResult:
+        result = original(self, *args, **kwargs)
+        first_done.set()
+        return result
+
+    def waiter() -> None:
+        try:
+            wait(pool)
+        except BaseException as exc:
+            raised.append(exc)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Generator, "generate", marked)
+        thread = threading.Thread(target=waiter, daemon=True)
+        thread.start()
+        assert first_done.wait(timeout=60)
+        started = time.monotonic()
+        pool.close()
+        thread.join(timeout=30)
+    assert not thread.is_alive(), "closing the pool left the waiting thread hanging"
+    assert time.monotonic() - started < 30
+    return raised[0] if raised else None
+
+
+def test_closing_the_pool_wakes_a_thread_iterating_as_completed(settings: ZImageSettings) -> None:
+    def iterate(pool: GeneratorPool) -> None:
+        for _ in pool.as_completed([f"prompt {i}" for i in range(6)], seed=0, **SIZE):
+            pass
+
+    error = closed_while_waiting(settings, iterate)
+    assert isinstance(error, GeneratorClosedError) and "closed" in str(error)
+
+
+def test_closing_the_pool_wakes_generate_many_with_a_typed_error(settings: ZImageSettings) -> None:
+    error = closed_while_waiting(
+        settings, lambda pool: pool.generate_many([f"prompt {i}" for i in range(6)], seed=0, **SIZE)
+    )
+    assert isinstance(error, GeneratorClosedError)
 
 
 def test_all_on_a_machine_without_gpus_is_one_replica(settings: ZImageSettings) -> None:

@@ -243,7 +243,10 @@ class GeneratorPool:
         return self._executor
 
     def close(self) -> None:
-        """Cancel prompts not yet started, wait for those running, and release every replica."""
+        """Cancel prompts not yet started, wait for those running, and release every replica.
+
+        Another thread waiting for the cancelled prompts (``generate_many``, a loop over ``as_completed``)
+        gets :class:`GeneratorClosedError` once the running prompts are done."""
         with self._lock:
             executor, self._executor = self._executor, None
             replicas, self._replicas = self._replicas or [], None
@@ -385,6 +388,8 @@ class GeneratorPool:
     def _take(self) -> Generator | None:
         """A free replica, waiting for one if need be; None once every replica is retired."""
         while True:
+            if self._closed:  # the pool was closed while this prompt waited for a replica
+                raise GeneratorClosedError("the pool was closed before this prompt started")
             try:
                 return self._idle.get(timeout=0.05)
             except queue.Empty:
@@ -408,14 +413,27 @@ def _collect(
     futures: list[concurrent.futures.Future[Outcome]], ordered: bool
 ) -> collections.abc.Generator[tuple[int, Outcome], None, None]:
     index_of = {future: index for index, future in enumerate(futures)}
+    # Done callbacks also run when a future is cancelled (concurrent.futures.as_completed is never told of a
+    # cancellation by the executor's shutdown, and would wait forever once the pool is closed).
+    finished: queue.SimpleQueue[concurrent.futures.Future[Outcome]] = queue.SimpleQueue()
+    for future in futures:
+        future.add_done_callback(finished.put)
     try:
-        finished = futures if ordered else concurrent.futures.as_completed(futures)
-        for future in finished:
-            yield index_of[future], future.result()
+        for position in range(len(futures)):
+            future = futures[position] if ordered else finished.get()
+            yield index_of[future], _outcome(future, index_of[future])
     finally:
         # The consumer stopped early (or was interrupted): do not leave the replicas busy with unwanted work.
         for future in futures:
             future.cancel()
+
+
+def _outcome(future: concurrent.futures.Future[Outcome], index: int) -> Outcome:
+    try:
+        return future.result()
+    except concurrent.futures.CancelledError:
+        # only close() cancels a prompt that someone still waits for
+        raise GeneratorClosedError(f"the pool was closed before prompt {index} started") from None
 
 
 def _device(value: str | torch.device) -> torch.device:
