@@ -93,6 +93,18 @@ def test_existing_output_needs_overwrite(tmp_path: Path, capsys: pytest.CaptureF
     assert out.read_bytes() == b"keep me"
 
 
+def test_output_under_the_home_folder(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    argv = ["generate", "a cat", "-o", "~/cat.png", "--size", "256x256", "--steps", "1", "--quiet"]
+    assert main([*argv, "--model", str(tiny_checkpoint)]) == 0
+    assert Image.open(tmp_path / "cat.png").size == (256, 256)
+    assert not (tmp_path / "~").exists()
+    capsys.readouterr()
+
+
 def test_empty_prompt(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "  ", "--model", "/nonexistent/model"]) == 2
     assert "prompt is empty" in capsys.readouterr().err

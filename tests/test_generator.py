@@ -272,12 +272,26 @@ def test_save_writes_every_image_atomically(generator: Generator, tmp_path: Path
     paths = batch.save(tmp_path / "cats.webp")
     assert [p.name for p in paths] == ["cats-0.webp", "cats-1.webp"]
     assert not list(tmp_path.glob(".*part"))
+    before = path.read_bytes()
     with pytest.raises(InvalidRequestError, match="exists"):
-        single.save(path, overwrite=False)
+        single.save(path)  # no overwrite unless asked, as the docs promise
+    assert path.read_bytes() == before
+    assert single.save(path, overwrite=True) == [path]
     with pytest.raises(InvalidRequestError, match="does not exist"):
         single.save(tmp_path / "missing" / "cat.png")
     with pytest.raises(InvalidRequestError, match="extension"):
         single.save(tmp_path / "cat")
+
+
+def test_save_expands_the_home_folder_once(
+    generator: Generator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    single = generator.generate("a cat", height=256, width=256, steps=1, seed=0)
+    assert single.save("~/cat.png") == [tmp_path / "cat.png"]
+    assert same(Image.open(tmp_path / "cat.png"), single.image)
+    assert not (tmp_path / "~").exists()
 
 
 def test_close_releases_and_forbids_further_use(tiny_checkpoint: Path) -> None:

@@ -206,7 +206,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generator import Generator
     from .request import GenerationRequest
-    from .result import check_output_path, output_paths
+    from .result import check_output_path, entered_path, output_paths
 
     width, height = _parse_size(args.size)
     # Every argument, then every output path and the settings, are checked before anything is loaded (the
@@ -221,7 +221,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         num_images=args.num_images,
         seed=args.seed,
     )
-    output = Path(args.output)
+    output = entered_path(args.output)
     for target in output_paths(output, request.num_images):
         check_output_path(target, overwrite=args.overwrite)
     generator = Generator(settings=_settings_from(args))
@@ -253,7 +253,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         settings = ZImageSettings(model=str(checkpoint), source="local", progress=not args.quiet)
         with Generator(settings=settings) as generator:
             result = generator.generate(DEMO_PROMPT, height=DEMO_SIZE, width=DEMO_SIZE, seed=0)
-        written = result.save(output)
+        written = result.save(output, overwrite=True)  # the demo's image is replaced on every run
     total = time.perf_counter() - started
     print(f"Built the tiny random-weight checkpoint in {built:.1f} s (its images are noise by design).")
     _report(result, written)

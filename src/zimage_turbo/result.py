@@ -155,11 +155,13 @@ class GenerationResult:
         """The seed of the first image."""
         return self.seeds[0]
 
-    def save(self, path: str | os.PathLike[str], *, overwrite: bool = True) -> list[Path]:
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> list[Path]:
         """Write the images; returns the paths written.
 
-        One image goes to ``path``. Several go to ``<stem>-<k><suffix>`` (``out-0.png``, ``out-1.png``...).
-        Each file is written to a temporary name and renamed, so a crash never leaves a partial image.
+        One image goes to ``path`` (``~`` is the home folder). Several go to ``<stem>-<k><suffix>``
+        (``out-0.png``, ``out-1.png``...). An existing file is refused (:class:`InvalidRequestError`, before
+        anything is written) unless ``overwrite=True``. Each file is written to a temporary name and renamed,
+        so a crash never leaves a partial image.
         """
         targets = output_paths(path, len(self.images))
         for each in targets:
@@ -183,23 +185,29 @@ class GenerationResult:
 
 def output_paths(path: str | os.PathLike[str], count: int) -> list[Path]:
     """Where ``count`` images for ``path`` go: ``path`` itself for one, ``<stem>-<k><suffix>`` for several."""
-    target = Path(path)
+    target = entered_path(path)
     if count == 1:
         return [target]
     return [target.with_name(f"{target.stem}-{k}{target.suffix}") for k in range(count)]
 
 
+def entered_path(path: object, what: str = "output path") -> Path:
+    """A path as the caller gave it, checked and with ``~`` expanded: done once, where a path enters, so that
+    the check and the write see the same file."""
+    try:
+        text = os.fspath(path)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidRequestError(f"{what} must be a str or os.PathLike, got {type(path).__name__}") from None
+    if not isinstance(text, str):
+        raise InvalidRequestError(f"{what} must be text, got {type(text).__name__}")
+    if "\x00" in text:
+        raise InvalidRequestError(f"{what} contains a NUL character")
+    return Path(text).expanduser()
+
+
 def check_output_path(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
     """Refuse an output path that cannot be written, before any expensive work happens."""
-    try:
-        text = os.fspath(path)
-    except TypeError:
-        raise InvalidRequestError(f"output path must be a str or os.PathLike, got {type(path).__name__}") from None
-    if not isinstance(text, str):
-        raise InvalidRequestError(f"output path must be text, got {type(text).__name__}")
-    if "\x00" in text:
-        raise InvalidRequestError("output path contains a NUL character")
-    target = Path(text).expanduser()
+    target = entered_path(path)
     if len(os.fsencode(target.name)) > MAX_FILE_NAME_BYTES:
         raise InvalidRequestError(
             f"output file name is {len(os.fsencode(target.name))} bytes long; file systems allow {MAX_FILE_NAME_BYTES}"
