@@ -300,6 +300,29 @@ def test_close_releases_and_forbids_further_use(tiny_checkpoint: Path) -> None:
     assert not gen.is_loaded and repr(gen) == "Generator(closed)"
     with pytest.raises(GeneratorClosedError):
         gen.generate("a cat", height=256, width=256)
+    # every other call says so too, instead of returning quietly or reading the model again
+    for call in (lambda: gen.switch("cpu"), gen.plan, gen.load, lambda: gen.generate_many(["a cat"])):
+        with pytest.raises(GeneratorClosedError):
+            call()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="checks a machine with fewer than two GPUs")
+@pytest.mark.parametrize("name", ["multi_gpu", "multi_gpu_hybrid", "full_gpu"])
+def test_a_gpu_strategy_without_its_gpus_is_unavailable(tiny_checkpoint: Path, name: str) -> None:
+    if name == "full_gpu" and torch.cuda.is_available():
+        pytest.skip("full_gpu runs here")
+    gen = Generator(model=tiny_checkpoint, strategy=name, settings=ZImageSettings(progress=False))
+    with pytest.raises(StrategyUnavailableError, match=name):
+        gen.generate("a cat", height=256, width=256, steps=1)
+
+
+def test_an_explicit_quantization_the_placement_cannot_apply_is_a_warning(tiny_checkpoint: Path) -> None:
+    settings = ZImageSettings(progress=False, quantization="int8")
+    result = Generator(model=tiny_checkpoint, strategy="cpu", settings=settings).generate(
+        "a cat", height=256, width=256, steps=1
+    )
+    assert result.quantization is None
+    assert any("quantization='int8'" in warning and "cpu" in warning for warning in result.warnings)
 
 
 def test_bfloat16_on_the_cpu(tiny_checkpoint: Path) -> None:

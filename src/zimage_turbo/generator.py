@@ -265,6 +265,7 @@ class Generator:
         placement never changes under a generation."""
         chosen = _own(strategy_from(strategy))
         with self._exclusive(), self._on_device():
+            self._check_open()
             self._check_device()
             self._requested_by_name = not isinstance(strategy, LoadStrategy)
             chosen = self._quantized_variant(chosen)
@@ -299,6 +300,7 @@ class Generator:
             prompt="plan", height=height, width=width, steps=steps, num_images=num_images, guidance_scale=guidance_scale
         )
         with self._exclusive():
+            self._check_open()
             profile = self._loaded.profile if self._loaded else self._profile_without_loading()
             return self._plan(profile, request)
 
@@ -396,8 +398,7 @@ class Generator:
 
     def _ensure_loaded(self) -> float:
         """Load if needed; return the seconds spent loading (0 when already loaded)."""
-        if self._closed:
-            raise GeneratorClosedError("this Generator was closed; create a new one")
+        self._check_open()
         if self._loaded is not None:
             return 0.0
         started = time.perf_counter()
@@ -609,6 +610,10 @@ class Generator:
                 yield
             finally:
                 self._owner = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GeneratorClosedError("this Generator was closed; create a new one")
 
     def _check_device(self) -> None:
         if self._device_failure is not None:
@@ -1008,8 +1013,22 @@ class Generator:
             compiled=self._accelerator.compiled,
             quantization=rung.strategy.quantize,
             fallbacks=tuple(fallbacks),
-            warnings=tuple(warnings),
+            warnings=tuple(warnings + self._quantization_warnings(rung)),
         )
+
+    def _quantization_warnings(self, rung: Candidate) -> list[str]:
+        """An explicit ``quantization`` that the placement used did not apply (the CPU's strategy, a strategy
+        given as an instance) is said, not silently dropped."""
+        setting = self.settings.quantization
+        if setting in ("auto", "none") or rung.strategy.quantize is not None:
+            return []
+        assert self._loaded is not None
+        warning = (
+            f"quantization={setting!r} is set, but {rung.strategy.name} does not quantize: the weights stayed "
+            f"{str(self._loaded.dtype).removeprefix('torch.')}"
+        )
+        logger.warning(warning)
+        return [warning]
 
     def _prompt_warnings(self, request: GenerationRequest) -> list[str]:
         assert self._loaded is not None

@@ -282,10 +282,9 @@ class MultiGPUDispatch(LoadStrategy):
         return assign(profile, capacities, work, stream_text_encoder=self.stream_text_encoder)
 
     def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
+        self.target(hardware)  # fewer than two GPUs: unavailable here, like any GPU strategy without a GPU
         placed = self.assignment(profile, hardware, work)
         if placed is None:
-            if len(hardware.gpus) < 2:
-                return MemoryEstimate(gpu_peak={}, infeasible="needs two or more GPUs")
             usable = sum(g.free_bytes for g in hardware.gpus) - len(hardware.gpus) * int(self.reserve_gib * GIB)
             acts = profile.activation_bytes(work)
             needed = self._gpu_weight_bytes(profile) + max(acts.values())
@@ -308,7 +307,10 @@ class MultiGPUDispatch(LoadStrategy):
 
     def target(self, hardware: Hardware) -> torch.device:
         if len(hardware.gpus) < 2:
-            raise StrategyUnavailableError(f"{self.name} needs at least two CUDA GPUs")
+            raise StrategyUnavailableError(
+                f"{self.name} needs at least two CUDA GPUs, and {len(hardware.gpus)} can be used here; "
+                "use strategy='auto'"
+            )
         return torch.device("cuda", max(hardware.gpus, key=lambda g: g.free_bytes).index)
 
     def gpu_index(self, hardware: Hardware) -> int:
