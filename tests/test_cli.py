@@ -214,7 +214,12 @@ def test_a_bad_setting_in_the_environment_is_a_usage_error(
         (["--ram-gib", "0"], "--ram-gib"),
         (["--reserve-gib", "-1"], "--reserve-gib"),
         (["--gpus", "100000x12"], "1 to 64 GPUs"),
-        (["--gpus", "2xinf"], "positive size"),
+        (["--gpus", "2xinf"], "above 0"),
+        (["--gpus", "2x1e300"], "at most"),
+        (["--vram-gib", "1e308"], "--vram-gib"),
+        (["--reserve-gib", "1e308"], "--reserve-gib"),
+        (["--ram-gib", "1e300"], "--ram-gib"),
+        (["--vram-gib", "8", "--gpus", "2x12"], "give one of them"),
     ],
 )
 def test_plan_refuses_impossible_hardware(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

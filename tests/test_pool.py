@@ -25,6 +25,7 @@ from zimage_turbo import (
     GPUInfo,
     Hardware,
     InvalidRequestError,
+    InvalidSettingsError,
     ModelProfile,
     PromptFailure,
     StrategyUnavailableError,
@@ -212,6 +213,8 @@ def test_bad_arguments_fail_before_anything_loads(settings: ZImageSettings) -> N
             GeneratorPool(settings=settings, devices=devices)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError, match="multi_gpu"):
         GeneratorPool(settings=settings, strategy="multi_gpu")
+    with pytest.raises(InvalidSettingsError, match="ZImageSettings"):
+        GeneratorPool(settings={"model": "x"})  # type: ignore[arg-type]
     with pytest.raises(UnknownStrategyError):
         GeneratorPool(settings=settings, strategy="turbo")
 

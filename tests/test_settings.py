@@ -43,6 +43,18 @@ def test_dotenv_file_is_read_and_other_variables_in_it_are_ignored(tmp_path: Pat
     assert settings.source == "local"
 
 
+def test_a_dotenv_file_that_is_not_utf8_is_ignored_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # another program's file, in another encoding: not ours to refuse
+    (tmp_path / ".env").write_bytes("ZIMAGE_STRATEGY=cpu\nGREETING=gr\xfc\xdf dich\n".encode("latin-1"))
+    monkeypatch.setenv("ZIMAGE_SOURCE", "local")
+    with pytest.warns(RuntimeWarning, match=".env"):
+        settings = ZImageSettings(dtype="float32")
+    assert settings.strategy == "auto"  # the file was not read
+    assert settings.source == "local" and settings.dtype == "float32"  # the environment and arguments were
+
+
 @pytest.mark.parametrize(
     ("field", "value", "env_name"),
     [

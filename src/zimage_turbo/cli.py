@@ -280,6 +280,10 @@ def _cmd_hardware(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# The largest memory amount `plan` accepts, in GiB (1 PiB): hypothetical, but still a number of bytes.
+MAX_GIB = 1 << 20
+
+
 def _parse_gpus(text: str) -> list[float]:
     """'2x12' -> [12, 12]; '24,12' -> [24, 12] (GiB)."""
     try:
@@ -294,16 +298,17 @@ def _parse_gpus(text: str) -> list[float]:
         raise InvalidRequestError(
             f"--gpus must look like 2x12 or 24,12 (GiB each, 1 to 64 GPUs), got {text!r}"
         ) from None
-    if not sizes or not all(math.isfinite(size) and size > 0 for size in sizes):
-        raise InvalidRequestError(f"--gpus needs at least one positive size, got {text!r}")
+    if not sizes or not all(math.isfinite(size) and 0 < size <= MAX_GIB for size in sizes):
+        raise InvalidRequestError(f"--gpus needs sizes above 0 and at most {MAX_GIB} GiB each, got {text!r}")
     return sizes
 
 
 def _gib(option: str, value: float | None, *, zero_ok: bool = False) -> float | None:
-    """A memory size given in GiB on the command line: finite, positive (or zero where that means none)."""
-    if value is not None and not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+    """A memory size given in GiB on the command line: finite, positive (or zero where that means none), and
+    at most MAX_GIB (a larger number overflows the byte counts)."""
+    if value is not None and not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0) and value <= MAX_GIB):
         raise InvalidRequestError(
-            f"{option} must be a {'non-negative' if zero_ok else 'positive'} number of GiB, got {value}"
+            f"{option} must be a {'non-negative' if zero_ok else 'positive'} number of GiB up to {MAX_GIB}, got {value}"
         )
     return value
 
@@ -318,6 +323,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .sources import resolve_model
 
     width, height = _parse_size(args.size)
+    if args.vram_gib is not None and args.gpus is not None:
+        raise InvalidRequestError("--vram-gib describes one GPU and --gpus several: give one of them")
     _gib("--vram-gib", args.vram_gib)
     _gib("--ram-gib", args.ram_gib)
     _gib("--reserve-gib", args.reserve_gib, zero_ok=True)

@@ -35,7 +35,7 @@ from typing import TypeAlias
 
 import torch
 
-from .errors import DeviceFailedError, GeneratorClosedError, InvalidRequestError, first_line
+from .errors import DeviceFailedError, GeneratorClosedError, InvalidRequestError, InvalidSettingsError, first_line
 from .generator import Generator
 from .planner import HOST_RESERVE_BYTES, Candidate
 from .request import DEFAULT_STEPS, GenerationRequest, requests_for
@@ -106,6 +106,8 @@ class GeneratorPool:
         strategy: str | None = None,
         load: bool = False,
     ) -> None:
+        if settings is not None and not isinstance(settings, ZImageSettings):
+            raise InvalidSettingsError(f"settings must be a ZImageSettings, got {type(settings).__name__}")
         base = settings if settings is not None else ZImageSettings()
         if model is not None:
             base = base.replace(model=os.fspath(model))

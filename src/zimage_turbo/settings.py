@@ -10,6 +10,7 @@ without one), never at import time, so importing the library never reads a stray
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -144,7 +145,13 @@ class ZImageSettings(BaseSettings):
             known = ", ".join(type(self).model_fields)
             raise InvalidSettingsError(f"Unknown setting(s) {', '.join(unknown)}; known settings: {known}.")
         try:
-            super().__init__(**values)
+            try:
+                super().__init__(**values)
+            except (UnicodeDecodeError, OSError) as exc:
+                # The working folder's .env may belong to another program: unreadable or not UTF-8, it is
+                # not ours to refuse. The environment and the arguments still apply.
+                warnings.warn(f"ignoring the .env file in the working folder: {exc}", RuntimeWarning, stacklevel=2)
+                super().__init__(_env_file=None, **values)
         except ValidationError as exc:
             raise InvalidSettingsError(_describe_validation_error(exc)) from None
 
