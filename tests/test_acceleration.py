@@ -355,6 +355,9 @@ def test_fp8_on_a_cpu_is_refused_before_loading(tiny_checkpoint: Path) -> None:
     assert not generator.is_loaded
     with pytest.raises(InvalidSettingsError, match="quantize"):
         FullGPU(quantize="int4")
+    for device in ("gpu0", 3.5):
+        with pytest.raises(InvalidSettingsError, match="device must be like"):
+            FullGPU(device=device)  # type: ignore[arg-type]
 
 
 def test_stored_bytes_counts_what_a_quantized_weight_really_holds() -> None:

@@ -137,6 +137,7 @@ def test_unknown_preset() -> None:
         ({"preset": "full", "device": "gpu0"}, "torch device"),
         ({"preset": "full", "device": "cuda:7"}, "cannot build on cuda:7"),
         ({"preset": "full", "device": "meta"}, "not supported"),
+        ({"preset": "tiny", "device": "gpu0"}, "torch device"),  # built on the CPU, but a typo is still said
         ({"path": 42}, "folder path"),
     ],
 )

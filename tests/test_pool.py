@@ -208,7 +208,7 @@ def test_bad_arguments_fail_before_anything_loads(settings: ZImageSettings) -> N
         lazy.as_completed(["a cat"], height=1000)
     assert "not resolved" in repr(lazy)
     assert not any(replica.is_loaded for replica in lazy.replicas)
-    for devices in ("every", [], ["gpu zero"]):
+    for devices in ("every", [], ["gpu zero"], 5, None):
         with pytest.raises(InvalidRequestError):
             GeneratorPool(settings=settings, devices=devices)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError, match="multi_gpu"):

@@ -174,7 +174,10 @@ def make_checkpoint(
         target = Path(path).expanduser()
     except TypeError:
         raise CheckpointError(f"path must be a folder path, got {type(path).__name__}") from None
-    build_device = torch.device("cpu") if preset == "tiny" else _build_device(device)
+    # the tiny preset is always built on the CPU (seconds), but a device given is still checked
+    chosen = _build_device(device) if preset != "tiny" or device is not None else None
+    build_device = torch.device("cpu") if preset == "tiny" else chosen
+    assert build_device is not None
     _check_target(target, overwrite)
     staging = target.parent / f".{target.name}.building-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

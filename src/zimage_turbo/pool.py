@@ -124,6 +124,8 @@ class GeneratorPool:
             if devices != "all":
                 raise InvalidRequestError(f"devices must be 'all' or a list like ['cuda:0', 'cuda:1'], got {devices!r}")
             self._wanted: list[torch.device] | None = None
+        elif not isinstance(devices, collections.abc.Sequence):
+            raise InvalidRequestError(f"devices must be 'all' or a list like ['cuda:0', 'cuda:1'], got {devices!r}")
         else:
             self._wanted = [_device(d) for d in devices]
             if not self._wanted:

@@ -190,7 +190,12 @@ class LoadStrategy(ABC):
     compilable: ClassVar[bool] = False
 
     def __init__(self, device: str | torch.device | None = None) -> None:
-        self.device = None if device is None else torch.device(device)
+        try:
+            self.device = None if device is None else torch.device(device)
+        except (RuntimeError, TypeError):
+            raise InvalidSettingsError(
+                f"{type(self).__name__}: device must be like 'cuda:1', 'cpu' or 'mps', got {device!r}"
+            ) from None
         self._placed_on: torch.device | None = None
 
     # -- pure ---------------------------------------------------------------------------------------------
