@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import zimage_turbo.generator as generator_module
+import zimage_turbo.tasks as tasks_module
 from zimage_turbo import Generator, GeneratorPool, InvalidRequestError, ZImageError, ZImageSettings
 from zimage_turbo.batch import MANIFEST_NAME, BatchItem, Manifest, derive_seed, items_from, read_prompts, run_batch
 from zimage_turbo.cli import main
@@ -229,19 +229,19 @@ def test_a_failing_line_is_reported_and_made_by_the_next_run(
     reference, items = straight
     source = prompts_file(tmp_path)
     out = tmp_path / "out"
-    real_encode = generator_module.encode
+    real_encode = tasks_module.encode
 
     def encode(pipe: Any, prompt: str, *args: Any) -> Any:
         if prompt == "a lighthouse at dusk":
             raise RuntimeError("something broke on this prompt")
         return real_encode(pipe, prompt, *args)
 
-    monkeypatch.setattr(generator_module, "encode", encode)
+    monkeypatch.setattr(tasks_module, "encode", encode)
     report = run_batch(source, out, pool=pool, **SMALL)
     assert report.failed == (("lighthouse", "RuntimeError: something broke on this prompt"),)
     assert report.generated == 5 and not report.complete and "failed lighthouse" in report.describe()
     assert not (out / "lighthouse.png").exists() and "lighthouse" not in {r["id"] for r in manifest_lines(out)}
-    monkeypatch.setattr(generator_module, "encode", real_encode)
+    monkeypatch.setattr(tasks_module, "encode", real_encode)
     assert run_batch(source, out, pool=pool, **SMALL).generated == 1
     assert_complete_and_equal(out, reference, items)
 

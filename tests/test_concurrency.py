@@ -55,7 +55,7 @@ def occupancy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     inside = [0]
     seen: list[int] = []
     guard = threading.Lock()
-    original = Generator._ladder
+    original = Generator._generate  # one request, from the lock to its result
 
     def counted(self: Generator, *args: Any) -> Any:
         with guard:
@@ -68,7 +68,7 @@ def occupancy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
             with guard:
                 inside[0] -= 1
 
-    monkeypatch.setattr(Generator, "_ladder", counted)
+    monkeypatch.setattr(Generator, "_generate", counted)
     yield seen
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-import zimage_turbo.generator as generator_module
+import zimage_turbo.tasks as tasks_module
 from test_ladder import hooks_left
 from zimage_turbo import (
     CPUOnly,
@@ -65,13 +65,13 @@ def twin(tiny_checkpoint: Path) -> Image.Image:
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts VAE decodes: an interrupted generation must decode nothing."""
     calls: list[int] = []
-    original = generator_module.decode
+    original = tasks_module.decode
 
     def counted(pipe: Any, latents: torch.Tensor, device: torch.device | None = None) -> list[Any]:
         calls.append(latents.shape[0])
         return original(pipe, latents, device)
 
-    monkeypatch.setattr(generator_module, "decode", counted)
+    monkeypatch.setattr(tasks_module, "decode", counted)
     return calls
 
 
@@ -230,7 +230,7 @@ def test_what_the_callback_raises_reaches_the_caller_unchanged(
     assert caught.value is error  # not wrapped, not replaced
     assert decodes == []  # the half-denoised latents were not decoded
     # Not taken for an out-of-memory error of ours: no fallback, the same strategy, nothing marked unplaceable.
-    assert gen.strategy == placed and gen._unplaceable == set()
+    assert gen.strategy == placed and gen._placement is not None and gen._placement.unplaceable == set()
     assert hook_signature(gen) == fresh_hooks
     assert_usable(gen, twin)
 
@@ -277,7 +277,7 @@ def test_the_callback_does_not_keep_the_failed_frames_alive(tiny_checkpoint: Pat
         run(gen, callback=stop)
     gc.collect()
     assert sentinel and sentinel[0]() is None  # the Generator holds no reference to the exception
-    assert gen._callback is None and gen._callback_error is None
+    assert not {"_callback", "_callback_error"} & set(vars(gen))  # per-call state lives in the call, not here
     assert_usable(gen, twin)
 
 
@@ -333,8 +333,10 @@ def test_a_cuda_error_is_not_retried_and_the_generator_refuses_further_work(
     gen.load()
     error = RuntimeError(message)
     tried: list[str] = []
-    original = gen._use
-    gen._use = lambda rung: (tried.append(rung.name), original(rung))[1]  # type: ignore[method-assign]
+    placement = gen._placement
+    assert placement is not None
+    original = placement.use
+    placement.use = lambda rung: (tried.append(rung.name), original(rung))[1]  # type: ignore[method-assign]
     inject(gen.pipeline.transformer, lambda: True, error)
     with pytest.raises(RuntimeError) as caught:
         run(gen)

@@ -219,13 +219,13 @@ def track_latent_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """Record the requested size of each call, for the downscale test's injected condition."""
     import zimage_turbo.generator as module
 
-    original = module.Generator._phases
+    original = module.Generator._run_rung  # one rung's attempt at a request (the size may have been lowered)
 
-    def tracked(self: Generator, request: Any, *args: Any) -> Any:
+    def tracked(self: Generator, call: Any, request: Any, *args: Any) -> Any:
         _LAST_SHAPE[id(self)] = request.height * request.width
-        return original(self, request, *args)
+        return original(self, call, request, *args)
 
-    monkeypatch.setattr(module.Generator, "_phases", tracked)
+    monkeypatch.setattr(module.Generator, "_run_rung", tracked)
 
 
 def test_other_cuda_errors_are_not_treated_as_memory(tiny_checkpoint: Path, inject: Callable[..., None]) -> None:

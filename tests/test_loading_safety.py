@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import zimage_turbo
-import zimage_turbo.generator as generator_module
+import zimage_turbo.placement as placement_module
 from hub_caches import huggingface_cache, modelscope_cache
 from test_layout import _shard
 from zimage_turbo import (
@@ -53,7 +53,7 @@ def never_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_: Any, **__: Any) -> Any:
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(generator_module, "load_pipeline", refuse)
+    monkeypatch.setattr(placement_module, "load_pipeline", refuse)
 
 
 def refused(folder: Path) -> IncompleteModelError:

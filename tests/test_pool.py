@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import zimage_turbo.generator as generator_module
+import zimage_turbo.tasks as tasks_module
 from zimage_turbo import (
     DeviceFailedError,
     GenerationRequest,
@@ -108,7 +109,7 @@ def test_both_replicas_do_work(pool: GeneratorPool) -> None:
 def test_a_failing_prompt_loses_nothing_else(
     pool: GeneratorPool, single: list[GenerationResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_encode = generator_module.encode
+    real_encode = tasks_module.encode
 
     def encode(pipe: Any, prompt: str, *args: Any) -> Any:
         if prompt == PROMPTS[2]:
@@ -117,7 +118,7 @@ def test_a_failing_prompt_loses_nothing_else(
             raise ValueError("this prompt breaks the text encoder")
         return real_encode(pipe, prompt, *args)
 
-    monkeypatch.setattr(generator_module, "encode", encode)
+    monkeypatch.setattr(tasks_module, "encode", encode)
     outcomes = pool.generate_many(PROMPTS, seed=100, **SIZE)
     failure = outcomes[2]
     assert isinstance(failure, PromptFailure)
@@ -138,7 +139,7 @@ ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
 def test_a_replica_whose_gpu_fails_is_retired_and_its_prompt_runs_elsewhere(
     settings: ZImageSettings, single: list[GenerationResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_encode = generator_module.encode
+    real_encode = tasks_module.encode
     broken: list[Any] = []
 
     def encode(pipe: Any, prompt: str, *args: Any) -> Any:
@@ -147,7 +148,7 @@ def test_a_replica_whose_gpu_fails_is_retired_and_its_prompt_runs_elsewhere(
             raise RuntimeError(ILLEGAL_ACCESS)  # what a poisoned CUDA context raises, on one replica, once
         return real_encode(pipe, prompt, *args)
 
-    monkeypatch.setattr(generator_module, "encode", encode)
+    monkeypatch.setattr(tasks_module, "encode", encode)
     with GeneratorPool(settings=settings, devices=["cpu", "cpu"]) as two:
         outcomes = two.generate_many(PROMPTS, seed=100, **SIZE)
         assert all(same(o.image, r.image) for o, r in zip(results(outcomes), single, strict=True))
@@ -162,14 +163,14 @@ def test_a_replica_whose_gpu_fails_is_retired_and_its_prompt_runs_elsewhere(
 def test_a_prompt_that_breaks_every_gpu_fails_without_hanging_the_pool(
     settings: ZImageSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_encode = generator_module.encode
+    real_encode = tasks_module.encode
 
     def encode(pipe: Any, prompt: str, *args: Any) -> Any:
         if prompt == PROMPTS[1]:
             raise RuntimeError(ILLEGAL_ACCESS)
         return real_encode(pipe, prompt, *args)
 
-    monkeypatch.setattr(generator_module, "encode", encode)
+    monkeypatch.setattr(tasks_module, "encode", encode)
     with GeneratorPool(settings=settings, devices=["cpu", "cpu"]) as two:
         outcomes = two.generate_many(PROMPTS, seed=100, **SIZE)
         failure = outcomes[1]

@@ -39,70 +39,36 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from dataclasses import replace
+from typing import Any
 
 import torch
 
-from . import process_state
 from .acceleration import (
     Accelerator,
     attention_available,
     compile_cache_dir,
     quantization_for,
     quantization_unavailable,
-    stored_bytes,
 )
-from .errors import (
-    DeviceFailedError,
-    GeneratorClosedError,
-    InvalidRequestError,
-    InvalidSettingsError,
-    NotEnoughMemoryError,
-    NumericalError,
-    PlacementFailedError,
-    ZImageError,
-    first_line,
-)
-from .execution import on_device, pin_execution_device
-from .hardware import GIB, Hardware, detect_hardware, host_peak_rss_bytes
-from .loader import load_pipeline, resolve_dtype
-from .phases import (
-    MAX_SEQUENCE_LENGTH,
-    PhaseClock,
-    Progress,
-    count_prompt_tokens,
-    decode,
-    denoise,
-    encode,
-    is_device_failure,
-    is_out_of_memory,
-    release_memory,
-    set_vae_tiling,
-)
-from .planner import Candidate, Plan, candidate_for, effective_hardware, plan, smaller_workloads
+from .errors import DeviceFailedError, GeneratorClosedError, InvalidRequestError, InvalidSettingsError, first_line
+from .hardware import GIB, Hardware, detect_hardware
+from .ladder import Ladder
+from .loader import resolve_dtype
+from .phases import MAX_SEQUENCE_LENGTH, Progress, count_prompt_tokens, is_device_failure, release_memory
+from .placement import Placement, load_placement
+from .planner import Candidate, Plan, candidate_for, effective_hardware, plan
 from .profile import ModelProfile, Workload
 from .request import DEFAULT_STEPS, GenerationRequest, check_seed, requests_for
-from .result import Fallback, GenerationResult, StepInfo, Timings
+from .result import Fallback, GenerationResult, StepInfo
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
 from .strategies import FullGPU, Hybrid, LoadStrategy, StreamedOffload, strategy_from
-from .strategies.base import components, host_homes, new_host_homes, send_everything_home
+from .tasks import Attempt, Call, result_of, run_task
 
 __all__ = ["MAX_SEQUENCE_LENGTH", "Generator", "count_prompt_tokens"]
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-@dataclass
-class _Loaded:
-    pipe: Any
-    model: ResolvedModel
-    profile: ModelProfile
-    dtype: torch.dtype
-    # the strategy whose load device the weights went to; None once they are back in their host homes
-    loaded_for: LoadStrategy | None
 
 
 class Generator:
@@ -151,32 +117,16 @@ class Generator:
         self._requested_by_name = not isinstance(strategy, LoadStrategy)
         self._device = _parse_device(device)
         self._lock = threading.Lock()
-        self._loaded: _Loaded | None = None
-        self._active: LoadStrategy | None = None
+        self._owner: int | None = None  # the thread holding the lock
+        self._placement: Placement | None = None  # from the load to close()
         self._hardware: Hardware | None = None
         self._pending: list[Fallback] = []  # what loading had to change, reported with the next result
-        self._unplaceable: set[LoadStrategy] = set()  # strategies whose weights did not fit when placed
-        # strategies that failed on their first use for a reason other than memory, and those that have worked
-        self._broken: set[LoadStrategy] = set()
-        self._proven: set[LoadStrategy] = set()
-        self._tile_from: int | None = None  # pixels from which the strategy in use needed a tiled decode
-        self._held: dict[int, int] | None = None  # _held_bytes() of the placement in use
         self._closed = False
-        self._owner: int | None = None  # the thread holding the lock
         self._device_failure: str | None = None  # a CUDA error that poisoned the context, once met
-        # True when an exception interrupted a placement: the strategy in use may be half-applied
-        self._unsettled = False
-        self._callback: Callable[[StepInfo], None] | None = None  # of the generation running now
-        self._callback_index = 0
-        self._callback_error: BaseException | None = None  # what that callback raised, if anything
         self._accelerator = Accelerator(base.attention, base.compile, compile_cache_dir(base.cache_dir))
         # the quantization the planner may use (None: lossless only), and whether lossless placements rank first
         self._quantize: str | None = None
         self._prefer_lossless = True
-        # (id of the pipeline, its execution device) under the placement in use; None: not known yet
-        self._execution_device: tuple[int, torch.device] | None = None
-        self._placements = 0  # counts placements (the speed-ups re-check hooks after each)
-        self._upcoming: dict[str, float] = {}  # predicted eager seconds per phase of the images left in the call
         if load:
             self.load()
 
@@ -184,12 +134,12 @@ class Generator:
 
     @property
     def is_loaded(self) -> bool:
-        return self._loaded is not None
+        return self._placement is not None
 
     @property
     def strategy(self) -> LoadStrategy | None:
         """The strategy currently applied (None before the first generation)."""
-        return self._active
+        return None if self._placement is None else self._placement.active
 
     @property
     def device(self) -> torch.device | None:
@@ -209,24 +159,25 @@ class Generator:
     @property
     def model(self) -> ResolvedModel | None:
         """The resolved model folder and its source, once loaded."""
-        return None if self._loaded is None else self._loaded.model
+        return None if self._placement is None else self._placement.model
 
     @property
     def dtype(self) -> torch.dtype | None:
-        return None if self._loaded is None else self._loaded.dtype
+        return None if self._placement is None else self._placement.dtype
 
     @property
     def pipeline(self) -> Any:
         """The underlying diffusers ``ZImagePipeline`` (None until loaded). Changing it voids our guarantees."""
-        return None if self._loaded is None else self._loaded.pipe
+        return None if self._placement is None else self._placement.pipe
 
     def __repr__(self) -> str:
         if self._closed:
             return "Generator(closed)"
-        if self._loaded is None:
+        if self._placement is None:
             return f"Generator(model={self.settings.model!r}, not loaded)"
-        active = self._active.name if self._active else "none yet"
-        return f"Generator(model={str(self._loaded.model.path)!r}, strategy={active!r}, dtype={self._loaded.dtype})"
+        placement = self._placement
+        active = placement.active.name if placement.active else "none yet"
+        return f"Generator(model={str(placement.model.path)!r}, strategy={active!r}, dtype={placement.dtype})"
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -241,14 +192,10 @@ class Generator:
     def close(self) -> None:
         """Release the model and its memory. The Generator cannot be used afterwards."""
         with self._exclusive():
-            if self._loaded is not None:
-                # After a device failure every CUDA call fails: just drop the references.
-                if self._active is not None and self._device_failure is None:
-                    self._active.remove(self._loaded.pipe)
-                host_homes(self._loaded.pipe).clear()
-            self._loaded = None
-            self._active = None
-            self._execution_device = None
+            if self._placement is not None:
+                # After a device failure every CUDA call fails: the references are just dropped.
+                self._placement.release(device_usable=self._device_failure is None)
+            self._placement = None
             self._closed = True
         release_memory()
 
@@ -270,16 +217,16 @@ class Generator:
             self._requested_by_name = not isinstance(strategy, LoadStrategy)
             chosen = self._quantized_variant(chosen)
             self._requested = chosen
-            self._unplaceable.discard(chosen)
-            self._broken.discard(chosen)
-            if self._loaded is None or chosen is None:
+            placement = self._placement
+            if placement is None or chosen is None:
                 return
-            hardware = effective_hardware(self._detect(), self._held_bytes())
-            candidate = candidate_for(chosen, self._loaded.profile, hardware, Workload())
+            placement.unplaceable.discard(chosen)  # named again: given another chance
+            placement.broken.discard(chosen)
+            candidate = candidate_for(chosen, placement.profile, placement.hardware(), Workload())
             try:
-                self._use(candidate)
+                placement.use(candidate)
             except BaseException as exc:
-                self._unsettled = True  # stopped while moving weights: put everything home
+                placement.unsettled = True  # stopped while moving weights: put everything home
                 self._after_failure(exc)
                 raise
 
@@ -301,7 +248,7 @@ class Generator:
         )
         with self._exclusive():
             self._check_open()
-            profile = self._loaded.profile if self._loaded else self._profile_without_loading()
+            profile = self._placement.profile if self._placement else self._profile_without_loading()
             return self._plan(profile, request)
 
     def _profile_without_loading(self) -> ModelProfile:
@@ -316,10 +263,10 @@ class Generator:
         return model, dtype, ModelProfile.from_layout(model.layout, dtype_bytes=dtype.itemsize)
 
     def _plan(self, profile: ModelProfile, request: GenerationRequest | Workload) -> Plan:
-        hardware = effective_hardware(self._detect(), self._held_bytes())
+        held = self._placement.held_bytes() if self._placement is not None else {}
         return plan(
             profile,
-            hardware,
+            effective_hardware(self._detect(), held),
             request,
             reserve_gib=self.settings.vram_reserve_gib,
             quantize=self._quantize,
@@ -367,24 +314,6 @@ class Generator:
         self._hardware = hardware if self._device is None else hardware.restricted_to(self._device)
         return self._hardware
 
-    def _held_bytes(self) -> dict[int, int]:
-        """Bytes of our own weights on each GPU (the planner may count them as free: we can move them).
-
-        Counted once per placement (walking every tensor of the pipeline takes milliseconds, on every call)."""
-        if self._held is not None:
-            return self._held
-        held: dict[int, int] = {}
-        if self._loaded is None:
-            return held
-        for module in components(self._loaded.pipe).values():
-            for tensor in (*module.parameters(), *module.buffers()):
-                if tensor.device.type == "cuda":
-                    index = tensor.device.index or 0
-                    held[index] = held.get(index, 0) + stored_bytes(tensor)
-        if self._active is not None:
-            self._held = held
-        return held
-
     def _first_device(self, hardware: Hardware) -> torch.device:
         if hardware.gpus:
             return torch.device("cuda", max(hardware.gpus, key=lambda g: g.free_bytes).index)
@@ -399,7 +328,7 @@ class Generator:
     def _ensure_loaded(self) -> float:
         """Load if needed; return the seconds spent loading (0 when already loaded)."""
         self._check_open()
-        if self._loaded is not None:
+        if self._placement is not None:
             return 0.0
         started = time.perf_counter()
         model, dtype, profile = self._read_model()
@@ -407,48 +336,30 @@ class Generator:
         assert hardware is not None
         self._check_attention(self._first_device(hardware))
         first = self._first_candidate(profile, hardware)
-        targets = first.strategy.load_targets(hardware)
-        where = ", ".join(f"{name} to {target}" for name, target in targets.items()) or "everything to host memory"
-        logger.info("loading %s (%s) for %s, %s: %s", model.path, model.source, first.name, dtype, where)
-        pipe, placed = self._load_to(model, dtype, targets)
-        loaded_for = first.strategy if placed else None  # None: the weights landed in host memory instead
-        self._loaded = _Loaded(pipe=pipe, model=model, profile=profile, dtype=dtype, loaded_for=loaded_for)
+        placement, fallbacks = load_placement(
+            model,
+            dtype=dtype,
+            profile=profile,
+            first=first.strategy,
+            hardware=hardware,
+            progress=self.settings.progress,
+            detect=self._detect,
+            seen=lambda: self._hardware,
+        )
+        self._placement = placement
+        self._pending += fallbacks
         # Place the weights now, so that a loaded Generator is ready; if that runs out of memory, the first
         # generation's ladder takes over.
-        failure, memory = self._try_placing(first)
+        failure, memory = self._ladder(placement).place_first(first)
         if failure is not None:
             release_memory()
             self._pending.append(Fallback("strategy" if memory else "error", first.name, "", "place", failure))
-            (self._unplaceable if memory else self._broken).add(first.strategy)
-            self._leave_active()
+            (placement.unplaceable if memory else placement.broken).add(first.strategy)
+            placement.leave()
             release_memory()
         seconds = time.perf_counter() - started
         logger.info("loaded in %.1f s", seconds)
         return seconds
-
-    def _try_placing(self, rung: Candidate) -> tuple[str | None, bool]:
-        """Apply ``rung``; on failure (its message, whether memory ran out), *after* the except block."""
-        message = None
-        try:
-            self._use(rung)
-            return None, True
-        except Exception as exc:
-            if not is_out_of_memory(exc) and not self._placement_failed(rung, exc):
-                raise
-            memory, message = is_out_of_memory(exc), _failure_text(exc)
-        return message, memory
-
-    def _placement_failed(self, rung: Candidate, exc: BaseException) -> bool:
-        """Whether ``exc`` (not an out-of-memory error) counts against the placement rather than the caller: the
-        placement has not produced an image yet in this Generator (a device mismatch, a kernel that cannot run
-        on that card), and nothing says otherwise (our own errors, the user's callback, a CUDA error that
-        poisoned the context and rules out any retry)."""
-        return (
-            rung.strategy not in self._proven
-            and exc is not self._callback_error
-            and not isinstance(exc, ZImageError)
-            and not is_device_failure(exc)
-        )
 
     def _first_candidate(self, profile: ModelProfile, hardware: Hardware) -> Candidate:
         """The requested strategy, or what 'auto' picks for a 1024x1024 image: the best fit, else the
@@ -464,30 +375,6 @@ class Generator:
             prefer_lossless=self._prefer_lossless,
         )
         return ranked.best or ranked.candidates[0]
-
-    def _load_to(
-        self, model: ResolvedModel, dtype: torch.dtype, targets: dict[str, torch.device | str]
-    ) -> tuple[Any, bool]:
-        """Load with each component at its target; if that runs out of GPU memory, load everything into host
-        memory instead. Returns the pipeline and whether the targets were met."""
-        failure = ""
-        try:
-            return self._load_with(model, dtype, targets), True
-        except torch.OutOfMemoryError as exc:
-            if not targets:
-                raise
-            failure = first_line(exc)
-        release_memory()  # outside the except block, so that the half-loaded weights can really be freed
-        where = ", ".join(sorted({str(target) for target in targets.values()}))
-        self._pending.append(Fallback("load", where, "cpu", "load", f"out of memory loading onto {where}: {failure}"))
-        logger.warning("out of memory loading onto %s; loading into host memory instead", where)
-        return self._load_with(model, dtype, {}), False
-
-    def _load_with(self, model: ResolvedModel, dtype: torch.dtype, targets: dict[str, torch.device | str]) -> Any:
-        homes = new_host_homes()
-        pipe = load_pipeline(model.layout, dtype=dtype, targets=targets, homes=homes, progress=self.settings.progress)
-        host_homes(pipe, homes)
-        return pipe
 
     # -- generation --------------------------------------------------------------------------------------
 
@@ -583,12 +470,13 @@ class Generator:
             self._check_device()
             with self._watching_device():
                 load_seconds = self._ensure_loaded()
-            assert self._loaded is not None
-            profile = self._loaded.profile
+            assert self._placement is not None
+            profile = self._placement.profile
             eager = [profile.compute_seconds(Workload.of(r), r.steps) for r in requests]
             for index, request in enumerate(_progress(requests, enabled=self.settings.progress and len(requests) > 1)):
-                self._upcoming = {phase: sum(e[phase] for e in eager[index:]) for phase in eager[index]}
-                results.append(self._generate(request, load_seconds, callback, index))
+                upcoming = {phase: sum(e[phase] for e in eager[index:]) for phase in eager[index]}
+                call = Call(callback=callback, index=index, upcoming=upcoming)
+                results.append(self._generate(request, load_seconds, call))
                 load_seconds = 0.0
         return results
 
@@ -632,343 +520,6 @@ class Generator:
                 self._device_failure = f"{type(exc).__name__}: {first_line(exc)}"
             raise
 
-    def _after_failure(self, exc: BaseException) -> None:
-        """An exception is leaving a call: leave the placement as a fresh ``apply()`` would, or nothing
-        applied. diffusers resets no offload hooks after an exception, and a forward stopped half-way leaves
-        streamed blocks on the device; the next call must not inherit either."""
-        if is_device_failure(exc):
-            self._device_failure = f"{type(exc).__name__}: {first_line(exc)}"
-            logger.error("CUDA error; this Generator refuses further work: %s", self._device_failure)
-            return
-        if self._loaded is None or self._active is None:
-            self._unsettled = False
-            return
-        try:
-            if self._unsettled or self._active in self._unplaceable | self._broken:
-                self._leave_active()  # half-placed: every weight home; the next call applies afresh
-            elif self._active.offloads:
-                self._reapply()
-            self._unsettled = False
-        except Exception as problem:  # the original exception matters more; the next call cleans up
-            self._unsettled = True
-            logger.warning("could not reset %s after %s: %s", self._active, type(exc).__name__, problem)
-
-    def _reapply(self) -> None:
-        """Remove and apply the strategy in use again on the same weights: fresh hooks, streamed weights back
-        in their homes; components it keeps resident stay where they are (nothing is copied)."""
-        assert self._loaded is not None and self._active is not None
-        strategy = self._active
-        hardware = effective_hardware(self._detect(), self._held_bytes())
-        strategy.remove(self._loaded.pipe, list(strategy.resident(hardware)))
-        self._forget_execution_device()
-        strategy.apply(self._loaded.pipe, hardware)
-
-    def _step_hook(self, request: GenerationRequest, rung: Candidate) -> Callable[[int], None] | None:
-        """The per-step function for ``denoise``: the user's callback with a StepInfo, its exceptions marked
-        so that the ladder never mistakes one for an out-of-memory error of ours."""
-        callback = self._callback
-        if callback is None:
-            return None
-        index = self._callback_index
-
-        def on_step(done: int) -> None:
-            info = StepInfo(done, request.steps, request.prompt, index, rung.name)
-            try:
-                callback(info)
-            except BaseException as exc:
-                self._callback_error = exc
-                raise
-
-        return on_step
-
-    # -- the ladder --------------------------------------------------------------------------------------
-
-    def _generate(
-        self,
-        request: GenerationRequest,
-        load_seconds: float,
-        callback: Callable[[StepInfo], None] | None = None,
-        index: int = 0,
-    ) -> GenerationResult:
-        """One request, with its callback; on any exception, the Generator is left usable (or, after a CUDA
-        error that poisons the context, marked unusable) before the exception propagates unchanged."""
-        self._callback, self._callback_index = callback, index
-        try:
-            return self._ladder(request, load_seconds)
-        except BaseException as exc:
-            self._after_failure(exc)
-            raise
-        finally:
-            self._callback = None
-            self._callback_error = None
-
-    def _ladder(self, request: GenerationRequest, load_seconds: float) -> GenerationResult:
-        """One request through the ladder, and then, if allowed, at smaller sizes."""
-        fallbacks: list[Fallback] = self._pending
-        self._pending = []
-        started = time.perf_counter()
-        attempt = self._climb(request, fallbacks)
-        if attempt is None and self.settings.allow_downscale and _memory_was_short(fallbacks):
-            assert self._loaded is not None
-            for smaller in smaller_workloads(Workload.of(request)):
-                shrunk = replace(request, height=smaller.height, width=smaller.width)
-                fallbacks.append(
-                    Fallback(
-                        "downscale",
-                        f"{request.width}x{request.height}",
-                        f"{shrunk.width}x{shrunk.height}",
-                        "plan",
-                        "nothing fitted at the requested size (allow_downscale is on)",
-                    )
-                )
-                attempt = self._climb(shrunk, fallbacks)
-                if attempt is not None:
-                    request = shrunk
-                    break
-        if attempt is None:
-            raise self._out_of_rungs(request, fallbacks)
-        images, timings, rung, peaks = attempt
-        timings = replace(timings, load=load_seconds, recovery=time.perf_counter() - started - timings.work)
-        return self._result(request, images, timings, rung, peaks, fallbacks)
-
-    def _climb(
-        self, request: GenerationRequest, fallbacks: list[Fallback]
-    ) -> tuple[list[Any], Timings, Candidate, dict[str, int]] | None:
-        """Try the rungs for ``request`` in order; None when every one ran out of memory."""
-        assert self._loaded is not None
-        ranked = self._plan(self._loaded.profile, request)
-        progress = Progress()
-        failed: Candidate | None = None
-        failed_phase = ""
-        for rung in self._rungs(ranked):
-            if failed is not None and not _needs_less(rung, failed, failed_phase):
-                continue
-            outcome, failure, memory = self._attempt_rung(request, rung, progress, fallbacks)
-            if failure is None:
-                assert outcome is not None
-                self._proven.add(rung.strategy)
-                return outcome
-            release_memory()  # we are out of the except block: the failed frames are gone
-            if not memory:
-                # A bug of that placement on this machine: say so loudly, never use it again here, and let the
-                # next rung (on the same weights, all of them sent home first) make the image.
-                fallbacks.append(Fallback("error", rung.name, "", progress.phase, failure))
-                self._broken.add(rung.strategy)
-                self._unsettled = True
-                logger.warning(
-                    "%s failed on its first use while %s, so this Generator will not use it again; trying the next "
-                    "placement. Please report it: %s",
-                    rung.name,
-                    _doing(progress.phase),
-                    failure,
-                )
-                continue
-            fallbacks.append(Fallback("strategy", rung.name, "", progress.phase, failure))
-            if progress.phase == "place":
-                self._unplaceable.add(rung.strategy)
-            logger.warning("%s ran out of memory while %s: %s", rung.name, _doing(progress.phase), failure)
-            failed, failed_phase = rung, progress.phase  # the next rung's _use() moves the weights
-        return None
-
-    def _attempt_rung(
-        self, request: GenerationRequest, rung: Candidate, progress: Progress, fallbacks: list[Fallback]
-    ) -> tuple[tuple[list[Any], Timings, Candidate, dict[str, int]] | None, str | None, bool]:
-        """``self._run(...)``, or why it failed and whether memory ran out, *after* the except block. What the
-        user's callback raised is passed on unchanged, even an out-of-memory error: it is the caller's, not a
-        reason to change strategy; so is any other error that does not count against the placement."""
-        message = None
-        try:
-            return self._run(request, rung, progress, fallbacks), None, True
-        except Exception as exc:
-            memory = exc is not self._callback_error and is_out_of_memory(exc)
-            if not memory and not self._placement_failed(rung, exc):
-                raise
-            message = _failure_text(exc) if not memory else first_line(exc)
-        return None, message, memory
-
-    def _rungs(self, ranked: Plan) -> list[Candidate]:
-        """The order to try: the requested strategy or the one in use if it still fits, else the plan's best;
-        then every other candidate that fits; then, if none fits, the one needing least memory."""
-        assert self._loaded is not None
-        first: Candidate | None = None
-        keep = self._active or self._requested
-        if keep is not None:
-            # A decode that needed tiles at this size under the strategy in use will need them again.
-            work = ranked.workload
-            tiled = work.vae_tiling or (
-                keep is self._active and self._tile_from is not None and work.pixels * work.images >= self._tile_from
-            )
-            for candidate in ranked.candidates:
-                if candidate.strategy == keep and candidate.vae_tiling == tiled:
-                    first = candidate
-                    break
-            else:
-                first = candidate_for(keep, self._loaded.profile, ranked.hardware, ranked.workload, steps=ranked.steps)
-            if keep is not self._requested and not first.fits:
-                first = None  # the strategy in use no longer fits this request: re-plan
-        rungs = [first] if first is not None else []
-        rungs += [c for c in ranked.fitting if c not in rungs]
-        if not ranked.fitting:
-            least = min(ranked.candidates, key=lambda c: c.peak_bytes)
-            if least not in rungs:
-                rungs.append(least)
-        # A strategy whose weights did not fit on the card will not fit now either (the model has not shrunk).
-        return [rung for rung in rungs if rung.strategy not in self._unplaceable | self._broken]
-
-    def _use(self, rung: Candidate) -> None:
-        """Make ``rung`` the applied strategy (switching on the same weights) and set VAE tiling.
-
-        Components that both the old and the new strategy keep resident on the same GPU stay there: a
-        fallback from full_gpu to hybrid moves only the text encoder."""
-        assert self._loaded is not None and self._hardware is not None
-        pipe = self._loaded.pipe
-        if self._active != rung.strategy:
-            hardware = effective_hardware(self._detect(), self._held_bytes())
-            wanted = rung.strategy.resident(hardware)
-            self._leave_active(wanted)
-            if self._loaded.loaded_for is not None and rung.strategy != self._loaded.loaded_for:
-                send_everything_home(pipe)  # weights were loaded straight to a GPU for another strategy
-            self._loaded.loaded_for = None
-            logger.info("placing the model: %s", rung.strategy.name)
-            self._held = None
-            self._active = rung.strategy
-            self._forget_execution_device()
-            self._tile_from = None
-            rung.strategy.apply(pipe, hardware)
-        set_vae_tiling(pipe, rung.vae_tiling)
-
-    def _forget_execution_device(self) -> None:
-        """The placement changed: the execution device is asked again (and pinned) before the next phase."""
-        if self._execution_device is not None and self._loaded is not None:
-            pin_execution_device(self._loaded.pipe, None)
-        self._execution_device = None
-
-    def _leave_active(self, wanted: dict[str, torch.device] | None = None) -> None:
-        """Remove the applied strategy, keeping in place the components ``wanted`` resident where they are."""
-        if self._loaded is None or self._active is None:
-            return
-        keep: list[str] = []
-        if wanted and self._hardware is not None:
-            held = self._active.resident(self._hardware)
-            keep = [name for name, device in held.items() if wanted.get(name) == device]
-        self._active.remove(self._loaded.pipe, keep)
-        self._active = None
-        self._forget_execution_device()
-        self._held = None
-        self._loaded.loaded_for = None
-
-    def _run(
-        self, request: GenerationRequest, rung: Candidate, progress: Progress, fallbacks: list[Fallback]
-    ) -> tuple[list[Any], Timings, Candidate, dict[str, int]]:
-        """Place the model for ``rung`` and run the phases not yet done; on a decode that runs out of memory
-        without tiling, retry the decode with tiling from the same latents."""
-        progress.phase = "place"
-        # shared: never while another thread's load has torch's default dtype changed (process_state.py)
-        with process_state.shared():
-            if self._unsettled:  # an earlier call was stopped while weights moved, and could not clean up
-                self._leave_active()
-                self._unsettled = False
-            try:
-                self._use(rung)  # outside inference mode: weights must stay ordinary tensors
-            except BaseException as exc:
-                if not is_out_of_memory(exc):
-                    self._unsettled = True  # stopped half-way (an interrupt): remove before anything else
-                raise
-            with torch.inference_mode():
-                return self._phases(request, rung, progress, fallbacks)
-
-    def _phases(
-        self, request: GenerationRequest, rung: Candidate, progress: Progress, fallbacks: list[Fallback]
-    ) -> tuple[list[Any], Timings, Candidate, dict[str, int]]:
-        assert self._loaded is not None
-        pipe = self._loaded.pipe
-        devices = self._gpu_devices()
-        _reset_peaks(devices)
-        guidance = request.guidance_scale > 0
-        assert self._active is not None
-        # Where the placement computes, asked once per placement and pinned on the pipeline: diffusers would
-        # walk every module on each call, and names the wrong card when components sit on different ones.
-        if self._execution_device is None or self._execution_device[0] != id(pipe):
-            pin_execution_device(pipe, None)
-            self._execution_device = (id(pipe), self._active.execution_device(pipe))
-            pin_execution_device(pipe, self._execution_device[1])
-            self._placements += 1
-        device = self._execution_device[1]
-        # the attention kernel for this shape, and what is compiled when that pays off (see acceleration.py)
-        self._accelerator.prepare(
-            pipe,
-            device,
-            self._loaded.dtype,
-            self._active.compilable,
-            (request.height, request.width, self._upcoming),
-            self._active.quantize,
-            self._placements,
-        )
-
-        # Phase boundaries are marked without waiting for the GPU (a wait between phases would leave it idle
-        # while the next phase is being prepared); the marks are read once, when the images are out.
-        clock = PhaseClock(devices)
-        ran = {"decode"}  # the phases this attempt runs (a retry reuses what an earlier one finished)
-        if progress.embeds is None:
-            ran.add("encode")
-            progress.phase = "encode"
-            # each phase with its card as the current CUDA device: streaming hooks wait on its streams
-            encode_on = self._active.encode_device(pipe, device)
-            with on_device(encode_on):
-                progress.embeds = encode(pipe, request.prompt, request.negative_prompt, guidance, encode_on)
-        clock.mark()
-        finite: torch.Tensor | None = None
-        if progress.latents is None:
-            ran.add("denoise")
-            progress.phase = "denoise"
-            with on_device(device):
-                progress.latents = denoise(
-                    pipe,
-                    progress.embeds,
-                    height=request.height,
-                    width=request.width,
-                    steps=request.steps,
-                    guidance_scale=request.guidance_scale,
-                    seeds=request.seeds,
-                    on_step=self._step_hook(request, rung),
-                    device=device,
-                )
-            finite = torch.isfinite(progress.latents).all()  # read after the decode, which waits anyway
-        clock.mark()
-        progress.phase = "decode"
-        latents = progress.latents
-        assert latents is not None
-        with on_device(device):
-            images, failure = _attempt(decode, pipe, latents, device)
-        if failure is not None:
-            if rung.vae_tiling:
-                raise torch.OutOfMemoryError(failure)  # tiling did not help: the ladder takes it from here
-            release_memory()
-            fallbacks.append(Fallback("vae_tiling", rung.name, rung.name + "+vae_tiling", "decode", failure))
-            logger.warning("decoding ran out of memory; decoding again in tiles: %s", failure)
-            rung = replace(rung, vae_tiling=True)
-            pixels = request.width * request.height * request.num_images
-            self._tile_from = min(pixels, self._tile_from or pixels)
-            set_vae_tiling(pipe, True)
-            with on_device(device):
-                images = decode(pipe, latents, device)
-        clock.mark()
-        if finite is not None and not bool(finite):
-            progress.latents = None
-            raise NumericalError(
-                f"the denoised latents contain NaN or infinity ({self._loaded.dtype}); the image would be "
-                "black. float16 does this on GPUs without bf16: use dtype='float32' or 'bfloat16'."
-            )
-        assert images is not None
-        encode_s, denoise_s, decode_s = clock.durations()
-        timings = Timings(encode=encode_s, denoise=denoise_s, decode=decode_s)
-        if rung.vae_tiling:
-            ran.discard("decode")  # a tiled decode is not the workload the planner predicted
-        predicted = self._loaded.profile.compute_seconds(Workload.of(request), request.steps)
-        measured = {"encode": encode_s, "denoise": denoise_s, "decode": decode_s}
-        self._accelerator.finished(pipe, {phase: measured[phase] for phase in ran}, predicted)
-        return images, timings, rung, _peaks(devices)
-
     def _on_device(self) -> contextlib.AbstractContextManager[object]:
         """Make this Generator's GPU the thread's current CUDA device while it works: streams and hooks made
         without an explicit device (diffusers' group offloading among them) land on the current one."""
@@ -982,125 +533,47 @@ class Generator:
         assert self._hardware is not None
         return [torch.device("cuda", g.index) for g in self._hardware.gpus]
 
-    def _result(
-        self,
-        request: GenerationRequest,
-        images: list[Any],
-        timings: Timings,
-        rung: Candidate,
-        peaks: dict[str, int],
-        fallbacks: list[Fallback],
-    ) -> GenerationResult:
-        assert self._loaded is not None
-        warnings = self._prompt_warnings(request)
-        predicted = {(f"cuda:{g}" if g >= 0 else "gpu"): b for g, b in rung.estimate.gpu_peak.items()}
-        return GenerationResult(
-            images=tuple(images),
-            prompt=request.prompt,
-            seeds=request.seeds,
-            width=request.width,
-            height=request.height,
-            steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            strategy=rung.strategy.name,
-            device=str(self._execution_device[1] if self._execution_device else self._loaded.pipe._execution_device),
-            dtype=str(self._loaded.dtype).removeprefix("torch."),
-            timings=timings,
-            peak_memory=peaks,
-            predicted_peak_memory=predicted,
-            vae_tiling=rung.vae_tiling,
-            attention=self._accelerator.attention,
-            compiled=self._accelerator.compiled,
-            quantization=rung.strategy.quantize,
-            fallbacks=tuple(fallbacks),
-            warnings=tuple(warnings + self._quantization_warnings(rung)),
-        )
+    def _after_failure(self, exc: BaseException) -> None:
+        """An exception is leaving a call: a CUDA error that poisons the context marks this Generator unusable;
+        anything else leaves the placement as a fresh ``apply()`` would (see :meth:`Placement.reset_after_failure`)."""
+        if is_device_failure(exc):
+            self._device_failure = f"{type(exc).__name__}: {first_line(exc)}"
+            logger.error("CUDA error; this Generator refuses further work: %s", self._device_failure)
+            return
+        if self._placement is not None:
+            self._placement.reset_after_failure(exc)
 
-    def _quantization_warnings(self, rung: Candidate) -> list[str]:
-        """An explicit ``quantization`` that the placement used did not apply (the CPU's strategy, a strategy
-        given as an instance) is said, not silently dropped."""
-        setting = self.settings.quantization
-        if setting in ("auto", "none") or rung.strategy.quantize is not None:
-            return []
-        assert self._loaded is not None
-        warning = (
-            f"quantization={setting!r} is set, but {rung.strategy.name} does not quantize: the weights stayed "
-            f"{str(self._loaded.dtype).removeprefix('torch.')}"
-        )
-        logger.warning(warning)
-        return [warning]
+    # -- one request -------------------------------------------------------------------------------------
 
-    def _prompt_warnings(self, request: GenerationRequest) -> list[str]:
-        assert self._loaded is not None
-        warnings = []
-        tokens = count_prompt_tokens(self._loaded.pipe.tokenizer, request.prompt)
-        if tokens > MAX_SEQUENCE_LENGTH:
-            warnings.append(
-                f"the prompt is {tokens} tokens with the chat template; the text encoder sees only the first "
-                f"{MAX_SEQUENCE_LENGTH}, so the rest has no effect. Shorten it."
+    def _generate(self, request: GenerationRequest, load_seconds: float, call: Call) -> GenerationResult:
+        """One request through the ladder; on any exception, the Generator is left usable (or, after a CUDA
+        error that poisons the context, marked unusable) before the exception propagates unchanged."""
+        call.fallbacks, self._pending = self._pending, []
+        try:
+            started = time.perf_counter()
+            assert self._placement is not None
+            request, attempt = self._ladder(self._placement).climb(call, request)
+            work = attempt.timings.work
+            timings = replace(attempt.timings, load=load_seconds, recovery=time.perf_counter() - started - work)
+            return result_of(
+                call, request, attempt, timings, self._placement, self._accelerator, self.settings.quantization
             )
-        if request.negative_prompt is not None and request.guidance_scale == 0:
-            warnings.append("negative_prompt has no effect when guidance_scale is 0")
-        for warning in warnings:
-            logger.warning(warning)
-        return warnings
-
-    def _out_of_rungs(self, request: GenerationRequest, fallbacks: list[Fallback]) -> ZImageError:
-        """The error when no rung made the image: memory ran short, or a placement failed for another reason."""
-        if not any(f.kind == "error" for f in fallbacks):
-            return self._out_of_memory(request, fallbacks)
-        tried = "\n  ".join(str(f) for f in fallbacks)
-        return PlacementFailedError(
-            f"No placement could make {request.width}x{request.height} x{request.num_images}. Tried:\n  {tried}\n"
-            "A placement that fails for a reason other than memory is a bug: please report this message. "
-            "strategy='cpu' or device='cuda:0' avoid the failed placements.",
-            tried=fallbacks,
-        )
-
-    def _out_of_memory(self, request: GenerationRequest, fallbacks: list[Fallback]) -> NotEnoughMemoryError:
-        assert self._loaded is not None
-        work = Workload.of(request)
-        would_fit = None
-        for smaller in smaller_workloads(work, floor=256):
-            best = self._plan(self._loaded.profile, smaller).best
-            if best is not None:
-                would_fit = f"{smaller.width}x{smaller.height} with {best.name}"
-                break
-        tried = "\n  ".join(str(f) for f in fallbacks) or "(nothing: no strategy was predicted to fit)"
-        hint = (
-            f"It would fit at {would_fit}; pass allow_downscale=True (ZIMAGE_ALLOW_DOWNSCALE=1) to lower the size "
-            "automatically, or ask for a smaller image."
-            if would_fit
-            else "Free GPU memory (other programs), or use a machine with more memory."
-        )
-        return NotEnoughMemoryError(
-            f"Not enough memory for {request.width}x{request.height} x{request.num_images}. Tried:\n  {tried}\n{hint}",
-            tried=fallbacks,
-            would_fit=would_fit,
-        )
-
-
-def _attempt(action: Callable[..., T], *args: Any) -> tuple[T | None, str | None]:
-    """Run ``action(*args)``; on an out-of-memory error return (None, its first line) *after* the except block
-    has ended, so that nothing of the failed attempt stays referenced by a traceback."""
-    message = None
-    try:
-        return action(*args), None
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        if not is_out_of_memory(exc):
+        except BaseException as exc:
+            self._after_failure(exc)
             raise
-        message = first_line(exc)
-    return None, message
 
+    def _ladder(self, placement: Placement) -> Ladder:
+        return Ladder(
+            placement,
+            requested=self._requested,
+            plan_for=lambda work: self._plan(placement.profile, work),
+            run=self._run_rung,
+            allow_downscale=self.settings.allow_downscale,
+        )
 
-def _failure_text(exc: BaseException) -> str:
-    """An exception's type and first line, for fallbacks and logs."""
-    return f"{type(exc).__name__}: {first_line(exc)}"
-
-
-def _memory_was_short(fallbacks: list[Fallback]) -> bool:
-    """Whether a smaller image could help: some rung ran out of memory, or none was even tried."""
-    return any(f.kind == "strategy" for f in fallbacks) or not any(f.kind == "error" for f in fallbacks)
+    def _run_rung(self, call: Call, request: GenerationRequest, rung: Candidate, progress: Progress) -> Attempt:
+        assert self._placement is not None
+        return run_task(call, request, rung, progress, self._placement, self._accelerator, self._gpu_devices())
 
 
 def _model_name(model: object) -> str:
@@ -1125,24 +598,6 @@ def _own(strategy: LoadStrategy | None) -> LoadStrategy | None:
     return own
 
 
-def _needs_less(rung: Candidate, failed: Candidate, phase: str) -> bool:
-    """A rung worth trying after ``failed`` ran out of memory in ``phase``: it needs less in that phase
-    (VAE tiling helps a decode, not a denoise); after a failure to place the weights, less overall."""
-
-    def need(candidate: Candidate) -> int:
-        return max(candidate.estimate.by_phase.get(phase, {}).values(), default=candidate.peak_bytes)
-
-    if phase == "place":
-        return rung.peak_bytes < failed.peak_bytes
-    return need(rung) < need(failed)
-
-
-def _doing(phase: str) -> str:
-    return {"place": "placing weights", "encode": "encoding", "denoise": "denoising", "decode": "decoding"}.get(
-        phase, phase
-    )
-
-
 def _parse_device(device: str | torch.device | None) -> torch.device | None:
     if device is None:
         return None
@@ -1153,18 +608,6 @@ def _parse_device(device: str | torch.device | None) -> torch.device | None:
     if checked.type not in ("cuda", "cpu", "mps"):
         raise InvalidRequestError(f"device must be a CUDA GPU, 'cpu' or 'mps', got {device!r}")
     return torch.device("cuda", checked.index or 0) if checked.type == "cuda" else checked
-
-
-def _reset_peaks(devices: list[torch.device]) -> None:
-    for device in devices:
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peaks(devices: list[torch.device]) -> dict[str, int]:
-    peaks = {"host": host_peak_rss_bytes()}
-    for device in devices:
-        peaks[str(device)] = int(torch.cuda.max_memory_allocated(device))
-    return peaks
 
 
 def _progress(items: list[GenerationRequest], *, enabled: bool) -> Any:

@@ -98,7 +98,7 @@ def _ours(spec: Spec) -> dict[str, Any]:
         return {**_oom("generate", exc), "load_s": load_s}
     last = results[-1]
     homes = getattr(gen.pipeline, "_zimage_turbo_homes", None)
-    profile = gen._loaded.profile if gen._loaded is not None else None
+    profile = gen._placement.profile if gen._placement is not None else None
     row.update(
         load_s=load_s,
         strategy=last.strategy,
@@ -210,7 +210,7 @@ def _sweep(spec: Spec) -> dict[str, Any]:
     from zimage_turbo import Generator, NotEnoughMemoryError, ZImageSettings
 
     gen = Generator(settings=ZImageSettings(**_our_settings(spec)), strategy=spec.mode).load()
-    profile = gen._loaded.profile if gen._loaded is not None else None
+    profile = gen._placement.profile if gen._placement is not None else None
     sizes: list[dict[str, Any]] = []
     for width, height in spec.sweep_sizes:
         results: list[Any] = []

@@ -1,0 +1,316 @@
+"""What one request runs: its task's phases, in order, on the placement of one rung of the ladder.
+
+A task is a list of phases (text-to-image: encode the prompt, denoise, decode). Each phase reads what earlier
+ones left in :class:`~zimage_turbo.phases.Progress` and adds its own output, so a retry on another rung skips
+the phases already done (a decode that ran out of memory does not repeat the denoising). A new task
+(image-to-image adds encoding the input image) is a new list here; the ladder does not change.
+
+Everything one call needs on its way down travels in a :class:`Call`, never as attributes of the Generator.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+import torch
+
+from . import process_state
+from .acceleration import Accelerator
+from .errors import NumericalError, first_line
+from .execution import on_device
+from .hardware import host_peak_rss_bytes
+from .phases import (
+    MAX_SEQUENCE_LENGTH,
+    PhaseClock,
+    Progress,
+    count_prompt_tokens,
+    decode,
+    denoise,
+    encode,
+    is_out_of_memory,
+    release_memory,
+    set_vae_tiling,
+)
+from .placement import Placement
+from .planner import Candidate
+from .profile import Workload
+from .request import GenerationRequest
+from .result import Fallback, GenerationResult, StepInfo, Timings
+
+__all__ = ["TEXT_TO_IMAGE", "Attempt", "Call", "phases_of", "result_of", "run_task"]
+
+logger = logging.getLogger(__name__)
+
+#: the phases of a text-to-image request, in order
+TEXT_TO_IMAGE = ("encode", "denoise", "decode")
+
+
+@dataclass
+class Call:
+    """One request's state on its way through the ladder and the phases.
+
+    Attributes:
+        fallbacks: every change of plan so far (load-time ones included), reported in the result.
+        callback: the user's step callback, and ``index`` the prompt's position in the call's list.
+        upcoming: predicted eager seconds per phase of the images left in the call (the compile advisor's
+            "known work").
+        callback_error: what the callback raised, so that the ladder never mistakes it for a failure of ours.
+    """
+
+    fallbacks: list[Fallback] = field(default_factory=list)
+    callback: Callable[[StepInfo], None] | None = None
+    index: int = 0
+    upcoming: dict[str, float] = field(default_factory=dict)
+    callback_error: BaseException | None = None
+
+
+class Attempt(NamedTuple):
+    """A rung that made the images."""
+
+    images: list[Any]
+    timings: Timings
+    rung: Candidate
+    peaks: dict[str, int]
+
+
+def phases_of(request: GenerationRequest) -> tuple[str, ...]:
+    """The phases ``request`` runs (text-to-image is the only task so far)."""
+    return TEXT_TO_IMAGE
+
+
+def run_task(
+    call: Call,
+    request: GenerationRequest,
+    rung: Candidate,
+    progress: Progress,
+    placement: Placement,
+    speedups: Accelerator,
+    devices: Sequence[torch.device],
+) -> Attempt:
+    """Place the model for ``rung`` and run the phases of ``request`` not yet done; on a decode that runs out
+    of memory without tiling, decode again in tiles from the same latents."""
+    progress.phase = "place"
+    # shared: never while another thread's load has torch's default dtype changed (process_state.py)
+    with process_state.shared():
+        placement.settle()
+        try:
+            placement.use(rung)  # outside inference mode: weights must stay ordinary tensors
+        except BaseException as exc:
+            if not is_out_of_memory(exc):
+                placement.unsettled = True  # stopped half-way (an interrupt): remove before anything else
+            raise
+        with torch.inference_mode():
+            return _Run(call, request, rung, progress, placement, speedups, devices).phases()
+
+
+class _Run:
+    """One rung's pass over the phases: what each phase needs, and the clock that times them."""
+
+    def __init__(
+        self,
+        call: Call,
+        request: GenerationRequest,
+        rung: Candidate,
+        progress: Progress,
+        placement: Placement,
+        speedups: Accelerator,
+        devices: Sequence[torch.device],
+    ) -> None:
+        self.call, self.request, self.rung, self.progress = call, request, rung, progress
+        self.placement, self.speedups, self.devices = placement, speedups, list(devices)
+        self.pipe = placement.pipe
+        self.finite: torch.Tensor | None = None
+        self.ran = {"decode"}  # the phases this attempt runs (a retry reuses what an earlier one finished)
+
+    def phases(self) -> Attempt:
+        for device in self.devices:
+            torch.cuda.reset_peak_memory_stats(device)
+        active = self.placement.active
+        assert active is not None
+        self.device = self.placement.execution_device()
+        # the attention kernel for this shape, and what is compiled when that pays off (see acceleration.py)
+        self.speedups.prepare(
+            self.pipe,
+            self.device,
+            self.placement.dtype,
+            active.compilable,
+            (self.request.height, self.request.width, self.call.upcoming),
+            active.quantize,
+            self.placement.placements,
+        )
+        # Phase boundaries are marked without waiting for the GPU (a wait between phases would leave it idle
+        # while the next phase is being prepared); the marks are read once, when the images are out.
+        clock = PhaseClock(self.devices)
+        steps = {"encode": self._encode, "denoise": self._denoise, "decode": self._decode}
+        images: list[Any] = []
+        for phase in phases_of(self.request):
+            images = steps[phase]() or images
+            clock.mark()
+        if self.finite is not None and not bool(self.finite):
+            self.progress.latents = None
+            raise NumericalError(
+                f"the denoised latents contain NaN or infinity ({self.placement.dtype}); the image would be "
+                "black. float16 does this on GPUs without bf16: use dtype='float32' or 'bfloat16'."
+            )
+        encode_s, denoise_s, decode_s = clock.durations()
+        timings = Timings(encode=encode_s, denoise=denoise_s, decode=decode_s)
+        if self.rung.vae_tiling:
+            self.ran.discard("decode")  # a tiled decode is not the workload the planner predicted
+        predicted = self.placement.profile.compute_seconds(Workload.of(self.request), self.request.steps)
+        measured = {"encode": encode_s, "denoise": denoise_s, "decode": decode_s}
+        self.speedups.finished(self.pipe, {phase: measured[phase] for phase in self.ran}, predicted)
+        return Attempt(images, timings, self.rung, _peaks(self.devices))
+
+    def _encode(self) -> None:
+        if self.progress.embeds is not None:
+            return
+        self.ran.add("encode")
+        self.progress.phase = "encode"
+        request = self.request
+        # each phase with its card as the current CUDA device: streaming hooks wait on its streams
+        active = self.placement.active
+        assert active is not None
+        encode_on = active.encode_device(self.pipe, self.device)
+        with on_device(encode_on):
+            self.progress.embeds = encode(
+                self.pipe, request.prompt, request.negative_prompt, request.guidance_scale > 0, encode_on
+            )
+
+    def _denoise(self) -> None:
+        if self.progress.latents is not None:
+            return
+        self.ran.add("denoise")
+        self.progress.phase = "denoise"
+        request = self.request
+        assert self.progress.embeds is not None
+        with on_device(self.device):
+            self.progress.latents = denoise(
+                self.pipe,
+                self.progress.embeds,
+                height=request.height,
+                width=request.width,
+                steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                seeds=request.seeds,
+                on_step=step_hook(self.call, request, self.rung),
+                device=self.device,
+            )
+        self.finite = torch.isfinite(self.progress.latents).all()  # read after the decode, which waits anyway
+
+    def _decode(self) -> list[Any]:
+        self.progress.phase = "decode"
+        latents = self.progress.latents
+        assert latents is not None
+        with on_device(self.device):
+            images, failure = _decode_or_none(self.pipe, latents, self.device)
+        if failure is None:
+            assert images is not None
+            return images
+        if self.rung.vae_tiling:
+            raise torch.OutOfMemoryError(failure)  # tiling did not help: the ladder takes it from here
+        release_memory()
+        name = self.rung.name
+        self.call.fallbacks.append(Fallback("vae_tiling", name, name + "+vae_tiling", "decode", failure))
+        logger.warning("decoding ran out of memory; decoding again in tiles: %s", failure)
+        self.rung = replace(self.rung, vae_tiling=True)
+        pixels = self.request.width * self.request.height * self.request.num_images
+        self.placement.tile_from = min(pixels, self.placement.tile_from or pixels)
+        set_vae_tiling(self.pipe, True)
+        with on_device(self.device):
+            return decode(self.pipe, latents, self.device)
+
+
+def step_hook(call: Call, request: GenerationRequest, rung: Candidate) -> Callable[[int], None] | None:
+    """The per-step function for ``denoise``: the user's callback with a StepInfo, its exceptions marked
+    so that the ladder never mistakes one for an out-of-memory error of ours."""
+    callback = call.callback
+    if callback is None:
+        return None
+
+    def on_step(done: int) -> None:
+        info = StepInfo(done, request.steps, request.prompt, call.index, rung.name)
+        try:
+            callback(info)
+        except BaseException as exc:
+            call.callback_error = exc
+            raise
+
+    return on_step
+
+
+def _decode_or_none(pipe: Any, latents: torch.Tensor, device: torch.device) -> tuple[list[Any] | None, str | None]:
+    """The decoded images, or on an out-of-memory error (None, its first line) *after* the except block has
+    ended, so that nothing of the failed attempt stays referenced by a traceback."""
+    message = None
+    try:
+        return decode(pipe, latents, device), None
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        message = first_line(exc)
+    return None, message
+
+
+def _peaks(devices: list[torch.device]) -> dict[str, int]:
+    peaks = {"host": host_peak_rss_bytes()}
+    for device in devices:
+        peaks[str(device)] = int(torch.cuda.max_memory_allocated(device))
+    return peaks
+
+
+def result_of(
+    call: Call,
+    request: GenerationRequest,
+    attempt: Attempt,
+    timings: Timings,
+    placement: Placement,
+    speedups: Accelerator,
+    quantization: str,
+) -> GenerationResult:
+    """The result of a request that ``attempt`` made, with what the caller should know in ``warnings``:
+    a prompt cut at the token limit, a negative prompt without guidance, and an explicit ``quantization``
+    the placement did not apply."""
+    rung = attempt.rung
+    predicted = {(f"cuda:{g}" if g >= 0 else "gpu"): b for g, b in rung.estimate.gpu_peak.items()}
+    dtype = str(placement.dtype).removeprefix("torch.")
+    warnings = []
+    tokens = count_prompt_tokens(placement.pipe.tokenizer, request.prompt)
+    if tokens > MAX_SEQUENCE_LENGTH:
+        warnings.append(
+            f"the prompt is {tokens} tokens with the chat template; the text encoder sees only the first "
+            f"{MAX_SEQUENCE_LENGTH}, so the rest has no effect. Shorten it."
+        )
+    if request.negative_prompt is not None and request.guidance_scale == 0:
+        warnings.append("negative_prompt has no effect when guidance_scale is 0")
+    # the CPU's strategy, or a strategy given as an instance, does not quantize: said, not silently dropped
+    if quantization not in ("auto", "none") and rung.strategy.quantize is None:
+        warnings.append(
+            f"quantization={quantization!r} is set, but {rung.strategy.name} does not quantize: the weights stayed "
+            f"{dtype}"
+        )
+    for warning in warnings:
+        logger.warning(warning)
+    return GenerationResult(
+        images=tuple(attempt.images),
+        prompt=request.prompt,
+        seeds=request.seeds,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        strategy=rung.strategy.name,
+        device=placement.device_name(),
+        dtype=dtype,
+        timings=timings,
+        peak_memory=attempt.peaks,
+        predicted_peak_memory=predicted,
+        vae_tiling=rung.vae_tiling,
+        attention=speedups.attention,
+        compiled=speedups.compiled,
+        quantization=rung.strategy.quantize,
+        fallbacks=tuple(call.fallbacks),
+        warnings=tuple(warnings),
+    )
