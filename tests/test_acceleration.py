@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-import zimage_turbo.generator
+import zimage_turbo.machine
 from test_generator import same
 from zimage_turbo import (
     CPUOnly,
@@ -334,9 +334,9 @@ def test_an_explicit_quantization_applies_to_strategies_named_not_to_instances(
 def test_the_plan_shows_the_quantized_rungs_before_loading(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(zimage_turbo.generator, "detect_hardware", lambda **_: _card(12))
-    monkeypatch.setattr(zimage_turbo.generator, "quantization_unavailable", lambda kind, device: "")
-    monkeypatch.setattr(zimage_turbo.generator, "quantization_for", lambda device: "fp8")  # an Ada card
+    monkeypatch.setattr(zimage_turbo.machine, "detect_hardware", lambda **_: _card(12))
+    monkeypatch.setattr(zimage_turbo.machine, "quantization_unavailable", lambda kind, device: "")
+    monkeypatch.setattr(zimage_turbo.machine, "quantization_for", lambda device: "fp8")  # an Ada card
     generator = Generator(settings=_settings(tiny_checkpoint, quantization="auto"))
     names = [candidate.name for candidate in generator.plan().candidates]
     assert "full_gpu+fp8" in names and "hybrid+fp8" in names and not generator.is_loaded

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import zimage_turbo.generator as generator_module
+import zimage_turbo.machine as machine_module
 import zimage_turbo.tasks as tasks_module
 from zimage_turbo import (
     DeviceFailedError,
@@ -299,7 +299,7 @@ def fake_gpus(monkeypatch: pytest.MonkeyPatch) -> Any:
     def install(hardware: Hardware) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: len(hardware.gpus))
-        monkeypatch.setattr(generator_module, "detect_hardware", lambda **_: hardware)
+        monkeypatch.setattr(machine_module, "detect_hardware", lambda **_: hardware)
         real = ModelProfile.z_image_turbo
 
         monkeypatch.setattr(ModelProfile, "from_layout", classmethod(lambda cls, layout, dtype_bytes=2: real()))

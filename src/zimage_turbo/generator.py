@@ -9,12 +9,11 @@ Loading is lazy: the model is found, checked and loaded by the first ``generate`
 and that call's ``timings.load`` says how long it took. Arguments are validated before that, so a bad
 argument never costs a 20 GB load.
 
-For each request the planner ranks the ways of placing the model that fit the free memory; the Generator
-keeps the strategy it has while it still fits. When CUDA runs out of memory anyway, it climbs down a ladder:
-leave the ``except`` block, free memory, switch to the next strategy that needs less memory in the phase
-that failed (on the same weights, no reload), and carry on from the last finished phase. A decode that runs
-out of memory is retried with VAE tiling on the same latents. With ``allow_downscale`` the image size is
-lowered last. Every step is reported in ``result.fallbacks``.
+The Generator is the facade: it validates, locks, loads and closes. Below it, :mod:`~zimage_turbo.machine`
+sees the hardware, :mod:`~zimage_turbo.placement` holds the loaded pipeline and the strategy applied to it,
+:mod:`~zimage_turbo.ladder` climbs to a placement that needs less memory when CUDA runs out (on the same
+weights, from the last finished phase), and :mod:`~zimage_turbo.tasks` runs a request's phases. Every change
+of plan is reported in ``result.fallbacks``.
 
 Threads: one Generator serializes its calls with a lock (diffusers' scheduler and tokenizer are not
 thread-safe), so it can be shared between threads; calls run one after the other, each giving the image it
@@ -31,8 +30,6 @@ Several GPUs at once: give each its own Generator with ``device="cuda:N"`` (or u
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 import os
 import threading
@@ -46,24 +43,22 @@ import torch
 
 from .acceleration import (
     Accelerator,
-    attention_available,
     compile_cache_dir,
-    quantization_for,
-    quantization_unavailable,
 )
 from .errors import DeviceFailedError, GeneratorClosedError, InvalidRequestError, InvalidSettingsError, first_line
-from .hardware import GIB, Hardware, detect_hardware
+from .hardware import Hardware
 from .ladder import Ladder
-from .loader import resolve_dtype
+from .machine import Machine, parse_device
 from .phases import MAX_SEQUENCE_LENGTH, Progress, count_prompt_tokens, is_device_failure, release_memory
 from .placement import Placement, load_placement
-from .planner import Candidate, Plan, candidate_for, effective_hardware, plan
+from .planner import Candidate, Plan, candidate_for
 from .profile import ModelProfile, Workload
 from .request import DEFAULT_STEPS, GenerationRequest, check_seed, requests_for
 from .result import Fallback, GenerationResult, StepInfo
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
-from .strategies import FullGPU, Hybrid, LoadStrategy, StreamedOffload, strategy_from
+from .strategies import LoadStrategy, strategy_from
+from .strategies.base import private_copy
 from .tasks import Attempt, Call, result_of, run_task
 
 __all__ = ["MAX_SEQUENCE_LENGTH", "Generator", "count_prompt_tokens"]
@@ -112,21 +107,20 @@ class Generator:
             base = base.replace(model=_model_name(model))
         self.settings = base
         # Validate now, before any loading: None means "auto".
-        self._requested: LoadStrategy | None = _own(strategy_from(strategy if strategy is not None else base.strategy))
+        self._requested: LoadStrategy | None = private_copy(
+            strategy_from(strategy if strategy is not None else base.strategy)
+        )
         # a strategy given by name takes settings.quantization; an instance is used as it is
         self._requested_by_name = not isinstance(strategy, LoadStrategy)
-        self._device = _parse_device(device)
+        self._device = parse_device(device)
+        self._machine = Machine(base, self._device)  # the hardware as this Generator sees it
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread holding the lock
         self._placement: Placement | None = None  # from the load to close()
-        self._hardware: Hardware | None = None
         self._pending: list[Fallback] = []  # what loading had to change, reported with the next result
         self._closed = False
         self._device_failure: str | None = None  # a CUDA error that poisoned the context, once met
         self._accelerator = Accelerator(base.attention, base.compile, compile_cache_dir(base.cache_dir))
-        # the quantization the planner may use (None: lossless only), and whether lossless placements rank first
-        self._quantize: str | None = None
-        self._prefer_lossless = True
         if load:
             self.load()
 
@@ -154,7 +148,7 @@ class Generator:
     @property
     def hardware(self) -> Hardware | None:
         """The hardware as last seen (free memory changes between calls)."""
-        return self._hardware
+        return self._machine.hardware
 
     @property
     def model(self) -> ResolvedModel | None:
@@ -183,7 +177,7 @@ class Generator:
 
     def load(self) -> Generator:
         """Find, check and load the model now (otherwise the first ``generate`` does). Returns self."""
-        with self._exclusive(), self._on_device():
+        with self._exclusive(), self._machine.current():
             self._check_device()
             with self._watching_device():
                 self._ensure_loaded()
@@ -210,12 +204,12 @@ class Generator:
         the weights move at once: the current strategy is removed and the new one applied on the same
         modules, without reading anything from disk. A call running in another thread finishes first: the
         placement never changes under a generation."""
-        chosen = _own(strategy_from(strategy))
-        with self._exclusive(), self._on_device():
+        chosen = private_copy(strategy_from(strategy))
+        with self._exclusive(), self._machine.current():
             self._check_open()
             self._check_device()
             self._requested_by_name = not isinstance(strategy, LoadStrategy)
-            chosen = self._quantized_variant(chosen)
+            chosen = self._machine.quantized_variant(chosen, by_name=self._requested_by_name)
             self._requested = chosen
             placement = self._placement
             if placement is None or chosen is None:
@@ -257,71 +251,16 @@ class Generator:
     def _read_model(self) -> tuple[ResolvedModel, torch.dtype, ModelProfile]:
         """Resolve the model and read its sizes (headers only) at the dtype it will run in here."""
         model = resolve_model(self.settings)
-        device = self._first_device(self._detect())
-        dtype = self._dtype_for(device)
-        self._resolve_quantization(device)  # plan() shows the quantized rungs before loading too
+        machine = self._machine
+        device = machine.first_device(machine.detect())
+        dtype = machine.dtype_for(device)
+        machine.resolve_quantization(device)  # plan() shows the quantized rungs before loading too
+        self._requested = machine.quantized_variant(self._requested, by_name=self._requested_by_name)
         return model, dtype, ModelProfile.from_layout(model.layout, dtype_bytes=dtype.itemsize)
 
     def _plan(self, profile: ModelProfile, request: GenerationRequest | Workload) -> Plan:
         held = self._placement.held_bytes() if self._placement is not None else {}
-        return plan(
-            profile,
-            effective_hardware(self._detect(), held),
-            request,
-            reserve_gib=self.settings.vram_reserve_gib,
-            quantize=self._quantize,
-            prefer_lossless=self._prefer_lossless,
-        )
-
-    def _check_attention(self, device: torch.device) -> None:
-        """A forced attention kernel must run here: say so before loading 20 GB, not at the first image."""
-        name = self.settings.attention
-        reason = "" if name == "auto" else attention_available(name, device)
-        if reason:
-            raise InvalidSettingsError(f"attention={name!r} cannot run on {device}: {reason}")
-
-    def _resolve_quantization(self, device: torch.device) -> None:
-        """What ``settings.quantization`` means on ``device``: an explicit kind must be possible there (else a
-        clear error before loading); ``"auto"`` quietly means lossless only where torchao is missing."""
-        setting = self.settings.quantization
-        if setting == "none":
-            return
-        kind = quantization_for(device) if setting == "auto" else setting
-        reason = quantization_unavailable(kind, device)
-        if reason and setting != "auto":
-            raise InvalidSettingsError(f"quantization={setting!r} cannot run on {device}: {reason}")
-        if reason:
-            logger.info("quantization='auto' stays lossless here: %s", reason)
-            return
-        self._quantize, self._prefer_lossless = kind, setting == "auto"
-        self._requested = self._quantized_variant(self._requested)
-
-    def _quantized_variant(self, strategy: LoadStrategy | None) -> LoadStrategy | None:
-        """With an explicit ``quantization``, ``strategy="full_gpu"`` (``"hybrid"``, ``"streamed"``) by name means its
-        quantized variant; instances, and every strategy under ``"auto"`` or ``"none"``, stay as they are."""
-        kind = self._quantize
-        if kind is None or self._prefer_lossless or not self._requested_by_name:
-            return strategy
-        if isinstance(strategy, FullGPU) and strategy.quantize is None:
-            return FullGPU(device=strategy.device, quantize=kind)
-        if isinstance(strategy, (Hybrid, StreamedOffload)) and strategy.quantize is None:
-            return type(strategy)(device=strategy.device, record_stream=strategy.record_stream, quantize=kind)
-        return strategy
-
-    def _detect(self) -> Hardware:
-        budget = self.settings.vram_budget_gib
-        hardware = detect_hardware(vram_budget_bytes=None if budget is None else int(budget * GIB))
-        self._hardware = hardware if self._device is None else hardware.restricted_to(self._device)
-        return self._hardware
-
-    def _first_device(self, hardware: Hardware) -> torch.device:
-        if hardware.gpus:
-            return torch.device("cuda", max(hardware.gpus, key=lambda g: g.free_bytes).index)
-        return torch.device("mps" if hardware.mps else "cpu")
-
-    def _dtype_for(self, device: torch.device) -> torch.dtype:
-        assert self._hardware is not None
-        return resolve_dtype(self.settings.dtype, device, self._hardware)
+        return self._machine.plan(profile, request, held)
 
     # -- loading -----------------------------------------------------------------------------------------
 
@@ -332,10 +271,11 @@ class Generator:
             return 0.0
         started = time.perf_counter()
         model, dtype, profile = self._read_model()
-        hardware = self._hardware
+        machine = self._machine
+        hardware = machine.hardware
         assert hardware is not None
-        self._check_attention(self._first_device(hardware))
-        first = self._first_candidate(profile, hardware)
+        machine.check_attention(machine.first_device(hardware))
+        first = machine.first_candidate(self._requested, profile, hardware)
         placement, fallbacks = load_placement(
             model,
             dtype=dtype,
@@ -343,8 +283,8 @@ class Generator:
             first=first.strategy,
             hardware=hardware,
             progress=self.settings.progress,
-            detect=self._detect,
-            seen=lambda: self._hardware,
+            detect=machine.detect,
+            seen=machine.seen,
         )
         self._placement = placement
         self._pending += fallbacks
@@ -360,21 +300,6 @@ class Generator:
         seconds = time.perf_counter() - started
         logger.info("loaded in %.1f s", seconds)
         return seconds
-
-    def _first_candidate(self, profile: ModelProfile, hardware: Hardware) -> Candidate:
-        """The requested strategy, or what 'auto' picks for a 1024x1024 image: the best fit, else the
-        candidate needing the least memory."""
-        if self._requested is not None:
-            return candidate_for(self._requested, profile, hardware, Workload())
-        ranked = plan(
-            profile,
-            hardware,
-            Workload(),
-            reserve_gib=self.settings.vram_reserve_gib,
-            quantize=self._quantize,
-            prefer_lossless=self._prefer_lossless,
-        )
-        return ranked.best or ranked.candidates[0]
 
     # -- generation --------------------------------------------------------------------------------------
 
@@ -466,7 +391,7 @@ class Generator:
         if not requests:
             return []
         results = []
-        with self._exclusive(), self._on_device():
+        with self._exclusive(), self._machine.current():
             self._check_device()
             with self._watching_device():
                 load_seconds = self._ensure_loaded()
@@ -520,19 +445,6 @@ class Generator:
                 self._device_failure = f"{type(exc).__name__}: {first_line(exc)}"
             raise
 
-    def _on_device(self) -> contextlib.AbstractContextManager[object]:
-        """Make this Generator's GPU the thread's current CUDA device while it works: streams and hooks made
-        without an explicit device (diffusers' group offloading among them) land on the current one."""
-        if self._device is not None and self._device.type == "cuda" and torch.cuda.is_available():
-            return torch.cuda.device(self._device)
-        return contextlib.nullcontext()
-
-    def _gpu_devices(self) -> list[torch.device]:
-        """The GPUs this Generator may use: where it measures peaks and waits for work to finish (never another
-        Generator's card, whose work would then be timed as ours)."""
-        assert self._hardware is not None
-        return [torch.device("cuda", g.index) for g in self._hardware.gpus]
-
     def _after_failure(self, exc: BaseException) -> None:
         """An exception is leaving a call: a CUDA error that poisons the context marks this Generator unusable;
         anything else leaves the placement as a fresh ``apply()`` would (see :meth:`Placement.reset_after_failure`)."""
@@ -573,7 +485,7 @@ class Generator:
 
     def _run_rung(self, call: Call, request: GenerationRequest, rung: Candidate, progress: Progress) -> Attempt:
         assert self._placement is not None
-        return run_task(call, request, rung, progress, self._placement, self._accelerator, self._gpu_devices())
+        return run_task(call, request, rung, progress, self._placement, self._accelerator, self._machine.gpu_devices())
 
 
 def _model_name(model: object) -> str:
@@ -586,28 +498,6 @@ def _model_name(model: object) -> str:
     if not isinstance(name, str):
         raise InvalidSettingsError(f"model must be text, got {type(name).__name__}")
     return name
-
-
-def _own(strategy: LoadStrategy | None) -> LoadStrategy | None:
-    """A private copy of a strategy instance. A strategy remembers where it is applied, so one instance
-    shared by two Generators would have one Generator's placement changed by the other."""
-    if strategy is None:
-        return None
-    own = copy.copy(strategy)
-    own.placed_off()
-    return own
-
-
-def _parse_device(device: str | torch.device | None) -> torch.device | None:
-    if device is None:
-        return None
-    try:
-        checked = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InvalidRequestError(f"device must be like 'cuda:1', 'cpu' or 'mps', got {device!r}") from None
-    if checked.type not in ("cuda", "cpu", "mps"):
-        raise InvalidRequestError(f"device must be a CUDA GPU, 'cpu' or 'mps', got {device!r}")
-    return torch.device("cuda", checked.index or 0) if checked.type == "cuda" else checked
 
 
 def _progress(items: list[GenerationRequest], *, enabled: bool) -> Any:

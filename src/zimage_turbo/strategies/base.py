@@ -16,6 +16,7 @@ weight lives in its host home (see :mod:`zimage_turbo.host`).
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -380,3 +381,13 @@ class QuantizableTransformer(Quantizable):
             return 0
         transformer = profile.transformer
         return pinned_size(sum(transformer.block_bytes), transformer.largest_block_tensor_bytes)
+
+
+def private_copy(strategy: LoadStrategy | None) -> LoadStrategy | None:
+    """A private copy of a strategy instance. A strategy remembers where it is applied, so one instance
+    shared by two Generators would have one Generator's placement changed by the other."""
+    if strategy is None:
+        return None
+    own = copy.copy(strategy)
+    own.placed_off()
+    return own
