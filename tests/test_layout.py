@@ -1,12 +1,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from zimage_turbo import IncompleteModelError, check_pipeline_dir
+from zimage_turbo.host import HostHomes
+from zimage_turbo.loader import load_pipeline
+
+SINGLE = {
+    "transformer": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+}
 
 
 @pytest.fixture
@@ -67,9 +77,9 @@ def test_missing_shard_is_named(model: Path) -> None:
         ("scheduler/scheduler_config.json", "scheduler/scheduler_config.json"),
         ("tokenizer/tokenizer_config.json", "tokenizer/tokenizer_config.json"),
         ("tokenizer/tokenizer.json", "tokenizer/tokenizer.json"),
-        ("vae/diffusion_pytorch_model.safetensors", "vae/*.safetensors"),
-        ("text_encoder/model.safetensors", "text_encoder/*.safetensors"),
-        ("transformer/diffusion_pytorch_model.safetensors", "transformer/*.safetensors"),
+        ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"),
+        ("text_encoder/model.safetensors", "text_encoder/model.safetensors"),
+        ("transformer/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.safetensors"),
     ],
 )
 def test_every_missing_file_is_named(model: Path, removed: str, reported: str) -> None:
@@ -127,3 +137,120 @@ def test_shard_names_that_leave_the_folder_are_refused(model: Path, bad_name: st
     index_path.write_text(json.dumps(index))
     with pytest.raises(IncompleteModelError, match="not a plain file name"):
         check_pipeline_dir(model)
+
+
+# -- which files are the weights -----------------------------------------------------------------------------
+
+
+def _zeroed_copy(model: Path, component: str, name: str) -> None:
+    """A file of the component's tensors, all zero, in float16: what a broken fp16 variant would hold."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model / component / SINGLE[component])
+    zeros = {key: torch.zeros(value.shape, dtype=torch.float16) for key, value in tensors.items()}
+    save_file(zeros, model / component / name)
+
+
+def _lora(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"lora_A.weight": torch.ones(4, 8), "lora_B.weight": torch.ones(8, 4)}, path)
+
+
+@pytest.mark.parametrize(
+    ("component", "stray", "variant"),
+    [
+        ("vae", "diffusion_pytorch_model.fp16.safetensors", True),
+        ("vae", "a_lora.safetensors", False),
+        ("text_encoder", "model.fp16.safetensors", True),
+        ("text_encoder", "adapter.safetensors", False),
+        ("transformer", "diffusion_pytorch_model.bf16.safetensors", True),
+    ],
+)
+def test_weights_are_the_files_of_the_expected_name_whatever_else_is_there(
+    model: Path, component: str, stray: str, variant: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = check_pipeline_dir(model).weight_files
+    if variant:
+        _zeroed_copy(model, component, stray)
+    else:
+        _lora(model / component / stray)
+    with caplog.at_level(logging.DEBUG, logger="zimage_turbo.weight_files"):
+        assert check_pipeline_dir(model).weight_files == before
+    assert stray in caplog.text  # ignored, but said so at debug level
+
+
+def test_a_zeroed_variant_and_a_lora_beside_the_weights_do_not_change_what_is_loaded(model: Path) -> None:
+    from safetensors.torch import load_file
+
+    _zeroed_copy(model, "vae", "diffusion_pytorch_model.fp16.safetensors")
+    _lora(model / "vae" / "a_lora.safetensors")
+    pipe = load_pipeline(
+        check_pipeline_dir(model), dtype=torch.float32, targets={}, homes=HostHomes(pin=False), progress=False
+    )
+    stored = load_file(model / "vae" / SINGLE["vae"])
+    loaded = pipe.vae.state_dict()
+    assert stored.keys() <= loaded.keys()
+    assert all(torch.equal(loaded[key], value) for key, value in stored.items())
+
+
+def test_only_variant_weights_are_refused_naming_them(model: Path) -> None:
+    vae = model / "vae"
+    (vae / SINGLE["vae"]).rename(vae / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(IncompleteModelError) as caught:
+        check_pipeline_dir(model)
+    assert caught.value.missing == ("vae/diffusion_pytorch_model.safetensors",)
+    assert "diffusion_pytorch_model.fp16.safetensors" in str(caught.value) and "variant" in str(caught.value)
+
+
+def test_a_single_file_beside_an_index_is_refused_naming_both(model: Path, tiny_checkpoint: Path) -> None:
+    _shard(model)
+    single = Path("transformer") / SINGLE["transformer"]
+    shutil.copyfile(tiny_checkpoint / single, model / single)
+    with pytest.raises(IncompleteModelError) as caught:
+        check_pipeline_dir(model)
+    message = str(caught.value)
+    assert "transformer/diffusion_pytorch_model.safetensors" in message
+    assert "diffusion_pytorch_model.safetensors.index.json" in message
+
+
+def test_shards_without_their_index_are_named(model: Path) -> None:
+    shards = _shard(model)
+    (model / "transformer" / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    with pytest.raises(IncompleteModelError, match=r"not diffusion_pytorch_model\.safetensors\.index\.json") as caught:
+        check_pipeline_dir(model)
+    assert shards[0] in str(caught.value)
+
+
+def test_a_stray_file_alone_is_not_taken_for_the_weights(model: Path) -> None:
+    (model / "vae" / SINGLE["vae"]).rename(model / "vae" / "a_lora.safetensors")
+    with pytest.raises(IncompleteModelError, match=r"a_lora\.safetensors is not loaded") as caught:
+        check_pipeline_dir(model)
+    assert caught.value.missing == ("vae/diffusion_pytorch_model.safetensors",)
+
+
+@pytest.mark.parametrize(
+    "victim",
+    [
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "transformer/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors.index.json",
+        "transformer/config.json",
+        "tokenizer/tokenizer.json",
+    ],
+)
+@pytest.mark.parametrize("damage", ["broken link", "folder"])
+def test_a_file_that_is_a_broken_link_or_a_folder_is_named(model: Path, victim: str, damage: str) -> None:
+    if "00002" in victim or "index" in victim:
+        _shard(model)
+    path = model / victim
+    path.unlink()
+    if damage == "broken link":
+        path.symlink_to(model / "deleted-blob")
+    else:
+        path.mkdir()
+    with pytest.raises(IncompleteModelError) as caught:
+        check_pipeline_dir(model)
+    assert caught.value.missing == (victim,)
+    assert ("broken link" if damage == "broken link" else "not a file") in str(caught.value)

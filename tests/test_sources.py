@@ -137,7 +137,7 @@ def test_incomplete_cached_copy_offline_names_the_missing_file(tiny_checkpoint: 
     (snapshot / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(IncompleteModelError) as caught:
         resolve_model(ZImageSettings(cache_dir=tmp_path / "root", offline=True))
-    assert caught.value.missing == ("vae/*.safetensors",)
+    assert caught.value.missing == ("vae/diffusion_pytorch_model.safetensors",)
 
 
 def test_incomplete_local_folder(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -10,6 +10,9 @@ The expected layout is the one diffusers writes and the hubs serve::
     transformer/config.json + diffusion_pytorch_model.safetensors (or an index + shards)
     vae/config.json + diffusion_pytorch_model.safetensors
 
+Weights are the files of these names, as diffusers and transformers choose them (other safetensors files in a
+component folder, such as an fp16 variant or a LoRA, are not loaded: see :mod:`~zimage_turbo.weight_files`).
+
 The configs must describe Z-Image: the classes and libraries ``model_index.json`` names come from a fixed
 list (nothing is ever imported from the folder itself), the transformer config has the Z-Image keys, and the
 sizes that have to agree between components (caption features and text encoder width, latent channels) do,
@@ -20,13 +23,14 @@ assert that ends the process's use of CUDA.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import IncompleteModelError
+from .folder_files import Problems, file_problem, read_json
 from .request import MAX_SIDE, SIDE_MULTIPLE
+from .weight_files import choose_weight_files
 
 __all__ = ["PIPELINE_CLASS", "WEIGHTED_COMPONENTS", "PipelineLayout", "check_pipeline_dir"]
 
@@ -57,8 +61,6 @@ CONFIG_FILES = {
     "tokenizer": "tokenizer_config.json",
 }
 WEIGHTED_COMPONENTS = ("transformer", "text_encoder", "vae")
-# (file relative to the root, what is wrong with it)
-Problems = list[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ def check_pipeline_dir(path: str | Path) -> PipelineLayout:
     root = Path(path)
     problems: Problems = []
     index_file = root / "model_index.json"
-    index = _read_json(index_file, problems, "model_index.json")
+    index = read_json(index_file, problems, "model_index.json")
     if index is None:
         _raise(root, problems)
     assert index is not None
@@ -117,32 +119,18 @@ def check_pipeline_dir(path: str | Path) -> PipelineLayout:
             )
         folder = root / component
         config_name = f"{component}/{CONFIG_FILES[component]}"
-        if not (root / config_name).is_file():
-            problems.append((config_name, "missing"))
+        problem = file_problem(root / config_name)
+        if problem is not None:
+            problems.append((config_name, problem))
         if component == "tokenizer":
             _check_tokenizer_files(folder, problems)
         elif component in WEIGHTED_COMPONENTS:
-            weight_files[component] = _check_weights(root, component, problems)
+            weight_files[component] = choose_weight_files(root, component, problems)
     _check_configs(root, problems)
 
     if problems:
         _raise(root, problems)
     return PipelineLayout(root=root, weight_files=weight_files, classes=classes)
-
-
-def _read_json(path: Path, problems: Problems, name: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        problems.append((name, "missing"))
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        problems.append((name, f"unreadable: {exc}"))
-        return None
-    if not isinstance(data, dict):
-        problems.append((name, "not a JSON object"))
-        return None
-    return data
 
 
 def _check_configs(root: Path, problems: Problems) -> None:
@@ -154,7 +142,7 @@ def _check_configs(root: Path, problems: Problems) -> None:
     for component, name in CONFIG_FILES.items():
         path = root / component / name
         if path.is_file() and not any(label == f"{component}/{name}" for label, _ in problems):
-            data = _read_json(path, problems, f"{component}/{name}")
+            data = read_json(path, problems, f"{component}/{name}")
             if data is not None:
                 configs[component] = data
 
@@ -241,58 +229,12 @@ def _positive_int(value: object) -> bool:
 
 
 def _check_tokenizer_files(folder: Path, problems: Problems) -> None:
-    if (folder / "tokenizer.json").is_file():
+    problem = file_problem(folder / "tokenizer.json")
+    if problem == "missing" and all(file_problem(folder / name) is None for name in ("vocab.json", "merges.txt")):
         return
-    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
-        problems.append(("tokenizer/tokenizer.json", "missing (and no vocab.json + merges.txt either)"))
-
-
-def _check_weights(root: Path, component: str, problems: Problems) -> tuple[str, ...]:
-    folder = root / component
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        return _check_sharded(root, component, indexes[0], problems)
-    singles = sorted(folder.glob("*.safetensors"))
-    if singles:
-        return tuple(f"{component}/{file.name}" for file in singles[:1])
-    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
-    if pickled:
-        problems.append(
-            (
-                f"{component}/*.safetensors",
-                f"missing; found only pickle files ({', '.join(pickled)}), which zimage-turbo does not load "
-                "because loading them can run code",
-            )
-        )
-    else:
-        problems.append((f"{component}/*.safetensors", "missing"))
-    return ()
-
-
-def _check_sharded(root: Path, component: str, index_path: Path, problems: Problems) -> tuple[str, ...]:
-    label = f"{component}/{index_path.name}"
-    index = _read_json(index_path, problems, label)
-    if index is None:
-        return ()
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        problems.append((label, "no weight_map"))
-        return ()
-    shards: list[str] = []
-    for shard in weight_map.values():
-        if shard not in shards:
-            shards.append(str(shard))
-    present: list[str] = []
-    for shard in shards:
-        # A shard name is a plain file name beside the index; anything else could point outside the model.
-        if Path(shard).name != shard or shard in ("", ".", ".."):
-            problems.append((label, f"refusing shard name {shard!r}: not a plain file name"))
-            continue
-        if not (root / component / shard).is_file():
-            problems.append((f"{component}/{shard}", f"missing (named by {index_path.name})"))
-            continue
-        present.append(f"{component}/{shard}")
-    return tuple(present)
+    if problem is not None:
+        reason = "missing (and no vocab.json + merges.txt either)" if problem == "missing" else problem
+        problems.append(("tokenizer/tokenizer.json", reason))
 
 
 def _raise(root: Path, problems: Problems) -> None:
