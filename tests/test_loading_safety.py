@@ -124,6 +124,23 @@ def test_a_malformed_safetensors_header_is_refused_naming_the_file(model: Path, 
     assert message in str(error) and str(victim) in str(error)
 
 
+def test_a_weights_file_that_cannot_be_read_gives_a_typed_error(model: Path) -> None:
+    # Checked folders do not hold such files, but one may vanish (or become unreadable) after the check.
+    from zimage_turbo import ModelLoadError
+    from zimage_turbo.weights import read_safetensors_header
+
+    victim = model / "vae" / "diffusion_pytorch_model.safetensors"
+    victim.unlink()
+    victim.symlink_to(model / "deleted-blob")
+    with pytest.raises(IncompleteModelError, match="broken link") as caught:
+        read_safetensors_header(victim)
+    assert caught.value.missing == (str(victim),)
+    victim.unlink()
+    victim.mkdir()
+    with pytest.raises(ModelLoadError, match="cannot be read"):
+        read_safetensors_header(victim)
+
+
 # -- configs that do not describe Z-Image ------------------------------------------------------------------
 
 

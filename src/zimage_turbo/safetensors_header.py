@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,22 +53,28 @@ class TensorEntry:
 
 
 def read_safetensors_header(path: Path) -> list[TensorEntry]:
-    """Every tensor of a safetensors file (header only), after checking that the file is not truncated."""
-    size = path.stat().st_size
-    with open(path, "rb") as stream:
-        prefix = stream.read(8)
-        if len(prefix) < 8:
-            raise IncompleteModelError(f"{path} is truncated ({size} bytes)", missing=[str(path)])
-        (header_length,) = struct.unpack("<Q", prefix)
-        if header_length > min(_HEADER_LIMIT, size - 8):
-            raise IncompleteModelError(
-                f"{path} is truncated or not a safetensors file (header of {header_length} bytes, file of {size})",
-                missing=[str(path)],
-            )
-        try:
-            header = json.loads(stream.read(header_length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise IncompleteModelError(f"{path}: unreadable safetensors header ({exc})", missing=[str(path)]) from None
+    """Every tensor of a safetensors file (header only), after checking that the file is not truncated.
+
+    Raises :class:`~zimage_turbo.errors.IncompleteModelError` for a file that is gone (a broken link, say),
+    truncated or malformed, and :class:`~zimage_turbo.errors.ModelLoadError` for one that cannot be read.
+    """
+    try:
+        size, prefix, header_length, raw = _read_header_bytes(path)
+    except FileNotFoundError:
+        raise IncompleteModelError(f"{path} is missing (or a broken link)", missing=[str(path)]) from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path} cannot be read: {exc.strerror or exc}") from exc
+    if len(prefix) < 8:
+        raise IncompleteModelError(f"{path} is truncated ({size} bytes)", missing=[str(path)])
+    if raw is None:
+        raise IncompleteModelError(
+            f"{path} is truncated or not a safetensors file (header of {header_length} bytes, file of {size})",
+            missing=[str(path)],
+        )
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a huge number, deep nesting
+        raise IncompleteModelError(f"{path}: unreadable safetensors header ({exc})", missing=[str(path)]) from None
     if not isinstance(header, dict):
         raise IncompleteModelError(f"{path}: the safetensors header is not a JSON object", missing=[str(path)])
     entries: list[TensorEntry] = []
@@ -92,6 +99,19 @@ def read_safetensors_header(path: Path) -> list[TensorEntry]:
             f"{path} is truncated: its header describes {end} bytes, the file has {size}", missing=[str(path)]
         )
     return entries
+
+
+def _read_header_bytes(path: Path) -> tuple[int, bytes, int, bytes | None]:
+    """(file size, first 8 bytes, header length they give, the header's bytes or None if it cannot fit)."""
+    with open(path, "rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        prefix = stream.read(8)
+        if len(prefix) < 8:
+            return size, prefix, 0, None
+        (header_length,) = struct.unpack("<Q", prefix)
+        if header_length > min(_HEADER_LIMIT, size - 8):
+            return size, prefix, header_length, None
+        return size, prefix, header_length, stream.read(header_length)
 
 
 def _header_entry(path: Path, name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
