@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -254,3 +255,131 @@ def test_a_file_that_is_a_broken_link_or_a_folder_is_named(model: Path, victim: 
         check_pipeline_dir(model)
     assert caught.value.missing == (victim,)
     assert ("broken link" if damage == "broken link" else "not a file") in str(caught.value)
+
+
+# -- config values of the wrong type -------------------------------------------------------------------------
+
+# file -> key -> wrong values: for every config, values of the wrong JSON type for keys that zimage-turbo,
+# diffusers or transformers read. Each must be refused by the folder check, naming the file and the key, and
+# never escape as a TypeError, AttributeError or KeyError (while checking, loading or at the first image).
+WRONG_TYPES: dict[str, dict[str, list[object]]] = {
+    "model_index.json": {
+        "_class_name": [None, 5, ["ZImagePipeline"]],
+        "transformer": ["ZImageTransformer2DModel", None, {"diffusers": "ZImageTransformer2DModel"}, ["diffusers"]],
+        "vae": [["diffusers", None], ["diffusers", 5], [None, "AutoencoderKL"]],
+        "tokenizer": [["transformers", ["Qwen2Tokenizer"]]],
+    },
+    "transformer/config.json": {
+        "_class_name": [None, ["ZImageTransformer2DModel"]],
+        "dim": ["64", None, 64.0, [64]],
+        "n_heads": ["2", True],
+        "cap_feat_dim": [None, "32"],
+        "in_channels": [16.5],
+        "n_refiner_layers": ["1", None, 1.5],
+        "n_kv_heads": ["2"],
+        "all_patch_size": [2, None, ["2"]],
+        "all_f_patch_size": [1, "1"],
+        "axes_dims": ["x", None, [8, 8], ["8", 4, 4]],
+        "axes_lens": [{"caption": 1536}, None],
+        "norm_eps": ["1e-5", None],
+        "rope_theta": ["256", [256.0]],
+        "t_scale": [None],
+        "qk_norm": ["true", None, 1],
+        "siglip_feat_dim": ["x", [1]],
+    },
+    "vae/config.json": {
+        "_class_name": [None],
+        "block_out_channels": ["x", None, {"0": 16}, [16, "16"], []],
+        "down_block_types": [None, "DownEncoderBlock2D", [1]],
+        "up_block_types": [None, 5],
+        "act_fn": [None, ["silu"]],
+        "in_channels": ["3", None],
+        "latent_channels": ["16", None],
+        "layers_per_block": ["1", 1.0],
+        "norm_num_groups": [None],
+        "sample_size": ["1024", None],
+        "scaling_factor": ["0.3611", None],
+        "shift_factor": ["0.1159", None],
+        "latents_mean": ["x", [None]],
+        "force_upcast": ["yes"],
+        "use_quant_conv": ["false"],
+        "mid_block_add_attention": [None],
+    },
+    "scheduler/scheduler_config.json": {
+        "_class_name": [{"name": "FlowMatchEulerDiscreteScheduler"}],
+        "num_train_timesteps": ["1000", None, 1000.0],
+        "shift": ["3", None, [3.0]],
+        "use_dynamic_shifting": ["false", None, 0],
+        "base_shift": ["0.5", None],
+        "max_shift": [None],
+        "max_image_seq_len": [None],
+        "time_shift_type": [["exponential"], None],
+        "use_karras_sigmas": [None, "no"],
+        "use_beta_sigmas": ["x"],
+        "shift_terminal": ["x"],
+    },
+    "text_encoder/config.json": {
+        "vocab_size": ["719", None],
+        "hidden_size": ["32", None, 32.0],
+        "num_hidden_layers": [None],
+        "num_attention_heads": ["2"],
+        "num_key_value_heads": ["1"],
+        "head_dim": [None],
+        "intermediate_size": [[64]],
+        "max_position_embeddings": ["1024"],
+        "hidden_act": [None, 5],
+        "rms_norm_eps": ["1e-6", None],
+        "tie_word_embeddings": ["true"],
+        "use_cache": [None],
+        "rope_parameters": ["x", [1]],
+        "layer_types": ["full_attention"],
+        "dtype": ["x", ["float32"]],
+        "eos_token_id": ["x", [1, "2"]],
+    },
+    "tokenizer/tokenizer_config.json": {
+        "eos_token": [["<|im_end|>"], {"content": "<|im_end|>"}, 5],
+        "pad_token": [None, 5],
+        "unk_token": [{"a": 1}],
+        "extra_special_tokens": ["x", [1], {"image": 1}],
+        "additional_special_tokens": ["<|im_start|>"],
+        "added_tokens_decoder": [[1], {"x": {"content": "a"}}, {"1": 5}],
+        "model_max_length": ["x", [1]],
+        "add_prefix_space": ["x"],
+        "split_special_tokens": ["x"],
+        "chat_template": [5, [1]],
+    },
+}
+WRONG_TYPE_CASES = [
+    (file, key, value) for file, keys in WRONG_TYPES.items() for key, values in keys.items() for value in values
+]
+WRONG_TYPE_IDS = [f"{file}:{key}={value!r}" for file, key, value in WRONG_TYPE_CASES]
+
+
+@pytest.fixture
+def light_model(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny checkpoint's files, with links to its weights (nothing here writes them)."""
+
+    def copy(source: str, target: str) -> None:
+        if source.endswith(".safetensors"):
+            os.symlink(source, target)
+        else:
+            shutil.copy2(source, target)
+
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "model", copy_function=copy))
+
+
+@pytest.mark.parametrize(
+    ("file", "key", "value"), WRONG_TYPE_CASES, ids=[f"{f}:{k}={v!r}" for f, k, v in WRONG_TYPE_CASES]
+)
+def test_a_config_value_of_the_wrong_type_is_refused_naming_file_and_key(
+    light_model: Path, file: str, key: str, value: object
+) -> None:
+    path = light_model / file
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    with pytest.raises(IncompleteModelError) as caught:
+        check_pipeline_dir(light_model)
+    assert file in caught.value.missing
+    lines = [line.strip() for line in str(caught.value).splitlines() if line.strip().startswith(f"{file}:")]
+    assert any(key in line for line in lines), str(caught.value)

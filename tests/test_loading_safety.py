@@ -155,7 +155,7 @@ CONFIG_MISMATCHES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("model_index.json", lambda d: d.update(vae=["my_models", "AutoencoderKL"]), "library 'my_models'"),
     ("transformer/config.json", lambda d: d.update(_class_name="FluxTransformer2DModel"), "_class_name"),
     ("transformer/config.json", lambda d: [d.pop("axes_lens"), d.pop("dim")], "lacks the Z-Image transformer keys"),
-    ("transformer/config.json", lambda d: d.update(n_heads="2"), "not positive integers"),
+    ("transformer/config.json", lambda d: d.update(n_heads="2"), "expected a positive integer"),
     ("transformer/config.json", lambda d: d.update(axes_dims=[8, 8, 8]), "axes_dims"),
     ("transformer/config.json", lambda d: d.update(axes_lens=[1536, 64, 64]), "axes_lens"),
     ("text_encoder/config.json", lambda d: d.update(model_type="llama"), "model_type"),
@@ -176,6 +176,29 @@ def test_a_config_that_does_not_match_z_image_is_refused_naming_the_file(
     error = refused(model)
     assert message in str(error)
     assert f"{file}:" in str(error) and file in error.missing
+
+
+def test_what_the_libraries_raise_while_loading_is_a_model_load_error(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The folder check cannot foresee every value a library rejects; whatever it raises (a TypeError from a
+    # config value, transformers' own validation errors) is reported as the model failing to load.
+    import torch
+    from transformers import Qwen2Tokenizer
+
+    from zimage_turbo import ModelLoadError, check_pipeline_dir
+    from zimage_turbo.host import HostHomes
+    from zimage_turbo.loader import load_pipeline
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise TypeError("'>' not supported between instances of 'int' and 'str'")
+
+    monkeypatch.setattr(Qwen2Tokenizer, "from_pretrained", broken)
+    with pytest.raises(ModelLoadError, match="TypeError: '>' not supported") as caught:
+        load_pipeline(
+            check_pipeline_dir(model), dtype=torch.float32, targets={}, homes=HostHomes(pin=False), progress=False
+        )
+    assert str(model) in str(caught.value) and isinstance(caught.value.__cause__, TypeError)
 
 
 @pytest.mark.usefixtures("never_loaded")
