@@ -4,7 +4,9 @@ Every value that zimage-turbo, diffusers or transformers reads from a component'
 type it is used as: a string where a number belongs, a list where an object does, or ``null`` for a size would
 otherwise surface as a ``TypeError`` or ``AttributeError`` from deep inside a library while loading, as a
 failure of the first image, or not at all (a truthy string turns a flag on). Then the configs must describe
-Z-Image, and the sizes that different components share must agree. Each problem names its file and key.
+Z-Image, and the sizes that different components share must agree, the tokenizer's ids with the text
+encoder's vocabulary among them (see :mod:`~zimage_turbo.tokenizer_vocab`). Each problem names its file and
+key.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from .folder_files import Problems, read_json
 from .request import MAX_SIDE, SIDE_MULTIPLE
+from .tokenizer_vocab import check_vocabulary
 
 __all__ = ["CONFIG_CLASSES", "CONFIG_FILES", "SCHEMAS", "TRANSFORMER_KEYS", "check_configs"]
 
@@ -35,7 +38,7 @@ CONFIG_CLASSES = {
 }
 # Keys without which diffusers would silently fall back to its defaults for another model size.
 TRANSFORMER_KEYS = ("dim", "n_layers", "n_heads", "in_channels", "cap_feat_dim", "axes_dims", "axes_lens")
-REQUIRED_KEYS = {"transformer": TRANSFORMER_KEYS, "text_encoder": ("hidden_size",)}
+REQUIRED_KEYS = {"transformer": TRANSFORMER_KEYS, "text_encoder": ("hidden_size", "vocab_size")}
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,9 @@ def check_configs(root: Path, problems: Problems) -> None:
     text = configs.get("text_encoder")
     if text is not None:
         _check_text_encoder(text, transformer, problems)
+    tokenizer = configs.get("tokenizer")
+    if text is not None and tokenizer is not None:
+        check_vocabulary(root / "tokenizer", tokenizer, text["vocab_size"], problems)
     vae = configs.get("vae")
     if vae is not None and transformer is not None and vae.get("latent_channels") != transformer["in_channels"]:
         problems.append(
