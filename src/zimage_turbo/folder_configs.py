@@ -38,6 +38,7 @@ CONFIG_CLASSES = {
 }
 # Keys without which diffusers would silently fall back to its defaults for another model size.
 TRANSFORMER_KEYS = ("dim", "n_layers", "n_heads", "in_channels", "cap_feat_dim", "axes_dims", "axes_lens")
+# component -> keys its config must have (the text encoder's sizes are compared with other files')
 REQUIRED_KEYS = {"transformer": TRANSFORMER_KEYS, "text_encoder": ("hidden_size", "vocab_size")}
 
 
@@ -103,7 +104,9 @@ def _named_templates(value: object) -> bool:
 def _torch_dtype(value: object) -> bool:
     import torch
 
-    return isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)
+    if not (isinstance(value, str) and value.isidentifier() and not value.startswith("_")):
+        return False
+    return isinstance(getattr(torch, value, None), torch.dtype)
 
 
 POSITIVE = Kind("a positive integer", _positive)
