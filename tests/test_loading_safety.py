@@ -124,6 +124,23 @@ def test_a_malformed_safetensors_header_is_refused_naming_the_file(model: Path, 
     assert message in str(error) and str(victim) in str(error)
 
 
+def test_a_weights_file_that_cannot_be_read_gives_a_typed_error(model: Path) -> None:
+    # Checked folders do not hold such files, but one may vanish (or become unreadable) after the check.
+    from zimage_turbo import ModelLoadError
+    from zimage_turbo.weights import read_safetensors_header
+
+    victim = model / "vae" / "diffusion_pytorch_model.safetensors"
+    victim.unlink()
+    victim.symlink_to(model / "deleted-blob")
+    with pytest.raises(IncompleteModelError, match="broken link") as caught:
+        read_safetensors_header(victim)
+    assert caught.value.missing == (str(victim),)
+    victim.unlink()
+    victim.mkdir()
+    with pytest.raises(ModelLoadError, match="cannot be read"):
+        read_safetensors_header(victim)
+
+
 # -- configs that do not describe Z-Image ------------------------------------------------------------------
 
 
@@ -138,7 +155,7 @@ CONFIG_MISMATCHES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("model_index.json", lambda d: d.update(vae=["my_models", "AutoencoderKL"]), "library 'my_models'"),
     ("transformer/config.json", lambda d: d.update(_class_name="FluxTransformer2DModel"), "_class_name"),
     ("transformer/config.json", lambda d: [d.pop("axes_lens"), d.pop("dim")], "lacks the Z-Image transformer keys"),
-    ("transformer/config.json", lambda d: d.update(n_heads="2"), "not positive integers"),
+    ("transformer/config.json", lambda d: d.update(n_heads="2"), "expected a positive integer"),
     ("transformer/config.json", lambda d: d.update(axes_dims=[8, 8, 8]), "axes_dims"),
     ("transformer/config.json", lambda d: d.update(axes_lens=[1536, 64, 64]), "axes_lens"),
     ("text_encoder/config.json", lambda d: d.update(model_type="llama"), "model_type"),
@@ -159,6 +176,96 @@ def test_a_config_that_does_not_match_z_image_is_refused_naming_the_file(
     error = refused(model)
     assert message in str(error)
     assert f"{file}:" in str(error) and file in error.missing
+
+
+def _vocab_json_only(model: Path) -> None:
+    """The older tokenizer layout: vocab.json + merges.txt instead of tokenizer.json."""
+    folder = model / "tokenizer"
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    (folder / "vocab.json").write_text(json.dumps(tokenizer["model"]["vocab"]))
+    merges = [" ".join(pair) for pair in tokenizer["model"]["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer.json").unlink()
+
+
+def _in_tokenizer(model: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    _edit(model / "tokenizer" / "tokenizer.json", change)
+
+
+def _in_tokenizer_config(model: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    _edit(model / "tokenizer" / "tokenizer_config.json", change)
+
+
+VOCABULARY_MISMATCHES: list[tuple[str, Callable[[Path], None], str]] = [
+    (
+        "encoder vocab_size shrunk",
+        lambda m: _edit(m / "text_encoder" / "config.json", lambda d: d.update(vocab_size=700)),
+        "has 719 token ids",
+    ),
+    ("a token id past the end", lambda m: _in_tokenizer(m, lambda d: d["model"]["vocab"].update(zzqx=800)), "801"),
+    (
+        "an added token past the end",
+        lambda m: _in_tokenizer(m, lambda d: d["added_tokens"].append({"id": 719, "content": "<x>"})),
+        "has 720 token ids",
+    ),
+    (
+        "a special token the vocabulary lacks",
+        lambda m: _in_tokenizer_config(m, lambda d: d["extra_special_tokens"].append("<|new|>")),
+        "has 720 token ids",
+    ),
+    (
+        "vocab.json one token larger",
+        lambda m: [_vocab_json_only(m), _edit(m / "tokenizer" / "vocab.json", lambda d: d.update(zzqx=719))],
+        "has 720 token ids",
+    ),
+]
+
+
+@pytest.mark.usefixtures("never_loaded")
+@pytest.mark.parametrize(
+    ("damage", "message"), [(d, m) for _, d, m in VOCABULARY_MISMATCHES], ids=[i for i, _, _ in VOCABULARY_MISMATCHES]
+)
+def test_a_tokenizer_larger_than_the_text_encoder_vocabulary_is_refused_before_loading(
+    model: Path, damage: Callable[[Path], None], message: str
+) -> None:
+    damage(model)
+    error = refused(model)
+    text = str(error)
+    assert message in text and "text_encoder/config.json" in text and "vocab_size is" in text
+    assert error.missing in (("tokenizer/tokenizer.json",), ("tokenizer/vocab.json",))
+
+
+def test_the_older_tokenizer_files_are_read_for_the_vocabulary_check(model: Path) -> None:
+    from zimage_turbo import check_pipeline_dir
+
+    _vocab_json_only(model)
+    check_pipeline_dir(model)  # 719 ids, vocab_size 719
+    _edit(model / "text_encoder" / "config.json", lambda d: d.update(vocab_size=718))
+    with pytest.raises(IncompleteModelError, match=r"tokenizer/vocab\.json: the tokenizer has 719 token ids"):
+        check_pipeline_dir(model)
+
+
+def test_what_the_libraries_raise_while_loading_is_a_model_load_error(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The folder check cannot foresee every value a library rejects; whatever it raises (a TypeError from a
+    # config value, transformers' own validation errors) is reported as the model failing to load.
+    import torch
+    from transformers import Qwen2Tokenizer
+
+    from zimage_turbo import ModelLoadError, check_pipeline_dir
+    from zimage_turbo.host import HostHomes
+    from zimage_turbo.loader import load_pipeline
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise TypeError("'>' not supported between instances of 'int' and 'str'")
+
+    monkeypatch.setattr(Qwen2Tokenizer, "from_pretrained", broken)
+    with pytest.raises(ModelLoadError, match="TypeError: '>' not supported") as caught:
+        load_pipeline(
+            check_pipeline_dir(model), dtype=torch.float32, targets={}, homes=HostHomes(pin=False), progress=False
+        )
+    assert str(model) in str(caught.value) and isinstance(caught.value.__cause__, TypeError)
 
 
 @pytest.mark.usefixtures("never_loaded")

@@ -18,6 +18,7 @@ from zimage_turbo import (
     ModelNotFoundError,
     ZImageSettings,
     resolve_model,
+    sources,
 )
 from zimage_turbo.sources import huggingface_cache_dir, modelscope_cache_dir
 
@@ -137,7 +138,46 @@ def test_incomplete_cached_copy_offline_names_the_missing_file(tiny_checkpoint: 
     (snapshot / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(IncompleteModelError) as caught:
         resolve_model(ZImageSettings(cache_dir=tmp_path / "root", offline=True))
-    assert caught.value.missing == ("vae/*.safetensors",)
+    assert caught.value.missing == ("vae/diffusion_pytorch_model.safetensors",)
+
+
+def _delete_blob(snapshot: Path, name: str) -> tuple[Path, bytes]:
+    """Delete the blob behind one file of a Hugging Face snapshot, leaving the snapshot's link dangling (what
+    cleaning the cache's blobs by hand, or an interrupted `huggingface-cli delete-cache`, leaves)."""
+    blob = (snapshot / name).resolve()
+    data = blob.read_bytes()
+    blob.unlink()
+    return blob, data
+
+
+def test_a_cached_snapshot_whose_blob_was_deleted_is_incomplete(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    snapshot = huggingface_cache(tiny_checkpoint, tmp_path / "root" / "hub", REPO)
+    _delete_blob(snapshot, "vae/diffusion_pytorch_model.safetensors")
+    with pytest.raises(IncompleteModelError) as caught:
+        resolve_model(ZImageSettings(cache_dir=tmp_path / "root", source="huggingface", offline=True))
+    assert caught.value.missing == ("vae/diffusion_pytorch_model.safetensors",)
+    assert "broken link" in str(caught.value)
+
+
+def test_a_cached_snapshot_whose_blob_was_deleted_is_downloaded_again(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshot = huggingface_cache(tiny_checkpoint, tmp_path / "root" / "hub", REPO)
+    blob, data = _delete_blob(snapshot, "transformer/diffusion_pytorch_model.safetensors")
+    cached = sources._HUB_LOOKUPS["huggingface"]
+    downloads: list[str] = []
+
+    def client(repo_id: str, revision: str | None, cache: Path, local_only: bool) -> Path:
+        if not local_only:  # what huggingface_hub does for a link whose blob is gone: fetch the blob again
+            downloads.append(repo_id)
+            blob.write_bytes(data)
+        return cached(repo_id, revision, cache, True)
+
+    monkeypatch.setitem(sources._HUB_LOOKUPS, "huggingface", client)
+    monkeypatch.setitem(sources._REMOTE_FILES, "huggingface", lambda repo, revision: [])
+    resolved = resolve_model(ZImageSettings(cache_dir=tmp_path / "root", source="huggingface"))
+    assert downloads == [REPO]
+    assert resolved.downloaded and resolved.path == snapshot
 
 
 def test_incomplete_local_folder(tiny_checkpoint: Path, tmp_path: Path) -> None:

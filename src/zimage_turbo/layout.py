@@ -10,7 +10,11 @@ The expected layout is the one diffusers writes and the hubs serve::
     transformer/config.json + diffusion_pytorch_model.safetensors (or an index + shards)
     vae/config.json + diffusion_pytorch_model.safetensors
 
-The configs must describe Z-Image: the classes and libraries ``model_index.json`` names come from a fixed
+Weights are the files of these names, as diffusers and transformers choose them (other safetensors files in a
+component folder, such as an fp16 variant or a LoRA, are not loaded: see :mod:`~zimage_turbo.weight_files`).
+
+The configs must have the types their readers expect and describe Z-Image (see
+:mod:`~zimage_turbo.folder_configs`): the classes and libraries ``model_index.json`` names come from a fixed
 list (nothing is ever imported from the folder itself), the transformer config has the Z-Image keys, and the
 sizes that have to agree between components (caption features and text encoder width, latent channels) do,
 as do the RoPE tables with the largest request we accept. A mismatch found here is named with its file;
@@ -20,24 +24,24 @@ assert that ends the process's use of CUDA.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import IncompleteModelError
-from .request import MAX_SIDE, SIDE_MULTIPLE
+from .folder_configs import CONFIG_CLASSES, CONFIG_FILES, check_configs
+from .folder_files import Problems, file_problem, read_json
+from .weight_files import choose_weight_files
 
 __all__ = ["PIPELINE_CLASS", "WEIGHTED_COMPONENTS", "PipelineLayout", "check_pipeline_dir"]
 
 PIPELINE_CLASS = "ZImagePipeline"
 # component -> the class names diffusers/transformers may record for it in model_index.json
 EXPECTED_CLASSES: dict[str, tuple[str, ...]] = {
-    "transformer": ("ZImageTransformer2DModel",),
+    "transformer": (CONFIG_CLASSES["transformer"],),
     "text_encoder": ("Qwen3Model", "Qwen3ForCausalLM"),
-    "vae": ("AutoencoderKL",),
+    "vae": (CONFIG_CLASSES["vae"],),
     "tokenizer": ("Qwen2Tokenizer", "Qwen2TokenizerFast", "PreTrainedTokenizerFast", "TokenizersBackend"),
-    "scheduler": ("FlowMatchEulerDiscreteScheduler",),
+    "scheduler": (CONFIG_CLASSES["scheduler"],),
 }
 # component -> the library model_index.json must name for it
 EXPECTED_LIBRARIES = {
@@ -47,18 +51,7 @@ EXPECTED_LIBRARIES = {
     "text_encoder": "transformers",
     "tokenizer": "transformers",
 }
-# Keys without which diffusers would silently fall back to its defaults for another model size.
-TRANSFORMER_KEYS = ("dim", "n_layers", "n_heads", "in_channels", "cap_feat_dim", "axes_dims", "axes_lens")
-CONFIG_FILES = {
-    "transformer": "config.json",
-    "text_encoder": "config.json",
-    "vae": "config.json",
-    "scheduler": "scheduler_config.json",
-    "tokenizer": "tokenizer_config.json",
-}
 WEIGHTED_COMPONENTS = ("transformer", "text_encoder", "vae")
-# (file relative to the root, what is wrong with it)
-Problems = list[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -83,14 +76,14 @@ def check_pipeline_dir(path: str | Path) -> PipelineLayout:
     root = Path(path)
     problems: Problems = []
     index_file = root / "model_index.json"
-    index = _read_json(index_file, problems, "model_index.json")
+    index = read_json(index_file, problems, "model_index.json")
     if index is None:
         _raise(root, problems)
     assert index is not None
 
     class_name = index.get("_class_name")
     if class_name != PIPELINE_CLASS:
-        problems.append(("model_index.json", f"pipeline class is {class_name!r}, expected {PIPELINE_CLASS!r}"))
+        problems.append(("model_index.json", f"_class_name is {class_name!r}, expected {PIPELINE_CLASS!r}"))
 
     weight_files: dict[str, tuple[str, ...]] = {}
     classes: dict[str, str] = {}
@@ -117,182 +110,27 @@ def check_pipeline_dir(path: str | Path) -> PipelineLayout:
             )
         folder = root / component
         config_name = f"{component}/{CONFIG_FILES[component]}"
-        if not (root / config_name).is_file():
-            problems.append((config_name, "missing"))
+        problem = file_problem(root / config_name)
+        if problem is not None:
+            problems.append((config_name, problem))
         if component == "tokenizer":
             _check_tokenizer_files(folder, problems)
         elif component in WEIGHTED_COMPONENTS:
-            weight_files[component] = _check_weights(root, component, problems)
-    _check_configs(root, problems)
+            weight_files[component] = choose_weight_files(root, component, problems)
+    check_configs(root, problems)
 
     if problems:
         _raise(root, problems)
     return PipelineLayout(root=root, weight_files=weight_files, classes=classes)
 
 
-def _read_json(path: Path, problems: Problems, name: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        problems.append((name, "missing"))
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        problems.append((name, f"unreadable: {exc}"))
-        return None
-    if not isinstance(data, dict):
-        problems.append((name, "not a JSON object"))
-        return None
-    return data
-
-
-def _check_configs(root: Path, problems: Problems) -> None:
-    """The component configs describe Z-Image, and agree with each other (files already reported missing or
-    unreadable are skipped)."""
-    from .profile import MAX_SEQUENCE_LENGTH  # profile imports this module
-
-    configs: dict[str, dict[str, Any]] = {}
-    for component, name in CONFIG_FILES.items():
-        path = root / component / name
-        if path.is_file() and not any(label == f"{component}/{name}" for label, _ in problems):
-            data = _read_json(path, problems, f"{component}/{name}")
-            if data is not None:
-                configs[component] = data
-
-    def expect_class(component: str, expected: str) -> None:
-        found = configs[component].get("_class_name")
-        if found != expected:
-            problems.append(
-                (f"{component}/{CONFIG_FILES[component]}", f"_class_name is {found!r}, expected {expected!r}")
-            )
-
-    transformer = configs.get("transformer")
-    label = "transformer/config.json"
-    if transformer is not None:
-        expect_class("transformer", EXPECTED_CLASSES["transformer"][0])
-        missing = [key for key in TRANSFORMER_KEYS if key not in transformer]
-        if missing:
-            problems.append((label, f"lacks the Z-Image transformer keys {', '.join(missing)}"))
-            transformer = None
-    if transformer is not None:
-        sizes = {key: transformer[key] for key in ("dim", "n_layers", "n_heads", "in_channels", "cap_feat_dim")}
-        axes = {key: transformer[key] for key in ("axes_dims", "axes_lens")}
-        bad = [key for key, value in sizes.items() if not _positive_int(value)]
-        bad += [key for key, value in axes.items() if not (isinstance(value, list) and len(value) == 3)]
-        bad += [key for key, value in axes.items() if isinstance(value, list) and not all(map(_positive_int, value))]
-        if bad:
-            problems.append((label, f"{', '.join(dict.fromkeys(bad))}: not positive integers as Z-Image has"))
-            transformer = None
-    if transformer is not None:
-        dim, heads = transformer["dim"], transformer["n_heads"]
-        axes_dims, axes_lens = transformer["axes_dims"], transformer["axes_lens"]
-        if dim % heads or sum(axes_dims) != dim // heads:
-            problems.append((label, f"axes_dims {axes_dims} must add up to the head size dim/n_heads = {dim}/{heads}"))
-        patches = MAX_SIDE // SIDE_MULTIPLE
-        # Caption positions run from 1 to 512 and the image's start after them; image rows and columns take one
-        # position per 16 pixels. An index past a RoPE table is a device-side assert on a GPU.
-        if axes_lens[0] < MAX_SEQUENCE_LENGTH + 2 or min(axes_lens[1:]) < patches:
-            problems.append(
-                (
-                    label,
-                    f"axes_lens {axes_lens} is too small: Z-Image needs at least {MAX_SEQUENCE_LENGTH + 2} caption "
-                    f"positions and {patches} rows and columns ({MAX_SIDE} pixels)",
-                )
-            )
-
-    text = configs.get("text_encoder")
-    label = "text_encoder/config.json"
-    if text is not None:
-        if text.get("model_type") != "qwen3":
-            problems.append((label, f"model_type is {text.get('model_type')!r}, expected 'qwen3' (Qwen3)"))
-        hidden = text.get("hidden_size")
-        if not _positive_int(hidden):
-            problems.append((label, f"hidden_size is {hidden!r}, expected a positive integer"))
-        elif transformer is not None and hidden != transformer["cap_feat_dim"]:
-            problems.append(
-                (
-                    label,
-                    f"hidden_size {hidden} does not match the transformer's cap_feat_dim {transformer['cap_feat_dim']}",
-                )
-            )
-        positions = text.get("max_position_embeddings", MAX_SEQUENCE_LENGTH)
-        if not _positive_int(positions) or positions < MAX_SEQUENCE_LENGTH:
-            problems.append(
-                (label, f"max_position_embeddings is {positions!r}; prompts take up to {MAX_SEQUENCE_LENGTH} tokens")
-            )
-
-    vae = configs.get("vae")
-    if vae is not None:
-        expect_class("vae", EXPECTED_CLASSES["vae"][0])
-        latent = vae.get("latent_channels")
-        if transformer is not None and latent != transformer["in_channels"]:
-            problems.append(
-                (
-                    "vae/config.json",
-                    f"latent_channels {latent!r} does not match the transformer's in_channels "
-                    f"{transformer['in_channels']}",
-                )
-            )
-    if "scheduler" in configs:
-        expect_class("scheduler", EXPECTED_CLASSES["scheduler"][0])
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _check_tokenizer_files(folder: Path, problems: Problems) -> None:
-    if (folder / "tokenizer.json").is_file():
+    problem = file_problem(folder / "tokenizer.json")
+    if problem == "missing" and all(file_problem(folder / name) is None for name in ("vocab.json", "merges.txt")):
         return
-    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
-        problems.append(("tokenizer/tokenizer.json", "missing (and no vocab.json + merges.txt either)"))
-
-
-def _check_weights(root: Path, component: str, problems: Problems) -> tuple[str, ...]:
-    folder = root / component
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        return _check_sharded(root, component, indexes[0], problems)
-    singles = sorted(folder.glob("*.safetensors"))
-    if singles:
-        return tuple(f"{component}/{file.name}" for file in singles[:1])
-    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
-    if pickled:
-        problems.append(
-            (
-                f"{component}/*.safetensors",
-                f"missing; found only pickle files ({', '.join(pickled)}), which zimage-turbo does not load "
-                "because loading them can run code",
-            )
-        )
-    else:
-        problems.append((f"{component}/*.safetensors", "missing"))
-    return ()
-
-
-def _check_sharded(root: Path, component: str, index_path: Path, problems: Problems) -> tuple[str, ...]:
-    label = f"{component}/{index_path.name}"
-    index = _read_json(index_path, problems, label)
-    if index is None:
-        return ()
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        problems.append((label, "no weight_map"))
-        return ()
-    shards: list[str] = []
-    for shard in weight_map.values():
-        if shard not in shards:
-            shards.append(str(shard))
-    present: list[str] = []
-    for shard in shards:
-        # A shard name is a plain file name beside the index; anything else could point outside the model.
-        if Path(shard).name != shard or shard in ("", ".", ".."):
-            problems.append((label, f"refusing shard name {shard!r}: not a plain file name"))
-            continue
-        if not (root / component / shard).is_file():
-            problems.append((f"{component}/{shard}", f"missing (named by {index_path.name})"))
-            continue
-        present.append(f"{component}/{shard}")
-    return tuple(present)
+    if problem is not None:
+        reason = "missing (and no vocab.json + merges.txt either)" if problem == "missing" else problem
+        problems.append(("tokenizer/tokenizer.json", reason))
 
 
 def _raise(root: Path, problems: Problems) -> None:

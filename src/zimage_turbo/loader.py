@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, ZImageError
 from .hardware import Hardware
 from .host import HostHomes
 from .layout import WEIGHTED_COMPONENTS, PipelineLayout
@@ -91,10 +91,10 @@ def load_pipeline(
                 )
             tokenizer = Qwen2Tokenizer.from_pretrained(root / "tokenizer")
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
-    except torch.OutOfMemoryError:  # a RuntimeError, but the Generator's ladder handles it
+    except (torch.OutOfMemoryError, MemoryError, ZImageError):  # out of memory: the Generator's ladder's business
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelLoadError(f"Loading the model from {root} failed: {exc}") from exc
+    except Exception as exc:  # the libraries' errors for files they cannot use (the folder check misses some)
+        raise ModelLoadError(f"Loading the model from {root} failed: {type(exc).__name__}: {exc}") from exc
     pipe = ZImagePipeline(scheduler=scheduler, tokenizer=tokenizer, **modules)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe
