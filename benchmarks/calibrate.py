@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from zimage_turbo import Generator, ModelProfile, Workload, ZImageSettings
+from zimage_turbo.model import MAX_SEQUENCE_LENGTH, VAE_TILE_PIXELS
 from zimage_turbo.phases import decode, denoise, encode, set_vae_tiling
-from zimage_turbo.profile import MAX_SEQUENCE_LENGTH, VAE_TILE_PIXELS
 
 PROMPT = "a lighthouse on a rocky coast at sunset, oil painting, dramatic clouds, warm light"
 SIZES = [(512, 512), (768, 768), (1024, 768), (1024, 1024), (1536, 1024), (1536, 1536), (2048, 2048)]

@@ -19,14 +19,14 @@ import logging
 import numbers
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
 from ._version import __version__
 from .errors import CheckpointError
+from .model import PRESETS, CheckpointPreset, PresetName
 from .process_state import default_dtype
 from .toy_tokenizer import build_toy_tokenizer
 
@@ -34,114 +34,7 @@ __all__ = ["MARKER_FILE", "PRESETS", "CheckpointPreset", "PresetName", "make_che
 
 logger = logging.getLogger(__name__)
 
-PresetName = Literal["tiny", "full"]
 MARKER_FILE = "zimage_turbo_checkpoint.json"
-
-_FLUX_VAE_BLOCKS = 4  # a Flux-style VAE: 4 levels, 8x downsampling, 16 latent channels
-
-
-@dataclass(frozen=True)
-class CheckpointPreset:
-    """Constructor arguments for each component of one checkpoint size."""
-
-    name: str
-    transformer: dict[str, Any]
-    text_encoder: dict[str, Any]
-    vae: dict[str, Any]
-    dtype: torch.dtype
-    max_shard_size: str | None = None
-    scheduler: dict[str, Any] = field(
-        # Z-Image-Turbo's scheduler: a fixed shift of 3, no resolution-dependent shifting.
-        default_factory=lambda: {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
-    )
-
-
-def _vae(channels: tuple[int, ...], layers_per_block: int, groups: int) -> dict[str, Any]:
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "latent_channels": 16,
-        "block_out_channels": channels,
-        "down_block_types": ["DownEncoderBlock2D"] * _FLUX_VAE_BLOCKS,
-        "up_block_types": ["UpDecoderBlock2D"] * _FLUX_VAE_BLOCKS,
-        "layers_per_block": layers_per_block,
-        "norm_num_groups": groups,
-        "act_fn": "silu",
-        "scaling_factor": 0.3611,
-        "shift_factor": 0.1159,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
-        "mid_block_add_attention": True,
-        "force_upcast": True,
-        "sample_size": 1024,
-    }
-
-
-def _transformer(dim: int, layers: int, refiner_layers: int, heads: int, caption_dim: int) -> dict[str, Any]:
-    head_dim = dim // heads
-    # RoPE axes (frame, height, width) share the head dimension 1 : 1.5 : 1.5, as in the real model (32/48/48).
-    frame = head_dim // 4
-    side = (head_dim - frame) // 2
-    return {
-        "all_patch_size": (2,),
-        "all_f_patch_size": (1,),
-        "in_channels": 16,
-        "dim": dim,
-        "n_layers": layers,
-        "n_refiner_layers": refiner_layers,
-        "n_heads": heads,
-        "n_kv_heads": heads,
-        "norm_eps": 1e-5,
-        "qk_norm": True,
-        "cap_feat_dim": caption_dim,
-        "rope_theta": 256.0,
-        "t_scale": 1000.0,
-        "axes_dims": [frame, side, head_dim - frame - side],
-        # Z-Image-Turbo's RoPE table sizes: 1536 caption positions, 512 patch rows and columns.
-        "axes_lens": [1536, 512, 512],
-    }
-
-
-def _qwen3(
-    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, **extra: Any
-) -> dict[str, Any]:
-    return {
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1_000_000.0,
-        "tie_word_embeddings": True,
-        "attention_bias": False,
-        "hidden_act": "silu",
-        **extra,
-    }
-
-
-PRESETS: dict[str, CheckpointPreset] = {
-    "tiny": CheckpointPreset(
-        name="tiny",
-        transformer=_transformer(dim=64, layers=2, refiner_layers=1, heads=2, caption_dim=32),
-        # vocab_size is the toy tokenizer's; the pipeline reads hidden_states[-2], so at least 2 layers.
-        text_encoder=_qwen3(32, 64, layers=2, heads=2, kv_heads=1, head_dim=16, max_position_embeddings=1024),
-        vae=_vae((16, 16, 32, 32), layers_per_block=1, groups=8),
-        dtype=torch.float32,
-    ),
-    "full": CheckpointPreset(
-        name="full",
-        transformer=_transformer(dim=3840, layers=30, refiner_layers=2, heads=30, caption_dim=2560),
-        text_encoder=_qwen3(
-            2560, 9728, layers=36, heads=32, kv_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960
-        ),
-        vae=_vae((128, 256, 512, 512), layers_per_block=2, groups=32),
-        dtype=torch.bfloat16,
-        max_shard_size="5GB",
-    ),
-}
-assert set(PRESETS) == set(get_args(PresetName))
 
 
 def make_checkpoint(

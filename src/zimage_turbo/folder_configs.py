@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .folder_files import Problems, read_json
+from .model import MAX_SEQUENCE_LENGTH
 from .request import MAX_SIDE, SIDE_MULTIPLE
 from .tokenizer_vocab import check_vocabulary
 
@@ -274,7 +275,6 @@ def _shown(value: object) -> str:
 
 
 def _check_transformer(transformer: Mapping[str, Any], problems: Problems) -> None:
-    from .profile import MAX_SEQUENCE_LENGTH  # profile imports layout, which imports this module
 
     label = "transformer/config.json"
     dim, heads = transformer["dim"], transformer["n_heads"]
@@ -295,7 +295,6 @@ def _check_transformer(transformer: Mapping[str, Any], problems: Problems) -> No
 
 
 def _check_text_encoder(text: Mapping[str, Any], transformer: Mapping[str, Any] | None, problems: Problems) -> None:
-    from .profile import MAX_SEQUENCE_LENGTH  # profile imports layout, which imports this module
 
     label = "text_encoder/config.json"
     if text.get("model_type") != "qwen3":

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import GenerationInterruptedError, first_line
-from .profile import MAX_SEQUENCE_LENGTH, VAE_TILE_PIXELS
+from .model import MAX_SEQUENCE_LENGTH, VAE_TILE_PIXELS
 
 __all__ = [
     "MAX_SEQUENCE_LENGTH",

@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from .hardware import GIB, Hardware
-from .profile import VAE_TILE_PIXELS, ModelProfile, Workload
+from .model import VAE_TILE_PIXELS
+from .profile import ModelProfile, Workload
 from .request import DEFAULT_STEPS, SIDE_MULTIPLE, GenerationRequest
 from .strategies import (
     CPUOnly,

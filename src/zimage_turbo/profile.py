@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from .layout import PipelineLayout
+from .model import CAPTION_TOKENS, MAX_SEQUENCE_LENGTH, PRESETS, VAE_TILE_PIXELS
 from .weights import read_safetensors_header
 
 if TYPE_CHECKING:
@@ -47,9 +48,6 @@ __all__ = [
 
 # The text encoder sees at most this many tokens, chat template included: diffusers pads every prompt to it and
 # cuts longer ones silently.
-MAX_SEQUENCE_LENGTH = 512
-CAPTION_TOKENS = 128  # a typical prompt with the chat template, padded to a multiple of 32 (for the transformer)
-VAE_TILE_PIXELS = 512  # tile size (pixels per side) of our VAE tiling rung
 _WEIGHTED = ("transformer", "text_encoder", "vae")
 _DTYPE_BYTES = {
     "F64": 8,
@@ -372,8 +370,6 @@ def _reference_profile(dtype_bytes: int) -> ModelProfile:
     import torch
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
-
-    from .checkpoints import PRESETS
 
     spec = PRESETS["full"]
     with torch.device("meta"):
