@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .batch import BatchItem, BatchReport, Prompts, load_items, manifest_row, prepare, write_image
+from .batch import BatchReport
+from .batch_folder import manifest_row, prepare, write_image
+from .batch_items import BatchItem, Prompts, load_items
 from .errors import ZImageError, first_line
 from .request import DEFAULT_STEPS
 from .settings import ZImageSettings

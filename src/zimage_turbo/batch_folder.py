@@ -1,0 +1,185 @@
+"""The output folder of a batch: writing each image safely, and its manifest (read after a crash, cleaned, appended).
+
+The guarantees (an image is on disk before its line; every image listed exactly once) are described in
+:mod:`zimage_turbo.batch`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .batch_items import BatchItem
+from .errors import InvalidRequestError
+from .result import GenerationResult, save_image_atomically
+
+__all__ = [
+    "MANIFEST_NAME",
+    "Manifest",
+    "manifest_row",
+    "prepare",
+    "write_image",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.jsonl"
+# What must match between a manifest line and an input line for the image to count as done.
+_IDENTITY = ("prompt", "seed", "width", "height", "steps", "file")
+
+
+def write_image(folder: Path, item: BatchItem, result: GenerationResult) -> Path:
+    """Write ``item``'s image atomically and make sure it is on disk (before its manifest line may be)."""
+    path = folder / item.file
+    save_image_atomically(result.image, path)
+    _sync(path)
+    _sync(folder)  # the rename itself
+    return path
+
+
+def manifest_row(item: BatchItem, result: GenerationResult, **extra: Any) -> dict[str, Any]:
+    """The manifest line of one image."""
+    timings = result.timings
+    return {
+        "id": item.id,
+        "prompt": item.prompt,
+        "seed": result.seed,
+        "file": item.file,
+        "width": result.width,
+        "height": result.height,
+        "steps": result.steps,
+        "line": item.line,
+        "strategy": result.strategy,
+        "device": result.device,
+        "dtype": result.dtype,
+        "vae_tiling": result.vae_tiling,
+        "timings": {
+            "load": timings.load,
+            "encode": timings.encode,
+            "denoise": timings.denoise,
+            "decode": timings.decode,
+            "recovery": timings.recovery,
+            "total": timings.total,
+        },
+        "fallbacks": [str(f) for f in result.fallbacks],
+        "warnings": list(result.warnings),
+        **extra,
+    }
+
+
+class Manifest:
+    """The manifest of an output folder: read (tolerating what a crash leaves), compacted, appended to."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / MANIFEST_NAME
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Its readable lines, in order; a half-written line (a crash while appending) is left out."""
+        return self._read()[0]
+
+    def _read(self) -> tuple[list[dict[str, Any]], bool]:
+        """(rows, whether the file needs rewriting to be clean)."""
+        if not self.path.is_file():
+            return [], False
+        data = self.path.read_bytes()
+        rows: list[dict[str, Any]] = []
+        dirty = bool(data) and not data.endswith(b"\n")
+        for number, line in enumerate(data.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("file"), str):
+                logger.warning(
+                    "%s line %d is incomplete or unreadable; its image will be made again", self.path, number
+                )
+                dirty = True
+                continue
+            rows.append(row)
+        return rows, dirty
+
+    def done(self, items: Sequence[BatchItem]) -> set[str]:
+        """Ids of ``items`` whose image and matching manifest line exist. First the manifest is made clean:
+        unreadable lines, lines whose image is missing and lines that disagree with ``items`` (an id now
+        with another prompt, seed or size) are dropped, and for an id listed twice only the last line stays,
+        so that rerunning never lists an image twice."""
+        wanted = {item.id: item for item in items}
+        rows, dirty = self._read()
+        kept: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            item = wanted.get(row["id"])
+            stale = item is not None and any(row.get(key) != getattr(item, key) for key in _IDENTITY)
+            if stale or not (self.folder / row["file"]).is_file():
+                dirty = True
+                continue
+            if row["id"] in kept:
+                dirty = True
+            kept[row["id"]] = row
+        if dirty:
+            self._rewrite(list(kept.values()))
+        return {item_id for item_id in kept if item_id in wanted}
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+        temporary = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.part")
+        try:
+            with open(temporary, "x", encoding="utf-8") as stream:
+                stream.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _sync(self.folder)
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        """Add one line and sync it to disk (one write: a crash leaves at most a half line, dropped on reading)."""
+        with open(self.path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+
+
+def prepare(out_dir: str | os.PathLike[str], items: Sequence[BatchItem]) -> tuple[Manifest, list[BatchItem]]:
+    """Create the output folder if needed, clean its manifest, and return the items still to make."""
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise InvalidRequestError(f"{str(folder)!r} exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        raise InvalidRequestError(f"output folder {str(folder)!r} is not writable")
+    manifest = Manifest(folder)
+    done = manifest.done(items)
+    pending = [item for item in items if item.id not in done]
+    _remove_partial_images(folder, {item.file for item in pending})
+    return manifest, pending
+
+
+def _remove_partial_images(folder: Path, files: set[str]) -> None:
+    """Delete the temporary files that a killed run left while writing these images (``.<file>.<hex>.part``)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") and name.endswith(".part") and name[1:].rsplit(".", 2)[0] in files:
+                Path(entry.path).unlink(missing_ok=True)
+
+
+def _sync(path: Path) -> None:
+    """Flush a file's (or a folder's) data to disk. Folders cannot be opened on Windows: skipped there."""
+    if path.is_dir() and os.name == "nt":
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    except OSError as exc:  # some filesystems refuse fsync on folders; the data is still written
+        logger.debug("fsync %s: %s", path, exc)
+    finally:
+        os.close(descriptor)
