@@ -19,7 +19,16 @@ from PIL import Image
 
 import zimage_turbo.generator as generator_module
 from zimage_turbo import Generator, GeneratorPool, InvalidRequestError, ZImageError, ZImageSettings
-from zimage_turbo.batch import MANIFEST_NAME, BatchItem, Manifest, derive_seed, items_from, read_prompts, run_batch
+from zimage_turbo.batch import (
+    MANIFEST_NAME,
+    BatchItem,
+    Manifest,
+    derive_seed,
+    items_from,
+    read_prompts,
+    run_batch,
+    write_image,
+)
 from zimage_turbo.cli import main
 
 SMALL = {"width": 256, "height": 256, "steps": 2}
@@ -115,6 +124,7 @@ def test_derived_seeds_never_change() -> None:
         ('{"seed": 1}', r"prompts.jsonl:2: no prompt"),
         ('{"prompt": "a fox", "width": 1000}', r"prompts.jsonl:2: width must be a multiple of 16"),
         ('{"prompt": "a fox", "seed": -1}', r"prompts.jsonl:2: seed must be between"),
+        ('{"prompt": "a fox", "seed": null}', r"prompts.jsonl:2: seed must be an integer, got NoneType"),
         ('{"prompt": "a fox", "steps": "8"}', r"prompts.jsonl:2: steps must be an integer"),
         ('{"prompt": "  "}', r"prompts.jsonl:2: prompt is empty"),
         ('{"prompt": "a fox", "id": "../fox"}', r"prompts.jsonl:2: id must be"),
@@ -134,6 +144,52 @@ def test_prompts_in_memory(tmp_path: Path) -> None:
     assert items == read_prompts(in_file, seed=1)
     with pytest.raises(InvalidRequestError, match=r"missing\.jsonl"):
         read_prompts(tmp_path / "missing.jsonl")
+
+
+class NoImages:
+    """A pool that fails the test if the batch starts an image: refusals must come before any work."""
+
+    devices = ("none",)
+    settings = ZImageSettings(progress=False)
+
+    def generate_requests(self, requests: Any) -> Any:
+        raise AssertionError("an image was started")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        ([BatchItem("dup", "a cat", 1), BatchItem("dup", "a dog", 2)], r"item 2 \(id 'dup'\): .*also used at item 1"),
+        ([BatchItem("../escaped", "a cat", 1)], r"item 1 \(id '../escaped'\): id must be"),
+        ([BatchItem("a/b", "a cat", 1)], r"id must be .*'a/b'"),
+        ([BatchItem("..", "a cat", 1)], r"id must be .*'\.\.'"),
+        ([BatchItem(".hidden", "a cat", 1)], r"id must be .*'\.hidden'"),
+        ([BatchItem("", "a cat", 1)], r"id must be .*''"),
+        ([BatchItem("a\x00b", "a cat", 1)], r"id must be .*'a\\x00b'"),
+        ([BatchItem("x" * 129, "a cat", 1)], r"id must be 1 to 128"),
+        ([BatchItem(7, "a cat", 1)], r"id must be .* got 7"),  # type: ignore[arg-type]
+        ([BatchItem("fox", "a cat", None)], r"item 1 \(id 'fox'\): seed must be an integer"),  # type: ignore[arg-type]
+        ([BatchItem("fox", "a cat", 1, width=1000)], r"item 1 \(id 'fox'\): width must be a multiple of 16"),
+        ([BatchItem("fox", " ", 1)], r"item 1 \(id 'fox'\): prompt is empty"),
+    ],
+)
+def test_ready_made_items_are_checked_like_lines(tmp_path: Path, items: list[BatchItem], message: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(InvalidRequestError, match=message):
+        run_batch(items, out, pool=NoImages())  # type: ignore[arg-type]
+    # Refused before anything was written: no folder, nothing beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_image_is_never_written_outside_the_folder(tmp_path: Path) -> None:
+    # The last guard, for items that reach write_image without load_items (a Ray actor gets them as JSON).
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InvalidRequestError, match=r"'\.\./escaped'"):
+        write_image(tmp_path / "out", BatchItem("../escaped", "a cat", 1), None)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["out"]
 
 
 # -- a straight run -----------------------------------------------------------------------------------------------

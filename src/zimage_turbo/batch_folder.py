@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .batch_items import BatchItem
+from .batch_items import BatchItem, check_id
 from .errors import InvalidRequestError
 from .result import GenerationResult, save_image_atomically
 
@@ -35,6 +35,9 @@ _IDENTITY = ("prompt", "seed", "width", "height", "steps", "file")
 
 def write_image(folder: Path, item: BatchItem, result: GenerationResult) -> Path:
     """Write ``item``'s image atomically and make sure it is on disk (before its manifest line may be)."""
+    # Items are checked when read; checked again here because a Ray actor gets them as JSON, and a file
+    # written outside the folder cannot be taken back.
+    check_id(item.id, "batch item")
     path = folder / item.file
     save_image_atomically(result.image, path)
     _sync(path)

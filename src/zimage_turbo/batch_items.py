@@ -10,7 +10,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ from .request import DEFAULT_STEPS, GenerationRequest, check_seed
 __all__ = [
     "BatchItem",
     "Prompts",
+    "check_id",
+    "check_items",
     "derive_seed",
     "items_from",
     "load_items",
@@ -84,15 +86,15 @@ def read_prompts(
         raise InvalidRequestError(f"cannot read the prompt file {str(source)!r}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise InvalidRequestError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    records: list[tuple[int, object]] = []
+    records: list[tuple[int, str, object]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            records.append((number, json.loads(line)))
+            records.append((number, f"{source}:{number}", json.loads(line)))
         except json.JSONDecodeError as exc:
             raise InvalidRequestError(f"{source}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    return _items(records, str(source), seed=seed, width=width, height=height, steps=steps)
+    return _items(records, "line", seed=seed, width=width, height=height, steps=steps)
 
 
 def items_from(
@@ -104,23 +106,59 @@ def items_from(
     steps: int = DEFAULT_STEPS,
 ) -> list[BatchItem]:
     """Batch items from prompts in memory: plain strings, or mappings shaped like the JSONL lines."""
-    records = [(number, {"prompt": p} if isinstance(p, str) else p) for number, p in enumerate(prompts, start=1)]
+    records = [
+        (number, f"prompt {number}", {"prompt": p} if isinstance(p, str) else p)
+        for number, p in enumerate(prompts, start=1)
+    ]
     return _items(records, "prompt", seed=seed, width=width, height=height, steps=steps)
 
 
+def check_items(items: Sequence[BatchItem]) -> list[BatchItem]:
+    """Ready-made items, checked by the code that checks JSONL lines: an id names a file in the output folder,
+    so one made by hand (``BatchItem("../x", ...)``, an id used twice) must be refused like a line would be,
+    before anything is written. Errors name the item's position and id."""
+    records = [
+        (
+            number,
+            f"item {number} (id {item.id!r})",
+            {field: getattr(item, field) for field in _FIELDS},
+        )
+        for number, item in enumerate(items, start=1)
+    ]
+    checked = _items(records, "item")
+    return [replace(new, line=item.line) for new, item in zip(checked, items, strict=True)]
+
+
+def check_id(item_id: object, place: str) -> str:
+    """The one rule for ids, wherever an item comes from (a line, a mapping, a ``BatchItem``, a Ray actor's
+    JSON): ``<id>.png`` must be a plain file name inside the output folder."""
+    if not isinstance(item_id, str) or not _ID.fullmatch(item_id):
+        raise InvalidRequestError(
+            f"{place}: id must be 1 to 128 letters, digits, '.', '_' or '-' (not starting with '.' or '-'), "
+            f"got {item_id!r}"
+        )
+    return item_id
+
+
 def _items(
-    records: Sequence[tuple[int, object]], where: str, *, seed: int, width: int, height: int, steps: int
+    records: Sequence[tuple[int, str, object]],
+    unit: str,
+    *,
+    seed: int = 0,
+    width: int = 1024,
+    height: int = 1024,
+    steps: int = DEFAULT_STEPS,
 ) -> list[BatchItem]:
+    """``records``: (number, where it is for messages, the line's object); ``unit``: what a number counts."""
     base = check_seed(seed)
     GenerationRequest("defaults", height=height, width=width, steps=steps)  # the defaults themselves must be valid
     items: list[BatchItem] = []
-    first_line_of: dict[str, int] = {}
-    for number, record in records:
-        place = f"{where}:{number}" if where != "prompt" else f"prompt {number}"
+    first_of: dict[str, int] = {}
+    for number, place, record in records:
         item = _item(record, number, place, base=base, width=width, height=height, steps=steps)
-        if item.id in first_line_of:
-            raise InvalidRequestError(f"{place}: id {item.id!r} is also used at line {first_line_of[item.id]}")
-        first_line_of[item.id] = number
+        if item.id in first_of:
+            raise InvalidRequestError(f"{place}: id {item.id!r} is also used at {unit} {first_of[item.id]}")
+        first_of[item.id] = number
         items.append(item)
     return items
 
@@ -135,19 +173,15 @@ def _item(record: object, number: int, place: str, *, base: int, width: int, hei
         )
     if "prompt" not in record:
         raise InvalidRequestError(f"{place}: no prompt")
-    item_id = record.get("id", f"{number:06d}")
-    if not isinstance(item_id, str) or not _ID.fullmatch(item_id):
-        raise InvalidRequestError(
-            f"{place}: id must be 1 to 128 letters, digits, '.', '_' or '-' (not starting with '.' or '-'), "
-            f"got {item_id!r}"
-        )
+    item_id = check_id(record.get("id", f"{number:06d}"), place)
     try:
         request = GenerationRequest(
             prompt=record["prompt"],
             width=record.get("width", width),
             height=record.get("height", height),
             steps=record.get("steps", steps),
-            seed=record["seed"] if "seed" in record else derive_seed(base, item_id),
+            # A seed that is given must be one (null included: GenerationRequest would take None as "random").
+            seed=check_seed(record["seed"]) if "seed" in record else derive_seed(base, item_id),
         )
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"{place}: {exc}") from None
@@ -161,7 +195,7 @@ Prompts = str | os.PathLike[str] | Sequence[str | Mapping[str, Any]] | Sequence[
 def load_items(
     prompts: Prompts, *, seed: int = 0, width: int = 1024, height: int = 1024, steps: int = DEFAULT_STEPS
 ) -> list[BatchItem]:
-    """Batch items from a JSONL file, a list of prompts or line-shaped mappings, or ready items (kept as they are)."""
+    """Batch items from a JSONL file, a list of prompts or line-shaped mappings, or ready items (checked)."""
     if isinstance(prompts, (str, os.PathLike)):
         return read_prompts(prompts, seed=seed, width=width, height=height, steps=steps)
     listed = list(prompts)
@@ -169,4 +203,4 @@ def load_items(
     plain = [p for p in listed if not isinstance(p, BatchItem)]
     if ready and plain:
         raise InvalidRequestError("give either BatchItem objects or prompts, not a mix of both")
-    return ready or items_from(plain, seed=seed, width=width, height=height, steps=steps)
+    return check_items(ready) if ready else items_from(plain, seed=seed, width=width, height=height, steps=steps)
