@@ -146,6 +146,13 @@ def test_prompts_in_memory(tmp_path: Path) -> None:
         read_prompts(tmp_path / "missing.jsonl")
 
 
+def test_ids_that_differ_only_in_case_are_refused() -> None:
+    # Fox.png and fox.png are one file on macOS and Windows (and on shares they export): one image would
+    # silently replace the other while the manifest listed both.
+    with pytest.raises(InvalidRequestError, match=r"prompt 2: id 'fox' .*'Fox' at prompt 1"):
+        items_from([{"prompt": "a fox", "id": "Fox"}, {"prompt": "a fox", "id": "fox"}])
+
+
 class NoImages:
     """A pool that fails the test if the batch starts an image: refusals must come before any work."""
 

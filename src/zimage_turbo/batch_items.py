@@ -153,12 +153,21 @@ def _items(
     base = check_seed(seed)
     GenerationRequest("defaults", height=height, width=width, steps=steps)  # the defaults themselves must be valid
     items: list[BatchItem] = []
-    first_of: dict[str, int] = {}
+    # Keyed by the lower-case id: on case-insensitive filesystems (macOS, Windows, shares they export) Fox.png
+    # and fox.png are one file, and one image would replace the other while the manifest listed both.
+    first_of: dict[str, tuple[int, str]] = {}
     for number, place, record in records:
         item = _item(record, number, place, base=base, width=width, height=height, steps=steps)
-        if item.id in first_of:
-            raise InvalidRequestError(f"{place}: id {item.id!r} is also used at {unit} {first_of[item.id]}")
-        first_of[item.id] = number
+        key = item.id.lower()
+        if key in first_of:
+            first, other = first_of[key]
+            if other == item.id:
+                raise InvalidRequestError(f"{place}: id {item.id!r} is also used at {unit} {first}")
+            raise InvalidRequestError(
+                f"{place}: id {item.id!r} names the same file as id {other!r} at {unit} {first} on "
+                "case-insensitive filesystems (macOS, Windows); ids must differ in more than case"
+            )
+        first_of[key] = (number, item.id)
         items.append(item)
     return items
 
