@@ -199,6 +199,23 @@ def test_an_image_is_never_written_outside_the_folder(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["out"]
 
 
+def test_a_tilde_means_the_home_folder(tmp_path: Path, capsys: Any) -> None:
+    from zimage_turbo.ray_batch import run_batch_ray
+
+    # conftest points HOME at tmp_path / "home" and makes tmp_path the working folder, where a literal "~"
+    # folder would appear. The shell leaves ~ alone in quotes and in --out=~/d.
+    home = tmp_path / "home"
+    home.mkdir()
+    write_lines(home / "prompts.jsonl", [{"prompt": "a cat", "id": "cat"}])
+    assert [i.id for i in read_prompts("~/prompts.jsonl")] == ["cat"]
+    assert run_batch([], "~/library").total == 0
+    assert run_batch_ray([], "~/ray").total == 0
+    assert main(["batch", "~/prompts.jsonl", "--out=~/cli", "--model", "/nonexistent/model", "-q"]) == 1
+    assert "ModelNotFoundError" in capsys.readouterr().err  # it got as far as loading: the paths were found
+    assert (home / "library").is_dir() and (home / "ray").is_dir() and (home / "cli").is_dir()
+    assert not (tmp_path / "~").exists()
+
+
 # -- a straight run -----------------------------------------------------------------------------------------------
 
 

@@ -152,8 +152,11 @@ class Manifest:
 
 
 def prepare(out_dir: str | os.PathLike[str], items: Sequence[BatchItem]) -> tuple[Manifest, list[BatchItem]]:
-    """Create the output folder if needed, clean its manifest, and return the items still to make."""
-    folder = Path(out_dir)
+    """Create the output folder if needed (``~`` is the home folder), clean its manifest, and return the items
+    still to make."""
+    # Expanded here, where the folder enters, so that the CLI (a quoted '~/d', --out=~/d) and library callers
+    # never get a folder named "~" in the working folder.
+    folder = Path(out_dir).expanduser()
     if folder.exists() and not folder.is_dir():
         raise InvalidRequestError(f"{str(folder)!r} exists and is not a folder")
     folder.mkdir(parents=True, exist_ok=True)

@@ -78,8 +78,8 @@ def read_prompts(
     height: int = 1024,
     steps: int = DEFAULT_STEPS,
 ) -> list[BatchItem]:
-    """Read and check a JSONL prompt file; errors name the file and line."""
-    source = Path(path)
+    """Read and check a JSONL prompt file (``~`` is the home folder); errors name the file and line."""
+    source = Path(path).expanduser()
     try:
         text = source.read_text(encoding="utf-8")
     except OSError as exc:

@@ -130,7 +130,7 @@ def run_batch_ray(
                 ReplicaActor,
                 fn_constructor_kwargs={
                     "settings": base.model_dump(mode="json"),
-                    "out_dir": str(Path(out_dir).resolve()),
+                    "out_dir": str(manifest.folder.resolve()),
                 },
                 batch_size=batch_size,
                 batch_format="numpy",
