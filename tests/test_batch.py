@@ -303,6 +303,27 @@ def test_resume_cleans_what_a_crash_leaves(
     assert (out / MANIFEST_NAME).read_text().endswith("\n")
 
 
+def test_a_damaged_image_listed_as_done_is_made_again(
+    straight: tuple[Path, list[BatchItem]], pool: GeneratorPool, tmp_path: Path
+) -> None:
+    # A manifest line says "done", but its file is not that image any more (a disk that filled up, a copy
+    # that stopped, a file replaced by hand): the line must not be trusted.
+    reference, items = straight
+    source = prompts_file(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    for item in items:
+        (out / item.file).write_bytes((reference / item.file).read_bytes())
+    (out / MANIFEST_NAME).write_bytes((reference / MANIFEST_NAME).read_bytes())
+    whole = (reference / "000001.png").read_bytes()
+    (out / "000001.png").write_bytes(whole[: len(whole) // 2])  # truncated
+    (out / "lighthouse.png").write_bytes(b"")  # empty
+    Image.new("RGB", (256, 256)).save(out / "000003.png")  # a valid PNG, but 000003 is 320x256
+    report = run_batch(source, out, pool=pool, **SMALL)
+    assert (report.skipped, report.generated) == (3, 3)
+    assert_complete_and_equal(out, reference, items)  # each id listed once, each image the right one
+
+
 def test_a_failing_line_is_reported_and_made_by_the_next_run(
     straight: tuple[Path, list[BatchItem]], pool: GeneratorPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from .batch_items import BatchItem, check_id
 from .errors import InvalidRequestError
 from .result import GenerationResult, save_image_atomically
@@ -21,6 +23,7 @@ from .result import GenerationResult, save_image_atomically
 __all__ = [
     "MANIFEST_NAME",
     "Manifest",
+    "image_is_whole",
     "manifest_row",
     "prepare",
     "write_image",
@@ -113,7 +116,8 @@ class Manifest:
         """Ids of ``items`` whose image and matching manifest line exist. First the manifest is made clean:
         unreadable lines, lines whose image is missing and lines that disagree with ``items`` (an id now
         with another prompt, seed or size) are dropped, and for an id listed twice only the last line stays,
-        so that rerunning never lists an image twice."""
+        so that rerunning never lists an image twice. The image of each line kept for ``items`` is checked
+        (see :func:`image_is_whole`); a damaged one loses its line, so that it is made again."""
         wanted = {item.id: item for item in items}
         rows, dirty = self._read()
         kept: dict[str, dict[str, Any]] = {}
@@ -126,6 +130,17 @@ class Manifest:
             if row["id"] in kept:
                 dirty = True
             kept[row["id"]] = row
+        for item_id in [item_id for item_id in kept if item_id in wanted]:
+            item = wanted[item_id]
+            if not image_is_whole(self.folder / item.file, item.width, item.height):
+                logger.warning(
+                    "%s is listed as done but is not a whole %dx%d PNG; it will be made again",
+                    self.folder / item.file,
+                    item.width,
+                    item.height,
+                )
+                del kept[item_id]
+                dirty = True
         if dirty:
             self._rewrite(list(kept.values()))
         return {item_id for item_id in kept if item_id in wanted}
@@ -167,6 +182,24 @@ def prepare(out_dir: str | os.PathLike[str], items: Sequence[BatchItem]) -> tupl
     pending = [item for item in items if item.id not in done]
     _remove_partial_images(folder, {item.file for item in pending})
     return manifest, pending
+
+
+def image_is_whole(path: Path, width: int, height: int) -> bool:
+    """Whether ``path`` can stand for a finished image of this size: a non-empty PNG whose chunks all pass
+    their checksums (Pillow's ``verify()``, which reads the file but decodes no pixels) and whose header gives
+    ``width`` x ``height``. Images are written atomically, but a file can still be cut short or replaced
+    later (a full disk, an interrupted copy, an edit by hand), and the manifest line would then be trusted."""
+    try:
+        if path.stat().st_size == 0:
+            return False
+        with Image.open(path, formats=["PNG"]) as image:
+            size: tuple[int, int] = image.size
+            image.verify()
+    # Pillow reports a broken file as OSError, SyntaxError, ValueError, EOFError...: any failure means "not whole".
+    except Exception as exc:
+        logger.debug("%s: %s", path, exc)
+        return False
+    return size == (width, height)
 
 
 def _remove_partial_images(folder: Path, files: set[str]) -> None:
