@@ -18,18 +18,27 @@ import pytest
 from PIL import Image
 
 import zimage_turbo.generator as generator_module
-from zimage_turbo import Generator, GeneratorPool, InvalidRequestError, ZImageError, ZImageSettings
+from zimage_turbo import (
+    BatchConflictError,
+    Generator,
+    GeneratorPool,
+    InvalidRequestError,
+    ZImageError,
+    ZImageSettings,
+)
 from zimage_turbo.batch import (
     MANIFEST_NAME,
     BatchItem,
     Manifest,
     derive_seed,
     items_from,
+    manifest_row,
     read_prompts,
     run_batch,
     write_image,
 )
 from zimage_turbo.cli import main
+from zimage_turbo.result import GenerationResult, Timings
 
 SMALL = {"width": 256, "height": 256, "steps": 2}
 
@@ -283,7 +292,7 @@ def test_resume_cleans_what_a_crash_leaves(
     by_id = {r["id"]: r for r in rows}
     for name in ("000001.png", "lighthouse.png", "000004.png", "000005.png"):
         (out / name).write_bytes((reference / name).read_bytes())
-    stale = {**by_id["000005"], "prompt": "what line 5 said before the file was edited"}
+    stale = {**by_id["000005"], "prompt": "what line 5 said before the file was edited"}  # its image is there
     lines = [
         json.dumps(by_id["000001"]),
         json.dumps(by_id["000001"]),  # listed twice
@@ -297,10 +306,97 @@ def test_resume_cleans_what_a_crash_leaves(
     (out / ".000006.png.0badc0de.part").write_bytes(b"\x89PNG half")  # a temporary file of a killed writer
     # 000004.png exists without a manifest line (killed between the two writes): made again, listed once.
     assert Manifest(out).rows()[-1]["id"] == "lighthouse"
-    report = run_batch(source, out, pool=pool, **SMALL)
+    # 000005.png was made from another prompt: not replaced without overwrite, and nothing is touched.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(BatchConflictError, match=r"000005 \(prompt\)") as refused:
+        run_batch(source, out, pool=NoImages(), **SMALL)  # type: ignore[arg-type]
+    assert refused.value.ids == ("000005",)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    report = run_batch(source, out, pool=pool, overwrite=True, **SMALL)
     assert (report.skipped, report.generated) == (2, 4)  # 000001 and lighthouse were done
     assert_complete_and_equal(out, reference, items)
     assert (out / MANIFEST_NAME).read_text().endswith("\n")
+
+
+def copy_of(reference: Path, out: Path) -> Path:
+    out.mkdir()
+    for path in reference.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    return out
+
+
+def test_images_made_with_other_parameters_are_replaced_only_with_overwrite(
+    straight: tuple[Path, list[BatchItem]], pool: GeneratorPool, tmp_path: Path
+) -> None:
+    # Like generate, which needs --overwrite: a rerun with another default size must not silently replace
+    # what the folder holds.
+    reference, _ = straight
+    source = prompts_file(tmp_path)
+    out = copy_of(reference, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    wider = {**SMALL, "width": 320}  # changes every line without its own width: all but 000003
+    with pytest.raises(BatchConflictError) as refused:
+        run_batch(source, out, pool=NoImages(), **wider)  # type: ignore[arg-type]
+    assert refused.value.ids == ("000001", "lighthouse", "000004", "000005", "000006")
+    assert refused.value.folder == str(out)
+    message = str(refused.value)
+    assert "5 image(s)" in message and "000001 (width 256 -> 320)" in message and "and 2 more" in message
+    assert "overwrite" in message and "another output folder" in message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+    # With overwrite the five are made again at the new size, listed once each; 000003 is kept.
+    report = run_batch(source, out, pool=pool, overwrite=True, **wider)
+    assert (report.skipped, report.generated) == (1, 5)
+    items = read_prompts(source, **wider)
+    rows = manifest_lines(out)
+    assert sorted(r["id"] for r in rows) == sorted(item.id for item in items)
+    assert all((r["width"], r["height"]) == (320, 256) for r in rows)
+    assert (out / "000003.png").read_bytes() == before["000003.png"]
+    [(_, alone)] = list(pool.generate_requests([items[0].request()]))
+    assert np.array_equal(np.asarray(alone.image), pixels(out / "000001.png"))
+    # The new parameters are now the folder's: the same run again is done, the old one would conflict.
+    assert run_batch(source, out, pool=NoImages(), **wider).skipped == 6  # type: ignore[arg-type]
+    with pytest.raises(BatchConflictError):
+        run_batch(source, out, pool=NoImages(), **SMALL)  # type: ignore[arg-type]
+
+
+def test_a_downscaled_image_counts_as_done(tmp_path: Path) -> None:
+    # allow_downscale can make an image smaller than its line asks; resuming must recognise it as that line's
+    # image, not call it a conflict (or make it again) on every run.
+    item = items_from([{"prompt": "a wide red fox", "id": "fox", "width": 320, "height": 256}], steps=2)[0]
+    smaller = GenerationResult(
+        (Image.new("RGB", (256, 192)),), item.prompt, (item.seed,), 256, 192, 2, 0.0, "cpu", "cpu", "float32", Timings()
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    write_image(out, item, smaller)
+    Manifest(out).append(manifest_row(item, smaller))
+    report = run_batch([item], out, pool=NoImages())  # type: ignore[arg-type]
+    assert (report.skipped, report.generated) == (1, 0)
+    [row] = manifest_lines(out)
+    assert (row["width"], row["height"], row["requested"]) == (256, 192, {"width": 320, "height": 256})
+
+
+def test_cli_batch_refuses_to_replace_without_overwrite(
+    straight: tuple[Path, list[BatchItem]], tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference, _ = straight
+    source = prompts_file(tmp_path)
+    out = copy_of(reference, tmp_path / "out")
+    command = ["batch", str(source), "--out", str(out), "--size", "320x256", "--steps", "2", "-q"]
+    assert main([*command, "--model", "/nonexistent/model"]) == 2  # refused before loading
+    error = capsys.readouterr().err
+    assert "000001 (width 256 -> 320)" in error and "--overwrite" in error
+    # --overwrite reaches run_batch (the run itself is tested above).
+    seen: dict[str, Any] = {}
+
+    def spy(items: Any, out_dir: Any, **options: Any) -> Any:
+        seen.update(options)
+        raise Stop
+
+    monkeypatch.setattr("zimage_turbo.batch.run_batch", spy)
+    with pytest.raises(Stop):
+        main([*command, "--overwrite"])
+    assert seen["overwrite"] is True
 
 
 def test_a_damaged_image_listed_as_done_is_made_again(

@@ -8,6 +8,7 @@
 from ._version import __version__
 from .checkpoints import make_checkpoint
 from .errors import (
+    BatchConflictError,
     CheckpointError,
     DeviceFailedError,
     DownloadError,
@@ -51,6 +52,7 @@ from .strategies import (
 )
 
 __all__ = [
+    "BatchConflictError",
     "CPUOnly",
     "Candidate",
     "CheckpointError",

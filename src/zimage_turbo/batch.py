@@ -111,6 +111,7 @@ def run_batch(
     steps: int = DEFAULT_STEPS,
     pool: GeneratorPool | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
 ) -> BatchReport:
     """Make every image of a batch that is not made yet, on this machine.
 
@@ -124,13 +125,16 @@ def run_batch(
         width, height, steps: defaults for lines that do not set them.
         pool: an existing :class:`~zimage_turbo.pool.GeneratorPool` to use (left open) instead of a new one.
         on_row: called with each manifest line once it is on disk (progress reports; raising stops the batch).
+        overwrite: make again the images that the folder holds for these ids but with other parameters (a
+            prompt, seed, size or steps changed since). Without it they raise
+            :class:`~zimage_turbo.errors.BatchConflictError` before anything is written.
 
     Every line is checked before anything loads. Lines that fail are reported in the result (and retried by
     the next run); the others are unaffected.
     """
     started = time.perf_counter()
     items = load_items(prompts, seed=seed, width=width, height=height, steps=steps)
-    manifest, pending = prepare(out_dir, items)
+    manifest, pending = prepare(out_dir, items, overwrite=overwrite)
     skipped = len(items) - len(pending)
     failed: list[tuple[str, str]] = []
     generated = 0

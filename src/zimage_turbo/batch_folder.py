@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from .batch_items import BatchItem, check_id
-from .errors import InvalidRequestError
+from .errors import BatchConflictError, InvalidRequestError
 from .result import GenerationResult, save_image_atomically
 
 __all__ = [
@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.jsonl"
 # What must match between a manifest line and an input line for the image to count as done.
 _IDENTITY = ("prompt", "seed", "width", "height", "steps", "file")
+# How many conflicting ids a BatchConflictError spells out.
+_SHOWN = 3
 
 
 def write_image(folder: Path, item: BatchItem, result: GenerationResult) -> Path:
@@ -51,6 +53,7 @@ def write_image(folder: Path, item: BatchItem, result: GenerationResult) -> Path
 def manifest_row(item: BatchItem, result: GenerationResult, **extra: Any) -> dict[str, Any]:
     """The manifest line of one image."""
     timings = result.timings
+    downscaled = (result.width, result.height) != (item.width, item.height)
     return {
         "id": item.id,
         "prompt": item.prompt,
@@ -74,6 +77,9 @@ def manifest_row(item: BatchItem, result: GenerationResult, **extra: Any) -> dic
         },
         "fallbacks": [str(f) for f in result.fallbacks],
         "warnings": list(result.warnings),
+        # allow_downscale made the image smaller than asked: the line must still be recognised as this item's
+        # when the batch is resumed (else it would be a conflict, or redone, on every run).
+        **({"requested": {"width": item.width, "height": item.height}} if downscaled else {}),
         **extra,
     }
 
@@ -112,33 +118,42 @@ class Manifest:
             rows.append(row)
         return rows, dirty
 
-    def done(self, items: Sequence[BatchItem]) -> set[str]:
+    def done(self, items: Sequence[BatchItem], *, overwrite: bool = False) -> set[str]:
         """Ids of ``items`` whose image and matching manifest line exist. First the manifest is made clean:
         unreadable lines, lines whose image is missing and lines that disagree with ``items`` (an id now
-        with another prompt, seed or size) are dropped, and for an id listed twice only the last line stays,
-        so that rerunning never lists an image twice. The image of each line kept for ``items`` is checked
-        (see :func:`image_is_whole`); a damaged one loses its line, so that it is made again."""
+        with another prompt, seed, size or steps) are dropped, and for an id listed twice only the last line
+        stays, so that rerunning never lists an image twice. The image of each line kept for ``items`` is
+        checked (see :func:`image_is_whole`); a damaged one loses its line, so that it is made again.
+
+        Raises:
+            BatchConflictError: some ``items`` have an image made with other parameters, and not
+                ``overwrite``. Raised before anything is changed.
+        """
         wanted = {item.id: item for item in items}
         rows, dirty = self._read()
         kept: dict[str, dict[str, Any]] = {}
+        replaced: dict[str, str] = {}  # id -> what differs, for a line that disagrees while its image is there
         for row in rows:
             item = wanted.get(row["id"])
-            stale = item is not None and any(row.get(key) != getattr(item, key) for key in _IDENTITY)
-            if stale or not (self.folder / row["file"]).is_file():
+            differs = _differences(row, item) if item is not None else []
+            present = (self.folder / (item.file if item is not None else row["file"])).is_file()
+            if differs or not present:
+                if differs and present:
+                    replaced[row["id"]] = ", ".join(differs)
                 dirty = True
                 continue
             if row["id"] in kept:
                 dirty = True
             kept[row["id"]] = row
+        conflicts = [item.id for item in items if item.id in replaced and item.id not in kept]
+        if conflicts and not overwrite:
+            raise _conflict(self.folder, conflicts, replaced)
         for item_id in [item_id for item_id in kept if item_id in wanted]:
-            item = wanted[item_id]
-            if not image_is_whole(self.folder / item.file, item.width, item.height):
-                logger.warning(
-                    "%s is listed as done but is not a whole %dx%d PNG; it will be made again",
-                    self.folder / item.file,
-                    item.width,
-                    item.height,
-                )
+            path, row = self.folder / wanted[item_id].file, kept[item_id]
+            # The line's size, not the item's: the two differ only when allow_downscale made the image smaller.
+            width, height = row.get("width"), row.get("height")
+            if not (isinstance(width, int) and isinstance(height, int) and image_is_whole(path, width, height)):
+                logger.warning("%s is listed as done but is not a whole %sx%s PNG: made again", path, width, height)
                 del kept[item_id]
                 dirty = True
         if dirty:
@@ -166,9 +181,12 @@ class Manifest:
             os.fsync(stream.fileno())
 
 
-def prepare(out_dir: str | os.PathLike[str], items: Sequence[BatchItem]) -> tuple[Manifest, list[BatchItem]]:
+def prepare(
+    out_dir: str | os.PathLike[str], items: Sequence[BatchItem], *, overwrite: bool = False
+) -> tuple[Manifest, list[BatchItem]]:
     """Create the output folder if needed (``~`` is the home folder), clean its manifest, and return the items
-    still to make."""
+    still to make; with ``overwrite``, images made with other parameters are among them (else
+    :class:`~zimage_turbo.errors.BatchConflictError`, see :meth:`Manifest.done`)."""
     # Expanded here, where the folder enters, so that the CLI (a quoted '~/d', --out=~/d) and library callers
     # never get a folder named "~" in the working folder.
     folder = Path(out_dir).expanduser()
@@ -178,10 +196,34 @@ def prepare(out_dir: str | os.PathLike[str], items: Sequence[BatchItem]) -> tupl
     if not os.access(folder, os.W_OK):
         raise InvalidRequestError(f"output folder {str(folder)!r} is not writable")
     manifest = Manifest(folder)
-    done = manifest.done(items)
+    done = manifest.done(items, overwrite=overwrite)
     pending = [item for item in items if item.id not in done]
     _remove_partial_images(folder, {item.file for item in pending})
     return manifest, pending
+
+
+def _differences(row: Mapping[str, Any], item: BatchItem) -> list[str]:
+    """What a manifest line says about its image that ``item`` does not ask for (empty: the same image)."""
+    asked = row.get("requested")
+    size = asked if isinstance(asked, dict) else row
+    found = {key: (size if key in ("width", "height") else row).get(key) for key in _IDENTITY}
+    return [
+        key if key == "prompt" else f"{key} {found[key]} -> {getattr(item, key)}"
+        for key in _IDENTITY
+        if found[key] != getattr(item, key)
+    ]
+
+
+def _conflict(folder: Path, ids: list[str], differences: Mapping[str, str]) -> BatchConflictError:
+    shown = ", ".join(f"{item_id} ({differences[item_id]})" for item_id in ids[:_SHOWN])
+    more = f" and {len(ids) - _SHOWN} more" if len(ids) > _SHOWN else ""
+    return BatchConflictError(
+        f"{len(ids)} image(s) in {folder} were made with other parameters than the input now gives them: "
+        f"{shown}{more}. Nothing was replaced: pass --overwrite (overwrite=True) to make them again, or use "
+        "another output folder",
+        folder=str(folder),
+        ids=ids,
+    )
 
 
 def image_is_whole(path: Path, width: int, height: int) -> bool:

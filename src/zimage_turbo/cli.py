@@ -151,6 +151,11 @@ def _add_batch_command(commands: Any, common: argparse.ArgumentParser) -> None:
     batch.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT of lines without one (default 1024x1024)")
     batch.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"default {DEFAULT_STEPS}")
     batch.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="make again the images the folder holds for these ids but with another prompt, seed, size or steps",
+    )
+    batch.add_argument(
         "--devices",
         default=None,
         help="local run: 'all' (a replica per GPU that holds the model) or e.g. cuda:0,cuda:1",
@@ -364,7 +369,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             raise InvalidRequestError("--replicas and --gpus-per-replica are for --ray runs; locally use --devices")
         devices = args.devices or "all"
         wanted: str | list[str] = devices if devices == "all" else [d.strip() for d in devices.split(",") if d.strip()]
-        report = run_batch(items, args.out, settings=settings, devices=wanted)
+        report = run_batch(items, args.out, settings=settings, devices=wanted, overwrite=args.overwrite)
     else:
         if args.devices is not None:
             raise InvalidRequestError("--devices is for local runs; with --ray use --replicas and --gpus-per-replica")
@@ -378,6 +383,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             replicas=args.replicas,
             gpus_per_replica=args.gpus_per_replica,
             cpus_per_replica=args.cpus_per_replica,
+            overwrite=args.overwrite,
         )
     print(report.describe())
     return EXIT_OK if not report.failed else EXIT_ERROR

@@ -6,6 +6,7 @@ Errors about bad input also derive from :class:`ValueError`, and "model not foun
 
     ZImageError
     ├── InvalidRequestError (ValueError)      a generate() argument is out of range or of the wrong type
+    │   └── BatchConflictError                a batch would replace images made with other parameters
     ├── InvalidSettingsError (ValueError)     a setting (argument, ZIMAGE_* variable, .env line) is invalid
     ├── UnknownStrategyError (ValueError)     a strategy name or object that we do not know
     ├── StrategyUnavailableError              the strategy cannot run on this machine (no GPU, say)
@@ -28,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "BatchConflictError",
     "CheckpointError",
     "DeviceFailedError",
     "DownloadError",
@@ -55,6 +57,18 @@ class ZImageError(Exception):
 
 class InvalidRequestError(ZImageError, ValueError):
     """A generation argument is invalid; raised before any weights are loaded or GPU memory is touched."""
+
+
+class BatchConflictError(InvalidRequestError):
+    """A batch's output folder holds images of some of its ids made with other parameters (prompt, seed, size,
+    steps) than the input now gives them; nothing was replaced. ``ids`` lists them (in input order),
+    ``folder`` is the output folder. Pass ``overwrite=True`` (``--overwrite``) to make them again, or use
+    another folder, as ``generate`` refuses to replace a file without ``--overwrite``."""
+
+    def __init__(self, message: str, *, folder: str, ids: Sequence[str]) -> None:
+        super().__init__(message)
+        self.folder = folder
+        self.ids: tuple[str, ...] = tuple(ids)
 
 
 class InvalidSettingsError(ZImageError, ValueError):

@@ -91,11 +91,12 @@ def run_batch_ray(
     cpus_per_replica: float = 1.0,
     batch_size: int = 1,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
 ) -> BatchReport:
     """Make every image of a batch not made yet, with Ray Data over a pool of Generator actors.
 
     Args:
-        prompts, out_dir, model, settings, seed, width, height, steps, on_row: as for
+        prompts, out_dir, model, settings, seed, width, height, steps, on_row, overwrite: as for
             :func:`zimage_turbo.batch.run_batch`.
         address: the Ray cluster to join (``"auto"``, ``"ray://head:10001"``...); None starts a local Ray. Ignored
             when Ray is already initialized in this process (that session is used, and left running).
@@ -110,7 +111,7 @@ def run_batch_ray(
     if model is not None:
         base = base.replace(model=os.fspath(model))
     items = load_items(prompts, seed=seed, width=width, height=height, steps=steps)
-    manifest, pending = prepare(out_dir, items)
+    manifest, pending = prepare(out_dir, items, overwrite=overwrite)
     failed: list[tuple[str, str]] = []
     generated = 0
     if pending:
