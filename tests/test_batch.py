@@ -3,23 +3,29 @@ that stops the run, a killed process, the debris of a crash) with every image ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
+from filelock import FileLock, Timeout
 from PIL import Image
 
+import zimage_turbo
 import zimage_turbo.generator as generator_module
 from zimage_turbo import (
     BatchConflictError,
+    BatchLockedError,
     Generator,
     GeneratorPool,
     InvalidRequestError,
@@ -37,6 +43,7 @@ from zimage_turbo.batch import (
     run_batch,
     write_image,
 )
+from zimage_turbo.batch_lock import HOLDER_NAME, LOCK_NAME, lock_folder
 from zimage_turbo.cli import main
 from zimage_turbo.result import GenerationResult, Timings
 
@@ -61,6 +68,11 @@ def prompts_file(folder: Path, count: int = 6) -> Path:
 
 def manifest_lines(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / MANIFEST_NAME).read_text().splitlines()]
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    """What a folder holds, but for the batch lock's files (a run leaves its lock file behind, unlocked)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".zimage-batch.")}
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -307,11 +319,11 @@ def test_resume_cleans_what_a_crash_leaves(
     # 000004.png exists without a manifest line (killed between the two writes): made again, listed once.
     assert Manifest(out).rows()[-1]["id"] == "lighthouse"
     # 000005.png was made from another prompt: not replaced without overwrite, and nothing is touched.
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = contents(out)
     with pytest.raises(BatchConflictError, match=r"000005 \(prompt\)") as refused:
         run_batch(source, out, pool=NoImages(), **SMALL)  # type: ignore[arg-type]
     assert refused.value.ids == ("000005",)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert contents(out) == before
     report = run_batch(source, out, pool=pool, overwrite=True, **SMALL)
     assert (report.skipped, report.generated) == (2, 4)  # 000001 and lighthouse were done
     assert_complete_and_equal(out, reference, items)
@@ -319,9 +331,11 @@ def test_resume_cleans_what_a_crash_leaves(
 
 
 def copy_of(reference: Path, out: Path) -> Path:
+    """The images and manifest of a finished run (not its lock files)."""
     out.mkdir()
     for path in reference.iterdir():
-        (out / path.name).write_bytes(path.read_bytes())
+        if not path.name.startswith(".zimage-batch."):
+            (out / path.name).write_bytes(path.read_bytes())
     return out
 
 
@@ -333,7 +347,7 @@ def test_images_made_with_other_parameters_are_replaced_only_with_overwrite(
     reference, _ = straight
     source = prompts_file(tmp_path)
     out = copy_of(reference, tmp_path / "out")
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = contents(out)
     wider = {**SMALL, "width": 320}  # changes every line without its own width: all but 000003
     with pytest.raises(BatchConflictError) as refused:
         run_batch(source, out, pool=NoImages(), **wider)  # type: ignore[arg-type]
@@ -342,7 +356,7 @@ def test_images_made_with_other_parameters_are_replaced_only_with_overwrite(
     message = str(refused.value)
     assert "5 image(s)" in message and "000001 (width 256 -> 320)" in message and "and 2 more" in message
     assert "overwrite" in message and "another output folder" in message
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+    assert contents(out) == before  # nothing written
     # With overwrite the five are made again at the new size, listed once each; 000003 is kept.
     report = run_batch(source, out, pool=pool, overwrite=True, **wider)
     assert (report.skipped, report.generated) == (1, 5)
@@ -397,6 +411,105 @@ def test_cli_batch_refuses_to_replace_without_overwrite(
     with pytest.raises(Stop):
         main([*command, "--overwrite"])
     assert seen["overwrite"] is True
+
+
+# A process that holds a folder's batch lock until its stdin closes. It imports only the lock's two modules:
+# importing the package (torch) would take seconds.
+HOLD = """
+import sys, types
+from pathlib import Path
+package = types.ModuleType("zimage_turbo")
+package.__path__ = [sys.argv[1]]
+sys.modules["zimage_turbo"] = package
+from zimage_turbo.batch_lock import lock_folder
+with lock_folder(Path(sys.argv[2])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder: Path) -> Iterator[subprocess.Popen[str]]:
+    source = Path(zimage_turbo.__file__).parent
+    command = [sys.executable, "-c", HOLD, str(source), str(folder)]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "held\n"
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_second_run_on_the_folder_is_refused_or_waits(
+    straight: tuple[Path, list[BatchItem]], tmp_path: Path, capsys: Any
+) -> None:
+    reference, _ = straight
+    source = prompts_file(tmp_path)
+    out = copy_of(reference, tmp_path / "out")
+    before = contents(out)
+    command = ["batch", str(source), "--out", str(out), "--size", "256x256", "--steps", "2", "-q"]
+    command += ["--model", "/nonexistent/model"]  # every image is done: a run that goes ahead loads nothing
+    host = socket.gethostname()
+    with held_by_another_process(out) as holder:
+        with pytest.raises(BatchLockedError) as refused:
+            run_batch(source, out, pool=NoImages(), **SMALL)  # type: ignore[arg-type]
+        assert (refused.value.folder, refused.value.pid, refused.value.host) == (str(out), holder.pid, host)
+        assert f"{out} is in use by another batch run (pid {holder.pid} on {host}, since " in str(refused.value)
+        started = time.monotonic()
+        with pytest.raises(BatchLockedError):
+            run_batch(source, out, pool=NoImages(), wait=0.3, **SMALL)  # type: ignore[arg-type]
+        assert time.monotonic() - started >= 0.3
+        assert main(command) == 2
+        assert f"in use by another batch run (pid {holder.pid} on {host}" in capsys.readouterr().err
+        # --wait: the holder lets go half a second later, then this run goes ahead.
+        assert holder.stdin is not None
+        threading.Timer(0.5, holder.stdin.close).start()
+        assert main([*command, "--wait"]) == 0
+        assert "0 generated, 6 already done" in capsys.readouterr().out
+        assert holder.wait(timeout=30) == 0
+    assert contents(out) == before
+    assert not (out / HOLDER_NAME).exists()
+
+
+def test_the_lock_is_released_however_the_run_ends(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    items = [BatchItem("cat", "a cat", 1, 256, 256, 2)]
+
+    def free() -> bool:
+        probe = FileLock(out / LOCK_NAME)  # a FileLock object of its own: filelock keeps it apart from others
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            return False
+        probe.release()
+        return True
+
+    class Broken(NoImages):
+        seen: ClassVar[dict[str, Any]] = {}
+
+        def __init__(self, error: BaseException) -> None:
+            self.error = error
+
+        def generate_requests(self, requests: Any) -> Any:
+            self.seen["held"] = not free()
+            self.seen["holder"] = json.loads((out / HOLDER_NAME).read_text())
+            raise self.error
+
+    for error in (KeyboardInterrupt(), RuntimeError("a GPU fell off")):
+        with pytest.raises(type(error)):
+            run_batch(items, out, pool=Broken(error))  # type: ignore[arg-type]
+        assert Broken.seen["held"] and Broken.seen["holder"]["pid"] == os.getpid()
+        assert free() and not (out / HOLDER_NAME).exists()
+    # Two runs in one process exclude each other too.
+    with lock_folder(out):
+        assert not free()
+        with pytest.raises(BatchLockedError, match=rf"pid {os.getpid()} on "):
+            run_batch(items, out, pool=NoImages())  # type: ignore[arg-type]
+    assert free()
+    with pytest.raises(InvalidRequestError, match=r"wait must be True, False or a number of seconds >= 0, got -1"):
+        run_batch(items, tmp_path / "never", wait=-1, pool=NoImages())  # type: ignore[arg-type]
+    assert not (tmp_path / "never").exists()
 
 
 def test_a_damaged_image_listed_as_done_is_made_again(

@@ -65,6 +65,7 @@ REVIEWED = {
     "PlacementFailedError",
     # unreleased: a batch's output folder is not replaced, shared or trusted blindly
     "BatchConflictError",
+    "BatchLockedError",
 }
 
 

@@ -9,6 +9,7 @@ from ._version import __version__
 from .checkpoints import make_checkpoint
 from .errors import (
     BatchConflictError,
+    BatchLockedError,
     CheckpointError,
     DeviceFailedError,
     DownloadError,
@@ -53,6 +54,7 @@ from .strategies import (
 
 __all__ = [
     "BatchConflictError",
+    "BatchLockedError",
     "CPUOnly",
     "Candidate",
     "CheckpointError",

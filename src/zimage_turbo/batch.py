@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .batch_folder import MANIFEST_NAME, Manifest, manifest_row, prepare, write_image
+from .batch_folder import MANIFEST_NAME, Manifest, manifest_row, open_output, prepare, write_image
 from .batch_items import BatchItem, Prompts, derive_seed, items_from, load_items, read_prompts
 from .errors import first_line
 from .pool import GeneratorPool, PromptFailure
@@ -112,6 +112,7 @@ def run_batch(
     pool: GeneratorPool | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     overwrite: bool = False,
+    wait: bool | float = False,
 ) -> BatchReport:
     """Make every image of a batch that is not made yet, on this machine.
 
@@ -128,45 +129,59 @@ def run_batch(
         overwrite: make again the images that the folder holds for these ids but with other parameters (a
             prompt, seed, size or steps changed since). Without it they raise
             :class:`~zimage_turbo.errors.BatchConflictError` before anything is written.
+        wait: what to do when another batch run uses the folder (it holds ``.zimage-batch.lock``): False
+            raises :class:`~zimage_turbo.errors.BatchLockedError` at once, True waits for it to finish, a
+            number waits that many seconds at most. The lock is held until this run ends, however it ends.
 
     Every line is checked before anything loads. Lines that fail are reported in the result (and retried by
     the next run); the others are unaffected.
     """
     started = time.perf_counter()
     items = load_items(prompts, seed=seed, width=width, height=height, steps=steps)
-    manifest, pending = prepare(out_dir, items, overwrite=overwrite)
+    generated, failed, used = 0, list[tuple[str, str]](), tuple[str, ...]()
+    with open_output(out_dir, items, overwrite=overwrite, wait=wait) as (manifest, pending):
+        if pending:
+            own = pool is None
+            workers = GeneratorPool(model, settings=settings, devices=devices) if pool is None else pool
+            try:
+                used = workers.devices
+                generated, failed = _make(workers, manifest, pending, on_row)
+            finally:
+                if own:
+                    workers.close()
     skipped = len(items) - len(pending)
-    failed: list[tuple[str, str]] = []
-    generated = 0
-    used: tuple[str, ...] = ()
-    if pending:
-        own = pool is None
-        workers = GeneratorPool(model, settings=settings, devices=devices) if pool is None else pool
-        try:
-            used = workers.devices
-            outcomes = workers.generate_requests([item.request() for item in pending])
-            # Closing the outcomes on an interruption cancels the images not started yet.
-            with contextlib.closing(outcomes), _progress(len(pending), enabled=workers.settings.progress) as bar:
-                for index, outcome in outcomes:
-                    item = pending[index]
-                    if isinstance(outcome, PromptFailure):
-                        failed.append((item.id, f"{type(outcome.error).__name__}: {first_line(outcome.error)}"))
-                    else:
-                        write_image(manifest.folder, item, outcome)
-                        row = manifest_row(item, outcome)
-                        manifest.append(row)
-                        generated += 1
-                        if on_row is not None:
-                            on_row(row)
-                    bar.update(1)
-        finally:
-            if own:
-                workers.close()
     report = BatchReport(
         len(items), skipped, generated, tuple(failed), manifest.path, time.perf_counter() - started, used
     )
     logger.info("%s", report.describe())
     return report
+
+
+def _make(
+    workers: GeneratorPool,
+    manifest: Manifest,
+    pending: Sequence[BatchItem],
+    on_row: Callable[[dict[str, Any]], None] | None,
+) -> tuple[int, list[tuple[str, str]]]:
+    """Make the pending images; (how many were written, (id, error) of each that failed)."""
+    generated = 0
+    failed: list[tuple[str, str]] = []
+    outcomes = workers.generate_requests([item.request() for item in pending])
+    # Closing the outcomes on an interruption cancels the images not started yet.
+    with contextlib.closing(outcomes), _progress(len(pending), enabled=workers.settings.progress) as bar:
+        for index, outcome in outcomes:
+            item = pending[index]
+            if isinstance(outcome, PromptFailure):
+                failed.append((item.id, f"{type(outcome.error).__name__}: {first_line(outcome.error)}"))
+            else:
+                write_image(manifest.folder, item, outcome)
+                row = manifest_row(item, outcome)
+                manifest.append(row)
+                generated += 1
+                if on_row is not None:
+                    on_row(row)
+            bar.update(1)
+    return generated, failed
 
 
 def _progress(total: int, *, enabled: bool) -> Any:

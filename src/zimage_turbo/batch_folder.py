@@ -6,17 +6,19 @@ The guarantees (an image is on disk before its line; every image listed exactly 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from .batch_items import BatchItem, check_id
+from .batch_lock import lock_folder, lock_timeout
 from .errors import BatchConflictError, InvalidRequestError
 from .result import GenerationResult, save_image_atomically
 
@@ -25,6 +27,8 @@ __all__ = [
     "Manifest",
     "image_is_whole",
     "manifest_row",
+    "open_output",
+    "output_folder",
     "prepare",
     "write_image",
 ]
@@ -181,12 +185,8 @@ class Manifest:
             os.fsync(stream.fileno())
 
 
-def prepare(
-    out_dir: str | os.PathLike[str], items: Sequence[BatchItem], *, overwrite: bool = False
-) -> tuple[Manifest, list[BatchItem]]:
-    """Create the output folder if needed (``~`` is the home folder), clean its manifest, and return the items
-    still to make; with ``overwrite``, images made with other parameters are among them (else
-    :class:`~zimage_turbo.errors.BatchConflictError`, see :meth:`Manifest.done`)."""
+def output_folder(out_dir: str | os.PathLike[str]) -> Path:
+    """The output folder, created if needed, after checking that it can be one (``~`` is the home folder)."""
     # Expanded here, where the folder enters, so that the CLI (a quoted '~/d', --out=~/d) and library callers
     # never get a folder named "~" in the working folder.
     folder = Path(out_dir).expanduser()
@@ -195,11 +195,38 @@ def prepare(
     folder.mkdir(parents=True, exist_ok=True)
     if not os.access(folder, os.W_OK):
         raise InvalidRequestError(f"output folder {str(folder)!r} is not writable")
+    return folder
+
+
+def prepare(
+    out_dir: str | os.PathLike[str], items: Sequence[BatchItem], *, overwrite: bool = False
+) -> tuple[Manifest, list[BatchItem]]:
+    """Create the output folder if needed (``~`` is the home folder), clean its manifest, and return the items
+    still to make; with ``overwrite``, images made with other parameters are among them (else
+    :class:`~zimage_turbo.errors.BatchConflictError`, see :meth:`Manifest.done`). The caller must hold the
+    folder's lock (see :func:`open_output`)."""
+    folder = output_folder(out_dir)
     manifest = Manifest(folder)
     done = manifest.done(items, overwrite=overwrite)
     pending = [item for item in items if item.id not in done]
     _remove_partial_images(folder, {item.file for item in pending})
     return manifest, pending
+
+
+@contextlib.contextmanager
+def open_output(
+    out_dir: str | os.PathLike[str],
+    items: Sequence[BatchItem],
+    *,
+    overwrite: bool = False,
+    wait: bool | float = False,
+) -> Iterator[tuple[Manifest, list[BatchItem]]]:
+    """The output folder's manifest and the items still to make (see :func:`prepare`), with the folder locked
+    against other batch runs until the block ends (see :func:`~zimage_turbo.batch_lock.lock_folder`)."""
+    lock_timeout(wait)  # a bad value is refused before the folder is created
+    folder = output_folder(out_dir)
+    with lock_folder(folder, wait=wait):
+        yield prepare(folder, items, overwrite=overwrite)
 
 
 def _differences(row: Mapping[str, Any], item: BatchItem) -> list[str]:

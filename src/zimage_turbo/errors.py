@@ -11,6 +11,7 @@ Errors about bad input also derive from :class:`ValueError`, and "model not foun
     ├── UnknownStrategyError (ValueError)     a strategy name or object that we do not know
     ├── StrategyUnavailableError              the strategy cannot run on this machine (no GPU, say)
     ├── CheckpointError                       make_checkpoint() could not build what was asked
+    ├── BatchLockedError                      another batch run is using the output folder
     ├── ModelSourceError                      the model could not be found or fetched
     │   ├── ModelNotFoundError (FileNotFoundError)
     │   ├── IncompleteModelError              the folder is not a complete Z-Image pipeline
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "BatchConflictError",
+    "BatchLockedError",
     "CheckpointError",
     "DeviceFailedError",
     "DownloadError",
@@ -85,6 +87,20 @@ class StrategyUnavailableError(ZImageError):
 
 class CheckpointError(ZImageError):
     """``make_checkpoint`` could not build the requested checkpoint."""
+
+
+class BatchLockedError(ZImageError):
+    """Another batch run holds the output folder's lock (``.zimage-batch.lock``); nothing was done.
+
+    ``folder`` is the output folder; ``pid`` and ``host`` name the holder, as it recorded itself (None when it
+    had not yet, or could not). Wait for it (``wait=True``, ``--wait``) or use another folder.
+    """
+
+    def __init__(self, message: str, *, folder: str, pid: int | None = None, host: str | None = None) -> None:
+        super().__init__(message)
+        self.folder = folder
+        self.pid = pid
+        self.host = host
 
 
 class ModelSourceError(ZImageError):
