@@ -466,7 +466,9 @@ def test_a_second_run_on_the_folder_is_refused_or_waits(
         assert holder.stdin is not None
         threading.Timer(0.5, holder.stdin.close).start()
         assert main([*command, "--wait"]) == 0
-        assert "0 generated, 6 already done" in capsys.readouterr().out
+        printed = capsys.readouterr()
+        assert f"(pid {holder.pid} on {host}" in printed.err and "waiting for it to finish" in printed.err
+        assert "0 generated, 6 already done" in printed.out
         assert holder.wait(timeout=30) == 0
     assert contents(out) == before
     assert not (out / HOLDER_NAME).exists()

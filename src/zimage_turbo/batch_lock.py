@@ -55,19 +55,30 @@ def lock_folder(folder: Path, *, wait: bool | float = False) -> Iterator[None]:
     # A fresh FileLock object each time: filelock makes one object reentrant, so reusing one would let a second
     # run in this process through; separate objects exclude each other, in one process as across processes.
     lock = FileLock(folder / LOCK_NAME)
-    if timeout != 0:
-        logger.info("waiting for the batch lock of %s", folder)
     try:
-        lock.acquire(timeout=timeout)
-    except Timeout:
-        raise _locked(folder) from None
-    try:
+        _acquire(lock, folder, timeout)
         _write_holder(folder)
         yield
     finally:
-        # The note goes first: once the lock is released, the next holder writes its own.
-        (folder / HOLDER_NAME).unlink(missing_ok=True)
-        lock.release()
+        # (also reached when an interrupt lands between taking the lock and the block)
+        if lock.is_locked:
+            # The note goes first: once the lock is released, the next holder writes its own.
+            (folder / HOLDER_NAME).unlink(missing_ok=True)
+            lock.release()
+
+
+def _acquire(lock: FileLock, folder: Path, timeout: float) -> None:
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if timeout == 0:
+            raise _locked(folder) from None
+        # Say who is in the way, or a waiting command looks hung.
+        logger.warning("%s is in use by another batch run (%s); waiting for it to finish", folder, _holder(folder)[2])
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise _locked(folder) from None
 
 
 def _write_holder(folder: Path) -> None:
@@ -81,7 +92,8 @@ def _write_holder(folder: Path) -> None:
         logger.warning("could not record this process as the holder of %s: %s", folder / LOCK_NAME, exc)
 
 
-def _locked(folder: Path) -> BatchLockedError:
+def _holder(folder: Path) -> tuple[int | None, str | None, str]:
+    """The holder's pid and host as it noted them (None when unknown), and a phrase naming it."""
     note: Any = None
     with contextlib.suppress(OSError, ValueError):
         note = json.loads((folder / HOLDER_NAME).read_text(encoding="utf-8"))
@@ -90,11 +102,13 @@ def _locked(folder: Path) -> BatchLockedError:
     pid, host, since = note.get("pid"), note.get("host"), note.get("since")
     pid = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
     host = host if isinstance(host, str) else None
-    holder = (
-        f"pid {pid} on {host}" + (f", since {since}" if isinstance(since, str) else "")
-        if pid is not None and host is not None
-        else "a process that has not said which"  # it has just taken the lock, or could not write its note
-    )
+    if pid is None or host is None:
+        return None, None, "a process that has not said which"  # it has just taken the lock, or could not note it
+    return pid, host, f"pid {pid} on {host}" + (f", since {since}" if isinstance(since, str) else "")
+
+
+def _locked(folder: Path) -> BatchLockedError:
+    pid, host, holder = _holder(folder)
     return BatchLockedError(
         f"{folder} is in use by another batch run ({holder}); wait for it with --wait (wait=True), or use "
         "another output folder",
