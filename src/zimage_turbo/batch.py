@@ -5,18 +5,23 @@ The input has one JSON object per line (blank lines are skipped)::
     {"prompt": "a red fox in the snow"}
     {"prompt": "a lighthouse at dusk", "id": "lighthouse", "seed": 7, "width": 1280, "height": 768, "steps": 8}
 
-``prompt`` is required. ``id`` (letters, digits, ``.``, ``_``, ``-``) names the image file ``<id>.png``; it
-defaults to the line number (``000002``). ``seed`` defaults to one derived from the base seed and the id, so the
-same line always gives the same image, whichever machine or replica makes it and whatever else the file holds.
-``width``, ``height`` and ``steps`` default to the batch's options.
+``prompt`` is required. ``id`` (letters, digits, ``.``, ``_``, ``-``; unique, also ignoring case) names the image
+file ``<id>.png``; it defaults to the line number (``000002``). ``seed`` defaults to one derived from the base seed
+and the id, so the same line always gives the same image, whichever machine or replica makes it and whatever
+else the file holds. ``width``, ``height`` and ``steps`` default to the batch's options. Ready-made
+:class:`BatchItem` objects are checked by the same rules.
 
 The output folder gets ``<id>.png`` per line and ``manifest.jsonl``, one line per image written: id, prompt,
 seed, file, size, steps, strategy, device, timings, fallbacks, warnings. Each image is written atomically and
 synced to disk before its manifest line is appended (and synced), so an interruption at any moment leaves at
 worst an image without a line, never a line without its image. Running the same batch again skips every line
-whose image and manifest line both exist (with the same prompt, seed, size and steps) and makes the rest;
-manifest lines left half-written by a crash, or whose image has gone, are dropped first. Every image is
-therefore listed exactly once, and identical to what an uninterrupted run makes.
+whose image and manifest line both exist (with the same prompt, seed, size and steps, and an image that is a
+whole PNG of that size) and makes the rest; manifest lines left half-written by a crash, or whose image has
+gone or is damaged, are dropped first. An image made with other parameters than the input now gives its id is
+not replaced unless ``overwrite=True`` (:class:`~zimage_turbo.errors.BatchConflictError`). One run at a time
+holds the folder (a lock file, ``.zimage-batch.lock``; another run raises
+:class:`~zimage_turbo.errors.BatchLockedError`, or waits with ``wait=True``). Every image is therefore listed
+exactly once, and identical to what an uninterrupted run makes.
 
 :func:`run_batch` runs on this machine (a :class:`~zimage_turbo.pool.GeneratorPool`: one replica per GPU);
 :func:`zimage_turbo.ray_batch.run_batch_ray` spreads the same work over a Ray cluster.

@@ -151,7 +151,8 @@ def _add_batch_command(commands: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="generate every prompt of a JSONL file into a folder (resumable; optionally on Ray)",
         description='One JSON object per line: {"prompt": ..., "id"?, "seed"?, "width"?, "height"?, "steps"?}. '
-        "Writes <id>.png and manifest.jsonl into --out; rerunning skips what is done. See docs/scaling.md.",
+        "Writes <id>.png and manifest.jsonl into --out; rerunning skips what is done. One run per folder at a "
+        "time. See docs/scaling.md.",
     )
     batch.add_argument("prompts", type=Path, help="the JSONL prompt file")
     batch.add_argument("-o", "--out", type=Path, required=True, help="output folder (created; rerun to resume)")
