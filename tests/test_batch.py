@@ -521,11 +521,7 @@ def test_a_damaged_image_listed_as_done_is_made_again(
     # that stopped, a file replaced by hand): the line must not be trusted.
     reference, items = straight
     source = prompts_file(tmp_path)
-    out = tmp_path / "out"
-    out.mkdir()
-    for item in items:
-        (out / item.file).write_bytes((reference / item.file).read_bytes())
-    (out / MANIFEST_NAME).write_bytes((reference / MANIFEST_NAME).read_bytes())
+    out = copy_of(reference, tmp_path / "out")
     whole = (reference / "000001.png").read_bytes()
     (out / "000001.png").write_bytes(whole[: len(whole) // 2])  # truncated
     (out / "lighthouse.png").write_bytes(b"")  # empty

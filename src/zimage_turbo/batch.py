@@ -143,7 +143,9 @@ def run_batch(
     """
     started = time.perf_counter()
     items = load_items(prompts, seed=seed, width=width, height=height, steps=steps)
-    generated, failed, used = 0, list[tuple[str, str]](), tuple[str, ...]()
+    generated = 0
+    failed: list[tuple[str, str]] = []
+    used: tuple[str, ...] = ()
     with open_output(out_dir, items, overwrite=overwrite, wait=wait) as (manifest, pending):
         if pending:
             own = pool is None

@@ -112,7 +112,8 @@ def run_batch_ray(
     if model is not None:
         base = base.replace(model=os.fspath(model))
     items = load_items(prompts, seed=seed, width=width, height=height, steps=steps)
-    generated, failed = 0, list[tuple[str, str]]()
+    generated = 0
+    failed: list[tuple[str, str]] = []
     # The driver holds the folder's lock while the actors write into it.
     with open_output(out_dir, items, overwrite=overwrite, wait=wait) as (manifest, pending):
         if pending:
