@@ -3,24 +3,49 @@ that stops the run, a killed process, the debris of a crash) with every image ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
+from filelock import FileLock, Timeout
 from PIL import Image
 
+import zimage_turbo
 import zimage_turbo.tasks as tasks_module
-from zimage_turbo import Generator, GeneratorPool, InvalidRequestError, ZImageError, ZImageSettings
-from zimage_turbo.batch import MANIFEST_NAME, BatchItem, Manifest, derive_seed, items_from, read_prompts, run_batch
+from zimage_turbo import (
+    BatchConflictError,
+    BatchLockedError,
+    Generator,
+    GeneratorPool,
+    InvalidRequestError,
+    ZImageError,
+    ZImageSettings,
+)
+from zimage_turbo.batch import (
+    MANIFEST_NAME,
+    BatchItem,
+    Manifest,
+    derive_seed,
+    items_from,
+    manifest_row,
+    read_prompts,
+    run_batch,
+    write_image,
+)
+from zimage_turbo.batch_lock import HOLDER_NAME, LOCK_NAME, lock_folder
 from zimage_turbo.cli import main
+from zimage_turbo.result import GenerationResult, Timings
 
 SMALL = {"width": 256, "height": 256, "steps": 2}
 
@@ -43,6 +68,11 @@ def prompts_file(folder: Path, count: int = 6) -> Path:
 
 def manifest_lines(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / MANIFEST_NAME).read_text().splitlines()]
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    """What a folder holds, but for the batch lock's files (a run leaves its lock file behind, unlocked)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".zimage-batch.")}
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -115,6 +145,7 @@ def test_derived_seeds_never_change() -> None:
         ('{"seed": 1}', r"prompts.jsonl:2: no prompt"),
         ('{"prompt": "a fox", "width": 1000}', r"prompts.jsonl:2: width must be a multiple of 16"),
         ('{"prompt": "a fox", "seed": -1}', r"prompts.jsonl:2: seed must be between"),
+        ('{"prompt": "a fox", "seed": null}', r"prompts.jsonl:2: seed must be an integer, got NoneType"),
         ('{"prompt": "a fox", "steps": "8"}', r"prompts.jsonl:2: steps must be an integer"),
         ('{"prompt": "  "}', r"prompts.jsonl:2: prompt is empty"),
         ('{"prompt": "a fox", "id": "../fox"}', r"prompts.jsonl:2: id must be"),
@@ -134,6 +165,76 @@ def test_prompts_in_memory(tmp_path: Path) -> None:
     assert items == read_prompts(in_file, seed=1)
     with pytest.raises(InvalidRequestError, match=r"missing\.jsonl"):
         read_prompts(tmp_path / "missing.jsonl")
+
+
+def test_ids_that_differ_only_in_case_are_refused() -> None:
+    # Fox.png and fox.png are one file on macOS and Windows (and on shares they export): one image would
+    # silently replace the other while the manifest listed both.
+    with pytest.raises(InvalidRequestError, match=r"prompt 2: id 'fox' .*'Fox' at prompt 1"):
+        items_from([{"prompt": "a fox", "id": "Fox"}, {"prompt": "a fox", "id": "fox"}])
+
+
+class NoImages:
+    """A pool that fails the test if the batch starts an image: refusals must come before any work."""
+
+    devices = ("none",)
+    settings = ZImageSettings(progress=False)
+
+    def generate_requests(self, requests: Any) -> Any:
+        raise AssertionError("an image was started")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        ([BatchItem("dup", "a cat", 1), BatchItem("dup", "a dog", 2)], r"item 2 \(id 'dup'\): .*also used at item 1"),
+        ([BatchItem("../escaped", "a cat", 1)], r"item 1 \(id '../escaped'\): id must be"),
+        ([BatchItem("a/b", "a cat", 1)], r"id must be .*'a/b'"),
+        ([BatchItem("..", "a cat", 1)], r"id must be .*'\.\.'"),
+        ([BatchItem(".hidden", "a cat", 1)], r"id must be .*'\.hidden'"),
+        ([BatchItem("", "a cat", 1)], r"id must be .*''"),
+        ([BatchItem("a\x00b", "a cat", 1)], r"id must be .*'a\\x00b'"),
+        ([BatchItem("x" * 129, "a cat", 1)], r"id must be 1 to 128"),
+        ([BatchItem(7, "a cat", 1)], r"id must be .* got 7"),  # type: ignore[arg-type]
+        ([BatchItem("fox", "a cat", None)], r"item 1 \(id 'fox'\): seed must be an integer"),  # type: ignore[arg-type]
+        ([BatchItem("fox", "a cat", 1, width=1000)], r"item 1 \(id 'fox'\): width must be a multiple of 16"),
+        ([BatchItem("fox", " ", 1)], r"item 1 \(id 'fox'\): prompt is empty"),
+    ],
+)
+def test_ready_made_items_are_checked_like_lines(tmp_path: Path, items: list[BatchItem], message: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(InvalidRequestError, match=message):
+        run_batch(items, out, pool=NoImages())  # type: ignore[arg-type]
+    # Refused before anything was written: no folder, nothing beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_image_is_never_written_outside_the_folder(tmp_path: Path) -> None:
+    # The last guard, for items that reach write_image without load_items (a Ray actor gets them as JSON).
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InvalidRequestError, match=r"'\.\./escaped'"):
+        write_image(tmp_path / "out", BatchItem("../escaped", "a cat", 1), None)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["out"]
+
+
+def test_a_tilde_means_the_home_folder(tmp_path: Path, capsys: Any) -> None:
+    from zimage_turbo.ray_batch import run_batch_ray
+
+    # conftest points HOME at tmp_path / "home" and makes tmp_path the working folder, where a literal "~"
+    # folder would appear. The shell leaves ~ alone in quotes and in --out=~/d.
+    home = tmp_path / "home"
+    home.mkdir()
+    write_lines(home / "prompts.jsonl", [{"prompt": "a cat", "id": "cat"}])
+    assert [i.id for i in read_prompts("~/prompts.jsonl")] == ["cat"]
+    assert run_batch([], "~/library").total == 0
+    assert run_batch_ray([], "~/ray").total == 0
+    assert main(["batch", "~/prompts.jsonl", "--out=~/cli", "--model", "/nonexistent/model", "-q"]) == 1
+    assert "ModelNotFoundError" in capsys.readouterr().err  # it got as far as loading: the paths were found
+    assert (home / "library").is_dir() and (home / "ray").is_dir() and (home / "cli").is_dir()
+    assert not (tmp_path / "~").exists()
 
 
 # -- a straight run -----------------------------------------------------------------------------------------------
@@ -203,7 +304,7 @@ def test_resume_cleans_what_a_crash_leaves(
     by_id = {r["id"]: r for r in rows}
     for name in ("000001.png", "lighthouse.png", "000004.png", "000005.png"):
         (out / name).write_bytes((reference / name).read_bytes())
-    stale = {**by_id["000005"], "prompt": "what line 5 said before the file was edited"}
+    stale = {**by_id["000005"], "prompt": "what line 5 said before the file was edited"}  # its image is there
     lines = [
         json.dumps(by_id["000001"]),
         json.dumps(by_id["000001"]),  # listed twice
@@ -217,10 +318,217 @@ def test_resume_cleans_what_a_crash_leaves(
     (out / ".000006.png.0badc0de.part").write_bytes(b"\x89PNG half")  # a temporary file of a killed writer
     # 000004.png exists without a manifest line (killed between the two writes): made again, listed once.
     assert Manifest(out).rows()[-1]["id"] == "lighthouse"
-    report = run_batch(source, out, pool=pool, **SMALL)
+    # 000005.png was made from another prompt: not replaced without overwrite, and nothing is touched.
+    before = contents(out)
+    with pytest.raises(BatchConflictError, match=r"000005 \(prompt\)") as refused:
+        run_batch(source, out, pool=NoImages(), **SMALL)  # type: ignore[arg-type]
+    assert refused.value.ids == ("000005",)
+    assert contents(out) == before
+    report = run_batch(source, out, pool=pool, overwrite=True, **SMALL)
     assert (report.skipped, report.generated) == (2, 4)  # 000001 and lighthouse were done
     assert_complete_and_equal(out, reference, items)
     assert (out / MANIFEST_NAME).read_text().endswith("\n")
+
+
+def copy_of(reference: Path, out: Path) -> Path:
+    """The images and manifest of a finished run (not its lock files)."""
+    out.mkdir()
+    for path in reference.iterdir():
+        if not path.name.startswith(".zimage-batch."):
+            (out / path.name).write_bytes(path.read_bytes())
+    return out
+
+
+def test_images_made_with_other_parameters_are_replaced_only_with_overwrite(
+    straight: tuple[Path, list[BatchItem]], pool: GeneratorPool, tmp_path: Path
+) -> None:
+    # Like generate, which needs --overwrite: a rerun with another default size must not silently replace
+    # what the folder holds.
+    reference, _ = straight
+    source = prompts_file(tmp_path)
+    out = copy_of(reference, tmp_path / "out")
+    before = contents(out)
+    wider = {**SMALL, "width": 320}  # changes every line without its own width: all but 000003
+    with pytest.raises(BatchConflictError) as refused:
+        run_batch(source, out, pool=NoImages(), **wider)  # type: ignore[arg-type]
+    assert refused.value.ids == ("000001", "lighthouse", "000004", "000005", "000006")
+    assert refused.value.folder == str(out)
+    message = str(refused.value)
+    assert "5 image(s)" in message and "000001 (width 256 -> 320)" in message and "and 2 more" in message
+    assert "overwrite" in message and "another output folder" in message
+    assert contents(out) == before  # nothing written
+    # With overwrite the five are made again at the new size, listed once each; 000003 is kept.
+    report = run_batch(source, out, pool=pool, overwrite=True, **wider)
+    assert (report.skipped, report.generated) == (1, 5)
+    items = read_prompts(source, **wider)
+    rows = manifest_lines(out)
+    assert sorted(r["id"] for r in rows) == sorted(item.id for item in items)
+    assert all((r["width"], r["height"]) == (320, 256) for r in rows)
+    assert (out / "000003.png").read_bytes() == before["000003.png"]
+    [(_, alone)] = list(pool.generate_requests([items[0].request()]))
+    assert np.array_equal(np.asarray(alone.image), pixels(out / "000001.png"))
+    # The new parameters are now the folder's: the same run again is done, the old one would conflict.
+    assert run_batch(source, out, pool=NoImages(), **wider).skipped == 6  # type: ignore[arg-type]
+    with pytest.raises(BatchConflictError):
+        run_batch(source, out, pool=NoImages(), **SMALL)  # type: ignore[arg-type]
+
+
+def test_a_downscaled_image_counts_as_done(tmp_path: Path) -> None:
+    # allow_downscale can make an image smaller than its line asks; resuming must recognise it as that line's
+    # image, not call it a conflict (or make it again) on every run.
+    item = items_from([{"prompt": "a wide red fox", "id": "fox", "width": 320, "height": 256}], steps=2)[0]
+    smaller = GenerationResult(
+        (Image.new("RGB", (256, 192)),), item.prompt, (item.seed,), 256, 192, 2, 0.0, "cpu", "cpu", "float32", Timings()
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    write_image(out, item, smaller)
+    Manifest(out).append(manifest_row(item, smaller))
+    report = run_batch([item], out, pool=NoImages())  # type: ignore[arg-type]
+    assert (report.skipped, report.generated) == (1, 0)
+    [row] = manifest_lines(out)
+    assert (row["width"], row["height"], row["requested"]) == (256, 192, {"width": 320, "height": 256})
+
+
+def test_cli_batch_refuses_to_replace_without_overwrite(
+    straight: tuple[Path, list[BatchItem]], tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference, _ = straight
+    source = prompts_file(tmp_path)
+    out = copy_of(reference, tmp_path / "out")
+    command = ["batch", str(source), "--out", str(out), "--size", "320x256", "--steps", "2", "-q"]
+    assert main([*command, "--model", "/nonexistent/model"]) == 2  # refused before loading
+    error = capsys.readouterr().err
+    assert "000001 (width 256 -> 320)" in error and "--overwrite" in error
+    # --overwrite reaches run_batch (the run itself is tested above).
+    seen: dict[str, Any] = {}
+
+    def spy(items: Any, out_dir: Any, **options: Any) -> Any:
+        seen.update(options)
+        raise Stop
+
+    monkeypatch.setattr("zimage_turbo.batch.run_batch", spy)
+    with pytest.raises(Stop):
+        main([*command, "--overwrite"])
+    assert seen["overwrite"] is True
+
+
+# A process that holds a folder's batch lock until its stdin closes. It imports only the lock's two modules:
+# importing the package (torch) would take seconds.
+HOLD = """
+import sys, types
+from pathlib import Path
+package = types.ModuleType("zimage_turbo")
+package.__path__ = [sys.argv[1]]
+sys.modules["zimage_turbo"] = package
+from zimage_turbo.batch_lock import lock_folder
+with lock_folder(Path(sys.argv[2])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder: Path) -> Iterator[subprocess.Popen[str]]:
+    source = Path(zimage_turbo.__file__).parent
+    command = [sys.executable, "-c", HOLD, str(source), str(folder)]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "held\n"
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_second_run_on_the_folder_is_refused_or_waits(
+    straight: tuple[Path, list[BatchItem]], tmp_path: Path, capsys: Any
+) -> None:
+    reference, _ = straight
+    source = prompts_file(tmp_path)
+    out = copy_of(reference, tmp_path / "out")
+    before = contents(out)
+    command = ["batch", str(source), "--out", str(out), "--size", "256x256", "--steps", "2", "-q"]
+    command += ["--model", "/nonexistent/model"]  # every image is done: a run that goes ahead loads nothing
+    host = socket.gethostname()
+    with held_by_another_process(out) as holder:
+        with pytest.raises(BatchLockedError) as refused:
+            run_batch(source, out, pool=NoImages(), **SMALL)  # type: ignore[arg-type]
+        assert (refused.value.folder, refused.value.pid, refused.value.host) == (str(out), holder.pid, host)
+        assert f"{out} is in use by another batch run (pid {holder.pid} on {host}, since " in str(refused.value)
+        started = time.monotonic()
+        with pytest.raises(BatchLockedError):
+            run_batch(source, out, pool=NoImages(), wait=0.3, **SMALL)  # type: ignore[arg-type]
+        assert time.monotonic() - started >= 0.3
+        assert main(command) == 2
+        assert f"in use by another batch run (pid {holder.pid} on {host}" in capsys.readouterr().err
+        # --wait: the holder lets go half a second later, then this run goes ahead.
+        assert holder.stdin is not None
+        threading.Timer(0.5, holder.stdin.close).start()
+        assert main([*command, "--wait"]) == 0
+        printed = capsys.readouterr()
+        assert f"(pid {holder.pid} on {host}" in printed.err and "waiting for it to finish" in printed.err
+        assert "0 generated, 6 already done" in printed.out
+        assert holder.wait(timeout=30) == 0
+    assert contents(out) == before
+    assert not (out / HOLDER_NAME).exists()
+
+
+def test_the_lock_is_released_however_the_run_ends(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    items = [BatchItem("cat", "a cat", 1, 256, 256, 2)]
+
+    def free() -> bool:
+        probe = FileLock(out / LOCK_NAME)  # a FileLock object of its own: filelock keeps it apart from others
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            return False
+        probe.release()
+        return True
+
+    class Broken(NoImages):
+        seen: ClassVar[dict[str, Any]] = {}
+
+        def __init__(self, error: BaseException) -> None:
+            self.error = error
+
+        def generate_requests(self, requests: Any) -> Any:
+            self.seen["held"] = not free()
+            self.seen["holder"] = json.loads((out / HOLDER_NAME).read_text())
+            raise self.error
+
+    for error in (KeyboardInterrupt(), RuntimeError("a GPU fell off")):
+        with pytest.raises(type(error)):
+            run_batch(items, out, pool=Broken(error))  # type: ignore[arg-type]
+        assert Broken.seen["held"] and Broken.seen["holder"]["pid"] == os.getpid()
+        assert free() and not (out / HOLDER_NAME).exists()
+    # Two runs in one process exclude each other too.
+    with lock_folder(out):
+        assert not free()
+        with pytest.raises(BatchLockedError, match=rf"pid {os.getpid()} on "):
+            run_batch(items, out, pool=NoImages())  # type: ignore[arg-type]
+    assert free()
+    with pytest.raises(InvalidRequestError, match=r"wait must be True, False or a number of seconds >= 0, got -1"):
+        run_batch(items, tmp_path / "never", wait=-1, pool=NoImages())  # type: ignore[arg-type]
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_damaged_image_listed_as_done_is_made_again(
+    straight: tuple[Path, list[BatchItem]], pool: GeneratorPool, tmp_path: Path
+) -> None:
+    # A manifest line says "done", but its file is not that image any more (a disk that filled up, a copy
+    # that stopped, a file replaced by hand): the line must not be trusted.
+    reference, items = straight
+    source = prompts_file(tmp_path)
+    out = copy_of(reference, tmp_path / "out")
+    whole = (reference / "000001.png").read_bytes()
+    (out / "000001.png").write_bytes(whole[: len(whole) // 2])  # truncated
+    (out / "lighthouse.png").write_bytes(b"")  # empty
+    Image.new("RGB", (256, 256)).save(out / "000003.png")  # a valid PNG, but 000003 is 320x256
+    report = run_batch(source, out, pool=pool, **SMALL)
+    assert (report.skipped, report.generated) == (3, 3)
+    assert_complete_and_equal(out, reference, items)  # each id listed once, each image the right one
 
 
 def test_a_failing_line_is_reported_and_made_by_the_next_run(

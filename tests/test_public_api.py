@@ -63,6 +63,9 @@ REVIEWED = {
     # unreleased: two to four GPUs on real cards (a split with the text encoder streamed; failed placements)
     "MultiGPUHybrid",
     "PlacementFailedError",
+    # unreleased: a batch's output folder is not replaced, shared or trusted blindly
+    "BatchConflictError",
+    "BatchLockedError",
 }
 
 

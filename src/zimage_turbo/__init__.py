@@ -8,6 +8,8 @@
 from ._version import __version__
 from .checkpoints import make_checkpoint
 from .errors import (
+    BatchConflictError,
+    BatchLockedError,
     CheckpointError,
     DeviceFailedError,
     DownloadError,
@@ -51,6 +53,8 @@ from .strategies import (
 )
 
 __all__ = [
+    "BatchConflictError",
+    "BatchLockedError",
     "CPUOnly",
     "Candidate",
     "CheckpointError",

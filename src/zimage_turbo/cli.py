@@ -7,7 +7,8 @@
     zimage-turbo bench --checkpoint DIR --out FILE.json   # against plain diffusers, every VRAM budget
     zimage-turbo batch prompts.jsonl --out DIR [--ray ADDRESS]   # many prompts; rerun to resume
 
-Exit status: 0 success, 2 bad arguments or settings, 1 any other error, 130 interrupted.
+Exit status: 0 success, 2 bad arguments or settings (or a batch folder in use), 1 any other error, 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from pathlib import Path
 from typing import Any, get_args
 
 from ._version import __version__
-from .errors import InvalidRequestError, InvalidSettingsError, UnknownStrategyError, ZImageError
+from .errors import (
+    BatchLockedError,
+    InvalidRequestError,
+    InvalidSettingsError,
+    UnknownStrategyError,
+    ZImageError,
+)
 from .request import DEFAULT_STEPS
 from .settings import STRATEGY_NAMES, AttentionName, CompileMode, QuantizationSetting, ZImageSettings
 
@@ -50,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(quiet=args.quiet, verbose=args.verbose)
     try:
         return int(args.handler(args))
-    except (InvalidRequestError, InvalidSettingsError, UnknownStrategyError) as exc:
+    # A folder in use by another batch is the caller's to sort out, like a bad argument: same status.
+    except (InvalidRequestError, InvalidSettingsError, UnknownStrategyError, BatchLockedError) as exc:
         print(f"zimage-turbo: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ZImageError as exc:
@@ -143,13 +151,24 @@ def _add_batch_command(commands: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="generate every prompt of a JSONL file into a folder (resumable; optionally on Ray)",
         description='One JSON object per line: {"prompt": ..., "id"?, "seed"?, "width"?, "height"?, "steps"?}. '
-        "Writes <id>.png and manifest.jsonl into --out; rerunning skips what is done. See docs/scaling.md.",
+        "Writes <id>.png and manifest.jsonl into --out; rerunning skips what is done. One run per folder at a "
+        "time. See docs/scaling.md.",
     )
     batch.add_argument("prompts", type=Path, help="the JSONL prompt file")
     batch.add_argument("-o", "--out", type=Path, required=True, help="output folder (created; rerun to resume)")
     batch.add_argument("--seed", type=int, default=0, help="base seed of lines without a seed (default 0)")
     batch.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT of lines without one (default 1024x1024)")
     batch.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"default {DEFAULT_STEPS}")
+    batch.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="make again the images the folder holds for these ids but with another prompt, seed, size or steps",
+    )
+    batch.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another batch run is using the folder, wait for it to finish (default: stop with an error)",
+    )
     batch.add_argument(
         "--devices",
         default=None,
@@ -371,7 +390,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             raise InvalidRequestError("--replicas and --gpus-per-replica are for --ray runs; locally use --devices")
         devices = args.devices or "all"
         wanted: str | list[str] = devices if devices == "all" else [d.strip() for d in devices.split(",") if d.strip()]
-        report = run_batch(items, args.out, settings=settings, devices=wanted)
+        report = run_batch(items, args.out, settings=settings, devices=wanted, overwrite=args.overwrite, wait=args.wait)
     else:
         if args.devices is not None:
             raise InvalidRequestError("--devices is for local runs; with --ray use --replicas and --gpus-per-replica")
@@ -385,6 +404,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             replicas=args.replicas,
             gpus_per_replica=args.gpus_per_replica,
             cpus_per_replica=args.cpus_per_replica,
+            overwrite=args.overwrite,
+            wait=args.wait,
         )
     print(report.describe())
     return EXIT_OK if not report.failed else EXIT_ERROR

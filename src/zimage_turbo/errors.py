@@ -6,10 +6,12 @@ Errors about bad input also derive from :class:`ValueError`, and "model not foun
 
     ZImageError
     ├── InvalidRequestError (ValueError)      a generate() argument is out of range or of the wrong type
+    │   └── BatchConflictError                a batch would replace images made with other parameters
     ├── InvalidSettingsError (ValueError)     a setting (argument, ZIMAGE_* variable, .env line) is invalid
     ├── UnknownStrategyError (ValueError)     a strategy name or object that we do not know
     ├── StrategyUnavailableError              the strategy cannot run on this machine (no GPU, say)
     ├── CheckpointError                       make_checkpoint() could not build what was asked
+    ├── BatchLockedError                      another batch run is using the output folder
     ├── ModelSourceError                      the model could not be found or fetched
     │   ├── ModelNotFoundError (FileNotFoundError)
     │   ├── IncompleteModelError              the folder is not a complete Z-Image pipeline
@@ -28,6 +30,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "BatchConflictError",
+    "BatchLockedError",
     "CheckpointError",
     "DeviceFailedError",
     "DownloadError",
@@ -57,6 +61,18 @@ class InvalidRequestError(ZImageError, ValueError):
     """A generation argument is invalid; raised before any weights are loaded or GPU memory is touched."""
 
 
+class BatchConflictError(InvalidRequestError):
+    """A batch's output folder holds images of some of its ids made with other parameters (prompt, seed, size,
+    steps) than the input now gives them; nothing was replaced. ``ids`` lists them (in input order),
+    ``folder`` is the output folder. Pass ``overwrite=True`` (``--overwrite``) to make them again, or use
+    another folder, as ``generate`` refuses to replace a file without ``--overwrite``."""
+
+    def __init__(self, message: str, *, folder: str, ids: Sequence[str]) -> None:
+        super().__init__(message)
+        self.folder = folder
+        self.ids: tuple[str, ...] = tuple(ids)
+
+
 class InvalidSettingsError(ZImageError, ValueError):
     """A setting is invalid. The message names the field and its ``ZIMAGE_*`` variable."""
 
@@ -71,6 +87,20 @@ class StrategyUnavailableError(ZImageError):
 
 class CheckpointError(ZImageError):
     """``make_checkpoint`` could not build the requested checkpoint."""
+
+
+class BatchLockedError(ZImageError):
+    """Another batch run holds the output folder's lock (``.zimage-batch.lock``); nothing was done.
+
+    ``folder`` is the output folder; ``pid`` and ``host`` name the holder, as it recorded itself (None when it
+    had not yet, or could not). Wait for it (``wait=True``, ``--wait``) or use another folder.
+    """
+
+    def __init__(self, message: str, *, folder: str, pid: int | None = None, host: str | None = None) -> None:
+        super().__init__(message)
+        self.folder = folder
+        self.pid = pid
+        self.host = host
 
 
 class ModelSourceError(ZImageError):

@@ -24,13 +24,15 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .batch import BatchItem, BatchReport, Prompts, load_items, manifest_row, prepare, write_image
+from .batch import BatchReport
+from .batch_folder import Manifest, manifest_row, open_output, write_image
+from .batch_items import BatchItem, Prompts, load_items
 from .errors import ZImageError, first_line
 from .request import DEFAULT_STEPS
 from .settings import ZImageSettings
@@ -89,11 +91,13 @@ def run_batch_ray(
     cpus_per_replica: float = 1.0,
     batch_size: int = 1,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
+    wait: bool | float = False,
 ) -> BatchReport:
     """Make every image of a batch not made yet, with Ray Data over a pool of Generator actors.
 
     Args:
-        prompts, out_dir, model, settings, seed, width, height, steps, on_row: as for
+        prompts, out_dir, model, settings, seed, width, height, steps, on_row, overwrite, wait: as for
             :func:`zimage_turbo.batch.run_batch`.
         address: the Ray cluster to join (``"auto"``, ``"ray://head:10001"``...); None starts a local Ray. Ignored
             when Ray is already initialized in this process (that session is used, and left running).
@@ -108,56 +112,81 @@ def run_batch_ray(
     if model is not None:
         base = base.replace(model=os.fspath(model))
     items = load_items(prompts, seed=seed, width=width, height=height, steps=steps)
-    manifest, pending = prepare(out_dir, items)
-    failed: list[tuple[str, str]] = []
     generated = 0
-    if pending:
-        ray = _import_ray()
-        own = not ray.is_initialized()
-        if own:
-            # A local Ray needs no dashboard; options for starting one are not for joining a cluster.
-            local = {"include_dashboard": False} if address is None else {}
-            ray.init(address=address, configure_logging=False, **local)
-        try:
-            gpus, actors = _resources(ray, gpus_per_replica, replicas, len(pending))
-            logger.info("%d pending image(s) on %d Ray actor(s), %g GPU each", len(pending), actors, gpus)
-            dataset = ray.data.from_items(
-                [{"item": item.to_json()} for item in pending], override_num_blocks=len(pending)
-            )
-            images = dataset.map_batches(
-                ReplicaActor,
-                fn_constructor_kwargs={
-                    "settings": base.model_dump(mode="json"),
-                    "out_dir": str(Path(out_dir).resolve()),
-                },
-                batch_size=batch_size,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=actors),
-                num_gpus=gpus,
-                num_cpus=cpus_per_replica,
-            )
-            rows = images.iter_rows()
-            try:
-                for output in rows:
-                    if output["error"]:
-                        failed.append((str(output["id"]), str(output["error"])))
-                        continue
-                    row = json.loads(output["row"])
-                    manifest.append(row)  # the actor has written and synced the image already
-                    generated += 1
-                    if on_row is not None:
-                        on_row(row)
-            finally:
-                close = getattr(rows, "close", None)
-                if close is not None:
-                    close()  # stops the actors when the loop ends early, so that the next batch finds free slots
-        finally:
+    failed: list[tuple[str, str]] = []
+    # The driver holds the folder's lock while the actors write into it.
+    with open_output(out_dir, items, overwrite=overwrite, wait=wait) as (manifest, pending):
+        if pending:
+            ray = _import_ray()
+            own = not ray.is_initialized()
             if own:
-                ray.shutdown()
+                # A local Ray needs no dashboard; options for starting one are not for joining a cluster.
+                local = {"include_dashboard": False} if address is None else {}
+                ray.init(address=address, configure_logging=False, **local)
+            try:
+                generated, failed = _make(
+                    ray,
+                    manifest,
+                    pending,
+                    base,
+                    on_row,
+                    replicas=replicas,
+                    gpus_per_replica=gpus_per_replica,
+                    cpus_per_replica=cpus_per_replica,
+                    batch_size=batch_size,
+                )
+            finally:
+                if own:
+                    ray.shutdown()
     skipped = len(items) - len(pending)
     report = BatchReport(len(items), skipped, generated, tuple(failed), manifest.path, time.perf_counter() - started)
     logger.info("%s", report.describe())
     return report
+
+
+def _make(
+    ray: Any,
+    manifest: Manifest,
+    pending: Sequence[BatchItem],
+    settings: ZImageSettings,
+    on_row: Callable[[dict[str, Any]], None] | None,
+    *,
+    replicas: int | None,
+    gpus_per_replica: float | None,
+    cpus_per_replica: float,
+    batch_size: int,
+) -> tuple[int, list[tuple[str, str]]]:
+    """Make the pending images on Ray actors; (how many were written, (id, error) of each that failed)."""
+    generated = 0
+    failed: list[tuple[str, str]] = []
+    gpus, actors = _resources(ray, gpus_per_replica, replicas, len(pending))
+    logger.info("%d pending image(s) on %d Ray actor(s), %g GPU each", len(pending), actors, gpus)
+    dataset = ray.data.from_items([{"item": item.to_json()} for item in pending], override_num_blocks=len(pending))
+    images = dataset.map_batches(
+        ReplicaActor,
+        fn_constructor_kwargs={"settings": settings.model_dump(mode="json"), "out_dir": str(manifest.folder.resolve())},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus,
+        num_cpus=cpus_per_replica,
+    )
+    rows = images.iter_rows()
+    try:
+        for output in rows:
+            if output["error"]:
+                failed.append((str(output["id"]), str(output["error"])))
+                continue
+            row = json.loads(output["row"])
+            manifest.append(row)  # the actor has written and synced the image already
+            generated += 1
+            if on_row is not None:
+                on_row(row)
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()  # stops the actors when the loop ends early, so that the next batch finds free slots
+    return generated, failed
 
 
 def _resources(ray: Any, gpus_per_replica: float | None, replicas: int | None, pending: int) -> tuple[float, int]:
