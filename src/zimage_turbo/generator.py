@@ -65,6 +65,7 @@ from .errors import (
     first_line,
 )
 from .execution import on_device, pin_execution_device
+from .failures import is_device_failure, is_out_of_memory
 from .hardware import GIB, Hardware, detect_hardware, host_peak_rss_bytes
 from .loader import load_pipeline, resolve_dtype
 from .phases import (
@@ -75,8 +76,6 @@ from .phases import (
     decode,
     denoise,
     encode,
-    is_device_failure,
-    is_out_of_memory,
     release_memory,
     set_vae_tiling,
 )
