@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 
 from .errors import StrategyUnavailableError, first_line
+from .failures import guard_compiled
 from .settings import AttentionName, CompileMode
 
 __all__ = [
@@ -378,27 +379,6 @@ def compile_part(pipe: Any, part: CompilePart, on_failure: Callable[[CompilePart
     for module in part.modules(pipe):
         compiled = torch.compile(module._call_impl, **COMPILE_OPTIONS)
         module._compiled_call_impl = guard_compiled(compiled, module._call_impl, failed)
-
-
-def guard_compiled(
-    compiled: Callable[..., Any], eager: Callable[..., Any], on_failure: Callable[[BaseException], None]
-) -> Callable[..., Any]:
-    """``compiled``, but if the compiler fails (Dynamo cannot trace, Inductor cannot generate code), ``on_failure``
-    is told and the call runs ``eager``: a compiler problem costs speed, never an image. Running out of memory
-    while tuning kernels is raised as the OutOfMemoryError it is (the retry ladder's business); errors of the
-    model itself propagate as they would eagerly."""
-    from torch._dynamo.exc import TorchDynamoException  # imported here: importing Dynamo takes seconds
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return compiled(*args, **kwargs)
-        except TorchDynamoException as exc:
-            if "out of memory" in str(exc):
-                raise torch.OutOfMemoryError(first_line(exc)) from exc
-            on_failure(exc)
-            return eager(*args, **kwargs)
-
-    return call
 
 
 def uncompile_part(pipe: Any, part: CompilePart) -> None:

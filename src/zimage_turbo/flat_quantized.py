@@ -27,7 +27,8 @@ from typing import Any, cast
 
 import torch
 
-from .acceleration import QuantizationName, guard_compiled, quantized_linears, quantized_weight
+from .acceleration import QuantizationName, quantized_linears, quantized_weight
+from .failures import guard_compiled
 from .host import HostHomes
 
 __all__ = [
