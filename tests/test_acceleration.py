@@ -31,6 +31,7 @@ from zimage_turbo import (
     StreamedOffload,
     ZImageSettings,
     plan,
+    quantize,
 )
 from zimage_turbo import acceleration as acc
 from zimage_turbo.hardware import GIB
@@ -281,7 +282,7 @@ def test_auto_never_compiles_on_a_cpu(tiny_checkpoint: Path, eager_compile: None
 def test_the_quantized_layers_are_the_blocks_attention_and_feed_forward(tiny_checkpoint: Path) -> None:
     generator = Generator(settings=_settings(tiny_checkpoint), strategy="cpu").load()
     transformer = generator.pipeline.transformer
-    names = acc.quantized_linears(transformer)
+    names = quantize.quantized_linears(transformer)
     expected = set()
     for group in ("layers", "noise_refiner", "context_refiner"):
         for index, block in enumerate(getattr(transformer, group)):
@@ -304,15 +305,15 @@ def test_int8_swaps_quantized_weights_in_and_the_originals_back(tiny_checkpoint:
     quantized = generator.generate(PROMPT, seed=5, **SIZE)
     assert quantized.quantization == "int8" and quantized.strategy == "full_gpu"
     transformer = generator.pipeline.transformer
-    weights = [linear.weight for linear in acc.quantized_linears(transformer).values()]
-    assert all(acc.stored_bytes(weight) < weight.numel() * 2 for weight in weights)  # one byte, plus scales
+    weights = [linear.weight for linear in quantize.quantized_linears(transformer).values()]
+    assert all(quantize.stored_bytes(weight) < weight.numel() * 2 for weight in weights)  # one byte, plus scales
     difference = np.abs(_pixels(quantized.image) - _pixels(reference))
     assert 0 < difference.max() <= 16  # it changes the image, a little
     # Back to an unquantized strategy: the very same original weights, so the very same image.
     generator.switch(CPUOnly())
     restored = generator.generate(PROMPT, seed=5, **SIZE)
     assert restored.quantization is None and same(restored.image, reference)
-    assert all(type(linear.weight) is torch.nn.Parameter for linear in acc.quantized_linears(transformer).values())
+    assert all(type(linear.weight) is torch.nn.Parameter for linear in quantize.quantized_linears(transformer).values())
 
 
 def test_an_explicit_quantization_applies_to_strategies_named_not_to_instances(
@@ -364,9 +365,9 @@ def test_stored_bytes_counts_what_a_quantized_weight_really_holds() -> None:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     linear = torch.nn.Linear(64, 32, bias=False)
-    assert acc.stored_bytes(linear.weight) == 64 * 32 * 4
+    assert quantize.stored_bytes(linear.weight) == 64 * 32 * 4
     quantize_(linear, Int8WeightOnlyConfig())
-    assert 64 * 32 <= acc.stored_bytes(linear.weight) < 64 * 32 * 2
+    assert 64 * 32 <= quantize.stored_bytes(linear.weight) < 64 * 32 * 2
 
 
 def _card(gib: float) -> Hardware:

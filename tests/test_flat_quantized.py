@@ -25,6 +25,7 @@ from zimage_turbo import (
     StreamedOffload,
     ZImageSettings,
     plan,
+    quantize,
 )
 from zimage_turbo import acceleration as acc
 from zimage_turbo.flat_quantized import FlatQuantizedLinear, flatten_quantized_linears, flattened_tensors, inner_specs
@@ -53,7 +54,7 @@ def _fp8_weight(weight: torch.Tensor) -> torch.Tensor:
         QuantizeTensorToFloat8Kwargs,
     )
 
-    activations = QuantizeTensorToFloat8Kwargs(granularity=PerRow(), hp_value_lb=acc.FP8_ROW_FLOOR)
+    activations = QuantizeTensorToFloat8Kwargs(granularity=PerRow(), hp_value_lb=quantize.FP8_ROW_FLOOR)
     return Float8Tensor.from_hp(
         weight, granularity=PerRow(), mm_config=Float8MMConfig(use_fast_accum=True), act_quant_kwargs=activations
     )
@@ -145,17 +146,17 @@ def test_streamed_int8_gives_the_resident_int8_image_and_switching_back_gives_bf
     assert same(streamed.image, expected)  # the same quantized weights, streamed: the same image
     transformer = generator.pipeline.transformer
     flattened = flattened_tensors(transformer)
-    assert len(flattened) >= 2 * len(acc.quantized_linears(resident.pipeline.transformer)) > 0
-    assert not acc.quantized_linears(transformer)  # every targeted layer is flattened
+    assert len(flattened) >= 2 * len(quantize.quantized_linears(resident.pipeline.transformer)) > 0
+    assert not quantize.quantized_linears(transformer)  # every targeted layer is flattened
     homes = host_homes(generator.pipeline)
     assert homes.has_home(flattened)  # streamed from host homes, like the bf16 blocks
 
     generator.switch(CPUOnly())
     back = generator.generate(PROMPT, seed=5, **SIZE)
     assert back.quantization is None and same(back.image, plain)
-    assert not flattened_tensors(transformer) and acc.quantized_linears(transformer)
+    assert not flattened_tensors(transformer) and quantize.quantized_linears(transformer)
     assert not any(homes.has_home([tensor]) for tensor in flattened)  # the quantized copies are forgotten
-    assert all(type(linear.weight) is torch.nn.Parameter for linear in acc.quantized_linears(transformer).values())
+    assert all(type(linear.weight) is torch.nn.Parameter for linear in quantize.quantized_linears(transformer).values())
 
 
 def test_an_error_while_flattening_leaves_every_bf16_layer_in_place(
@@ -164,24 +165,24 @@ def test_an_error_while_flattening_leaves_every_bf16_layer_in_place(
     generator = Generator(settings=_settings(tiny_checkpoint), strategy="cpu")
     expected = generator.generate(PROMPT, seed=5, **SIZE).image
     transformer = generator.pipeline.transformer
-    layers = acc.quantized_linears(transformer)
+    layers = quantize.quantized_linears(transformer)
     homes = host_homes(generator.pipeline)
     groups = len(homes._groups)
     # past the first layer of each shape (quantized before the slots are reserved): some layers are flattened
     fail_at = len({tuple(linear.weight.shape) for linear in layers.values()}) + 2
     made = []
 
-    def failing(weight: torch.Tensor, kind: acc.QuantizationName, device: torch.device) -> torch.Tensor:
+    def failing(weight: torch.Tensor, kind: quantize.QuantizationName, device: torch.device) -> torch.Tensor:
         if len(made) == fail_at:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         made.append(weight)
-        return acc.quantized_weight(weight, kind, device)
+        return quantize.quantized_weight(weight, kind, device)
 
     monkeypatch.setattr(flat_quantized, "quantized_weight", failing)
     with pytest.raises(torch.OutOfMemoryError):
         flatten_quantized_linears(transformer, "int8", CPU, homes)
     assert len(made) == fail_at < len(layers)
-    assert acc.quantized_linears(transformer) == layers and not flattened_tensors(transformer)
+    assert quantize.quantized_linears(transformer) == layers and not flattened_tensors(transformer)
     assert len(homes._groups) == groups  # the reserved slots are forgotten, not leaked
     assert same(generator.generate(PROMPT, seed=5, **SIZE).image, expected)
 

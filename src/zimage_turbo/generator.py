@@ -45,14 +45,7 @@ from typing import Any, TypeVar
 import torch
 
 from . import process_state
-from .acceleration import (
-    Accelerator,
-    attention_available,
-    compile_cache_dir,
-    quantization_for,
-    quantization_unavailable,
-    stored_bytes,
-)
+from .acceleration import Accelerator, attention_available, compile_cache_dir
 from .errors import (
     DeviceFailedError,
     GeneratorClosedError,
@@ -81,6 +74,7 @@ from .phases import (
 )
 from .planner import Candidate, Plan, candidate_for, effective_hardware, plan, smaller_workloads
 from .profile import ModelProfile, Workload
+from .quantize import quantization_for, quantization_unavailable, stored_bytes
 from .request import DEFAULT_STEPS, GenerationRequest, check_seed, requests_for
 from .result import Fallback, GenerationResult, StepInfo, Timings
 from .settings import ZImageSettings

@@ -23,11 +23,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..acceleration import QUANTIZATIONS, quantize_linears, quantized_linears, restore_linears
 from ..errors import InvalidSettingsError, StrategyUnavailableError
 from ..hardware import Hardware
 from ..host import CHUNK_BYTES, HostHomes, module_tensors
 from ..profile import ModelProfile, Workload
+from ..quantize import QUANTIZATIONS, quantize_linears, quantized_linears, restore_linears
 
 __all__ = [
     "PHASES",
@@ -161,7 +161,7 @@ def place_resident(
 
     With ``quantize``, the transformer's large linear layers get quantized copies on the device instead (built
     one layer at a time, so the bf16 transformer never has to fit there), and their original weights stay in
-    their host homes: returned, for :func:`~zimage_turbo.acceleration.restore_linears` to put back."""
+    their host homes: returned, for :func:`~zimage_turbo.quantize.restore_linears` to put back."""
     homes = host_homes(pipe)
     quantized = quantize is not None and "transformer" in names
     kept = {id(linear.weight) for linear in quantized_linears(pipe.transformer).values()} if quantized else set()
