@@ -27,9 +27,9 @@ from zimage_turbo import (
     plan,
     quantize,
 )
-from zimage_turbo import acceleration as acc
 from zimage_turbo.flat_quantized import FlatQuantizedLinear, flatten_quantized_linears, flattened_tensors, inner_specs
 from zimage_turbo.hardware import GIB
+from zimage_turbo.speedups import compile as compiling
 from zimage_turbo.strategies.base import host_homes
 
 PROMPT = "a red fox in fresh snow at dawn"
@@ -103,10 +103,10 @@ def test_compiled_fp8_layers_compute_what_torchao_does_and_go_back_to_eager_when
     assert layer.fp8_options is not None
     stepwise = flat_quantized._fp8_rowwise_linear(x, layer.qdata, layer.scale, bias, *layer.fp8_options)
     assert torch.equal(stepwise, expected)
-    part = next(part for part in acc.COMPILE_PARTS if part.name == "fp8_linears")
+    part = next(part for part in compiling.COMPILE_PARTS if part.name == "fp8_linears")
     assert part.inside_hooks and part.modules(pipe) == [layer] and not part.compiled(pipe)
     failures: list[str] = []
-    acc.compile_part(pipe, part, lambda failed, exc: failures.append(f"{failed.name}: {exc}"))
+    compiling.compile_part(pipe, part, lambda failed, exc: failures.append(f"{failed.name}: {exc}"))
     assert part.compiled(pipe)
     with torch.inference_mode():  # as the Generator runs (the bias is a trainable Parameter)
         compiled = layer(x)  # Inductor fuses the activation's quantization: fp8 rounding may differ in places
@@ -114,16 +114,16 @@ def test_compiled_fp8_layers_compute_what_torchao_does_and_go_back_to_eager_when
     assert torch.isfinite(compiled).all() and (compiled - expected).abs().max() <= 0.1 * expected.abs().max()
 
     # A compiler error: this call runs the same steps eagerly, later ones torchao's own path, and the
-    # Accelerator is told.
+    # SpeedupDriver is told.
     def broken(*args: object) -> torch.Tensor:
         raise TorchDynamoException("cannot trace this")
 
     monkeypatch.setattr(flat_quantized, "_compiled_fp8_linear", broken)
-    acc.compile_part(pipe, part, lambda failed, exc: failures.append(f"{failed.name}: {exc}"))
+    compiling.compile_part(pipe, part, lambda failed, exc: failures.append(f"{failed.name}: {exc}"))
     assert torch.equal(layer(x), expected)
     assert failures == ["fp8_linears: cannot trace this"] and not part.compiled(pipe)
-    acc.compile_part(pipe, part, lambda failed, exc: None)
-    acc.uncompile_part(pipe, part)
+    compiling.compile_part(pipe, part, lambda failed, exc: None)
+    compiling.uncompile_part(pipe, part)
     assert not part.compiled(pipe) and torch.equal(layer(x), expected)
 
 

@@ -45,7 +45,6 @@ from typing import Any, TypeVar
 import torch
 
 from . import process_state
-from .acceleration import Accelerator, attention_available, compile_cache_dir
 from .errors import (
     DeviceFailedError,
     GeneratorClosedError,
@@ -79,6 +78,9 @@ from .request import DEFAULT_STEPS, GenerationRequest, check_seed, requests_for
 from .result import Fallback, GenerationResult, StepInfo, Timings
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
+from .speedups import SpeedupDriver
+from .speedups.attention import attention_available
+from .speedups.compile import compile_cache_dir
 from .strategies import FullGPU, Hybrid, LoadStrategy, StreamedOffload, strategy_from
 from .strategies.base import components, host_homes, new_host_homes, send_everything_home
 
@@ -162,7 +164,7 @@ class Generator:
         self._callback: Callable[[StepInfo], None] | None = None  # of the generation running now
         self._callback_index = 0
         self._callback_error: BaseException | None = None  # what that callback raised, if anything
-        self._accelerator = Accelerator(base.attention, base.compile, compile_cache_dir(base.cache_dir))
+        self._accelerator = SpeedupDriver(base.attention, base.compile, compile_cache_dir(base.cache_dir))
         # the quantization the planner may use (None: lossless only), and whether lossless placements rank first
         self._quantize: str | None = None
         self._prefer_lossless = True

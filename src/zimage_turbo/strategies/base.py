@@ -54,7 +54,7 @@ _HOMES_ATTRIBUTE = "_zimage_turbo_homes"
 # feed-forward: 177 of 181 M parameters per block in Z-Image).
 QUANTIZED_SHARE = 0.97
 # Eager denoising time of a quantized transformer relative to bf16 (predictions are eager; compiling scales
-# both, see acceleration.py). fp8, measured on the H200 at 1024x1024: 1.364 s against 1.185 s, since torchao
+# both, see speedups/compile.py). fp8, measured on the H200 at 1024x1024: 1.364 s against 1.185 s, since torchao
 # quantizes each activation in kernels of its own (compiled, 0.569 s against 0.793 s). int8 weight-only
 # dequantizes in every matmul: an estimate, not measured.
 QUANTIZED_DENOISE = {"fp8": 1.15, "int8": 1.1}
