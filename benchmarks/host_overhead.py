@@ -6,7 +6,7 @@ Two measurements:
 
 * **Module walks on the full-size model.** The full pipeline is built on the ``meta`` device (every module and
   parameter object, no weights), and we time what walks all of it: diffusers' ``pipe._execution_device`` and
-  the speed-ups' check that a part runs unhooked (:func:`zimage_turbo.acceleration.runs_unhooked_on`). On a
+  the speed-ups' check that a part runs unhooked (:func:`zimage_turbo.speedups.compile.runs_unhooked_on`). On a
   GPU such host time adds to the image whenever the GPU is waiting for the host.
 * **Ours against plain diffusers on the tiny checkpoint**, alternating, same seed and passes: the whole image is
   host-bound here, so what our wrapper adds shows directly. Also counted: garbage collections per image.
@@ -39,8 +39,8 @@ def _ms(action: Callable[[], object], repeats: int) -> float:
 
 
 def module_walks(repeats: int) -> dict[str, Any]:
-    from zimage_turbo import acceleration
     from zimage_turbo.checkpoints import PRESETS, _build_pipeline
+    from zimage_turbo.speedups import compile as compiling
 
     meta = torch.device("meta")
     pipe = _build_pipeline(PRESETS["full"], 0, meta)
@@ -50,9 +50,9 @@ def module_walks(repeats: int) -> dict[str, Any]:
         },
         "execution_device_ms": _ms(lambda: pipe._execution_device, repeats),
     }
-    for part in acceleration.COMPILE_PARTS:
+    for part in compiling.COMPILE_PARTS:
         walks[f"runs_unhooked_on_{part.name}_ms"] = _ms(
-            lambda part=part: acceleration.runs_unhooked_on(part.modules(pipe), meta), repeats
+            lambda part=part: compiling.runs_unhooked_on(part.modules(pipe), meta), repeats
         )
     return walks
 

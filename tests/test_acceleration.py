@@ -1,6 +1,6 @@
 """The speed-ups on the CPU: attention settings, the compile decision, regional compile, quantized rungs.
 
-Kernel timings and fp8 need a GPU (tests/gpu/test_acceleration.py). Here: what is refused before loading, the
+Kernel timings and fp8 need a GPU (tests/gpu/test_gpu_acceleration.py). Here: what is refused before loading, the
 compile rules, that compiled blocks (Dynamo's tracing, with the "eager" backend: Inductor's code generation is
 what takes time, not what is tested here) give the eager image bit for bit, that int8 quantization swaps
 weights in and out without losing the originals, and how the planner ranks quantized rungs.
@@ -31,9 +31,11 @@ from zimage_turbo import (
     StreamedOffload,
     ZImageSettings,
     plan,
+    quantize,
 )
-from zimage_turbo import acceleration as acc
 from zimage_turbo.hardware import GIB
+from zimage_turbo.speedups import SpeedupDriver, attention
+from zimage_turbo.speedups import compile as compiling
 
 PROMPT = "a red fox in fresh snow at dawn"
 CPU = torch.device("cpu")
@@ -42,7 +44,7 @@ SIZE = {"height": 256, "width": 256}
 
 @pytest.fixture
 def eager_compile(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setitem(acc.COMPILE_OPTIONS, "backend", "eager")
+    monkeypatch.setitem(compiling.COMPILE_OPTIONS, "backend", "eager")
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -60,16 +62,16 @@ def _pixels(image: object) -> np.ndarray:
 
 
 def test_off_cuda_the_automatic_kernel_is_the_default_without_measuring() -> None:
-    assert acc.choose_attention(CPU, torch.float32, acc.AttentionShape(1, 4224, 30, 128)) == ("native", {})
+    assert attention.choose_attention(CPU, torch.float32, attention.AttentionShape(1, 4224, 30, 128)) == ("native", {})
 
 
 def test_kernel_availability_says_why() -> None:
-    assert acc.attention_available("native", CPU) == ""
-    assert "CUDA" in acc.attention_available("cudnn", CPU)
-    assert "unknown attention kernel 'fast'" in acc.attention_available("fast", CPU)
+    assert attention.attention_available("native", CPU) == ""
+    assert "CUDA" in attention.attention_available("cudnn", CPU)
+    assert "unknown attention kernel 'fast'" in attention.attention_available("fast", CPU)
     missing = [name for name, package in (("flash_attn", "flash_attn"), ("sage", "sageattention")) if not _has(package)]
     for name in missing:
-        assert "package" in acc.attention_available(name, torch.device("cuda"))
+        assert "package" in attention.attention_available(name, torch.device("cuda"))
 
 
 def _has(package: str) -> bool:
@@ -88,7 +90,7 @@ def test_a_kernel_that_cannot_run_here_is_refused_before_loading(tiny_checkpoint
 def test_a_forced_kernel_falls_back_to_the_default_where_a_strategy_moved_the_model(
     tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    accelerator = acc.Accelerator("cudnn", "off", Path("unused"))
+    accelerator = SpeedupDriver("cudnn", "off", Path("unused"))
     generator = Generator(settings=_settings(tiny_checkpoint), strategy="cpu").load()
     accelerator.prepare(generator.pipeline, CPU, torch.float32, False, (256, 256, {}))
     assert accelerator.attention == "native" and "cannot run on cpu" in caplog.text
@@ -108,65 +110,75 @@ def test_an_unknown_kernel_name_is_an_invalid_setting() -> None:
 
 
 def test_on_and_off_do_what_they_say(tmp_path: Path) -> None:
-    assert acc.CompileAdvisor("on", tmp_path, "k").should_compile(0.0)
-    assert not acc.CompileAdvisor("off", tmp_path, "k").should_compile(1e9)
+    assert compiling.CompileAdvisor("on", tmp_path, "k").should_compile(0.0)
+    assert not compiling.CompileAdvisor("off", tmp_path, "k").should_compile(1e9)
 
 
 def test_known_work_compiles_when_its_saving_covers_the_compile(tmp_path: Path) -> None:
-    advisor = acc.CompileAdvisor("auto", tmp_path, "k")
-    assert advisor.expected_compile_s == acc.DEFAULT_COMPILE_SECONDS
-    break_even = acc.DEFAULT_COMPILE_SECONDS / acc.COMPILE_SAVING
+    advisor = compiling.CompileAdvisor("auto", tmp_path, "k")
+    assert advisor.expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
+    break_even = compiling.DEFAULT_COMPILE_SECONDS / compiling.COMPILE_SAVING
     assert not advisor.should_compile(0.9 * break_even)
     assert advisor.should_compile(1.1 * break_even)
 
 
 def test_work_arriving_one_image_at_a_time_compiles_once_it_has_paid_the_compile(tmp_path: Path) -> None:
     """Ski rental: compile once the eager time already spent would have saved the compile's cost."""
-    advisor = acc.CompileAdvisor("auto", tmp_path, "k")
+    advisor = compiling.CompileAdvisor("auto", tmp_path, "k")
     per_image = 1.2
     images = 0
     while not advisor.should_compile(per_image):
         advisor.ran_eager(per_image)
         images += 1
     spent = images * per_image
-    assert spent * acc.COMPILE_SAVING < acc.DEFAULT_COMPILE_SECONDS <= (spent + per_image) * acc.COMPILE_SAVING
+    assert (
+        spent * compiling.COMPILE_SAVING
+        < compiling.DEFAULT_COMPILE_SECONDS
+        <= (spent + per_image) * compiling.COMPILE_SAVING
+    )
     # never more than twice the best choice in hindsight: the eager time wasted is at most the compile cost
-    assert spent * acc.COMPILE_SAVING <= acc.DEFAULT_COMPILE_SECONDS
+    assert spent * compiling.COMPILE_SAVING <= compiling.DEFAULT_COMPILE_SECONDS
 
 
 def test_a_measured_compile_time_is_what_the_next_advisor_expects(tmp_path: Path) -> None:
-    acc.CompileAdvisor("auto", tmp_path, "torch x / GPU y / bfloat16").compiled_in(3.25)
+    compiling.CompileAdvisor("auto", tmp_path, "torch x / GPU y / bfloat16").compiled_in(3.25)
     records = json.loads((tmp_path / "zimage-turbo-compile-times.json").read_text())
     assert records == {"torch x / GPU y / bfloat16": 3.25}
-    assert acc.CompileAdvisor("auto", tmp_path, "torch x / GPU y / bfloat16").expected_compile_s == 3.25
+    assert compiling.CompileAdvisor("auto", tmp_path, "torch x / GPU y / bfloat16").expected_compile_s == 3.25
     # another device or PyTorch version starts from the default
-    assert acc.CompileAdvisor("auto", tmp_path, "other").expected_compile_s == acc.DEFAULT_COMPILE_SECONDS
+    assert compiling.CompileAdvisor("auto", tmp_path, "other").expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
 
 
 def test_each_part_has_its_own_cost_saving_and_record(tmp_path: Path) -> None:
     """The text encoder saves a share of the encode, not of the denoising, and costs its own compile time;
     fp8 blocks expect a larger saving than bf16 ones (activation quantization fuses away)."""
-    blocks, text_encoder, *_ = acc.COMPILE_PARTS
-    advisor = acc.CompileAdvisor("auto", tmp_path, "k / text_encoder", text_encoder)
-    assert advisor.expected_compile_s == acc.TEXT_ENCODER_COMPILE_SECONDS
-    break_even = acc.TEXT_ENCODER_COMPILE_SECONDS / acc.TEXT_ENCODER_SAVING
+    blocks, text_encoder, *_ = compiling.COMPILE_PARTS
+    advisor = compiling.CompileAdvisor("auto", tmp_path, "k / text_encoder", text_encoder)
+    assert advisor.expected_compile_s == compiling.TEXT_ENCODER_COMPILE_SECONDS
+    break_even = compiling.TEXT_ENCODER_COMPILE_SECONDS / compiling.TEXT_ENCODER_SAVING
     assert not advisor.should_compile(0.9 * break_even) and advisor.should_compile(1.1 * break_even)
     advisor.compiled_in(12.5)
-    assert acc.CompileAdvisor("auto", tmp_path, "k / text_encoder", text_encoder).expected_compile_s == 12.5
-    assert acc.CompileAdvisor("auto", tmp_path, "k", blocks).expected_compile_s == acc.DEFAULT_COMPILE_SECONDS
-    accelerator = acc.Accelerator("native", "auto", tmp_path)
+    assert compiling.CompileAdvisor("auto", tmp_path, "k / text_encoder", text_encoder).expected_compile_s == 12.5
+    assert (
+        compiling.CompileAdvisor("auto", tmp_path, "k", blocks).expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
+    )
+    accelerator = SpeedupDriver("native", "auto", tmp_path)
     bf16 = accelerator._advisor(blocks, CPU, torch.bfloat16, None)
     fp8 = accelerator._advisor(blocks, CPU, torch.bfloat16, "fp8")
-    assert bf16 is not fp8 and fp8.saving > bf16.saving == acc.COMPILE_SAVING
+    assert bf16 is not fp8 and fp8.saving > bf16.saving == compiling.COMPILE_SAVING
 
 
 def test_known_work_pays_for_each_part_from_its_own_phase(tmp_path: Path) -> None:
     """Work ahead whose denoising covers the blocks' compile, with a short encode and decode, pays for the
     blocks alone."""
-    upcoming = {"encode": 1.0, "denoise": 2 * acc.DEFAULT_COMPILE_SECONDS / acc.COMPILE_SAVING, "decode": 1.0}
+    upcoming = {
+        "encode": 1.0,
+        "denoise": 2 * compiling.DEFAULT_COMPILE_SECONDS / compiling.COMPILE_SAVING,
+        "decode": 1.0,
+    }
     decisions = {
-        part.name: acc.CompileAdvisor("auto", tmp_path, part.name, part).should_compile(upcoming[part.phase])
-        for part in acc.COMPILE_PARTS
+        part.name: compiling.CompileAdvisor("auto", tmp_path, part.name, part).should_compile(upcoming[part.phase])
+        for part in compiling.COMPILE_PARTS
     }
     # (the fp8 layers of streamed blocks are compiled from the denoising time too; only streamed fp8 has them)
     assert decisions == {"blocks": True, "text_encoder": False, "vae_decoder": False, "fp8_linears": True}
@@ -176,28 +188,28 @@ def test_parts_leave_compile_when_the_strategy_cannot_run_them_compiled(
     tiny_checkpoint: Path, tmp_path: Path, eager_compile: None
 ) -> None:
     pipe = Generator(settings=_settings(tiny_checkpoint, compile="off"), strategy="cpu").load().pipeline
-    accelerator = acc.Accelerator("native", "on", tmp_path)
+    accelerator = SpeedupDriver("native", "on", tmp_path)
     accelerator.prepare(pipe, CPU, torch.float32, True, (256, 256, {}), placement=1)
-    assert accelerator.compiled == ("blocks", "text_encoder", "vae_decoder") == acc.compiled_parts(pipe)
+    assert accelerator.compiled == ("blocks", "text_encoder", "vae_decoder") == compiling.compiled_parts(pipe)
     accelerator.prepare(pipe, CPU, torch.float32, False, (256, 256, {}), placement=2)
-    assert accelerator.compiled == () == acc.compiled_parts(pipe)
+    assert accelerator.compiled == () == compiling.compiled_parts(pipe)
     # "auto" never compiles on a CPU ("on" above does)
-    automatic = acc.Accelerator("native", "auto", tmp_path)
+    automatic = SpeedupDriver("native", "auto", tmp_path)
     automatic.prepare(pipe, CPU, torch.float32, True, (256, 256, {"denoise": 1e9}), placement=3)
-    assert automatic.compiled == () == acc.compiled_parts(pipe)
+    assert automatic.compiled == () == compiling.compiled_parts(pipe)
 
 
 def test_a_damaged_record_file_means_no_record(tmp_path: Path) -> None:
     (tmp_path / "zimage-turbo-compile-times.json").write_text("{not json")
-    assert acc.CompileAdvisor("auto", tmp_path, "k").expected_compile_s == acc.DEFAULT_COMPILE_SECONDS
+    assert compiling.CompileAdvisor("auto", tmp_path, "k").expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
     (tmp_path / "zimage-turbo-compile-times.json").write_text('{"k": "NaN", "j": [1]}')
-    assert acc.CompileAdvisor("auto", tmp_path, "k").expected_compile_s == acc.DEFAULT_COMPILE_SECONDS
+    assert compiling.CompileAdvisor("auto", tmp_path, "k").expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
 
 
 def test_compile_cache_folder_follows_the_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert acc.compile_cache_dir(tmp_path / "cache") == tmp_path / "cache" / "torch-compile"
+    assert compiling.compile_cache_dir(tmp_path / "cache") == tmp_path / "cache" / "torch-compile"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert acc.compile_cache_dir(None) == tmp_path / "xdg" / "zimage-turbo" / "torch-compile"
+    assert compiling.compile_cache_dir(None) == tmp_path / "xdg" / "zimage-turbo" / "torch-compile"
 
 
 # -- regional compile ----------------------------------------------------------------------------------------
@@ -212,7 +224,7 @@ def test_compiled_parts_give_the_eager_image_and_leave_with_a_streaming_strategy
     generator = Generator(settings=settings, strategy="cpu")
     first = generator.generate(PROMPT, seed=4, **SIZE)
     everything = ("blocks", "text_encoder", "vae_decoder")
-    assert first.compiled == everything == acc.compiled_parts(generator.pipeline)
+    assert first.compiled == everything == compiling.compiled_parts(generator.pipeline)
     assert same(first.image, reference)
     # Streaming hooks the blocks and the text encoder: they run eagerly there, with the same image.
     generator.switch(StreamedOffload(device="cpu"))
@@ -223,7 +235,7 @@ def test_compiled_parts_give_the_eager_image_and_leave_with_a_streaming_strategy
     assert generator.generate(PROMPT, seed=4, **SIZE).compiled == everything
     # each part's compile was timed and recorded where the settings keep caches
     records = json.loads((tmp_path / "torch-compile" / "zimage-turbo-compile-times.json").read_text())
-    key = acc.compile_key(CPU, torch.float32)
+    key = compiling.compile_key(CPU, torch.float32)
     assert sorted(records) == [key, f"{key} / text_encoder", f"{key} / vae_decoder"]
     assert all(math.isfinite(value) for value in records.values())
 
@@ -235,8 +247,8 @@ def test_a_compiler_failure_costs_speed_not_the_image(
     eagerly, with the eager image, and the part is never compiled again in this Generator."""
     reference = Generator(settings=_settings(tiny_checkpoint, compile="off"), strategy="cpu")
     expected = reference.generate(PROMPT, seed=5, **SIZE).image
-    monkeypatch.setitem(acc.COMPILE_OPTIONS, "backend", "eager")
-    monkeypatch.setitem(acc.COMPILE_OPTIONS, "fullgraph", True)
+    monkeypatch.setitem(compiling.COMPILE_OPTIONS, "backend", "eager")
+    monkeypatch.setitem(compiling.COMPILE_OPTIONS, "fullgraph", True)
     torch._dynamo.reset()
     decoder_class = type(Generator(settings=_settings(tiny_checkpoint), strategy="cpu").load().pipeline.vae.decoder)
     untraceable = decoder_class.forward
@@ -260,13 +272,13 @@ def test_a_compiler_failure_costs_speed_not_the_image(
 def test_a_part_behind_offloading_hooks_is_not_compiled(tiny_checkpoint: Path, eager_compile: None) -> None:
     generator = Generator(settings=_settings(tiny_checkpoint, compile="on"), strategy="cpu").load()
     pipe = generator.pipeline
-    assert acc.runs_unhooked_on([pipe.text_encoder], CPU)
-    assert not acc.runs_unhooked_on([pipe.text_encoder], torch.device("cuda"))  # not where it would run
+    assert compiling.runs_unhooked_on([pipe.text_encoder], CPU)
+    assert not compiling.runs_unhooked_on([pipe.text_encoder], torch.device("cuda"))  # not where it would run
     from accelerate.hooks import ModelHook, add_hook_to_module
 
     add_hook_to_module(pipe.text_encoder.layers[0], ModelHook())
-    assert not acc.runs_unhooked_on([pipe.text_encoder], CPU)
-    assert not acc.runs_unhooked_on([], CPU)
+    assert not compiling.runs_unhooked_on([pipe.text_encoder], CPU)
+    assert not compiling.runs_unhooked_on([], CPU)
 
 
 def test_auto_never_compiles_on_a_cpu(tiny_checkpoint: Path, eager_compile: None) -> None:
@@ -281,7 +293,7 @@ def test_auto_never_compiles_on_a_cpu(tiny_checkpoint: Path, eager_compile: None
 def test_the_quantized_layers_are_the_blocks_attention_and_feed_forward(tiny_checkpoint: Path) -> None:
     generator = Generator(settings=_settings(tiny_checkpoint), strategy="cpu").load()
     transformer = generator.pipeline.transformer
-    names = acc.quantized_linears(transformer)
+    names = quantize.quantized_linears(transformer)
     expected = set()
     for group in ("layers", "noise_refiner", "context_refiner"):
         for index, block in enumerate(getattr(transformer, group)):
@@ -304,15 +316,15 @@ def test_int8_swaps_quantized_weights_in_and_the_originals_back(tiny_checkpoint:
     quantized = generator.generate(PROMPT, seed=5, **SIZE)
     assert quantized.quantization == "int8" and quantized.strategy == "full_gpu"
     transformer = generator.pipeline.transformer
-    weights = [linear.weight for linear in acc.quantized_linears(transformer).values()]
-    assert all(acc.stored_bytes(weight) < weight.numel() * 2 for weight in weights)  # one byte, plus scales
+    weights = [linear.weight for linear in quantize.quantized_linears(transformer).values()]
+    assert all(quantize.stored_bytes(weight) < weight.numel() * 2 for weight in weights)  # one byte, plus scales
     difference = np.abs(_pixels(quantized.image) - _pixels(reference))
     assert 0 < difference.max() <= 16  # it changes the image, a little
     # Back to an unquantized strategy: the very same original weights, so the very same image.
     generator.switch(CPUOnly())
     restored = generator.generate(PROMPT, seed=5, **SIZE)
     assert restored.quantization is None and same(restored.image, reference)
-    assert all(type(linear.weight) is torch.nn.Parameter for linear in acc.quantized_linears(transformer).values())
+    assert all(type(linear.weight) is torch.nn.Parameter for linear in quantize.quantized_linears(transformer).values())
 
 
 def test_an_explicit_quantization_applies_to_strategies_named_not_to_instances(
@@ -364,9 +376,9 @@ def test_stored_bytes_counts_what_a_quantized_weight_really_holds() -> None:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     linear = torch.nn.Linear(64, 32, bias=False)
-    assert acc.stored_bytes(linear.weight) == 64 * 32 * 4
+    assert quantize.stored_bytes(linear.weight) == 64 * 32 * 4
     quantize_(linear, Int8WeightOnlyConfig())
-    assert 64 * 32 <= acc.stored_bytes(linear.weight) < 64 * 32 * 2
+    assert 64 * 32 <= quantize.stored_bytes(linear.weight) < 64 * 32 * 2
 
 
 def _card(gib: float) -> Hardware:

@@ -34,7 +34,7 @@ from zimage_turbo import (
     ZImageError,
     ZImageSettings,
 )
-from zimage_turbo.phases import is_device_failure, is_out_of_memory
+from zimage_turbo.failures import is_device_failure, is_out_of_memory
 from zimage_turbo.strategies.base import LoadStrategy
 
 PROMPT = "a lighthouse in a storm, oil painting"

@@ -25,10 +25,11 @@ from zimage_turbo import (
     StreamedOffload,
     ZImageSettings,
     plan,
+    quantize,
 )
-from zimage_turbo import acceleration as acc
 from zimage_turbo.flat_quantized import FlatQuantizedLinear, flatten_quantized_linears, flattened_tensors, inner_specs
 from zimage_turbo.hardware import GIB
+from zimage_turbo.speedups import compile as compiling
 from zimage_turbo.strategies.base import host_homes
 
 PROMPT = "a red fox in fresh snow at dawn"
@@ -53,7 +54,7 @@ def _fp8_weight(weight: torch.Tensor) -> torch.Tensor:
         QuantizeTensorToFloat8Kwargs,
     )
 
-    activations = QuantizeTensorToFloat8Kwargs(granularity=PerRow(), hp_value_lb=acc.FP8_ROW_FLOOR)
+    activations = QuantizeTensorToFloat8Kwargs(granularity=PerRow(), hp_value_lb=quantize.FP8_ROW_FLOOR)
     return Float8Tensor.from_hp(
         weight, granularity=PerRow(), mm_config=Float8MMConfig(use_fast_accum=True), act_quant_kwargs=activations
     )
@@ -102,10 +103,10 @@ def test_compiled_fp8_layers_compute_what_torchao_does_and_go_back_to_eager_when
     assert layer.fp8_options is not None
     stepwise = flat_quantized._fp8_rowwise_linear(x, layer.qdata, layer.scale, bias, *layer.fp8_options)
     assert torch.equal(stepwise, expected)
-    part = next(part for part in acc.COMPILE_PARTS if part.name == "fp8_linears")
+    part = next(part for part in compiling.COMPILE_PARTS if part.name == "fp8_linears")
     assert part.inside_hooks and part.modules(pipe) == [layer] and not part.compiled(pipe)
     failures: list[str] = []
-    acc.compile_part(pipe, part, lambda failed, exc: failures.append(f"{failed.name}: {exc}"))
+    compiling.compile_part(pipe, part, lambda failed, exc: failures.append(f"{failed.name}: {exc}"))
     assert part.compiled(pipe)
     with torch.inference_mode():  # as the Generator runs (the bias is a trainable Parameter)
         compiled = layer(x)  # Inductor fuses the activation's quantization: fp8 rounding may differ in places
@@ -113,16 +114,16 @@ def test_compiled_fp8_layers_compute_what_torchao_does_and_go_back_to_eager_when
     assert torch.isfinite(compiled).all() and (compiled - expected).abs().max() <= 0.1 * expected.abs().max()
 
     # A compiler error: this call runs the same steps eagerly, later ones torchao's own path, and the
-    # Accelerator is told.
+    # SpeedupDriver is told.
     def broken(*args: object) -> torch.Tensor:
         raise TorchDynamoException("cannot trace this")
 
     monkeypatch.setattr(flat_quantized, "_compiled_fp8_linear", broken)
-    acc.compile_part(pipe, part, lambda failed, exc: failures.append(f"{failed.name}: {exc}"))
+    compiling.compile_part(pipe, part, lambda failed, exc: failures.append(f"{failed.name}: {exc}"))
     assert torch.equal(layer(x), expected)
     assert failures == ["fp8_linears: cannot trace this"] and not part.compiled(pipe)
-    acc.compile_part(pipe, part, lambda failed, exc: None)
-    acc.uncompile_part(pipe, part)
+    compiling.compile_part(pipe, part, lambda failed, exc: None)
+    compiling.uncompile_part(pipe, part)
     assert not part.compiled(pipe) and torch.equal(layer(x), expected)
 
 
@@ -145,17 +146,17 @@ def test_streamed_int8_gives_the_resident_int8_image_and_switching_back_gives_bf
     assert same(streamed.image, expected)  # the same quantized weights, streamed: the same image
     transformer = generator.pipeline.transformer
     flattened = flattened_tensors(transformer)
-    assert len(flattened) >= 2 * len(acc.quantized_linears(resident.pipeline.transformer)) > 0
-    assert not acc.quantized_linears(transformer)  # every targeted layer is flattened
+    assert len(flattened) >= 2 * len(quantize.quantized_linears(resident.pipeline.transformer)) > 0
+    assert not quantize.quantized_linears(transformer)  # every targeted layer is flattened
     homes = host_homes(generator.pipeline)
     assert homes.has_home(flattened)  # streamed from host homes, like the bf16 blocks
 
     generator.switch(CPUOnly())
     back = generator.generate(PROMPT, seed=5, **SIZE)
     assert back.quantization is None and same(back.image, plain)
-    assert not flattened_tensors(transformer) and acc.quantized_linears(transformer)
+    assert not flattened_tensors(transformer) and quantize.quantized_linears(transformer)
     assert not any(homes.has_home([tensor]) for tensor in flattened)  # the quantized copies are forgotten
-    assert all(type(linear.weight) is torch.nn.Parameter for linear in acc.quantized_linears(transformer).values())
+    assert all(type(linear.weight) is torch.nn.Parameter for linear in quantize.quantized_linears(transformer).values())
 
 
 def test_an_error_while_flattening_leaves_every_bf16_layer_in_place(
@@ -164,24 +165,24 @@ def test_an_error_while_flattening_leaves_every_bf16_layer_in_place(
     generator = Generator(settings=_settings(tiny_checkpoint), strategy="cpu")
     expected = generator.generate(PROMPT, seed=5, **SIZE).image
     transformer = generator.pipeline.transformer
-    layers = acc.quantized_linears(transformer)
+    layers = quantize.quantized_linears(transformer)
     homes = host_homes(generator.pipeline)
     groups = len(homes._groups)
     # past the first layer of each shape (quantized before the slots are reserved): some layers are flattened
     fail_at = len({tuple(linear.weight.shape) for linear in layers.values()}) + 2
     made = []
 
-    def failing(weight: torch.Tensor, kind: acc.QuantizationName, device: torch.device) -> torch.Tensor:
+    def failing(weight: torch.Tensor, kind: quantize.QuantizationName, device: torch.device) -> torch.Tensor:
         if len(made) == fail_at:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         made.append(weight)
-        return acc.quantized_weight(weight, kind, device)
+        return quantize.quantized_weight(weight, kind, device)
 
     monkeypatch.setattr(flat_quantized, "quantized_weight", failing)
     with pytest.raises(torch.OutOfMemoryError):
         flatten_quantized_linears(transformer, "int8", CPU, homes)
     assert len(made) == fail_at < len(layers)
-    assert acc.quantized_linears(transformer) == layers and not flattened_tensors(transformer)
+    assert quantize.quantized_linears(transformer) == layers and not flattened_tensors(transformer)
     assert len(homes._groups) == groups  # the reserved slots are forgotten, not leaked
     assert same(generator.generate(PROMPT, seed=5, **SIZE).image, expected)
 

@@ -27,8 +27,9 @@ from typing import Any, cast
 
 import torch
 
-from .acceleration import QuantizationName, guard_compiled, quantized_linears, quantized_weight
+from .failures import guard_compiled
 from .host import HostHomes
+from .quantize import QuantizationName, quantized_linears, quantized_weight
 
 __all__ = [
     "FlatQuantizedLinear",

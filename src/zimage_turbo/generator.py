@@ -41,15 +41,12 @@ from typing import Any
 
 import torch
 
-from .acceleration import (
-    Accelerator,
-    compile_cache_dir,
-)
 from .errors import DeviceFailedError, GeneratorClosedError, InvalidRequestError, InvalidSettingsError, first_line
+from .failures import is_device_failure
 from .hardware import Hardware
 from .ladder import Ladder
 from .machine import Machine, parse_device
-from .phases import MAX_SEQUENCE_LENGTH, Progress, count_prompt_tokens, is_device_failure, release_memory
+from .phases import MAX_SEQUENCE_LENGTH, Progress, count_prompt_tokens, release_memory
 from .placement import Placement, load_placement
 from .planner import Candidate, Plan, candidate_for
 from .profile import ModelProfile, Workload
@@ -57,6 +54,8 @@ from .request import DEFAULT_STEPS, GenerationRequest, check_seed, requests_for
 from .result import Fallback, GenerationResult, StepInfo
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
+from .speedups import SpeedupDriver
+from .speedups.compile import compile_cache_dir
 from .strategies import LoadStrategy, strategy_from
 from .strategies.base import private_copy
 from .tasks import Attempt, Call, result_of, run_task
@@ -120,7 +119,7 @@ class Generator:
         self._pending: list[Fallback] = []  # what loading had to change, reported with the next result
         self._closed = False
         self._device_failure: str | None = None  # a CUDA error that poisoned the context, once met
-        self._accelerator = Accelerator(base.attention, base.compile, compile_cache_dir(base.cache_dir))
+        self._speedups = SpeedupDriver(base.attention, base.compile, compile_cache_dir(base.cache_dir))
         if load:
             self.load()
 
@@ -468,7 +467,7 @@ class Generator:
             work = attempt.timings.work
             timings = replace(attempt.timings, load=load_seconds, recovery=time.perf_counter() - started - work)
             return result_of(
-                call, request, attempt, timings, self._placement, self._accelerator, self.settings.quantization
+                call, request, attempt, timings, self._placement, self._speedups, self.settings.quantization
             )
         except BaseException as exc:
             self._after_failure(exc)
@@ -485,7 +484,7 @@ class Generator:
 
     def _run_rung(self, call: Call, request: GenerationRequest, rung: Candidate, progress: Progress) -> Attempt:
         assert self._placement is not None
-        return run_task(call, request, rung, progress, self._placement, self._accelerator, self._machine.gpu_devices())
+        return run_task(call, request, rung, progress, self._placement, self._speedups, self._machine.gpu_devices())
 
 
 def _model_name(model: object) -> str:

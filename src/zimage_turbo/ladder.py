@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from .errors import NotEnoughMemoryError, PlacementFailedError, ZImageError, first_line
-from .phases import Progress, is_device_failure, is_out_of_memory, release_memory
+from .failures import is_device_failure, is_out_of_memory
+from .phases import Progress, release_memory
 from .placement import Placement
 from .planner import Candidate, Plan, candidate_for, smaller_workloads
 from .profile import Workload

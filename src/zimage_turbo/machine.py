@@ -12,14 +12,15 @@ import logging
 
 import torch
 
-from .acceleration import attention_available, quantization_for, quantization_unavailable
 from .errors import InvalidRequestError, InvalidSettingsError
 from .hardware import GIB, Hardware, detect_hardware
 from .loader import resolve_dtype
 from .planner import Candidate, Plan, candidate_for, effective_hardware, plan
 from .profile import ModelProfile, Workload
+from .quantize import quantization_for, quantization_unavailable
 from .request import GenerationRequest
 from .settings import ZImageSettings
+from .speedups.attention import attention_available
 from .strategies import FullGPU, Hybrid, LoadStrategy, StreamedOffload
 
 __all__ = ["Machine", "parse_device"]

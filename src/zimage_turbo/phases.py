@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import GenerationInterruptedError, first_line
+from .errors import GenerationInterruptedError
 from .model import MAX_SEQUENCE_LENGTH, VAE_TILE_PIXELS
 
 __all__ = [
@@ -27,8 +27,6 @@ __all__ = [
     "decode",
     "denoise",
     "encode",
-    "is_device_failure",
-    "is_out_of_memory",
     "release_memory",
     "set_vae_tiling",
 ]
@@ -144,45 +142,6 @@ def count_prompt_tokens(tokenizer: Any, prompt: str) -> int:
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
     )
     return len(tokenizer(text).input_ids)
-
-
-_ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "out of memory")
-# What CUDA's sticky errors look like in PyTorch's messages: after one of these every later CUDA call in the
-# process fails too (an illegal address, a device-side assert, a kernel that crashed).
-_DEVICE_FAILURES = (
-    "CUDA error",
-    "device-side assert",
-    "illegal memory access",
-    "illegal address",
-    "unspecified launch failure",
-    "misaligned address",
-    "CUBLAS_STATUS_EXECUTION_FAILED",
-    "CUDNN_STATUS_EXECUTION_FAILED",
-    "HIP error",
-)
-# torch >= 2.8 raises CUDA errors as torch.AcceleratorError, a RuntimeError subclass
-_CUDA_ERROR_TYPES: tuple[type[BaseException], ...] = (RuntimeError, getattr(torch, "AcceleratorError", RuntimeError))
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for the errors the ladder handles: CUDA running out of memory (also inside cuBLAS/cuDNN, which
-    report it as a RuntimeError). Other CUDA errors (an illegal access, a device-side assert) are not: they
-    leave the CUDA context unusable, and retrying would only hide them."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    if type(exc) in _CUDA_ERROR_TYPES:
-        first = first_line(exc)
-        return any(marker in first for marker in _ALLOCATION_FAILURES) and "illegal" not in first
-    return False
-
-
-def is_device_failure(exc: BaseException) -> bool:
-    """True for CUDA errors other than running out of memory: they poison the process's CUDA context, so the
-    Generator that met one must not touch the GPU again (see :class:`~zimage_turbo.errors.DeviceFailedError`)."""
-    if not isinstance(exc, RuntimeError) or is_out_of_memory(exc):
-        return False
-    first = first_line(exc)
-    return any(marker in first for marker in _DEVICE_FAILURES)
 
 
 def release_memory() -> None:

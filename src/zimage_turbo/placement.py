@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from .acceleration import stored_bytes
 from .errors import first_line
 from .execution import pin_execution_device
 from .hardware import Hardware
@@ -23,6 +22,7 @@ from .loader import load_pipeline
 from .phases import release_memory, set_vae_tiling
 from .planner import Candidate, effective_hardware
 from .profile import ModelProfile
+from .quantize import stored_bytes
 from .result import Fallback
 from .sources import ResolvedModel
 from .strategies import LoadStrategy

@@ -49,7 +49,7 @@ StrategyName = Literal[
     "cpu",
 ]
 STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
-# See zimage_turbo.acceleration for what each does.
+# See zimage_turbo.speedups for what each does.
 AttentionName = Literal["auto", "native", "flash", "cudnn", "efficient", "math", "flash_attn", "flash_attn_3", "sage"]
 CompileMode = Literal["auto", "on", "off"]
 QuantizationSetting = Literal["none", "auto", "fp8", "int8"]

@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 import torch
 
 from . import process_state
-from .acceleration import Accelerator
 from .errors import NumericalError, first_line
 from .execution import on_device
+from .failures import is_out_of_memory
 from .hardware import host_peak_rss_bytes
 from .phases import (
     MAX_SEQUENCE_LENGTH,
@@ -30,7 +30,6 @@ from .phases import (
     decode,
     denoise,
     encode,
-    is_out_of_memory,
     release_memory,
     set_vae_tiling,
 )
@@ -39,6 +38,7 @@ from .planner import Candidate
 from .profile import Workload
 from .request import GenerationRequest
 from .result import Fallback, GenerationResult, StepInfo, Timings
+from .speedups import SpeedupDriver
 
 __all__ = ["TEXT_TO_IMAGE", "Attempt", "Call", "phases_of", "result_of", "run_task"]
 
@@ -87,7 +87,7 @@ def run_task(
     rung: Candidate,
     progress: Progress,
     placement: Placement,
-    speedups: Accelerator,
+    speedups: SpeedupDriver,
     devices: Sequence[torch.device],
 ) -> Attempt:
     """Place the model for ``rung`` and run the phases of ``request`` not yet done; on a decode that runs out
@@ -116,7 +116,7 @@ class _Run:
         rung: Candidate,
         progress: Progress,
         placement: Placement,
-        speedups: Accelerator,
+        speedups: SpeedupDriver,
         devices: Sequence[torch.device],
     ) -> None:
         self.call, self.request, self.rung, self.progress = call, request, rung, progress
@@ -131,7 +131,7 @@ class _Run:
         active = self.placement.active
         assert active is not None
         self.device = self.placement.execution_device()
-        # the attention kernel for this shape, and what is compiled when that pays off (see acceleration.py)
+        # the attention kernel for this shape, and what is compiled when that pays off (see speedups/)
         self.speedups.prepare(
             self.pipe,
             self.device,
@@ -267,7 +267,7 @@ def result_of(
     attempt: Attempt,
     timings: Timings,
     placement: Placement,
-    speedups: Accelerator,
+    speedups: SpeedupDriver,
     quantization: str,
 ) -> GenerationResult:
     """The result of a request that ``attempt`` made, with what the caller should know in ``warnings``:

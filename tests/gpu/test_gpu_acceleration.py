@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from zimage_turbo import GenerationResult, Generator, Hybrid, StreamedOffload, ZImageSettings, acceleration
-from zimage_turbo.acceleration import AttentionShape, attention_available, choose_attention, measure_attention
+from zimage_turbo import GenerationResult, Generator, Hybrid, StreamedOffload, ZImageSettings
+from zimage_turbo.speedups import attention
+from zimage_turbo.speedups.attention import AttentionShape, attention_available, choose_attention, measure_attention
 from zimage_turbo.strategies.base import host_homes
 
 pytestmark = pytest.mark.gpu
@@ -49,7 +50,7 @@ def reference(generator: Generator) -> np.ndarray:
 def test_automatic_choice_is_the_fastest_exact_kernel() -> None:
     device = torch.device("cuda")
     shape = AttentionShape(1, 4096 + 128, 30, 128)
-    acceleration._choices.clear()  # earlier tests in this process chose for this shape already
+    attention._choices.clear()  # earlier tests in this process chose for this shape already
     chosen, seconds = choose_attention(device, torch.bfloat16, shape)
     assert seconds, "the first choice in a process measures"
     finite = {name: value for name, value in seconds.items() if math.isfinite(value)}

@@ -24,11 +24,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..acceleration import QUANTIZATIONS, quantize_linears, quantized_linears, restore_linears
 from ..errors import InvalidSettingsError, StrategyUnavailableError
 from ..hardware import Hardware
 from ..host import CHUNK_BYTES, HostHomes, module_tensors
 from ..profile import ModelProfile, Workload
+from ..quantize import QUANTIZATIONS, quantize_linears, quantized_linears, restore_linears
 
 __all__ = [
     "PHASES",
@@ -55,7 +55,7 @@ _HOMES_ATTRIBUTE = "_zimage_turbo_homes"
 # feed-forward: 177 of 181 M parameters per block in Z-Image).
 QUANTIZED_SHARE = 0.97
 # Eager denoising time of a quantized transformer relative to bf16 (predictions are eager; compiling scales
-# both, see acceleration.py). fp8, measured on the H200 at 1024x1024: 1.364 s against 1.185 s, since torchao
+# both, see speedups/compile.py). fp8, measured on the H200 at 1024x1024: 1.364 s against 1.185 s, since torchao
 # quantizes each activation in kernels of its own (compiled, 0.569 s against 0.793 s). int8 weight-only
 # dequantizes in every matmul: an estimate, not measured.
 QUANTIZED_DENOISE = {"fp8": 1.15, "int8": 1.1}
@@ -162,7 +162,7 @@ def place_resident(
 
     With ``quantize``, the transformer's large linear layers get quantized copies on the device instead (built
     one layer at a time, so the bf16 transformer never has to fit there), and their original weights stay in
-    their host homes: returned, for :func:`~zimage_turbo.acceleration.restore_linears` to put back."""
+    their host homes: returned, for :func:`~zimage_turbo.quantize.restore_linears` to put back."""
     homes = host_homes(pipe)
     quantized = quantize is not None and "transformer" in names
     kept = {id(linear.weight) for linear in quantized_linears(pipe.transformer).values()} if quantized else set()

@@ -19,11 +19,11 @@ from typing import Any, ClassVar, cast
 
 import torch
 
-from ..acceleration import QuantizationName
 from ..execution import on_device
 from ..flat_quantized import flatten_quantized_linears, flattened_tensors, restore_flattened_linears
 from ..hardware import Hardware
 from ..profile import ModelProfile, Workload
+from ..quantize import QuantizationName
 from .base import (
     COMPONENTS,
     QUANTIZED_SHARE,

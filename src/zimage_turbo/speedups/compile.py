@@ -1,0 +1,311 @@
+"""Regional ``torch.compile``: the parts of the pipeline that may run compiled, and when compiling pays.
+
+``torch.compile`` of the transformer's repeated blocks (the 34 blocks run every pass; compiling only them costs
+a fraction of a whole-model compile), of the text encoder, of the VAE's decoder, and of the fp8 layers of
+streamed blocks (:data:`COMPILE_PARTS`). Each pays off only over many images, since the first compile takes
+tens of seconds; :class:`CompileAdvisor` decides, part by part (see there). A compiler failure costs speed,
+never an image (:func:`~zimage_turbo.failures.guard_compiled`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..failures import guard_compiled
+from ..flat_quantized import compilable_flat_linears, compile_flat_linears, uncompile_flat_linears
+from ..settings import CompileMode
+
+__all__ = [
+    "COMPILE_OPTIONS",
+    "COMPILE_PARTS",
+    "COMPILE_SAVING",
+    "DEFAULT_COMPILE_SECONDS",
+    "FLAT_FP8_COMPILE_SECONDS",
+    "FLAT_FP8_SAVING",
+    "QUANTIZED_COMPILE_SAVING",
+    "TEXT_ENCODER_COMPILE_SECONDS",
+    "TEXT_ENCODER_SAVING",
+    "VAE_DECODER_COMPILE_SECONDS",
+    "VAE_DECODER_SAVING",
+    "CompileAdvisor",
+    "CompilePart",
+    "compile_cache_dir",
+    "compile_key",
+    "compile_part",
+    "compile_unavailable",
+    "compiled_parts",
+    "runs_unhooked_on",
+    "uncompile_part",
+    "use_compile_cache",
+]
+
+logger = logging.getLogger(__name__)
+
+# Share of the denoising time that regional compile saves: 1.177 s to 0.779 s for 8 passes at 1024x1024 on an
+# H200 (benchmarks/results/speed-h200-2026-11-23.json), rounded down.
+COMPILE_SAVING = 0.33
+# What the first compile costs when it has never been measured on this machine: the first compiled image took
+# 22.8 s on the H200 with an empty kernel cache (7.3 s with a warm one), against 2.7 s for a first eager image.
+DEFAULT_COMPILE_SECONDS = 20.0
+# The same for the text encoder and the VAE decoder, measured on the H200 at 1024x1024
+# (benchmarks/results/speed-compile-h200-2026-11-23.json): the text encoder's 0.037 s become 0.017 s (eager,
+# it waits on Python: its 4 TFLOP are 5 ms of matmul), the decoder's 0.099 s become 0.055 s (Inductor fuses
+# its normalisations and activations). Their first compiles took 44 s and 20 s with an empty kernel cache
+# (tests/gpu, 512x512), so "auto" compiles them only after many images.
+TEXT_ENCODER_SAVING = 0.5
+TEXT_ENCODER_COMPILE_SECONDS = 45.0
+VAE_DECODER_SAVING = 0.4
+VAE_DECODER_COMPILE_SECONDS = 20.0
+# fp8 blocks gain more from compiling (1.364 s to 0.569 s of denoising on the H200): eager, torchao quantizes
+# each activation in separate kernels, which the compiled graph fuses into its neighbours.
+QUANTIZED_COMPILE_SAVING = {"fp8": 0.55}
+# Streamed fp8 blocks (hooks move their weights, so the blocks run eagerly) with only their linear layers'
+# arithmetic compiled (flat_quantized.compile_flat_linears): 2.146 s to 1.823 s of denoising at 1024x1024 under
+# 4 GiB on an H100 (benchmarks/results/speed-small-fp8-h100-2026-11-25.json), rounded down. Its first image
+# took 6.3 s longer than an eager one (Inductor's cache empty).
+FLAT_FP8_SAVING = 0.14
+FLAT_FP8_COMPILE_SECONDS = 6.0
+COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": True}
+_RECORD_FILE = "zimage-turbo-compile-times.json"
+
+
+@dataclass(frozen=True)
+class CompilePart:
+    """A part of the pipeline that ``torch.compile`` can speed up, the phase whose time it cuts, and how much.
+
+    ``saving`` is the share of that phase's eager seconds that compiling saves and ``default_compile_s`` what
+    the compile costs before it has been measured on this machine (both measured on an H200 at 1024x1024)."""
+
+    name: str
+    phase: Literal["encode", "denoise", "decode"]
+    saving: float
+    default_compile_s: float
+    find: Callable[[Any], list[torch.nn.Module]]
+    prime: Callable[[Any], None] | None = None  # set-up the part needs before its first compiled call
+    #: compiled inside the strategy's hooks (its modules' own arithmetic, no weight moves in the graph): any
+    #: strategy that has these modules may compile them. Such a part switches its modules itself.
+    inside_hooks: bool = False
+
+    def modules(self, pipe: Any) -> list[torch.nn.Module]:
+        return self.find(pipe)
+
+    def compiled(self, pipe: Any) -> bool:
+        if self.inside_hooks:
+            return any(getattr(module, "compiled", None) is not None for module in self.modules(pipe))
+        return any(getattr(module, "_compiled_call_impl", None) is not None for module in self.modules(pipe))
+
+
+def _install_output_hooks(pipe: Any) -> None:
+    """transformers (5.x) captures hidden states with hooks that it installs on a model's first call, under a
+    thread lock that Dynamo cannot trace: install them before the first call is a compiled one. Its module
+    has moved between versions; if neither is found, a failed compile falls back to eager (see compile_part)."""
+    import importlib
+
+    for module in ("transformers.utils.output_capturing", "transformers.utils.generic"):
+        with contextlib.suppress(ImportError):
+            install = getattr(importlib.import_module(module), "maybe_install_capturing_hooks", None)
+            if install is not None:
+                install(pipe.text_encoder)
+                return
+
+
+def _repeated_blocks(pipe: Any) -> list[torch.nn.Module]:
+    transformer = pipe.transformer
+    names = set(getattr(transformer, "_repeated_blocks", None) or ())
+    return [module for module in transformer.modules() if type(module).__name__ in names]
+
+
+def _flat_fp8_linears(pipe: Any) -> list[torch.nn.Module]:
+    return list(compilable_flat_linears(pipe.transformer))
+
+
+COMPILE_PARTS: tuple[CompilePart, ...] = (
+    # The transformer's 34 repeated blocks, one graph for all (regional compile).
+    CompilePart("blocks", "denoise", COMPILE_SAVING, DEFAULT_COMPILE_SECONDS, _repeated_blocks),
+    # The text encoder as a whole (transformers captures the hidden states with hooks that only a whole-model
+    # compile traces). Eager, its 36 layers at 512 tokens are bound by Python, not by the GPU.
+    CompilePart(
+        "text_encoder",
+        "encode",
+        TEXT_ENCODER_SAVING,
+        TEXT_ENCODER_COMPILE_SECONDS,
+        lambda pipe: [pipe.text_encoder],
+        _install_output_hooks,
+    ),
+    # The VAE's decoder: Inductor fuses its group norms and activations into the convolutions' neighbours.
+    CompilePart(
+        "vae_decoder", "decode", VAE_DECODER_SAVING, VAE_DECODER_COMPILE_SECONDS, lambda pipe: [pipe.vae.decoder]
+    ),
+    # The fp8 linear layers of streamed blocks (flat_quantized.py): their activation quantization fused into
+    # one kernel, inside the hooks that stream the blocks.
+    CompilePart(
+        "fp8_linears", "denoise", FLAT_FP8_SAVING, FLAT_FP8_COMPILE_SECONDS, _flat_fp8_linears, inside_hooks=True
+    ),
+)
+
+
+def compile_unavailable(device: torch.device) -> str:
+    """Why the pipeline cannot be compiled for ``device`` ("" when it can)."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "torch.compile needs Triton for CUDA GPUs, and it is not installed (or not supported here)"
+        if torch.cuda.get_device_capability(device) < (7, 0):
+            return "torch.compile's GPU code generator (Triton) needs compute capability 7.0 or newer"
+        return ""
+    if device.type == "cpu":
+        return ""
+    return f"torch.compile is not supported on {device.type}"
+
+
+def runs_unhooked_on(modules: list[torch.nn.Module], device: torch.device) -> bool:
+    """Whether ``modules`` run where they are, on ``device``, with no offloading hooks (accelerate's or
+    diffusers') that move weights in their forward: a compiled graph must not contain those moves."""
+    for module in modules:
+        for part in module.modules():
+            registry = getattr(part, "_diffusers_hook", None)
+            if hasattr(part, "_hf_hook") or (registry is not None and getattr(registry, "hooks", None)):
+                return False
+        if any(parameter.device != device for parameter in module.parameters()):
+            return False
+    return bool(modules)
+
+
+def compile_part(pipe: Any, part: CompilePart, on_failure: Callable[[CompilePart, BaseException], None]) -> None:
+    """Compile each module of ``part`` in place (lazily: its first call pays for it).
+
+    If the compiler fails (Dynamo cannot trace, Inductor cannot generate code), the part goes back to eager,
+    ``on_failure`` is told, and the call runs eagerly: a compiler problem costs speed, never an image. Errors
+    of the model itself propagate as they would eagerly. Modules of one class share one graph."""
+
+    def failed(exc: BaseException) -> None:
+        uncompile_part(pipe, part)
+        on_failure(part, exc)
+
+    if part.prime is not None:
+        part.prime(pipe)
+    if part.inside_hooks:
+        compile_flat_linears(part.modules(pipe), failed)
+        return
+    for module in part.modules(pipe):
+        compiled = torch.compile(module._call_impl, **COMPILE_OPTIONS)
+        module._compiled_call_impl = guard_compiled(compiled, module._call_impl, failed)
+
+
+def uncompile_part(pipe: Any, part: CompilePart) -> None:
+    """Back to eager (strategies that hook modules, like streaming, run them uncompiled)."""
+    if part.inside_hooks:
+        uncompile_flat_linears(part.modules(pipe))
+        return
+    for module in part.modules(pipe):
+        module._compiled_call_impl = None
+
+
+def compiled_parts(pipe: Any) -> tuple[str, ...]:
+    """The names of the parts that run compiled now."""
+    return tuple(part.name for part in COMPILE_PARTS if part.compiled(pipe))
+
+
+def use_compile_cache(cache_dir: Path) -> None:
+    """Inductor's caches go to ``cache_dir`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set already, so that a later
+    process compiling the same graphs reuses the generated kernels instead of generating them again."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+
+
+def compile_cache_dir(cache_root: Path | None) -> Path:
+    """Where compiled kernels and measured compile times are kept: ``<cache_dir>/torch-compile`` when the
+    settings name a cache folder, else ``$XDG_CACHE_HOME/zimage-turbo/torch-compile`` (``~/.cache`` by default)."""
+    if cache_root is not None:
+        return cache_root / "torch-compile"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "zimage-turbo" / "torch-compile"
+
+
+class CompileAdvisor:
+    """Decides when compiling one part (the blocks unless ``part`` says otherwise) is a net win for the work
+    this Generator is given.
+
+    Compiling costs ``C`` seconds once (measured on this machine the last time, the part's
+    ``default_compile_s`` before that; a warm kernel cache makes it much smaller) and then saves the part's
+    ``saving`` share of every run of its phase (:data:`COMPILE_SAVING` of every denoising for the blocks).
+    Two rules, checked together before each image (compile once their sum reaches ``C``):
+
+    * **Known work.** When the images still to come in this call (``generate_many`` with many prompts) would
+      save more than ``C``, compile now.
+    * **Ski rental** for work that arrives one call at a time: once the time already spent eagerly in the
+      part's phase would have saved ``C`` had the part been compiled, compile. Whatever the user does next, this never
+      costs more than twice the best choice in hindsight.
+
+    ``mode="on"`` compiles at once, ``"off"`` never; both only where the part runs resident and unhooked
+    (the blocks under ``full_gpu`` and ``hybrid``, the text encoder and VAE under ``full_gpu``).
+    """
+
+    def __init__(
+        self,
+        mode: CompileMode,
+        cache_dir: Path,
+        device_key: str,
+        part: CompilePart | None = None,
+        saving: float | None = None,
+    ) -> None:
+        self.mode = mode
+        self.cache_dir = cache_dir
+        self.device_key = device_key
+        self.part = part or COMPILE_PARTS[0]
+        self.saving = self.part.saving if saving is None else saving
+        self.eager_s = 0.0
+        self.expected_compile_s = self._recorded().get(device_key, self.part.default_compile_s)
+
+    def should_compile(self, upcoming_s: float) -> bool:
+        """``upcoming_s``: predicted eager seconds of the part's phase for the images still to come in this
+        call, the next one included."""
+        if self.mode != "auto":
+            return self.mode == "on"
+        return self.saving * (self.eager_s + upcoming_s) >= self.expected_compile_s
+
+    def ran_eager(self, seconds: float) -> None:
+        self.eager_s += seconds
+
+    def compiled_in(self, seconds: float) -> None:
+        """Record what the compile took (the part's phase in its first compiled image, minus what that phase
+        takes compiled)."""
+        self.expected_compile_s = max(seconds, 0.0)
+        records = self._recorded()
+        records[self.device_key] = round(self.expected_compile_s, 2)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            temporary = self.cache_dir / (_RECORD_FILE + f".{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(records, indent=1, sort_keys=True))
+            temporary.replace(self.cache_dir / _RECORD_FILE)
+        except OSError as exc:  # a read-only home folder must not stop a generation
+            logger.debug("could not record the compile time: %s", exc)
+
+    def _recorded(self) -> dict[str, float]:
+        try:
+            data = json.loads((self.cache_dir / _RECORD_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def compile_key(device: torch.device, dtype: torch.dtype, quantization: str | None = None) -> str:
+    """What a recorded compile time depends on: PyTorch's version, the device model, the dtype and the
+    quantization (a quantized block is another graph)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    weights = quantization or str(dtype).removeprefix("torch.")
+    return f"torch {torch.__version__} / {name} / {weights}"
