@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from .layout import PipelineLayout
 from .model import CAPTION_TOKENS, MAX_SEQUENCE_LENGTH, PRESETS, VAE_TILE_PIXELS
-from .weights import read_safetensors_header
+from .safetensors_header import read_safetensors_header
 
 if TYPE_CHECKING:
     from .request import GenerationRequest
