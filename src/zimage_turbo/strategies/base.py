@@ -39,6 +39,7 @@ __all__ = [
     "components",
     "host_homes",
     "new_host_homes",
+    "on_one_gpu",
     "peaks_over_phases",
     "place_resident",
     "quantized_block_bytes",
@@ -95,6 +96,18 @@ def peaks_over_phases(
         for gpu, value in by_phase[phase].items():
             peaks[gpu] = max(peaks.get(gpu, 0), value)
     return MemoryEstimate(gpu_peak=peaks, by_phase=by_phase)
+
+
+def on_one_gpu(
+    gpu: int, resident: Mapping[str, int], activations: Mapping[str, int], *, pinned: int = 0
+) -> MemoryEstimate:
+    """The estimate of a placement that computes on one GPU: per phase, the weights ``resident`` on it then
+    plus that phase's ``activations``; ``pinned`` host bytes (also counted as host memory)."""
+    peaks = peaks_over_phases(
+        {phase: {gpu: nbytes} for phase, nbytes in resident.items()},
+        {phase: {gpu: nbytes} for phase, nbytes in activations.items()},
+    )
+    return MemoryEstimate(peaks.gpu_peak, pinned, pinned, peaks.by_phase)
 
 
 def pinned_size(nbytes: int, largest_tensor: int = 0, chunk: int = CHUNK_BYTES) -> int:

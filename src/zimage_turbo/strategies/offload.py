@@ -15,7 +15,7 @@ import torch
 
 from ..hardware import Hardware
 from ..profile import ModelProfile, Workload
-from .base import LoadStrategy, MemoryEstimate, components, host_homes, peaks_over_phases, pinned_size
+from .base import LoadStrategy, MemoryEstimate, components, host_homes, on_one_gpu, pinned_size
 
 __all__ = ["ModelCPUOffload"]
 
@@ -65,17 +65,13 @@ class ModelCPUOffload(LoadStrategy):
 
     def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
         gpu = self.gpu_index(hardware)
-        acts = profile.activation_bytes(work)
-        estimate = peaks_over_phases(
-            {
-                "encode": {gpu: profile.text_encoder.weight_bytes},
-                "denoise": {gpu: profile.transformer.weight_bytes},
-                "decode": {gpu: profile.vae.weight_bytes},
-            },
-            {phase: {gpu: value} for phase, value in acts.items()},
-        )
+        weights = {
+            "encode": profile.text_encoder.weight_bytes,
+            "denoise": profile.transformer.weight_bytes,
+            "decode": profile.vae.weight_bytes,
+        }
         host = sum(pinned_size(c.weight_bytes, c.largest_tensor_bytes) for c in profile.components)
-        return MemoryEstimate(estimate.gpu_peak, host, host, estimate.by_phase)
+        return on_one_gpu(gpu, weights, profile.activation_bytes(work), pinned=host)
 
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
         return sum(profile.compute_seconds(work, steps).values()) + profile.transfer_seconds(profile.weight_bytes)

@@ -14,7 +14,7 @@ from .base import (
     LoadStrategy,
     MemoryEstimate,
     QuantizableTransformer,
-    peaks_over_phases,
+    on_one_gpu,
     send_everything_home,
 )
 
@@ -22,14 +22,6 @@ __all__ = ["CPUOnly", "FullGPU"]
 
 # A CPU runs the transformer at a small fraction of a GPU's rate; a rough figure for predictions only.
 CPU_TFLOP_PER_S = 0.5
-
-
-def _on_one_device(profile: ModelProfile, work: Workload, gpu: int, resident: int) -> MemoryEstimate:
-    activations = profile.activation_bytes(work)
-    return peaks_over_phases(
-        {phase: {gpu: resident} for phase in activations},
-        {phase: {gpu: value} for phase, value in activations.items()},
-    )
 
 
 class FullGPU(QuantizableTransformer):
@@ -51,9 +43,9 @@ class FullGPU(QuantizableTransformer):
 
     def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
         resident = profile.weight_bytes - profile.transformer.weight_bytes + self._transformer_bytes(profile)
-        estimate = _on_one_device(profile, work, self.gpu_index(hardware), resident)
-        pinned = self._quantized_host_bytes(profile)
-        return MemoryEstimate(estimate.gpu_peak, pinned, pinned, estimate.by_phase)
+        acts = profile.activation_bytes(work)
+        weights = dict.fromkeys(acts, resident)
+        return on_one_gpu(self.gpu_index(hardware), weights, acts, pinned=self._quantized_host_bytes(profile))
 
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
         return sum(self._compute_seconds(profile, work, steps).values())

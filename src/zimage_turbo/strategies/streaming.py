@@ -32,7 +32,7 @@ from .base import (
     Quantizable,
     QuantizableTransformer,
     host_homes,
-    peaks_over_phases,
+    on_one_gpu,
     pinned_size,
     place_resident,
     quantized_block_bytes,
@@ -242,17 +242,9 @@ class Hybrid(QuantizableTransformer, _StreamingStrategy):
         gpu = self.gpu_index(hardware)
         te = profile.text_encoder
         base = self._transformer_bytes(profile) + profile.vae.weight_bytes + te.other_bytes
-        acts = profile.activation_bytes(work)
-        estimate = peaks_over_phases(
-            {
-                "encode": {gpu: base + 2 * te.largest_block_bytes},
-                "denoise": {gpu: base},
-                "decode": {gpu: base},
-            },
-            {phase: {gpu: value} for phase, value in acts.items()},
-        )
+        weights = {"encode": base + 2 * te.largest_block_bytes, "denoise": base, "decode": base}
         pinned = pinned_size(sum(te.block_bytes), te.largest_block_tensor_bytes) + self._quantized_host_bytes(profile)
-        return MemoryEstimate(estimate.gpu_peak, pinned, pinned, estimate.by_phase)
+        return on_one_gpu(gpu, weights, profile.activation_bytes(work), pinned=pinned)
 
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
         compute = self._compute_seconds(profile, work, steps)
@@ -307,15 +299,11 @@ class StreamedOffload(Quantizable, _StreamingStrategy):
         gpu = self.gpu_index(hardware)
         te, tr = profile.text_encoder, profile.transformer
         base = profile.vae.weight_bytes + tr.other_bytes
-        acts = profile.activation_bytes(work)
-        estimate = peaks_over_phases(
-            {
-                "encode": {gpu: base + te.other_bytes + 2 * te.largest_block_bytes},
-                "denoise": {gpu: base + 2 * max(self._block_bytes(profile))},
-                "decode": {gpu: base},
-            },
-            {phase: {gpu: value} for phase, value in acts.items()},
-        )
+        weights = {
+            "encode": base + te.other_bytes + 2 * te.largest_block_bytes,
+            "denoise": base + 2 * max(self._block_bytes(profile)),
+            "decode": base,
+        }
         pinned = pinned_size(sum(te.block_bytes), te.largest_block_tensor_bytes) + pinned_size(
             sum(tr.block_bytes), tr.largest_tensor_bytes
         )
@@ -324,7 +312,7 @@ class StreamedOffload(Quantizable, _StreamingStrategy):
         if self._quantize is not None:  # the quantized layers' own homes, beside the bf16 ones
             quantized = int(sum(tr.block_bytes) * QUANTIZED_SHARE / profile.dtype_bytes)
             pinned += pinned_size(quantized, tr.largest_tensor_bytes // profile.dtype_bytes)
-        return MemoryEstimate(estimate.gpu_peak, pinned, pinned, estimate.by_phase)
+        return on_one_gpu(gpu, weights, profile.activation_bytes(work), pinned=pinned)
 
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
         compute = self._compute_seconds(profile, work, steps)
@@ -347,19 +335,15 @@ class SequentialOffload(_StreamingStrategy):
     def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
         gpu = self.gpu_index(hardware)
         vae = profile.vae.weight_bytes
-        acts = profile.activation_bytes(work)
-        estimate = peaks_over_phases(
-            {
-                "encode": {gpu: vae + 2 * profile.text_encoder.largest_tensor_bytes},
-                "denoise": {gpu: vae + 2 * profile.transformer.largest_tensor_bytes},
-                "decode": {gpu: vae},
-            },
-            {phase: {gpu: value} for phase, value in acts.items()},
-        )
+        weights = {
+            "encode": vae + 2 * profile.text_encoder.largest_tensor_bytes,
+            "denoise": vae + 2 * profile.transformer.largest_tensor_bytes,
+            "decode": vae,
+        }
         pinned = sum(
             pinned_size(c.weight_bytes, c.largest_tensor_bytes) for c in (profile.text_encoder, profile.transformer)
         )
-        return MemoryEstimate(estimate.gpu_peak, pinned, pinned, estimate.by_phase)
+        return on_one_gpu(gpu, weights, profile.activation_bytes(work), pinned=pinned)
 
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
         compute = profile.compute_seconds(work, steps)
