@@ -79,6 +79,11 @@ class Generator:
         device: use only this device (``"cuda:1"``, ``"cpu"``, ``"mps"``). The planner then sees that GPU alone,
             so whatever it picks, the out-of-memory ladder included, stays on it: several Generators can share a
             machine, one per card. None (the default) plans over every visible GPU.
+        dtype: overrides ``settings.dtype``: a name (``"bfloat16"``) or a ``torch.dtype`` (``torch.bfloat16``).
+            ``torch_dtype`` is diffusers' spelling of the same argument; give one of the two.
+
+    :meth:`from_pretrained` builds one the way diffusers users write it:
+    ``Generator.from_pretrained("Tongyi-MAI/Z-Image-Turbo", torch_dtype=torch.bfloat16)``.
 
     Arguments are checked here and in each call before anything is loaded: a bad one raises a typed error
     (:class:`~zimage_turbo.errors.InvalidSettingsError`, :class:`~zimage_turbo.errors.UnknownStrategyError`,
@@ -98,12 +103,22 @@ class Generator:
         strategy: str | LoadStrategy | None = None,
         load: bool = False,
         device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        torch_dtype: str | torch.dtype | None = None,
     ) -> None:
         if settings is not None and not isinstance(settings, ZImageSettings):
             raise InvalidSettingsError(f"settings must be a ZImageSettings, got {type(settings).__name__}")
+        if dtype is not None and torch_dtype is not None:
+            raise InvalidSettingsError(
+                "give either dtype or torch_dtype (diffusers' name for it), not both: "
+                f"dtype={dtype!r}, torch_dtype={torch_dtype!r}"
+            )
         base = settings if settings is not None else ZImageSettings()
         if model is not None:
             base = base.replace(model=_model_name(model))
+        chosen_dtype = dtype if dtype is not None else torch_dtype
+        if chosen_dtype is not None:
+            base = base.replace(dtype=chosen_dtype)
         self.settings = base
         # Validate now, before any loading: None means "auto".
         self._requested: LoadStrategy | None = private_copy(
@@ -122,6 +137,32 @@ class Generator:
         self._speedups = SpeedupDriver(base.attention, base.compile, compile_cache_dir(base.cache_dir))
         if load:
             self.load()
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike[str], **options: Any) -> Generator:
+        """A Generator for ``model``, configured as diffusers' ``from_pretrained`` is: by keyword.
+
+        ``options`` may hold any :class:`~zimage_turbo.settings.ZImageSettings` field (``dtype="float32"``,
+        ``cache_dir=...``, ``offline=True``) and any keyword of :class:`Generator` (``strategy``, ``device``,
+        ``load``, ``dtype``/``torch_dtype``, ``settings``). Settings fields given here are applied on top of
+        ``settings`` (or of the environment, without it). An unknown key raises
+        :class:`~zimage_turbo.errors.InvalidSettingsError` listing the known ones, before anything loads.
+
+            >>> gen = Generator.from_pretrained("folder", torch_dtype=torch.bfloat16)  # doctest: +SKIP
+        """
+        own = {"settings", "strategy", "load", "device", "dtype", "torch_dtype"}
+        fields = set(ZImageSettings.model_fields) - {"model"}
+        unknown = sorted(set(options) - own - fields)
+        if unknown:
+            known = ", ".join(sorted(own | fields))
+            raise InvalidSettingsError(f"Unknown option(s) {', '.join(unknown)}; known options: {known}.")
+        settings = options.pop("settings", None)
+        changes = {key: options.pop(key) for key in list(options) if key not in own}
+        if changes:
+            if settings is not None and not isinstance(settings, ZImageSettings):
+                raise InvalidSettingsError(f"settings must be a ZImageSettings, got {type(settings).__name__}")
+            settings = settings.replace(**changes) if settings is not None else ZImageSettings(**changes)
+        return cls(model, settings=settings, **options)
 
     # -- state -------------------------------------------------------------------------------------------
 

@@ -166,6 +166,12 @@ class ZImageSettings(BaseSettings):
             raise ValueError("must not contain a NUL character")
         return value.strip()
 
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_by_name(cls, value: Any) -> Any:
+        # torch.bfloat16 and friends, as diffusers users write them, become their names
+        return dtype_name(value)
+
     @field_validator("cache_dir", mode="before")
     @classmethod
     def _cache_dir_not_blank(cls, value: Any) -> Any:
@@ -187,6 +193,23 @@ class ZImageSettings(BaseSettings):
         Environment variables do not leak into the copy: every field comes from this object or ``changes``.
         """
         return type(self)(**{**self.model_dump(), **changes})
+
+
+DTYPE_NAMES: tuple[str, ...] = tuple(name for name in get_args(DtypeName) if name != "auto")
+
+
+def dtype_name(value: Any) -> Any:
+    """``value`` with a ``torch.dtype`` replaced by its name (``torch.bfloat16`` -> ``"bfloat16"``); anything
+    else is returned unchanged, for the field's own validation. A dtype the model cannot run in raises
+    ``ValueError``."""
+    import torch
+
+    if not isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"the model runs in {', '.join(DTYPE_NAMES)}, not {value}")
+    return name
 
 
 def _describe_validation_error(exc: ValidationError) -> str:
