@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from zimage_turbo import Generator, InvalidSettingsError, ZImageSettings
+from zimage_turbo import FullGPU, Generator, InvalidRequestError, InvalidSettingsError, ZImageSettings
+
+PROMPT = "a red fox in fresh snow at dawn"
+
+
+def same(a: Image.Image, b: Image.Image) -> bool:
+    return a.size == b.size and bool(np.array_equal(np.asarray(a), np.asarray(b)))
+
+
+def diffusers_images(path: Path, generator: Any, *, steps: int, images: int = 1) -> list[Image.Image]:
+    """What a diffusers user gets for this generator (the same call the test then makes through us)."""
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    output = pipe(
+        PROMPT,
+        height=256,
+        width=256,
+        num_inference_steps=steps,
+        guidance_scale=0.0,
+        num_images_per_prompt=images,
+        generator=generator,
+    )
+    return list(output.images)
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_checkpoint: Path) -> Generator:
+    return Generator(tiny_checkpoint, settings=ZImageSettings(progress=False))
 
 
 @pytest.mark.parametrize(
@@ -47,3 +80,90 @@ def test_from_pretrained_splits_settings_from_generator_options(tiny_checkpoint:
 def test_from_pretrained_refuses_an_unknown_option_listing_the_known_ones(tiny_checkpoint: Path) -> None:
     with pytest.raises(InvalidSettingsError, match=r"variant.*known options: .*cache_dir.*torch_dtype"):
         Generator.from_pretrained(tiny_checkpoint, variant="fp16")
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        ({"steps": 2}, {"num_inference_steps": 2}),
+        ({"num_images": 1}, {"num_images_per_prompt": 1}),
+        ({"seed": 1}, {"generator": torch.Generator().manual_seed(1)}),
+    ],
+)
+def test_one_spelling_per_argument_before_anything_loads(
+    tiny_checkpoint: Path, ours: dict[str, Any], theirs: dict[str, Any]
+) -> None:
+    fresh = Generator(tiny_checkpoint, settings=ZImageSettings(progress=False))
+    [our_name], [their_name] = ours, theirs
+    with pytest.raises(InvalidRequestError, match=rf"{our_name}.*{their_name}"):
+        fresh.generate(PROMPT, height=256, width=256, **ours, **theirs)
+    with pytest.raises(InvalidRequestError, match=rf"{our_name}.*{their_name}"):
+        fresh.generate_many([PROMPT], height=256, width=256, **ours, **theirs)
+    assert not fresh.is_loaded
+
+
+def test_diffusers_names_for_steps_and_images_mean_ours(gen: Generator) -> None:
+    theirs = gen.generate(PROMPT, height=256, width=256, num_inference_steps=2, num_images_per_prompt=2, seed=9)
+    ours = gen.generate(PROMPT, height=256, width=256, steps=2, num_images=2, seed=9)
+    assert theirs.steps == 2 and theirs.seeds == (9, 10)
+    assert all(same(a, b) for a, b in zip(theirs.images, ours.images, strict=True))
+
+
+def test_a_torch_generator_gives_diffusers_image_and_no_seed(gen: Generator, tiny_checkpoint: Path) -> None:
+    mine = torch.Generator().manual_seed(1234)
+    result = gen.generate(PROMPT, height=256, width=256, num_inference_steps=2, generator=mine)
+    theirs_generator = torch.Generator().manual_seed(1234)
+    [theirs] = diffusers_images(tiny_checkpoint, theirs_generator, steps=2)
+    assert same(result.image, theirs) and np.asarray(theirs).std() > 1
+    assert torch.equal(mine.get_state(), theirs_generator.get_state())  # drawn from exactly as much
+    assert result.seeds == (None,) and result.seed is None
+    assert any("torch.Generator" in warning for warning in result.warnings)
+
+
+def test_one_generator_per_image(gen: Generator, tiny_checkpoint: Path) -> None:
+    result = gen.generate(
+        PROMPT,
+        height=256,
+        width=256,
+        steps=1,
+        num_images=2,
+        generator=[torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)],
+    )
+    theirs = diffusers_images(
+        tiny_checkpoint, [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)], steps=1, images=2
+    )
+    assert result.seeds == (None, None)
+    assert all(same(a, b) for a, b in zip(result.images, theirs, strict=True))
+    with pytest.raises(InvalidRequestError, match="one per image"):
+        gen.generate(PROMPT, height=256, width=256, steps=1, num_images=2, generator=[torch.Generator()])
+
+
+@pytest.fixture
+def inject() -> Iterator[Callable[..., None]]:
+    handles: list[Any] = []
+
+    def install(module: torch.nn.Module, when: Callable[[], bool]) -> None:
+        def hook(*_: Any) -> None:
+            if when():
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+        handles.append(module.register_forward_pre_hook(hook))
+
+    yield install
+    for handle in handles:
+        handle.remove()
+
+
+def test_a_retry_on_another_rung_reuses_the_generators_noise(
+    tiny_checkpoint: Path, inject: Callable[..., None]
+) -> None:
+    fresh = Generator(tiny_checkpoint, strategy=FullGPU(device="cpu"), settings=ZImageSettings(progress=False))
+    fresh.load()
+    inject(fresh.pipeline.transformer, lambda: isinstance(fresh.strategy, FullGPU))
+    mine = torch.Generator().manual_seed(77)
+    result = fresh.generate(PROMPT, height=256, width=256, steps=2, generator=mine)
+    assert [fallback.phase for fallback in result.fallbacks] == ["denoise"] and result.strategy == "cpu"
+    theirs_generator = torch.Generator().manual_seed(77)
+    [theirs] = diffusers_images(tiny_checkpoint, theirs_generator, steps=2)
+    assert same(result.image, theirs)
+    assert torch.equal(mine.get_state(), theirs_generator.get_state())  # drawn from once, not once per rung

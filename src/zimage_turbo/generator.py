@@ -50,7 +50,7 @@ from .phases import MAX_SEQUENCE_LENGTH, Progress, count_prompt_tokens, release_
 from .placement import Placement, load_placement
 from .planner import Candidate, Plan, candidate_for
 from .profile import ModelProfile, Workload
-from .request import DEFAULT_STEPS, GenerationRequest, check_seed, requests_for
+from .request import DEFAULT_STEPS, GenerationRequest, check_seed, one_spelling, requests_for
 from .result import Fallback, GenerationResult, StepInfo
 from .settings import ZImageSettings
 from .sources import ResolvedModel, resolve_model
@@ -349,12 +349,15 @@ class Generator:
         *,
         height: int = 1024,
         width: int = 1024,
-        steps: int = DEFAULT_STEPS,
+        steps: int | None = None,
         seed: int | None = None,
         guidance_scale: float = 0.0,
         negative_prompt: str | None = None,
-        num_images: int = 1,
+        num_images: int | None = None,
         callback: Callable[[StepInfo], None] | None = None,
+        num_inference_steps: int | None = None,
+        num_images_per_prompt: int | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> GenerationResult:
         """Generate ``num_images`` images for one prompt.
 
@@ -363,19 +366,29 @@ class Generator:
                 prompt is cut, and the result's ``warnings`` say so.
             height, width: pixels, multiples of 16 between 256 and 2048.
             steps: transformer passes. 8 (the default) is Z-Image-Turbo's official schedule, which its
-                model card calls "9 steps" (the 9th was a no-op).
+                model card calls "9 steps" (the 9th was a no-op). ``num_inference_steps`` is diffusers' name
+                for it: give one of the two.
             seed: image ``k`` starts from the noise of ``seed + k``; None draws a random seed (reported in
                 the result).
+            generator: diffusers' way of choosing the noise instead of ``seed`` (give one of the two): a
+                ``torch.Generator``, or a list with one per image. The initial noise is drawn from it as
+                ``ZImagePipeline`` draws it, so the image is the one diffusers makes with a generator in the
+                same state. It is drawn once per prompt, before the first step: a retry after running out of
+                memory reuses that noise rather than drawing more (a downscaled retry, whose noise has
+                another shape, draws again). No integer reproduces such an image: the result's ``seeds``
+                are None and its ``warnings`` say so.
             guidance_scale: 0 for Turbo (distilled without guidance); above 0 runs classifier-free
                 guidance and doubles the transformer's work.
             negative_prompt: used only when ``guidance_scale > 0``.
-            num_images: images for this prompt (1 to 16), generated as one batch.
+            num_images: images for this prompt (1 to 16, default 1), generated as one batch.
+                ``num_images_per_prompt`` is diffusers' name for it: give one of the two.
             callback: called with a :class:`~zimage_turbo.result.StepInfo` after each denoising step, in
                 this thread. To stop a generation, raise from it: the exception reaches the caller
                 unchanged, nothing is decoded, and the Generator stays usable.
 
         Raises:
-            InvalidRequestError: an argument is invalid (raised before anything is loaded).
+            InvalidRequestError: an argument is invalid, or given under both of its names (raised before
+                anything is loaded).
             NotEnoughMemoryError: every way of running it ran out of memory (the Generator stays usable).
             DeviceFailedError: an earlier CUDA error other than out-of-memory broke the GPU context.
         """
@@ -391,6 +404,9 @@ class Generator:
             negative_prompt=negative_prompt,
             num_images=num_images,
             callback=callback,
+            num_inference_steps=num_inference_steps,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
         )
         return result
 
@@ -400,12 +416,15 @@ class Generator:
         *,
         height: int = 1024,
         width: int = 1024,
-        steps: int = DEFAULT_STEPS,
+        steps: int | None = None,
         seed: int | Sequence[int] | None = None,
         guidance_scale: float = 0.0,
         negative_prompt: str | None = None,
-        num_images: int = 1,
+        num_images: int | None = None,
         callback: Callable[[StepInfo], None] | None = None,
+        num_inference_steps: int | None = None,
+        num_images_per_prompt: int | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> list[GenerationResult]:
         """Generate for several prompts in turn, reusing the loaded model; results keep the prompts' order.
 
@@ -413,7 +432,17 @@ class Generator:
         seeds). The other arguments are those of :meth:`generate` and apply to every prompt (the
         callback's ``StepInfo.prompt_index`` says which prompt is running). Every prompt is validated
         before the first image is generated; an empty list returns an empty list without loading.
+
+        ``generator``: one ``torch.Generator`` draws every prompt's noise in turn (prompt order); a list holds
+        one per image, ``num_images`` per prompt in prompt order (``len(prompts) * num_images`` in all).
         """
+        steps = one_spelling("steps", steps, "num_inference_steps", num_inference_steps, DEFAULT_STEPS)
+        num_images = one_spelling("num_images", num_images, "num_images_per_prompt", num_images_per_prompt, 1)
+        if seed is not None and generator is not None:
+            raise InvalidRequestError(
+                "seed and generator both choose the initial noise; give one (seed: an int, reproducible; "
+                f"generator: a torch.Generator, as in diffusers), got seed={seed!r} and generator={generator!r}"
+            )
         if callback is not None and not callable(callback):
             raise InvalidRequestError(
                 f"callback must be callable (it is given a StepInfo after each step), got {type(callback).__name__}"
@@ -427,7 +456,9 @@ class Generator:
             guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
             num_images=num_images,
+            seeded=generator is None,
         )
+        sources = _noise_sources(generator, len(requests), requests[0].num_images if requests else 1)
         if not requests:
             return []
         results = []
@@ -440,7 +471,7 @@ class Generator:
             eager = [profile.compute_seconds(Workload.of(r), r.steps) for r in requests]
             for index, request in enumerate(_progress(requests, enabled=self.settings.progress and len(requests) > 1)):
                 upcoming = {phase: sum(e[phase] for e in eager[index:]) for phase in eager[index]}
-                call = Call(callback=callback, index=index, upcoming=upcoming)
+                call = Call(callback=callback, index=index, upcoming=upcoming, noise_from=sources[index])
                 results.append(self._generate(request, load_seconds, call))
                 load_seconds = 0.0
         return results
@@ -538,6 +569,32 @@ def _model_name(model: object) -> str:
     if not isinstance(name, str):
         raise InvalidSettingsError(f"model must be text, got {type(name).__name__}")
     return name
+
+
+def _noise_sources(
+    generator: object, prompts: int, num_images: int
+) -> list[torch.Generator | list[torch.Generator] | None]:
+    """For each prompt, what its initial noise is drawn from: the one generator given (shared, drawn from in
+    prompt order), its slice of a list of them (one per image), or None (the request's seed)."""
+    if generator is None:
+        return [None] * prompts
+    if isinstance(generator, torch.Generator):
+        return [generator] * prompts
+    if isinstance(generator, Sequence) and not isinstance(generator, (str, bytes)):
+        each = list(generator)
+        if not all(isinstance(g, torch.Generator) for g in each):
+            raise InvalidRequestError("generator must be a torch.Generator or a list of them (one per image)")
+        if len(each) != prompts * num_images:
+            raise InvalidRequestError(
+                f"got {len(each)} generators for {prompts} prompt(s) of {num_images} image(s): a list of generators "
+                "holds one per image"
+            )
+        if len({g.device.type for g in each}) > 1:
+            raise InvalidRequestError("the generators of a list must all be on the same kind of device")
+        return [each[k * num_images : (k + 1) * num_images] for k in range(prompts)]
+    raise InvalidRequestError(
+        f"generator must be a torch.Generator or a list of them (one per image), got {type(generator).__name__}"
+    )
 
 
 def _progress(items: list[GenerationRequest], *, enabled: bool) -> Any:

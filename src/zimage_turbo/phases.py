@@ -26,7 +26,9 @@ __all__ = [
     "count_prompt_tokens",
     "decode",
     "denoise",
+    "draw_noise",
     "encode",
+    "noise_shape",
     "release_memory",
     "set_vae_tiling",
 ]
@@ -65,11 +67,13 @@ def denoise(
     steps: int,
     guidance_scale: float,
     seeds: Sequence[int],
+    noise: torch.Tensor | None = None,
     on_step: Callable[[int], None] | None = None,
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """Latents after ``steps`` transformer passes from the noise of ``seeds`` (one CPU generator per image:
-    the same seed gives the same noise on every device).
+    the same seed gives the same noise on every device), or from ``noise`` when it is given (see
+    :func:`draw_noise`; ``seeds`` is then ignored).
 
     ``on_step(k)`` is called after the ``k``-th step (1-based); whatever it raises ends the loop and
     propagates. If the loop is interrupted through diffusers' ``pipe._interrupt`` flag instead, diffusers
@@ -81,7 +85,7 @@ def denoise(
     """
     device = device or torch.device(pipe._execution_device)
     positive, negative = ([t.to(device) for t in part] for part in embeds)
-    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds] if noise is None else None
     finished = 0
 
     def step_end(_pipe: Any, index: int, _timestep: Any, _tensors: dict[str, Any]) -> dict[str, Any]:
@@ -98,8 +102,9 @@ def denoise(
         width=width,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
-        num_images_per_prompt=len(seeds),
+        num_images_per_prompt=len(seeds) if noise is None else noise.shape[0],
         generator=generators,
+        latents=noise,
         output_type="latent",
         return_dict=False,
         callback_on_step_end=step_end,
@@ -112,6 +117,22 @@ def denoise(
             "the half-denoised latents were not decoded"
         )
     return latents  # type: ignore[no-any-return]
+
+
+def noise_shape(pipe: Any, images: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """The shape of the initial noise ``ZImagePipeline.prepare_latents`` draws for ``images`` images."""
+    scale = 2 * pipe.vae_scale_factor
+    return (images, int(pipe.transformer.in_channels), 2 * (height // scale), 2 * (width // scale))
+
+
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """The initial noise ``ZImagePipeline`` would draw from ``generator`` (one, or a list with one per image),
+    drawn now, on the generator's own device (where diffusers draws it too before moving it), in float32.
+    Passed to the pipeline as ``latents=``, it gives the image that passing ``generator=`` gives."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    device = (generator[0] if isinstance(generator, list) else generator).device
+    return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)  # type: ignore[no-any-return]
 
 
 def decode(pipe: Any, latents: torch.Tensor, device: torch.device | None = None) -> list[Any]:

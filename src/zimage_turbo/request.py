@@ -28,6 +28,7 @@ __all__ = [
     "SIDE_MULTIPLE",
     "GenerationRequest",
     "check_seed",
+    "one_spelling",
     "random_seed",
     "requests_for",
 ]
@@ -106,12 +107,16 @@ def requests_for(
     guidance_scale: float = 0.0,
     negative_prompt: str | None = None,
     num_images: int = 1,
+    seeded: bool = True,
 ) -> list[GenerationRequest]:
     """One validated request per prompt, each with its seed, as ``Generator.generate_many`` makes them.
 
     ``seed`` may be one int (prompt ``i`` uses ``seed + i``), one seed per prompt, or None (a random seed each).
     Whoever runs the requests (one Generator, a pool of them) therefore makes the same images for the same
     arguments. No prompts: an empty list, after checking the shared arguments all the same.
+
+    ``seeded=False``: the noise comes from elsewhere (a caller's ``torch.Generator``), so no seed is drawn and
+    the requests' ``seed`` stays None; ``seed`` must then be None.
     """
     if isinstance(prompts, (str, bytes)):
         raise InvalidRequestError("generate_many takes a list of prompts; for one prompt use generate()")
@@ -140,10 +145,22 @@ def requests_for(
     if not prompts:
         GenerationRequest(prompt="-", **shared)  # nothing to generate; still refuse bad shared arguments
         return []
-    return [
-        GenerationRequest(prompt=text, seed=each_seed, **shared).with_seed()
-        for text, each_seed in zip(prompts, seeds, strict=True)
-    ]
+    pairs = zip(prompts, seeds, strict=True)
+    made = [GenerationRequest(prompt=text, seed=each_seed, **shared) for text, each_seed in pairs]
+    return [request.with_seed() for request in made] if seeded else made
+
+
+def one_spelling(ours: str, our_value: Any, theirs: str, their_value: Any, default: Any) -> Any:
+    """The value of an argument that has two names (ours and diffusers'), refusing a call that gives both;
+    ``default`` when neither is given (None means "not given")."""
+    if our_value is not None and their_value is not None:
+        raise InvalidRequestError(
+            f"{ours} and {theirs} are two names for the same argument ({theirs} is diffusers' name); give one, "
+            f"got {ours}={our_value!r} and {theirs}={their_value!r}"
+        )
+    if our_value is not None:
+        return our_value
+    return their_value if their_value is not None else default
 
 
 def check_seed(value: object) -> int:

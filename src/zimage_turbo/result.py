@@ -108,7 +108,9 @@ class GenerationResult:
 
     Attributes:
         images: the generated images, in seed order.
-        seeds: the seed of each image (image ``k`` used ``seeds[k]``); pass ``seed=seeds[0]`` to repeat.
+        seeds: the seed of each image (image ``k`` used ``seeds[k]``); pass ``seed=seeds[0]`` to repeat. None
+            for an image whose noise came from a ``torch.Generator`` passed as ``generator=``: no int
+            reproduces it (``warnings`` says so too).
         strategy: the load strategy that produced the images (e.g. ``"full_gpu"``).
         device: where the denoiser ran (e.g. ``"cuda:0"``).
         timings: seconds per phase.
@@ -127,7 +129,7 @@ class GenerationResult:
 
     images: tuple[Image.Image, ...]
     prompt: str
-    seeds: tuple[int, ...]
+    seeds: tuple[int | None, ...]
     width: int
     height: int
     steps: int
@@ -151,8 +153,8 @@ class GenerationResult:
         return self.images[0]
 
     @property
-    def seed(self) -> int:
-        """The seed of the first image."""
+    def seed(self) -> int | None:
+        """The seed of the first image (None when its noise came from a ``torch.Generator``)."""
         return self.seeds[0]
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> list[Path]:

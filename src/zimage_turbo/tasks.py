@@ -29,7 +29,9 @@ from .phases import (
     count_prompt_tokens,
     decode,
     denoise,
+    draw_noise,
     encode,
+    noise_shape,
     release_memory,
     set_vae_tiling,
 )
@@ -58,6 +60,9 @@ class Call:
         upcoming: predicted eager seconds per phase of the images left in the call (the compile advisor's
             "known work").
         callback_error: what the callback raised, so that the ladder never mistakes it for a failure of ours.
+        noise_from: the caller's ``torch.Generator`` (or one per image) that the initial noise comes from, or
+            None when it comes from the request's seeds; ``noise`` is what was drawn from it, kept so that a
+            retry on another rung starts from the same noise instead of drawing again.
     """
 
     fallbacks: list[Fallback] = field(default_factory=list)
@@ -65,6 +70,8 @@ class Call:
     index: int = 0
     upcoming: dict[str, float] = field(default_factory=dict)
     callback_error: BaseException | None = None
+    noise_from: torch.Generator | list[torch.Generator] | None = None
+    noise: torch.Tensor | None = None
 
 
 class Attempt(NamedTuple):
@@ -195,10 +202,22 @@ class _Run:
                 steps=request.steps,
                 guidance_scale=request.guidance_scale,
                 seeds=request.seeds,
+                noise=self._noise(),
                 on_step=step_hook(self.call, request, self.rung),
                 device=self.device,
             )
         self.finite = torch.isfinite(self.progress.latents).all()  # read after the decode, which waits anyway
+
+    def _noise(self) -> torch.Tensor | None:
+        """The initial noise drawn from the caller's generator(s), once per request: a retry reuses it (a
+        downscaled retry needs another shape and draws again)."""
+        call, request = self.call, self.request
+        if call.noise_from is None:
+            return None
+        shape = noise_shape(self.pipe, request.num_images, request.height, request.width)
+        if call.noise is None or tuple(call.noise.shape) != shape:
+            call.noise = draw_noise(shape, call.noise_from)
+        return call.noise
 
     def _decode(self) -> list[Any]:
         self.progress.phase = "decode"
@@ -291,12 +310,19 @@ def result_of(
             f"quantization={quantization!r} is set, but {rung.strategy.name} does not quantize: the weights stayed "
             f"{dtype}"
         )
+    seeds: tuple[int | None, ...] = request.seeds
+    if call.noise_from is not None:
+        seeds = (None,) * request.num_images
+        warnings.append(
+            "the initial noise came from the torch.Generator given, so no seed reproduces these images "
+            "(result.seeds are None); pass seed= instead for images that an int reproduces"
+        )
     for warning in warnings:
         logger.warning(warning)
     return GenerationResult(
         images=tuple(attempt.images),
         prompt=request.prompt,
-        seeds=request.seeds,
+        seeds=seeds,
         width=request.width,
         height=request.height,
         steps=request.steps,
