@@ -11,7 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from zimage_turbo import FullGPU, Generator, InvalidRequestError, InvalidSettingsError, ZImageSettings
+from zimage_turbo import (
+    FullGPU,
+    Generator,
+    InvalidRequestError,
+    InvalidSettingsError,
+    StepInfo,
+    ZImageSettings,
+    preview_image,
+)
 
 PROMPT = "a red fox in fresh snow at dawn"
 
@@ -167,3 +175,48 @@ def test_a_retry_on_another_rung_reuses_the_generators_noise(
     [theirs] = diffusers_images(tiny_checkpoint, theirs_generator, steps=2)
     assert same(result.image, theirs)
     assert torch.equal(mine.get_state(), theirs_generator.get_state())  # drawn from once, not once per rung
+
+
+def test_the_callback_sees_each_steps_latents_and_timestep_and_the_image_is_unchanged(
+    gen: Generator, tiny_checkpoint: Path
+) -> None:
+    seen: list[tuple[int, float, torch.Tensor]] = []
+    previews: list[Image.Image] = []
+
+    def keep(info: StepInfo) -> None:
+        assert info.latents is not None
+        seen.append((info.step, info.timestep, info.latents.clone()))
+        previews.append(info.preview(size=64))
+
+    watched = gen.generate(PROMPT, height=256, width=256, steps=2, num_images=2, seed=5, callback=keep)
+    plain = gen.generate(PROMPT, height=256, width=256, steps=2, num_images=2, seed=5)
+    assert all(same(a, b) for a, b in zip(watched.images, plain.images, strict=True))  # reading changes nothing
+    assert [step for step, _, _ in seen] == [1, 2]
+    assert 1000 >= seen[0][1] > seen[1][1] >= 0  # the scheduler's timesteps, falling
+    assert all(latents.shape == (2, 16, 32, 32) and latents.dtype == torch.float32 for _, _, latents in seen)
+    assert not torch.equal(seen[0][2], seen[1][2])
+    # the last step's latents are what the VAE decodes: decoding them by hand gives the image
+    pipe = gen.pipeline
+    vae = pipe.vae
+    with torch.inference_mode():
+        decoded = vae.decode(seen[-1][2] / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+    by_hand = pipe.image_processor.postprocess(decoded, output_type="pil")
+    assert all(same(a, b) for a, b in zip(by_hand, plain.images, strict=True))
+    assert all(p.size == (64, 64) and p.mode == "RGB" for p in previews)
+
+
+def test_preview_image_is_a_small_deterministic_rgb_picture() -> None:
+    latents = torch.randn(2, 16, 96, 64, generator=torch.Generator().manual_seed(0))
+    before = latents.clone()
+    first = preview_image(latents)
+    assert first.mode == "RGB" and first.size == (171, 256)  # the longer side is `size`, the aspect kept
+    assert torch.equal(latents, before)  # only read
+    assert same(first, preview_image(latents.clone()))
+    assert not same(first, preview_image(latents, index=1))
+    assert preview_image(latents[0], size=32).size == (21, 32)
+    pixels = np.asarray(first)
+    assert pixels.std() > 10  # stretched to the full range before scaling up: not a grey wash
+    with pytest.raises(InvalidRequestError, match="index"):
+        preview_image(latents, index=2)
+    with pytest.raises(InvalidRequestError, match="weights"):
+        preview_image(latents, weights=torch.ones(4, 3))

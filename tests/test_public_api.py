@@ -66,6 +66,8 @@ REVIEWED = {
     # unreleased: a batch's output folder is not replaced, shared or trusted blindly
     "BatchConflictError",
     "BatchLockedError",
+    # unreleased: diffusers' argument names; step previews drawn from the latents without the VAE
+    "preview_image",
 }
 
 

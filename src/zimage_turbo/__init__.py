@@ -34,6 +34,7 @@ from .hardware import GPUInfo, Hardware, detect_hardware
 from .layout import PipelineLayout, check_pipeline_dir
 from .planner import Candidate, Plan, plan
 from .pool import GeneratorPool, PromptFailure
+from .preview import preview_image
 from .profile import ComponentProfile, ModelProfile, Workload
 from .request import GenerationRequest
 from .result import Fallback, GenerationResult, StepInfo, Timings
@@ -106,5 +107,6 @@ __all__ = [
     "detect_hardware",
     "make_checkpoint",
     "plan",
+    "preview_image",
     "resolve_model",
 ]

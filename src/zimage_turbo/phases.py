@@ -68,16 +68,17 @@ def denoise(
     guidance_scale: float,
     seeds: Sequence[int],
     noise: torch.Tensor | None = None,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, float, torch.Tensor], None] | None = None,
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """Latents after ``steps`` transformer passes from the noise of ``seeds`` (one CPU generator per image:
     the same seed gives the same noise on every device), or from ``noise`` when it is given (see
     :func:`draw_noise`; ``seeds`` is then ignored).
 
-    ``on_step(k)`` is called after the ``k``-th step (1-based); whatever it raises ends the loop and
-    propagates. If the loop is interrupted through diffusers' ``pipe._interrupt`` flag instead, diffusers
-    skips the remaining steps and returns half-denoised latents: we raise
+    ``on_step(k, timestep, latents)`` is called after the ``k``-th step (1-based) with that step's scheduler
+    timestep and the pipeline's own latents after it (not a copy: it must not modify them); whatever it raises
+    ends the loop and propagates. If the loop is interrupted through diffusers' ``pipe._interrupt`` flag
+    instead, diffusers skips the remaining steps and returns half-denoised latents: we raise
     :class:`~zimage_turbo.errors.GenerationInterruptedError` rather than let them be decoded.
 
     ``device``: the pipeline's execution device when the caller knows it (diffusers finds it by walking every
@@ -88,12 +89,12 @@ def denoise(
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds] if noise is None else None
     finished = 0
 
-    def step_end(_pipe: Any, index: int, _timestep: Any, _tensors: dict[str, Any]) -> dict[str, Any]:
+    def step_end(_pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         nonlocal finished
         finished = index + 1
         if on_step is not None:
-            on_step(finished)
-        return {}  # diffusers pops replacement tensors from what we return: none
+            on_step(finished, float(timestep), tensors["latents"])
+        return {}  # diffusers pops replacement tensors from what we return: none, so the latents stay its own
 
     latents = pipe(
         prompt_embeds=positive,
@@ -108,7 +109,8 @@ def denoise(
         output_type="latent",
         return_dict=False,
         callback_on_step_end=step_end,
-        callback_on_step_end_tensor_inputs=[],
+        # only read: diffusers hands us its latents and keeps them, as we return no replacement
+        callback_on_step_end_tensor_inputs=["latents"] if on_step is not None else [],
     )[0]
     planned = int(getattr(pipe, "_num_timesteps", finished))
     if finished < planned:

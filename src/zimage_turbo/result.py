@@ -8,10 +8,15 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from .errors import InvalidRequestError
+from .preview import preview_image
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Fallback",
@@ -38,6 +43,14 @@ class StepInfo:
         prompt_index: its position in :meth:`~zimage_turbo.Generator.generate_many`'s list (0 for ``generate``).
         strategy: the strategy running it. After an out-of-memory fallback the denoising starts again under
             the next strategy, so ``step`` starts again at 1.
+        timestep: the scheduler's timestep of the step just taken (from 1000, pure noise, down towards 0).
+        latents: the latents after this step, ``(num_images, 16, height / 8, width / 8)``, float32, on the
+            denoiser's device. It is the pipeline's own tensor, lent for the duration of the callback: read it,
+            never modify it (the image would change), and ``.clone()`` it to keep it past the callback (what the
+            tensor holds afterwards is not promised). :meth:`preview` turns it into a small picture.
+
+    Equality compares the step's position (``step``, ``steps``, ``prompt``, ``prompt_index``, ``strategy``), not
+    its timestep or tensors.
 
     The callback runs in the generating thread, inside ``torch.inference_mode()`` and while the Generator's
     lock is held. Whatever it raises stops the generation at once and reaches the caller unchanged
@@ -45,6 +58,7 @@ class StepInfo:
 
         >>> def show(info: StepInfo) -> None:
         ...     print(f"{info.step}/{info.steps}")
+        ...     info.preview(size=128).save(f"step-{info.step}.png")
     """
 
     step: int
@@ -52,6 +66,15 @@ class StepInfo:
     prompt: str
     prompt_index: int = 0
     strategy: str = ""
+    timestep: float = field(default=0.0, compare=False)
+    latents: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def preview(self, *, size: int = 256, index: int = 0) -> Image.Image:
+        """A small RGB picture of image ``index`` at this step, from the latents alone (no VAE, a fraction of a
+        millisecond, approximate colours): see :func:`~zimage_turbo.preview.preview_image`."""
+        if self.latents is None:
+            raise InvalidRequestError("this StepInfo carries no latents to preview")
+        return preview_image(self.latents, size=size, index=index)
 
 
 @dataclass(frozen=True)

@@ -242,15 +242,17 @@ class _Run:
             return decode(self.pipe, latents, self.device)
 
 
-def step_hook(call: Call, request: GenerationRequest, rung: Candidate) -> Callable[[int], None] | None:
+def step_hook(
+    call: Call, request: GenerationRequest, rung: Candidate
+) -> Callable[[int, float, torch.Tensor], None] | None:
     """The per-step function for ``denoise``: the user's callback with a StepInfo, its exceptions marked
     so that the ladder never mistakes one for an out-of-memory error of ours."""
     callback = call.callback
     if callback is None:
         return None
 
-    def on_step(done: int) -> None:
-        info = StepInfo(done, request.steps, request.prompt, call.index, rung.name)
+    def on_step(done: int, timestep: float, latents: torch.Tensor) -> None:
+        info = StepInfo(done, request.steps, request.prompt, call.index, rung.name, timestep=timestep, latents=latents)
         try:
             callback(info)
         except BaseException as exc:
