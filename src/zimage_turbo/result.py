@@ -70,8 +70,8 @@ class StepInfo:
     latents: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def preview(self, *, size: int = 256, index: int = 0) -> Image.Image:
-        """A small RGB picture of image ``index`` at this step, from the latents alone (no VAE, a fraction of a
-        millisecond, approximate colours): see :func:`~zimage_turbo.preview.preview_image`."""
+        """A small RGB picture of image ``index`` at this step, from the latents alone (no VAE, a few
+        milliseconds, approximate colours): see :func:`~zimage_turbo.preview.preview_image`."""
         if self.latents is None:
             raise InvalidRequestError("this StepInfo carries no latents to preview")
         return preview_image(self.latents, size=size, index=index)
