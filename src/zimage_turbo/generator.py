@@ -50,9 +50,17 @@ from .phases import MAX_SEQUENCE_LENGTH, Progress, count_prompt_tokens, release_
 from .placement import Placement, load_placement
 from .planner import Candidate, Plan, candidate_for
 from .profile import ModelProfile, Workload
-from .request import DEFAULT_STEPS, GenerationRequest, check_seed, one_spelling, requests_for
+from .request import (
+    DEFAULT_STEPS,
+    GenerationRequest,
+    check_seed,
+    noise_sources,
+    one_spelling,
+    requests_for,
+    seed_or_generator,
+)
 from .result import Fallback, GenerationResult, StepInfo
-from .settings import ZImageSettings
+from .settings import ZImageSettings, settings_and_options
 from .sources import ResolvedModel, resolve_model
 from .speedups import SpeedupDriver
 from .speedups.compile import compile_cache_dir
@@ -63,6 +71,8 @@ from .tasks import Attempt, Call, result_of, run_task
 __all__ = ["MAX_SEQUENCE_LENGTH", "Generator", "count_prompt_tokens"]
 
 logger = logging.getLogger(__name__)
+# the keywords of Generator() that from_pretrained() passes on as they are (the rest are settings)
+GENERATOR_OPTIONS = frozenset({"settings", "strategy", "load", "device", "dtype", "torch_dtype"})
 
 
 class Generator:
@@ -150,18 +160,7 @@ class Generator:
 
             >>> gen = Generator.from_pretrained("folder", torch_dtype=torch.bfloat16)  # doctest: +SKIP
         """
-        own = {"settings", "strategy", "load", "device", "dtype", "torch_dtype"}
-        fields = set(ZImageSettings.model_fields) - {"model"}
-        unknown = sorted(set(options) - own - fields)
-        if unknown:
-            known = ", ".join(sorted(own | fields))
-            raise InvalidSettingsError(f"Unknown option(s) {', '.join(unknown)}; known options: {known}.")
-        settings = options.pop("settings", None)
-        changes = {key: options.pop(key) for key in list(options) if key not in own}
-        if changes:
-            if settings is not None and not isinstance(settings, ZImageSettings):
-                raise InvalidSettingsError(f"settings must be a ZImageSettings, got {type(settings).__name__}")
-            settings = settings.replace(**changes) if settings is not None else ZImageSettings(**changes)
+        settings, options = settings_and_options(options, GENERATOR_OPTIONS)
         return cls(model, settings=settings, **options)
 
     # -- state -------------------------------------------------------------------------------------------
@@ -438,11 +437,7 @@ class Generator:
         """
         steps = one_spelling("steps", steps, "num_inference_steps", num_inference_steps, DEFAULT_STEPS)
         num_images = one_spelling("num_images", num_images, "num_images_per_prompt", num_images_per_prompt, 1)
-        if seed is not None and generator is not None:
-            raise InvalidRequestError(
-                "seed and generator both choose the initial noise; give one (seed: an int, reproducible; "
-                f"generator: a torch.Generator, as in diffusers), got seed={seed!r} and generator={generator!r}"
-            )
+        seed_or_generator(seed, generator)
         if callback is not None and not callable(callback):
             raise InvalidRequestError(
                 f"callback must be callable (it is given a StepInfo after each step), got {type(callback).__name__}"
@@ -458,7 +453,7 @@ class Generator:
             num_images=num_images,
             seeded=generator is None,
         )
-        sources = _noise_sources(generator, len(requests), requests[0].num_images if requests else 1)
+        sources = noise_sources(generator, len(requests), requests[0].num_images if requests else 1)
         if not requests:
             return []
         results = []
@@ -569,32 +564,6 @@ def _model_name(model: object) -> str:
     if not isinstance(name, str):
         raise InvalidSettingsError(f"model must be text, got {type(name).__name__}")
     return name
-
-
-def _noise_sources(
-    generator: object, prompts: int, num_images: int
-) -> list[torch.Generator | list[torch.Generator] | None]:
-    """For each prompt, what its initial noise is drawn from: the one generator given (shared, drawn from in
-    prompt order), its slice of a list of them (one per image), or None (the request's seed)."""
-    if generator is None:
-        return [None] * prompts
-    if isinstance(generator, torch.Generator):
-        return [generator] * prompts
-    if isinstance(generator, Sequence) and not isinstance(generator, (str, bytes)):
-        each = list(generator)
-        if not all(isinstance(g, torch.Generator) for g in each):
-            raise InvalidRequestError("generator must be a torch.Generator or a list of them (one per image)")
-        if len(each) != prompts * num_images:
-            raise InvalidRequestError(
-                f"got {len(each)} generators for {prompts} prompt(s) of {num_images} image(s): a list of generators "
-                "holds one per image"
-            )
-        if len({g.device.type for g in each}) > 1:
-            raise InvalidRequestError("the generators of a list must all be on the same kind of device")
-        return [each[k * num_images : (k + 1) * num_images] for k in range(prompts)]
-    raise InvalidRequestError(
-        f"generator must be a torch.Generator or a list of them (one per image), got {type(generator).__name__}"
-    )
 
 
 def _progress(items: list[GenerationRequest], *, enabled: bool) -> Any:

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
 from .errors import InvalidRequestError
 
 __all__ = [
@@ -28,9 +30,11 @@ __all__ = [
     "SIDE_MULTIPLE",
     "GenerationRequest",
     "check_seed",
+    "noise_sources",
     "one_spelling",
     "random_seed",
     "requests_for",
+    "seed_or_generator",
 ]
 
 # The transformer works on 2x2 patches of a latent that is 8x smaller than the image.
@@ -230,3 +234,38 @@ def _check_guidance(value: object) -> float:
     if not math.isfinite(number) or number < 0:
         raise InvalidRequestError(f"guidance_scale must be a finite number >= 0, got {number}")
     return number
+
+
+def seed_or_generator(seed: object, generator: object) -> None:
+    """Both choose the initial noise: one of them may be given."""
+    if seed is not None and generator is not None:
+        raise InvalidRequestError(
+            "seed and generator both choose the initial noise; give one (seed: an int, reproducible; "
+            f"generator: a torch.Generator, as in diffusers), got seed={seed!r} and generator={generator!r}"
+        )
+
+
+def noise_sources(
+    generator: object, prompts: int, num_images: int
+) -> list[torch.Generator | list[torch.Generator] | None]:
+    """For each prompt, what its initial noise is drawn from: the one generator given (shared, drawn from in
+    prompt order), its slice of a list of them (one per image), or None (the request's seed)."""
+    if generator is None:
+        return [None] * prompts
+    if isinstance(generator, torch.Generator):
+        return [generator] * prompts
+    if isinstance(generator, Sequence) and not isinstance(generator, (str, bytes)):
+        each = list(generator)
+        if not all(isinstance(g, torch.Generator) for g in each):
+            raise InvalidRequestError("generator must be a torch.Generator or a list of them (one per image)")
+        if len(each) != prompts * num_images:
+            raise InvalidRequestError(
+                f"got {len(each)} generators for {prompts} prompt(s) of {num_images} image(s): a list of generators "
+                "holds one per image"
+            )
+        if len({g.device.type for g in each}) > 1:
+            raise InvalidRequestError("the generators of a list must all be on the same kind of device")
+        return [each[k * num_images : (k + 1) * num_images] for k in range(prompts)]
+    raise InvalidRequestError(
+        f"generator must be a torch.Generator or a list of them (one per image), got {type(generator).__name__}"
+    )

@@ -29,6 +29,7 @@ __all__ = [
     "SourceName",
     "StrategyName",
     "ZImageSettings",
+    "settings_and_options",
 ]
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
@@ -219,3 +220,23 @@ def _describe_validation_error(exc: ValidationError) -> str:
         env_name = ENV_PREFIX + field.upper()
         lines.append(f"{field} (env {env_name}): {error['msg']}; got {error.get('input')!r}")
     return "Invalid zimage-turbo settings:\n  " + "\n  ".join(lines)
+
+
+def settings_and_options(
+    options: dict[str, Any], passed_on: frozenset[str]
+) -> tuple[ZImageSettings | None, dict[str, Any]]:
+    """Split diffusers-style keyword options into settings and the keywords in ``passed_on`` (a ``settings``
+    among them is the base the settings fields apply to). An unknown key is refused listing the known ones."""
+    fields = set(ZImageSettings.model_fields) - {"model"}
+    unknown = sorted(set(options) - passed_on - fields)
+    if unknown:
+        known = ", ".join(sorted(passed_on | fields))
+        raise InvalidSettingsError(f"Unknown option(s) {', '.join(unknown)}; known options: {known}.")
+    rest = dict(options)
+    settings = rest.pop("settings", None)
+    changes = {key: rest.pop(key) for key in list(rest) if key not in passed_on}
+    if changes:
+        if settings is not None and not isinstance(settings, ZImageSettings):
+            raise InvalidSettingsError(f"settings must be a ZImageSettings, got {type(settings).__name__}")
+        settings = settings.replace(**changes) if settings is not None else ZImageSettings(**changes)
+    return settings, rest
