@@ -29,6 +29,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "model",
         "settings",
         "request",
+        "image_metadata",
         "result",
         "hardware",
         "process_state",

@@ -66,6 +66,8 @@ REVIEWED = {
     # unreleased: a batch's output folder is not replaced, shared or trusted blindly
     "BatchConflictError",
     "BatchLockedError",
+    # unreleased: how an image was made, stored in its PNG
+    "read_metadata",
 }
 
 

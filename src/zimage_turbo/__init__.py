@@ -31,6 +31,7 @@ from .errors import (
 )
 from .generator import Generator
 from .hardware import GPUInfo, Hardware, detect_hardware
+from .image_metadata import read_metadata
 from .layout import PipelineLayout, check_pipeline_dir
 from .planner import Candidate, Plan, plan
 from .pool import GeneratorPool, PromptFailure
@@ -106,5 +107,6 @@ __all__ = [
     "detect_hardware",
     "make_checkpoint",
     "plan",
+    "read_metadata",
     "resolve_model",
 ]

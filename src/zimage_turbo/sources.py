@@ -71,12 +71,19 @@ _TRUE = {"1", "true", "yes", "on"}
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A complete model folder and where it came from (``local``, ``huggingface`` or ``modelscope``)."""
+    """A complete model folder and where it came from (``local``, ``huggingface`` or ``modelscope``).
+
+    ``name`` is the repo id, or for a local folder its last part (what saved images record: never a whole
+    path of this machine). ``revision`` is the commit of a Hugging Face snapshot, else the revision the
+    settings asked for (None: unknown).
+    """
 
     path: Path
     source: str
     layout: PipelineLayout
     downloaded: bool = False
+    name: str = ""
+    revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,9 @@ def resolve_model(settings: ZImageSettings) -> ResolvedModel:
     if settings.source == "local" or (settings.source == "auto" and local.is_dir()):
         if not local.is_dir():
             raise ModelNotFoundError(f"Local model folder {str(local)!r} does not exist.", searched=[str(local)])
-        return ResolvedModel(path=local, source="local", layout=check_pipeline_dir(local))
+        return ResolvedModel(
+            path=local, source="local", layout=check_pipeline_dir(local), name=local.resolve().name or str(local)
+        )
     if not _REPO_ID.match(name):
         raise ModelNotFoundError(
             f"{name!r} is neither an existing folder nor a repo id of the form 'owner/name'.", searched=[name]
@@ -179,7 +188,13 @@ def resolve_model(settings: ZImageSettings) -> ResolvedModel:
         if folder is None:
             continue
         try:
-            return ResolvedModel(path=folder, source=hub, layout=check_pipeline_dir(folder))
+            return ResolvedModel(
+                path=folder,
+                source=hub,
+                layout=check_pipeline_dir(folder),
+                name=name,
+                revision=_revision(folder, settings.revision),
+            )
         except IncompleteModelError as exc:
             # A partial download: downloading again below fills it in (the hub clients skip complete files).
             logger.warning("cached copy in %s is incomplete: %s", folder, ", ".join(exc.missing))
@@ -213,7 +228,14 @@ def _download(name: str, hubs: list[str], settings: ZImageSettings) -> ResolvedM
         try:
             _check_room(hub, name, settings.revision, cache)
             folder = _HUB_LOOKUPS[hub](name, settings.revision, cache, False)
-            return ResolvedModel(path=folder, source=hub, layout=check_pipeline_dir(folder), downloaded=True)
+            return ResolvedModel(
+                path=folder,
+                source=hub,
+                layout=check_pipeline_dir(folder),
+                downloaded=True,
+                name=name,
+                revision=_revision(folder, settings.revision),
+            )
         except (IncompleteModelError, NotEnoughDiskSpaceError):
             raise
         except Exception as exc:  # network, auth, missing repo...: try the next hub, report all at the end
@@ -225,6 +247,13 @@ def _download(name: str, hubs: list[str], settings: ZImageSettings) -> ResolvedM
         + "\nCheck the network (or a mirror: HF_ENDPOINT / MODELSCOPE_ENDPOINT), the repo name and revision, "
         "and your token for gated repos; or pass a local folder as the model."
     ) from last
+
+
+def _revision(folder: Path, asked: str | None) -> str | None:
+    """The commit of a Hugging Face cache snapshot (``.../snapshots/<commit>``), else the revision asked for."""
+    if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name):
+        return folder.name
+    return asked
 
 
 def _check_room(hub: str, repo_id: str, revision: str | None, cache: Path) -> None:
