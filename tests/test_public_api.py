@@ -68,6 +68,8 @@ REVIEWED = {
     "BatchLockedError",
     # unreleased: how an image was made, stored in its PNG
     "read_metadata",
+    # unreleased: ModelScope is an extra
+    "ModelScopeNotInstalledError",
 }
 
 

@@ -7,6 +7,10 @@ Order for ``source="auto"``:
 2. The Hugging Face cache, then the ModelScope cache (no network).
 3. Unless offline: download from Hugging Face, and if that fails, from ModelScope.
 
+ModelScope's client is an extra (``pip install 'zimage-turbo[modelscope]'``). Without it, ``source="auto"``
+uses Hugging Face only (the message of a failure says so), and ``source="modelscope"`` raises
+:class:`~zimage_turbo.errors.ModelScopeNotInstalledError`.
+
 Cache folders are worked out when :func:`resolve_model` runs, not when a hub client is imported, so
 ``HF_HOME`` / ``MODELSCOPE_CACHE`` set by a script after its imports are still honoured (the
 background scripts set them that way). Every folder is checked with
@@ -32,7 +36,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DownloadError, IncompleteModelError, ModelNotFoundError, NotEnoughDiskSpaceError, first_line
+from .errors import (
+    DownloadError,
+    IncompleteModelError,
+    ModelNotFoundError,
+    ModelScopeNotInstalledError,
+    NotEnoughDiskSpaceError,
+    first_line,
+)
 from .layout import PipelineLayout, check_pipeline_dir
 from .settings import ZImageSettings
 
@@ -46,6 +57,7 @@ __all__ = [
     "huggingface_cache_dir",
     "is_offline",
     "modelscope_cache_dir",
+    "modelscope_installed",
     "resolve_model",
 ]
 
@@ -182,7 +194,17 @@ def resolve_model(settings: ZImageSettings) -> ResolvedModel:
     hubs: list[str] = ["huggingface", "modelscope"] if settings.source == "auto" else [settings.source]
     searched: list[str] = []
     incomplete: IncompleteModelError | None = None
-    for hub in hubs:
+    for hub in list(hubs):
+        # Checked only here, so that a model found in the Hugging Face cache never imports ModelScope.
+        if hub == "modelscope" and not modelscope_installed():
+            if settings.source == "modelscope":
+                raise ModelScopeNotInstalledError(
+                    f"source='modelscope' needs ModelScope's client, which is not installed: pip install "
+                    f"'zimage-turbo[{ModelScopeNotInstalledError.extra}]' (or use source='huggingface' or 'auto')"
+                )
+            hubs.remove(hub)
+            searched.append(_MODELSCOPE_MISSING)
+            continue
         folder, note = _find_in_cache(hub, settings)
         searched.append(note)
         if folder is None:
@@ -204,7 +226,17 @@ def resolve_model(settings: ZImageSettings) -> ResolvedModel:
         if incomplete is not None:
             raise incomplete
         raise ModelNotFoundError(_not_found_message(name, searched), searched=searched)
-    return _download(name, hubs, settings)
+    return _download(name, hubs, settings, skipped=[note for note in searched if note == _MODELSCOPE_MISSING])
+
+
+def modelscope_installed() -> bool:
+    """Whether ModelScope's client can be imported (it is the ``modelscope`` extra). Imports it: about two
+    seconds, paid only when ModelScope is about to be used anyway."""
+    try:
+        import modelscope  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _find_in_cache(hub: str, settings: ZImageSettings) -> tuple[Path | None, str]:
@@ -219,8 +251,8 @@ def _find_in_cache(hub: str, settings: ZImageSettings) -> tuple[Path | None, str
         return None, f"{label}: {first_line(exc)}"
 
 
-def _download(name: str, hubs: list[str], settings: ZImageSettings) -> ResolvedModel:
-    failures: list[str] = []
+def _download(name: str, hubs: list[str], settings: ZImageSettings, *, skipped: Iterable[str] = ()) -> ResolvedModel:
+    failures: list[str] = list(skipped)
     last: Exception | None = None
     for hub in hubs:
         cache, _ = _CACHE_DIRS[hub](settings)
@@ -373,6 +405,10 @@ def _modelscope_snapshot(repo_id: str, revision: str | None, cache: Path, local_
     return Path(str(folder))
 
 
+_MODELSCOPE_MISSING = (
+    f"ModelScope: not tried, its client is not installed (pip install "
+    f"'zimage-turbo[{ModelScopeNotInstalledError.extra}]')"
+)
 _HUB_TITLES = {"huggingface": "Hugging Face", "modelscope": "ModelScope"}
 _HUB_LOOKUPS: dict[str, Callable[[str, str | None, Path, bool], Path]] = {
     "huggingface": _huggingface_snapshot,
