@@ -33,6 +33,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "result",
         "hardware",
         "process_state",
+        "quiet_imports",
         "execution",
         "failures",
         "toy_tokenizer",
