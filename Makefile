@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test lint typecheck unit gpu-test bench-full clean
+.PHONY: demo test lint typecheck unit gpu-test bench-full clean test-min-versions
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,5 +47,19 @@ unit: $(VENV)/.installed-dev
 gpu-test: $(VENV)/.installed-dev
 	$(BIN)/pytest -q -m gpu tests/gpu
 
+# The CPU tests against the lowest versions pyproject.toml declares (ci/min-versions.txt), in a venv of their
+# own, made afresh each time. Not part of `make test` (CI): it downloads torch 2.6 and the rest again on every
+# run. Best run with the lowest Python supported, e.g. make test-min-versions PYTHON=python3.10
+MIN_VENV ?= .venv-min
+
+test-min-versions:
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install -q -c ci/min-versions.txt torch
+	$(MIN_VENV)/bin/python -m pip install -q -c ci/min-versions.txt -e ".[dev]"
+	$(MIN_VENV)/bin/python -m pip list --format=freeze | grep -i -E '^(torch|diffusers|transformers|accelerate)=='
+	$(MIN_VENV)/bin/pytest -q -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo.png
+	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache demo.png

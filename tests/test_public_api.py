@@ -68,6 +68,10 @@ REVIEWED = {
     "BatchLockedError",
     # unreleased: diffusers' argument names; step previews drawn from the latents without the VAE
     "preview_image",
+    # unreleased: how an image was made, stored in its PNG
+    "read_metadata",
+    # unreleased: ModelScope is an extra
+    "ModelScopeNotInstalledError",
 }
 
 

@@ -16,6 +16,7 @@ from zimage_turbo import (
     DownloadError,
     IncompleteModelError,
     ModelNotFoundError,
+    ModelScopeNotInstalledError,
     ZImageSettings,
     resolve_model,
     sources,
@@ -218,3 +219,23 @@ def test_download_error_is_a_model_source_error() -> None:
     from zimage_turbo import ModelSourceError
 
     assert issubclass(DownloadError, ModelSourceError)
+
+
+def test_a_resolved_model_knows_its_name_and_revision(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    snapshot = huggingface_cache(tiny_checkpoint, tmp_path / "root" / "hub", REPO, ref="v1.0")
+    settings = ZImageSettings(cache_dir=tmp_path / "root", revision="v1.0", offline=True)
+    resolved = resolve_model(settings)
+    assert (resolved.name, resolved.revision) == (REPO, snapshot.name)  # the commit, not the tag
+    local = resolve_model(ZImageSettings(model=str(tiny_checkpoint)))
+    assert (local.name, local.revision) == (tiny_checkpoint.name, None)  # the folder's name, not its path
+
+
+def test_modelscope_without_its_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "modelscope", None)  # `import modelscope` raises ImportError
+    with pytest.raises(ModelScopeNotInstalledError, match=r"zimage-turbo\[modelscope\]") as caught:
+        resolve_model(ZImageSettings(model=REPO, source="modelscope", offline=True))
+    assert isinstance(caught.value, ImportError) and caught.value.extra == "modelscope"
+    # "auto" searches Hugging Face only, and says why ModelScope was left out.
+    with pytest.raises(ModelNotFoundError, match=r"ModelScope: not tried.*zimage-turbo\[modelscope\]") as missing:
+        resolve_model(ZImageSettings(model=REPO, offline=True, cache_dir=tmp_path / "empty"))
+    assert len(missing.value.searched) == 2

@@ -20,6 +20,7 @@ from .errors import (
     InvalidSettingsError,
     ModelLoadError,
     ModelNotFoundError,
+    ModelScopeNotInstalledError,
     ModelSourceError,
     NotEnoughDiskSpaceError,
     NotEnoughMemoryError,
@@ -31,6 +32,7 @@ from .errors import (
 )
 from .generator import Generator
 from .hardware import GPUInfo, Hardware, detect_hardware
+from .image_metadata import read_metadata
 from .layout import PipelineLayout, check_pipeline_dir
 from .planner import Candidate, Plan, plan
 from .pool import GeneratorPool, PromptFailure
@@ -82,6 +84,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelProfile",
+    "ModelScopeNotInstalledError",
     "ModelSourceError",
     "MultiGPUDispatch",
     "MultiGPUHybrid",
@@ -108,5 +111,6 @@ __all__ = [
     "make_checkpoint",
     "plan",
     "preview_image",
+    "read_metadata",
     "resolve_model",
 ]

@@ -43,12 +43,13 @@ _SHOWN = 3
 
 
 def write_image(folder: Path, item: BatchItem, result: GenerationResult) -> Path:
-    """Write ``item``'s image atomically and make sure it is on disk (before its manifest line may be)."""
+    """Write ``item``'s image atomically, with how it was made (see :meth:`GenerationResult.metadata`), and
+    make sure it is on disk (before its manifest line may be)."""
     # Items are checked when read; checked again here because a Ray actor gets them as JSON, and a file
     # written outside the folder cannot be taken back.
     check_id(item.id, "batch item")
     path = folder / item.file
-    save_image_atomically(result.image, path)
+    save_image_atomically(result.image, path, result.metadata(0))
     _sync(path)
     _sync(folder)  # the rename itself
     return path

@@ -28,6 +28,7 @@ from ._version import __version__
 from .errors import CheckpointError
 from .model import PRESETS, CheckpointPreset, PresetName
 from .process_state import default_dtype
+from .quiet_imports import quiet_imports
 from .toy_tokenizer import build_toy_tokenizer
 
 __all__ = ["MARKER_FILE", "PRESETS", "CheckpointPreset", "PresetName", "make_checkpoint", "read_marker"]
@@ -146,13 +147,14 @@ def _check_target(target: Path, overwrite: bool) -> None:
 
 
 def _build_pipeline(spec: CheckpointPreset, seed: int, device: torch.device) -> Any:
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        ZImagePipeline,
-        ZImageTransformer2DModel,
-    )
-    from transformers import Qwen3Config, Qwen3Model
+    with quiet_imports():
+        from diffusers import (
+            AutoencoderKL,
+            FlowMatchEulerDiscreteScheduler,
+            ZImagePipeline,
+            ZImageTransformer2DModel,
+        )
+        from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = build_toy_tokenizer()
     text_config = {"vocab_size": len(tokenizer), **spec.text_encoder}

@@ -4,6 +4,7 @@
     zimage-turbo demo                      # tiny random-weight model, no download: checks the install
     zimage-turbo make-checkpoint tiny DIR  # or: full DIR (real sizes, random weights; needs a GPU)
     zimage-turbo hardware                  # what the library sees
+    zimage-turbo info fox.png [--json]     # how a saved image was made
     zimage-turbo bench --checkpoint DIR --out FILE.json   # against plain diffusers, every VRAM budget
     zimage-turbo batch prompts.jsonl --out DIR [--ray ADDRESS]   # many prompts; rerun to resume
 
@@ -118,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
 
     hardware = commands.add_parser("hardware", parents=[common], help="show the GPUs and memory the library sees")
     hardware.set_defaults(handler=_cmd_hardware)
+
+    info = commands.add_parser("info", parents=[common], help="show how a saved image was made (its metadata)")
+    info.add_argument("image", type=Path, help="a PNG written by zimage-turbo")
+    info.add_argument("--json", action="store_true", help="print the stored JSON object as it is")
+    info.set_defaults(handler=_cmd_info)
 
     # Listed for --help; main() hands "bench ..." to the harness's own parser before this one runs.
     commands.add_parser("bench", help="benchmark against plain diffusers under VRAM budgets (bench --help)")
@@ -296,6 +302,24 @@ def _cmd_hardware(args: argparse.Namespace) -> int:
     from .hardware import detect_hardware
 
     print(detect_hardware().describe())
+    return EXIT_OK
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from .image_metadata import parameters_text, read_metadata
+
+    path = args.image.expanduser()
+    if not path.is_file():
+        raise InvalidRequestError(f"{str(path)!r} is not a file")
+    metadata = read_metadata(path)
+    if metadata is None:
+        raise InvalidRequestError(f"{str(path)!r} holds no zimage-turbo metadata (only PNGs it saved do)")
+    if getattr(args, "json", False):
+        print(json.dumps(metadata, indent=2, ensure_ascii=False))
+    else:
+        print(parameters_text(metadata))
     return EXIT_OK
 
 

@@ -15,8 +15,9 @@ Errors about bad input also derive from :class:`ValueError`, and "model not foun
     ├── ModelSourceError                      the model could not be found or fetched
     │   ├── ModelNotFoundError (FileNotFoundError)
     │   ├── IncompleteModelError              the folder is not a complete Z-Image pipeline
-    │   └── DownloadError                     every hub we tried failed
-    │       └── NotEnoughDiskSpaceError       the download would not fit on the disk
+    │   ├── DownloadError                     every hub we tried failed
+    │   │   └── NotEnoughDiskSpaceError       the download would not fit on the disk
+    │   └── ModelScopeNotInstalledError (ImportError)  source="modelscope" without zimage-turbo[modelscope]
     ├── ModelLoadError                        the files are there, but loading them failed
     ├── NotEnoughMemoryError                  every way of running the request ran out of memory
     ├── NumericalError                        the denoiser produced NaN/inf (a black image otherwise)
@@ -42,6 +43,7 @@ __all__ = [
     "InvalidSettingsError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "ModelScopeNotInstalledError",
     "ModelSourceError",
     "NotEnoughDiskSpaceError",
     "NotEnoughMemoryError",
@@ -105,6 +107,13 @@ class BatchLockedError(ZImageError):
 
 class ModelSourceError(ZImageError):
     """The model could not be resolved to a complete local folder."""
+
+
+class ModelScopeNotInstalledError(ModelSourceError, ImportError):
+    """The ModelScope source was asked for, but its client is not installed. ``extra`` names the extra that
+    installs it: ``pip install 'zimage-turbo[modelscope]'``."""
+
+    extra = "modelscope"
 
 
 class ModelNotFoundError(ModelSourceError, FileNotFoundError):

@@ -27,6 +27,7 @@ from .hardware import Hardware
 from .host import HostHomes
 from .layout import WEIGHTED_COMPONENTS, PipelineLayout
 from .process_state import default_dtype, exclusive
+from .quiet_imports import quiet_imports
 from .settings import DtypeName
 from .weights import TensorEntry, fill_module, read_safetensors_header
 
@@ -66,8 +67,9 @@ def load_pipeline(
 ) -> Any:
     """Build a ``ZImagePipeline`` from a complete folder (see :func:`~zimage_turbo.layout.check_pipeline_dir`),
     each weighted component's weights placed at ``targets[name]`` (default ``"homes"``)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
-    from transformers import Qwen2Tokenizer
+    with quiet_imports():
+        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+        from transformers import Qwen2Tokenizer
 
     root = layout.root
     entries = {name: _entries(layout, name) for name in WEIGHTED_COMPONENTS}

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from .layout import PipelineLayout
 from .model import CAPTION_TOKENS, MAX_SEQUENCE_LENGTH, PRESETS, VAE_TILE_PIXELS
+from .quiet_imports import quiet_imports
 from .safetensors_header import read_safetensors_header
 
 if TYPE_CHECKING:
@@ -368,8 +369,10 @@ def _architecture(configs: Mapping[str, Mapping[str, Any]]) -> _Architecture:
 def _reference_profile(dtype_bytes: int) -> ModelProfile:
     """Shapes of the real model, from the full checkpoint preset built on the meta device (no memory)."""
     import torch
-    from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
+
+    with quiet_imports():
+        from diffusers import AutoencoderKL, ZImageTransformer2DModel
+        from transformers import Qwen3Config, Qwen3Model
 
     spec = PRESETS["full"]
     with torch.device("meta"):

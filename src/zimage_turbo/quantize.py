@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from .errors import StrategyUnavailableError
+from .quiet_imports import quiet_imports
 
 __all__ = [
     "FP8_ROW_FLOOR",
@@ -96,7 +97,8 @@ def quantized_weight(weight: torch.Tensor, kind: QuantizationName, device: torch
     reason = quantization_unavailable(kind, device)
     if reason:
         raise StrategyUnavailableError(reason)
-    from torchao.quantization import quantize_
+    with quiet_imports():
+        from torchao.quantization import quantize_
 
     out_features, in_features = weight.shape
     scratch = torch.nn.Linear(in_features, out_features, bias=False, device="meta")
@@ -106,7 +108,8 @@ def quantized_weight(weight: torch.Tensor, kind: QuantizationName, device: torch
 
 
 def _quantization_config(kind: QuantizationName) -> Any:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow
+    with quiet_imports():
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow
 
     # set_inductor_config=False: torchao would otherwise switch on process-wide Inductor tuning (coordinate
     # descent), which changes every later compile in the process (diffusers with it compiled for over 100 s).

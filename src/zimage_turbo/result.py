@@ -8,11 +8,13 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from ._version import __version__
 from .errors import InvalidRequestError
+from .image_metadata import png_info
 from .preview import preview_image
 
 if TYPE_CHECKING:
@@ -148,6 +150,11 @@ class GenerationResult:
         quantization: ``"fp8"`` or ``"int8"`` when the transformer's linear layers were quantized, else None.
         fallbacks: each change of plan taken to get here, with its reason (empty when none).
         warnings: things the caller should know (a prompt cut at the token limit, an ignored option).
+        negative_prompt: the negative prompt given (it has an effect only when ``guidance_scale > 0``).
+        model: the model's repo id, or the name of its folder when it was a local folder (never the whole
+            path: the name is stored in saved images, which get shared); None where unknown.
+        model_revision: the model's revision (a Hugging Face snapshot's commit, or the revision asked for)
+            where known, else None.
     """
 
     images: tuple[Image.Image, ...]
@@ -169,6 +176,9 @@ class GenerationResult:
     quantization: str | None = None
     fallbacks: tuple[Fallback, ...] = ()
     warnings: tuple[str, ...] = ()
+    negative_prompt: str | None = None
+    model: str | None = None
+    model_revision: str | None = None
 
     @property
     def image(self) -> Image.Image:
@@ -187,13 +197,35 @@ class GenerationResult:
         (``out-0.png``, ``out-1.png``...). An existing file is refused (:class:`InvalidRequestError`, before
         anything is written) unless ``overwrite=True``. Each file is written to a temporary name and renamed,
         so a crash never leaves a partial image.
+
+        A PNG carries how it was made (:meth:`metadata`, read back with :func:`zimage_turbo.read_metadata`);
+        other formats are written without it.
         """
         targets = output_paths(path, len(self.images))
         for each in targets:
             check_output_path(each, overwrite=overwrite)
-        for image, each in zip(self.images, targets, strict=True):
-            save_image_atomically(image, each)
+        for index, (image, each) in enumerate(zip(self.images, targets, strict=True)):
+            save_image_atomically(image, each, self.metadata(index))
         return targets
+
+    def metadata(self, index: int = 0) -> dict[str, Any]:
+        """How image ``index`` was made, as saved into its PNG (JSON-ready; see
+        :mod:`zimage_turbo.image_metadata`)."""
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seeds[index],
+            "steps": self.steps,
+            "width": self.width,
+            "height": self.height,
+            "guidance_scale": self.guidance_scale,
+            "strategy": self.strategy,
+            "quantization": self.quantization,
+            "dtype": self.dtype,
+            "model": self.model,
+            "model_revision": self.model_revision,
+            "version": __version__,
+        }
 
     def _repr_png_(self) -> bytes:
         buffer = io.BytesIO()
@@ -253,16 +285,21 @@ def check_output_path(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
     return target
 
 
-def save_image_atomically(image: Image.Image, path: Path) -> None:
+def save_image_atomically(image: Image.Image, path: Path, metadata: Mapping[str, Any] | None = None) -> None:
     """Save to a temporary file beside ``path``, then rename: readers never see half a file.
 
-    The temporary file is created like any new file (so the umask applies, unlike ``mkstemp``'s 0600).
+    ``metadata`` (see :meth:`GenerationResult.metadata`) goes into a PNG's text chunks; other formats are
+    written without it. The temporary file is created like any new file (so the umask applies, unlike
+    ``mkstemp``'s 0600).
     """
     image_format = Image.registered_extensions()[path.suffix.lower()]
+    options: dict[str, Any] = {}
+    if metadata is not None and image_format == "PNG":
+        options["pnginfo"] = png_info(metadata)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
     try:
         with open(temporary, "xb") as stream:
-            image.save(stream, format=image_format)
+            image.save(stream, format=image_format, **options)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -7,6 +7,10 @@ Order for ``source="auto"``:
 2. The Hugging Face cache, then the ModelScope cache (no network).
 3. Unless offline: download from Hugging Face, and if that fails, from ModelScope.
 
+ModelScope's client is an extra (``pip install 'zimage-turbo[modelscope]'``). Without it, ``source="auto"``
+uses Hugging Face only (the message of a failure says so), and ``source="modelscope"`` raises
+:class:`~zimage_turbo.errors.ModelScopeNotInstalledError`.
+
 Cache folders are worked out when :func:`resolve_model` runs, not when a hub client is imported, so
 ``HF_HOME`` / ``MODELSCOPE_CACHE`` set by a script after its imports are still honoured (the
 background scripts set them that way). Every folder is checked with
@@ -32,7 +36,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DownloadError, IncompleteModelError, ModelNotFoundError, NotEnoughDiskSpaceError, first_line
+from .errors import (
+    DownloadError,
+    IncompleteModelError,
+    ModelNotFoundError,
+    ModelScopeNotInstalledError,
+    NotEnoughDiskSpaceError,
+    first_line,
+)
 from .layout import PipelineLayout, check_pipeline_dir
 from .settings import ZImageSettings
 
@@ -46,6 +57,7 @@ __all__ = [
     "huggingface_cache_dir",
     "is_offline",
     "modelscope_cache_dir",
+    "modelscope_installed",
     "resolve_model",
 ]
 
@@ -71,12 +83,19 @@ _TRUE = {"1", "true", "yes", "on"}
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A complete model folder and where it came from (``local``, ``huggingface`` or ``modelscope``)."""
+    """A complete model folder and where it came from (``local``, ``huggingface`` or ``modelscope``).
+
+    ``name`` is the repo id, or for a local folder its last part (what saved images record: never a whole
+    path of this machine). ``revision`` is the commit of a Hugging Face snapshot, else the revision the
+    settings asked for (None: unknown).
+    """
 
     path: Path
     source: str
     layout: PipelineLayout
     downloaded: bool = False
+    name: str = ""
+    revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,7 +183,9 @@ def resolve_model(settings: ZImageSettings) -> ResolvedModel:
     if settings.source == "local" or (settings.source == "auto" and local.is_dir()):
         if not local.is_dir():
             raise ModelNotFoundError(f"Local model folder {str(local)!r} does not exist.", searched=[str(local)])
-        return ResolvedModel(path=local, source="local", layout=check_pipeline_dir(local))
+        return ResolvedModel(
+            path=local, source="local", layout=check_pipeline_dir(local), name=local.resolve().name or str(local)
+        )
     if not _REPO_ID.match(name):
         raise ModelNotFoundError(
             f"{name!r} is neither an existing folder nor a repo id of the form 'owner/name'.", searched=[name]
@@ -173,13 +194,29 @@ def resolve_model(settings: ZImageSettings) -> ResolvedModel:
     hubs: list[str] = ["huggingface", "modelscope"] if settings.source == "auto" else [settings.source]
     searched: list[str] = []
     incomplete: IncompleteModelError | None = None
-    for hub in hubs:
+    for hub in list(hubs):
+        # Checked only here, so that a model found in the Hugging Face cache never imports ModelScope.
+        if hub == "modelscope" and not modelscope_installed():
+            if settings.source == "modelscope":
+                raise ModelScopeNotInstalledError(
+                    f"source='modelscope' needs ModelScope's client, which is not installed: pip install "
+                    f"'zimage-turbo[{ModelScopeNotInstalledError.extra}]' (or use source='huggingface' or 'auto')"
+                )
+            hubs.remove(hub)
+            searched.append(_MODELSCOPE_MISSING)
+            continue
         folder, note = _find_in_cache(hub, settings)
         searched.append(note)
         if folder is None:
             continue
         try:
-            return ResolvedModel(path=folder, source=hub, layout=check_pipeline_dir(folder))
+            return ResolvedModel(
+                path=folder,
+                source=hub,
+                layout=check_pipeline_dir(folder),
+                name=name,
+                revision=_revision(folder, settings.revision),
+            )
         except IncompleteModelError as exc:
             # A partial download: downloading again below fills it in (the hub clients skip complete files).
             logger.warning("cached copy in %s is incomplete: %s", folder, ", ".join(exc.missing))
@@ -189,7 +226,17 @@ def resolve_model(settings: ZImageSettings) -> ResolvedModel:
         if incomplete is not None:
             raise incomplete
         raise ModelNotFoundError(_not_found_message(name, searched), searched=searched)
-    return _download(name, hubs, settings)
+    return _download(name, hubs, settings, skipped=[note for note in searched if note == _MODELSCOPE_MISSING])
+
+
+def modelscope_installed() -> bool:
+    """Whether ModelScope's client can be imported (it is the ``modelscope`` extra). Imports it: about two
+    seconds, paid only when ModelScope is about to be used anyway."""
+    try:
+        import modelscope  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _find_in_cache(hub: str, settings: ZImageSettings) -> tuple[Path | None, str]:
@@ -204,8 +251,8 @@ def _find_in_cache(hub: str, settings: ZImageSettings) -> tuple[Path | None, str
         return None, f"{label}: {first_line(exc)}"
 
 
-def _download(name: str, hubs: list[str], settings: ZImageSettings) -> ResolvedModel:
-    failures: list[str] = []
+def _download(name: str, hubs: list[str], settings: ZImageSettings, *, skipped: Iterable[str] = ()) -> ResolvedModel:
+    failures: list[str] = list(skipped)
     last: Exception | None = None
     for hub in hubs:
         cache, _ = _CACHE_DIRS[hub](settings)
@@ -213,7 +260,14 @@ def _download(name: str, hubs: list[str], settings: ZImageSettings) -> ResolvedM
         try:
             _check_room(hub, name, settings.revision, cache)
             folder = _HUB_LOOKUPS[hub](name, settings.revision, cache, False)
-            return ResolvedModel(path=folder, source=hub, layout=check_pipeline_dir(folder), downloaded=True)
+            return ResolvedModel(
+                path=folder,
+                source=hub,
+                layout=check_pipeline_dir(folder),
+                downloaded=True,
+                name=name,
+                revision=_revision(folder, settings.revision),
+            )
         except (IncompleteModelError, NotEnoughDiskSpaceError):
             raise
         except Exception as exc:  # network, auth, missing repo...: try the next hub, report all at the end
@@ -225,6 +279,13 @@ def _download(name: str, hubs: list[str], settings: ZImageSettings) -> ResolvedM
         + "\nCheck the network (or a mirror: HF_ENDPOINT / MODELSCOPE_ENDPOINT), the repo name and revision, "
         "and your token for gated repos; or pass a local folder as the model."
     ) from last
+
+
+def _revision(folder: Path, asked: str | None) -> str | None:
+    """The commit of a Hugging Face cache snapshot (``.../snapshots/<commit>``), else the revision asked for."""
+    if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name):
+        return folder.name
+    return asked
 
 
 def _check_room(hub: str, repo_id: str, revision: str | None, cache: Path) -> None:
@@ -344,6 +405,10 @@ def _modelscope_snapshot(repo_id: str, revision: str | None, cache: Path, local_
     return Path(str(folder))
 
 
+_MODELSCOPE_MISSING = (
+    f"ModelScope: not tried, its client is not installed (pip install "
+    f"'zimage-turbo[{ModelScopeNotInstalledError.extra}]')"
+)
 _HUB_TITLES = {"huggingface": "Hugging Face", "modelscope": "ModelScope"}
 _HUB_LOOKUPS: dict[str, Callable[[str, str | None, Path, bool], Path]] = {
     "huggingface": _huggingface_snapshot,

@@ -341,4 +341,7 @@ def result_of(
         quantization=rung.strategy.quantize,
         fallbacks=tuple(call.fallbacks),
         warnings=tuple(warnings),
+        negative_prompt=request.negative_prompt,
+        model=placement.model.name or None,
+        model_revision=placement.model.revision,
     )

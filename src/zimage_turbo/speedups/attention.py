@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import StrategyUnavailableError
+from ..quiet_imports import quiet_imports
 
 __all__ = [
     "ATTENTION_KERNELS",
@@ -132,7 +133,8 @@ def measure_attention(
 ) -> dict[str, float]:
     """Median seconds of one attention call per kernel, timed with CUDA events on random inputs; inf for a
     kernel that is unavailable, fails, or differs from the default kernel beyond bf16 rounding."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    with quiet_imports():
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
 
     generator = torch.Generator(device).manual_seed(0)
     size = (shape.batch, shape.tokens, shape.heads, shape.head_dim)

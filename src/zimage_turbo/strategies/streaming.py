@@ -24,6 +24,7 @@ from ..flat_quantized import flatten_quantized_linears, flattened_tensors, resto
 from ..hardware import Hardware
 from ..profile import ModelProfile, Workload
 from ..quantize import QuantizationName
+from ..quiet_imports import quiet_imports
 from .base import (
     COMPONENTS,
     QUANTIZED_SHARE,
@@ -119,7 +120,8 @@ def stream(
     copy from pinned memory per call, and a pointer swap back home afterwards (diffusers would copy from and
     into pageable memory, a fresh host copy per call; for the text encoder a 0.78 GB embedding).
     """
-    from diffusers.hooks import apply_group_offloading
+    with quiet_imports():
+        from diffusers.hooks import apply_group_offloading
 
     # diffusers makes its transfer stream on the current CUDA device, which must be the one streamed to
     with on_device(device):

@@ -1,0 +1,42 @@
+"""A first generation prints nothing of the model libraries' own import noise, and the program's own use of
+those loggers is left as it was. (``import zimage_turbo`` alone imports none of them and prints nothing.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import zimage_turbo
+
+PACKAGE_PARENT = str(Path(zimage_turbo.__file__).resolve().parents[1])
+# What every process printed before (with torchao installed, as the dev extra has it).
+NOISE = ("Unable to import `torchao` Tensor objects", "Failed to load", "Enum subclass", "_pytree")
+
+
+def run(script: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([PACKAGE_PARENT, *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_tiny_generation_prints_none_of_the_import_noise(tiny_checkpoint: Path) -> None:
+    done = run(
+        f"""
+        import logging
+        from zimage_turbo import Generator, ZImageSettings
+
+        settings = ZImageSettings(model={str(tiny_checkpoint)!r}, source="local", progress=False)
+        Generator(settings=settings).generate("a fox", width=256, height=256, steps=1, seed=0)
+        logging.getLogger("torchao").warning("the program's own message")
+        print([logging.getLogger(name).level for name in ("torchao", "torch.utils._pytree")])
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert not [line for line in done.stderr.splitlines() if any(noise in line for noise in NOISE)], done.stderr
+    assert "the program's own message" in done.stderr  # levels put back: nothing hidden for good
+    assert done.stdout.strip() == "[0, 0]"
