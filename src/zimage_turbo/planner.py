@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .hardware import GIB, Hardware
 from .model import VAE_TILE_PIXELS
@@ -109,6 +110,41 @@ class Plan:
         lines.append("* predicted on the calibration GPU (an H200); slower GPUs scale the compute part.")
         lines.extend(self.notes)
         return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data, as printed by ``zimage-turbo plan --json`` (sizes in bytes, times in seconds)."""
+        work = self.workload
+        return {
+            "workload": {
+                "width": work.width,
+                "height": work.height,
+                "images": work.images,
+                "guidance": work.guidance,
+                "steps": self.steps,
+            },
+            "hardware": self.hardware.to_dict(),
+            "reserve_bytes": self.reserve_bytes,
+            "candidates": [
+                {
+                    "name": c.name,
+                    "strategy": c.strategy.label,
+                    "vae_tiling": c.vae_tiling,
+                    "fits": c.fits,
+                    "reason": c.reason,
+                    "seconds": c.seconds,
+                    "gpu_peak_bytes": {_device_name(g): b for g, b in sorted(c.estimate.gpu_peak.items())},
+                    "host_bytes": c.estimate.host_bytes,
+                }
+                for c in self.candidates
+            ],
+            "best": self.best.name if self.best is not None else None,
+            "notes": list(self.notes),
+        }
+
+
+def _device_name(gpu: int) -> str:
+    """The estimate's key of a GPU as a device name: ``cuda:N``, or ``mps`` for -1 (the MPS device)."""
+    return f"cuda:{gpu}" if gpu >= 0 else "mps"
 
 
 def _strategies(hardware: Hardware, reserve_gib: float, work: Workload, quantize: str | None) -> list[LoadStrategy]:
