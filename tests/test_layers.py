@@ -35,6 +35,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "execution",
         "failures",
         "toy_tokenizer",
+        "progress",
     ),
     "sources": (
         "folder_files",

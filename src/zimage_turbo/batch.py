@@ -206,6 +206,6 @@ def _make(
 
 
 def _progress(total: int, *, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from .progress import tqdm_class
 
-    return tqdm(total=total, desc="images", unit="image", disable=not enabled)
+    return tqdm_class()(total=total, desc="images", unit="image", disable=not enabled)
