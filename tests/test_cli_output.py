@@ -150,3 +150,9 @@ def test_json_errors_print_nothing_on_stdout(capsys: pytest.CaptureFixture[str])
     assert main(["plan", "--vram-gib", "-1", "--json"]) == 2
     printed = capsys.readouterr()
     assert printed.out == "" and "--vram-gib" in printed.err
+
+
+def test_options_before_bench_are_refused_plainly(capsys: pytest.CaptureFixture[str]) -> None:
+    # "bench ..." goes to the harness's own parser; with -q first it reached ours, which had no handler for it
+    assert main(["-q", "bench"]) == 2
+    assert "after the word bench" in capsys.readouterr().err

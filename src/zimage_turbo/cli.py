@@ -137,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     hardware.set_defaults(handler=_cmd_hardware)
 
     # Listed for --help; main() hands "bench ..." to the harness's own parser before this one runs.
-    commands.add_parser("bench", help="benchmark against plain diffusers under VRAM budgets (bench --help)")
+    bench = commands.add_parser("bench", help="benchmark against plain diffusers under VRAM budgets (bench --help)")
+    bench.set_defaults(handler=_cmd_bench_after_options)
 
     planning = commands.add_parser(
         "plan",
@@ -161,6 +162,11 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_batch_command(commands, common)
     return parser
+
+
+def _cmd_bench_after_options(args: argparse.Namespace) -> int:
+    # Reached only when options came before "bench" (main hands "bench ..." to the harness otherwise).
+    raise InvalidRequestError("bench takes only its own options, after the word bench (it has no -q or -v)")
 
 
 def _add_batch_command(commands: Any, common: argparse.ArgumentParser) -> None:
