@@ -154,7 +154,8 @@ def test_demo_writes_a_png_and_reports_it(tmp_path: Path, capsys: pytest.Capture
 def test_make_checkpoint_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["make-checkpoint", "tiny", str(tmp_path / "ck"), "-q"]) == 0
     assert (tmp_path / "ck" / "model_index.json").is_file()
-    assert main(["make-checkpoint", "tiny", str(tmp_path / "ck"), "-q"]) == 1
+    # a folder that is taken is a bad argument, like the others (exit status 2), refused before building
+    assert main(["make-checkpoint", "tiny", str(tmp_path / "ck"), "-q"]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 

@@ -38,6 +38,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "execution",
         "failures",
         "toy_tokenizer",
+        "progress",
     ),
     "sources": (
         "folder_files",

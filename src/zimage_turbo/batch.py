@@ -91,6 +91,19 @@ class BatchReport:
         """Every line has its image."""
         return self.skipped + self.generated == self.total
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data, as printed by ``zimage-turbo batch --json``."""
+        return {
+            "total": self.total,
+            "skipped": self.skipped,
+            "generated": self.generated,
+            "failed": [{"id": item, "error": error} for item, error in self.failed],
+            "complete": self.complete,
+            "manifest": str(self.manifest),
+            "seconds": self.seconds,
+            "devices": list(self.devices),
+        }
+
     def describe(self) -> str:
         lines = [
             f"{self.generated} generated, {self.skipped} already done, {len(self.failed)} failed "
@@ -160,7 +173,8 @@ def run_batch(
     report = BatchReport(
         len(items), skipped, generated, tuple(failed), manifest.path, time.perf_counter() - started, used
     )
-    logger.info("%s", report.describe())
+    # The caller gets the report (the CLI prints it); at INFO a terminal would show it twice.
+    logger.debug("%s", report.describe())
     return report
 
 
@@ -192,6 +206,6 @@ def _make(
 
 
 def _progress(total: int, *, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from .progress import tqdm_class
 
-    return tqdm(total=total, desc="images", unit="image", disable=not enabled)
+    return tqdm_class()(total=total, desc="images", unit="image", disable=not enabled)

@@ -15,12 +15,14 @@ interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import math
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -56,8 +58,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(arguments)
     saved = (logger.handlers[:], logger.level, logger.propagate)
     _configure_logging(quiet=args.quiet, verbose=args.verbose)
+    # With --json, stdout carries the JSON object alone: anything else printed goes to stderr.
+    args.stdout = sys.stdout
+    answers_in_json = getattr(args, "json", False)
     try:
-        return int(args.handler(args))
+        with (
+            contextlib.redirect_stdout(sys.stderr) if answers_in_json else contextlib.nullcontext(),
+            _library_progress_bars(enabled=not (args.quiet and args.command in _MODEL_COMMANDS)),
+        ):
+            return int(args.handler(args))
     # A folder in use by another batch is the caller's to sort out, like a bad argument: same status.
     except (InvalidRequestError, InvalidSettingsError, UnknownStrategyError, BatchLockedError) as exc:
         print(f"zimage-turbo: error: {exc}", file=sys.stderr)
@@ -73,16 +82,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.handlers[:], logger.level, logger.propagate = saved
 
 
-def _parser() -> argparse.ArgumentParser:
+def _common_options(default: Any) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
-    common.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    common.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars or info messages")
+    common.add_argument("-v", "--verbose", action="store_true", default=default, help="debug messages")
+    return common
 
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zimage-turbo",
         description="Run Z-Image-Turbo text-to-image on whatever hardware you have.",
-        parents=[common],
+        parents=[_common_options(False)],
     )
+    # -q and -v are accepted before the command and after it. After it they must not reset what was given
+    # before: argparse would otherwise copy the subcommand's defaults over the main parser's values.
+    common = _common_options(argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -98,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=float, default=0.0, help="guidance scale (default 0 for Turbo)")
     generate.add_argument("--negative-prompt", default=None, help="used only with --guidance > 0")
     generate.add_argument("--num-images", type=int, default=1, help="images for this prompt (default 1)")
+    _add_json_option(generate, "the paths written, seeds, strategy, timings, fallbacks and warnings")
     _add_model_options(generate)
     generate.set_defaults(handler=_cmd_generate)
 
@@ -118,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     make.set_defaults(handler=_cmd_make_checkpoint)
 
     hardware = commands.add_parser("hardware", parents=[common], help="show the GPUs and memory the library sees")
+    _add_json_option(hardware, "the GPUs and host memory")
     hardware.set_defaults(handler=_cmd_hardware)
 
     info = commands.add_parser("info", parents=[common], help="show how a saved image was made (its metadata)")
@@ -126,7 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=_cmd_info)
 
     # Listed for --help; main() hands "bench ..." to the harness's own parser before this one runs.
-    commands.add_parser("bench", help="benchmark against plain diffusers under VRAM budgets (bench --help)")
+    bench = commands.add_parser("bench", help="benchmark against plain diffusers under VRAM budgets (bench --help)")
+    bench.set_defaults(handler=_cmd_bench_after_options)
 
     planning = commands.add_parser(
         "plan",
@@ -145,10 +163,16 @@ def _parser() -> argparse.ArgumentParser:
     planning.add_argument("--ram-gib", type=float, default=None, help="hypothetical host RAM available")
     planning.add_argument("--reserve-gib", type=float, default=None, help="GPU memory to keep free (default 0.5)")
     planning.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    _add_json_option(planning, "the workload, hardware, every candidate and the best one")
     planning.set_defaults(handler=_cmd_plan)
 
     _add_batch_command(commands, common)
     return parser
+
+
+def _cmd_bench_after_options(args: argparse.Namespace) -> int:
+    # Reached only when options came before "bench" (main hands "bench ..." to the harness otherwise).
+    raise InvalidRequestError("bench takes only its own options, after the word bench (it has no -q or -v)")
 
 
 def _add_batch_command(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -187,8 +211,55 @@ def _add_batch_command(commands: Any, common: argparse.ArgumentParser) -> None:
     ray.add_argument("--replicas", type=int, default=None, help="actors (default: one per GPU of the cluster)")
     ray.add_argument("--gpus-per-replica", type=float, default=None, help="default 1 with GPUs, else 0")
     ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="default 1")
+    _add_json_option(batch, "the batch report")
     _add_model_options(batch)
     batch.set_defaults(handler=_cmd_batch)
+
+
+def _add_json_option(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument(
+        "--json", action="store_true", help=f"print one JSON object on stdout ({what}; docs/usage.md) and nothing else"
+    )
+
+
+def _print_json(args: argparse.Namespace, answer: dict[str, Any]) -> None:
+    """The one object a --json run prints, on the real stdout (main sends every other print to stderr)."""
+    print(json.dumps(answer), file=args.stdout)
+
+
+# The commands that import diffusers and transformers: -q silences their progress bars too.
+_MODEL_COMMANDS = frozenset({"generate", "demo", "make-checkpoint", "batch"})
+
+
+@contextlib.contextmanager
+def _library_progress_bars(*, enabled: bool) -> Iterator[None]:
+    """Turn the progress bars of diffusers, transformers and huggingface_hub off for the duration (e.g. the
+    "Writing model shards" bar of make-checkpoint), if asked; then leave each as it was."""
+    if enabled:
+        yield
+        return
+    import importlib
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # (the module: huggingface_hub.utils.tqdm, as an attribute, is the hub's tqdm class)
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+
+    was_diffusers = diffusers_logging.is_progress_bar_enabled()
+    was_transformers = transformers_logging.is_progress_bar_enabled()
+    was_hub = dict(hub_tqdm.progress_bar_states)  # the hub's switches, global and per group
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # the hub's too
+    try:
+        yield
+    finally:
+        if was_diffusers:
+            diffusers_logging.enable_progress_bar()
+        if was_transformers:
+            transformers_logging.enable_progress_bar()
+        hub_tqdm.progress_bar_states.clear()
+        hub_tqdm.progress_bar_states.update(was_hub)
 
 
 def _add_model_options(command: argparse.ArgumentParser) -> None:
@@ -261,7 +332,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         num_images=args.num_images,
     )
     written = result.save(output, overwrite=args.overwrite)
-    _report(result, written)
+    if args.json:
+        _print_json(args, _result_json(result, written))
+    else:
+        _report(result, written)
     return EXIT_OK
 
 
@@ -289,6 +363,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
     from .checkpoints import make_checkpoint
 
+    _check_checkpoint_folder(args.directory, overwrite=args.overwrite)
     started = time.perf_counter()
     path = make_checkpoint(args.preset, args.directory, seed=args.seed, device=args.device, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -298,10 +373,31 @@ def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_checkpoint_folder(directory: Path, *, overwrite: bool) -> None:
+    """Refuse a target folder that make_checkpoint would refuse, as a bad argument (exit 2) and before building."""
+    from .checkpoints import read_marker
+
+    target = directory.expanduser()
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise InvalidRequestError(f"{target} exists and is not a folder")
+    if not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise InvalidRequestError(f"{target} is not empty; pass --overwrite to replace a checkpoint made earlier")
+    if read_marker(target) is None:
+        raise InvalidRequestError(f"refusing to overwrite {target}: it holds no checkpoint made by make-checkpoint")
+
+
 def _cmd_hardware(args: argparse.Namespace) -> int:
     from .hardware import detect_hardware
 
-    print(detect_hardware().describe())
+    hardware = detect_hardware()
+    if args.json:
+        _print_json(args, hardware.to_dict())
+    else:
+        print(hardware.describe())
     return EXIT_OK
 
 
@@ -398,7 +494,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             hardware, host_total_bytes=int(args.ram_gib * GIB), host_available_bytes=int(args.ram_gib * GIB)
         )
     reserve = args.reserve_gib if args.reserve_gib is not None else ZImageSettings().vram_reserve_gib
-    print(plan(profile, hardware, request, reserve_gib=reserve).describe())
+    ranking = plan(profile, hardware, request, reserve_gib=reserve)
+    if args.json:
+        _print_json(args, ranking.to_dict())
+    else:
+        print(ranking.describe())
     return EXIT_OK
 
 
@@ -431,8 +531,47 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             wait=args.wait,
         )
-    print(report.describe())
+    if args.json:
+        _print_json(args, report.to_dict())
+    else:
+        print(report.describe())
     return EXIT_OK if not report.failed else EXIT_ERROR
+
+
+def _result_json(result: Any, written: list[Path]) -> dict[str, Any]:
+    """What ``generate --json`` prints (docs/usage.md lists the keys)."""
+    timings = result.timings
+    return {
+        "paths": [str(path.resolve()) for path in written],
+        "prompt": result.prompt,
+        "seeds": list(result.seeds),
+        "width": result.width,
+        "height": result.height,
+        "steps": result.steps,
+        "guidance_scale": result.guidance_scale,
+        "strategy": result.strategy,
+        "device": result.device,
+        "dtype": result.dtype,
+        "attention": result.attention,
+        "compiled": list(result.compiled),
+        "quantization": result.quantization,
+        "vae_tiling": result.vae_tiling,
+        "timings": {
+            "load": timings.load,
+            "encode": timings.encode,
+            "denoise": timings.denoise,
+            "decode": timings.decode,
+            "recovery": timings.recovery,
+            "total": timings.total,
+        },
+        "peak_memory_bytes": dict(result.peak_memory),
+        "predicted_peak_memory_bytes": dict(result.predicted_peak_memory),
+        "fallbacks": [
+            {"kind": f.kind, "before": f.before, "after": f.after, "phase": f.phase, "reason": f.reason}
+            for f in result.fallbacks
+        ],
+        "warnings": list(result.warnings),
+    }
 
 
 def _report(result: Any, written: list[Path]) -> None:

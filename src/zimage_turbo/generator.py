@@ -569,6 +569,6 @@ def _model_name(model: object) -> str:
 def _progress(items: list[GenerationRequest], *, enabled: bool) -> Any:
     if not enabled:
         return items
-    from tqdm.auto import tqdm
+    from .progress import tqdm_class
 
-    return tqdm(items, desc="prompts", unit="prompt")
+    return tqdm_class()(items, desc="prompts", unit="prompt")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, replace
+from typing import Any
 
 import psutil
 import torch
@@ -91,6 +92,28 @@ class Hardware:
         if wanted.type == "mps" and not self.mps:
             raise StrategyUnavailableError("there is no Apple MPS device here")
         return replace(self, gpus=(), mps=wanted.type == "mps")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data, as printed by ``zimage-turbo hardware --json`` (sizes in bytes)."""
+        return {
+            "gpus": [
+                {
+                    "index": gpu.index,
+                    "device": gpu.device,
+                    "name": gpu.name,
+                    "total_bytes": gpu.total_bytes,
+                    "free_bytes": gpu.free_bytes,
+                    "compute_capability": list(gpu.compute_capability),
+                    "memory_fraction": gpu.memory_fraction,
+                    "bf16": gpu.bf16,
+                }
+                for gpu in self.gpus
+            ],
+            "mps": self.mps,
+            "accelerator": self.accelerator,
+            "host_total_bytes": self.host_total_bytes,
+            "host_available_bytes": self.host_available_bytes,
+        }
 
     def describe(self) -> str:
         """A few human-readable lines, as printed by ``zimage-turbo hardware``."""

@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -99,7 +101,23 @@ def load_pipeline(
         raise ModelLoadError(f"Loading the model from {root} failed: {type(exc).__name__}: {exc}") from exc
     pipe = ZImagePipeline(scheduler=scheduler, tokenizer=tokenizer, **modules)
     pipe.set_progress_bar_config(disable=not progress)
+    # diffusers makes its denoising bar with tqdm.auto, which warns in a notebook without ipywidgets: make it with
+    # ours. (The bar finds the pipeline through a weak reference, so the pipeline holds no cycle to itself.)
+    pipe.progress_bar = partial(_pipeline_bar, weakref.ref(pipe))
     return pipe
+
+
+def _pipeline_bar(pipe: weakref.ref[Any], iterable: Any = None, total: int | None = None) -> Any:
+    """``DiffusionPipeline.progress_bar``, with the options of ``set_progress_bar_config``, made by
+    :func:`~zimage_turbo.progress.tqdm_class`."""
+    from .progress import tqdm_class
+
+    options = dict(getattr(pipe(), "_progress_bar_config", None) or {})
+    if iterable is not None:
+        return tqdm_class()(iterable, **options)
+    if total is not None:
+        return tqdm_class()(total=total, **options)
+    raise ValueError("Either `total` or `iterable` has to be defined.")
 
 
 def _entries(layout: PipelineLayout, component: str) -> list[TensorEntry]:
@@ -134,11 +152,11 @@ def _bytes_bar(total: int, *, enabled: bool) -> Iterator[Any]:
     if not enabled:
         yield None
         return
-    from tqdm.auto import tqdm
+    from .progress import tqdm_class
 
     lock = threading.Lock()  # several threads read at once
 
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading weights") as bar:
+    with tqdm_class()(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading weights") as bar:
 
         def advance(nbytes: int) -> None:
             with lock:

@@ -13,9 +13,11 @@ offered as a variant of each strategy: it lowers the decode peak a lot at large 
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .hardware import GIB, Hardware
 from .model import VAE_TILE_PIXELS
@@ -109,6 +111,102 @@ class Plan:
         lines.append("* predicted on the calibration GPU (an H200); slower GPUs scale the compute part.")
         lines.extend(self.notes)
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data, as printed by ``zimage-turbo plan --json`` (sizes in bytes, times in seconds)."""
+        work = self.workload
+        return {
+            "workload": {
+                "width": work.width,
+                "height": work.height,
+                "images": work.images,
+                "guidance": work.guidance,
+                "steps": self.steps,
+            },
+            "hardware": self.hardware.to_dict(),
+            "reserve_bytes": self.reserve_bytes,
+            "candidates": [
+                {
+                    "name": c.name,
+                    "strategy": c.strategy.label,
+                    "vae_tiling": c.vae_tiling,
+                    "fits": c.fits,
+                    "reason": c.reason,
+                    "seconds": c.seconds,
+                    "gpu_peak_bytes": {_device_name(g): b for g, b in sorted(c.estimate.gpu_peak.items())},
+                    "host_bytes": c.estimate.host_bytes,
+                }
+                for c in self.candidates
+            ],
+            "best": self.best.name if self.best is not None else None,
+            "notes": list(self.notes),
+        }
+
+    def _rows(self) -> list[tuple[str, str, str, str, str, str]]:
+        """(best mark, strategy, GPU peak, host RAM, s/image, verdict) of each candidate, as text."""
+        rows = []
+        for c in self.candidates:
+            peaks = ", ".join(f"{_device_name(g)} {b / GIB:.1f} GiB" for g, b in sorted(c.estimate.gpu_peak.items()))
+            rows.append(
+                (
+                    "best" if c is self.best else "",
+                    c.name,
+                    peaks or "-",
+                    f"{c.estimate.host_bytes / GIB:.1f} GiB",
+                    f"{c.seconds:.2f}",
+                    "fits" if c.fits else c.reason,
+                )
+            )
+        return rows
+
+    def _summary(self) -> list[str]:
+        work = self.workload
+        return [
+            f"Workload: {work.width}x{work.height}, {work.images} image(s), {self.steps} steps"
+            + (", guidance on" if work.guidance else ""),
+            "Hardware: " + self.hardware.describe().replace("\n", "; "),
+            f"Reserve: {self.reserve_bytes / GIB:.1f} GiB per GPU, {ALLOCATOR_MARGIN:.0%} allocator margin",
+        ]
+
+    def _repr_html_(self) -> str:
+        """The table as HTML, for Jupyter."""
+        cells = "".join(f"<th>{html.escape(name)}</th>" for name in _COLUMNS)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in self._rows()
+        )
+        paragraphs = "".join(f"<p>{html.escape(line)}</p>" for line in (*self._summary(), _FOOTNOTE, *self.notes))
+        return f"<div>{paragraphs}<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table></div>"
+
+    def _repr_markdown_(self) -> str:
+        """The table as Markdown, for Jupyter."""
+        lines = [_markdown_text(line) + "  " for line in self._summary()]
+        lines += ["", "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+        lines += ["| " + " | ".join(_markdown_text(cell) for cell in row) + " |" for row in self._rows()]
+        lines += ["", _markdown_text(_FOOTNOTE), *(_markdown_text(note) for note in self.notes)]
+        return "\n".join(lines)
+
+
+_COLUMNS = ("", "strategy", "GPU peak", "host RAM", "s/image*", "verdict")
+_FOOTNOTE = "* predicted on the calibration GPU (an H200); slower GPUs scale the compute part."
+# Characters that mean something in Markdown (a backslash before each makes it literal), and those that would
+# start inline HTML or an entity (written as entities).
+_MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|~")
+_HTML_SPECIAL = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
+
+
+def _markdown_text(text: str) -> str:
+    """``text`` as Markdown that shows exactly that text, also inside a table cell (no newlines there)."""
+    return "".join(
+        _HTML_SPECIAL.get(ch) or ("\\" + ch if ch in _MARKDOWN_SPECIAL else " " if ch in "\r\n" else ch) for ch in text
+    )
+
+
+def _device_name(gpu: int) -> str:
+    """The estimate's key of a GPU as a device name: ``cuda:N``, or ``mps`` for -1 (the MPS device)."""
+    return f"cuda:{gpu}" if gpu >= 0 else "mps"
 
 
 def _strategies(hardware: Hardware, reserve_gib: float, work: Workload, quantize: str | None) -> list[LoadStrategy]:

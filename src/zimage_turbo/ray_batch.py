@@ -140,7 +140,8 @@ def run_batch_ray(
                     ray.shutdown()
     skipped = len(items) - len(pending)
     report = BatchReport(len(items), skipped, generated, tuple(failed), manifest.path, time.perf_counter() - started)
-    logger.info("%s", report.describe())
+    # The caller gets the report (the CLI prints it); at INFO a terminal would show it twice.
+    logger.debug("%s", report.describe())
     return report
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ __all__ = [
     "StepInfo",
     "Timings",
     "check_output_path",
+    "image_grid",
     "output_paths",
     "save_image_atomically",
 ]
@@ -129,7 +131,8 @@ class Fallback:
 class GenerationResult:
     """Images of one ``generate`` call and how they were made.
 
-    In Jupyter the result shows its first image. ``result.save("out.png")`` writes it.
+    In Jupyter the result shows its image (several: a grid of them, :func:`image_grid`).
+    ``result.save("out.png")`` writes it.
 
     Attributes:
         images: the generated images, in seed order.
@@ -228,8 +231,10 @@ class GenerationResult:
         }
 
     def _repr_png_(self) -> bytes:
+        """What Jupyter shows: the image, or a grid of all of them (:func:`image_grid`)."""
         buffer = io.BytesIO()
-        self.image.save(buffer, format="PNG")
+        shown = self.image if len(self.images) == 1 else image_grid(self.images)
+        shown.save(buffer, format="PNG")
         return buffer.getvalue()
 
     def __repr__(self) -> str:
@@ -238,6 +243,42 @@ class GenerationResult:
             f"steps={self.steps}, strategy={self.strategy!r}, device={self.device!r}, "
             f"{self.timings.total:.2f} s{f', {len(self.fallbacks)} fallback(s)' if self.fallbacks else ''})"
         )
+
+
+# Grid of several images: pixels between the tiles, and the longest side the whole grid may have.
+GRID_GAP = 8
+GRID_MAX_SIDE = 2048
+
+
+def image_grid(images: Sequence[Image.Image], *, gap: int = GRID_GAP, max_side: int = GRID_MAX_SIDE) -> Image.Image:
+    """The images side by side in rows, for showing several at once (how a result with several displays).
+
+    ``ceil(sqrt(n))`` columns, as many rows as needed, left to right then top to bottom, ``gap`` white pixels
+    between tiles; each tile is the size of the largest image, the others are centred in theirs. The tiles are
+    shrunk (keeping their aspect ratio) so that the grid is at most ``max_side`` pixels on each side.
+    """
+    if not images:
+        raise InvalidRequestError("image_grid needs at least one image")
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    tile_w = max(image.width for image in images)
+    tile_h = max(image.height for image in images)
+    # the gaps keep their size: only the tiles shrink
+    scale = min(
+        1.0, (max_side - (columns - 1) * gap) / (columns * tile_w), (max_side - (rows - 1) * gap) / (rows * tile_h)
+    )
+    tile_w, tile_h = max(1, int(tile_w * scale)), max(1, int(tile_h * scale))
+    grid = Image.new("RGB", (columns * tile_w + (columns - 1) * gap, rows * tile_h + (rows - 1) * gap), "white")
+    for k, image in enumerate(images):
+        tile = image.convert("RGB")
+        if scale < 1:
+            shrunk = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+            tile = tile.resize(shrunk, Image.Resampling.LANCZOS)
+        row, column = divmod(k, columns)
+        x = column * (tile_w + gap) + (tile_w - tile.width) // 2
+        y = row * (tile_h + gap) + (tile_h - tile.height) // 2
+        grid.paste(tile, (x, y))
+    return grid
 
 
 def output_paths(path: str | os.PathLike[str], count: int) -> list[Path]:
