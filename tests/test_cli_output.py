@@ -29,7 +29,7 @@ def test_quiet_and_verbose_work_before_and_after_the_command(
     argv: list[str], quiet: bool, verbose: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seen: dict[str, bool] = {}
-    monkeypatch.setattr(cli, "_configure_logging", lambda **given: seen.update(given))
+    monkeypatch.setattr(cli, "configure_logging", lambda **given: seen.update(given))
     assert main(argv) == 0
     assert seen == {"quiet": quiet, "verbose": verbose}
     capsys.readouterr()

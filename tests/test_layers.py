@@ -76,6 +76,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "ray_batch",
         "bench",
         "bench.*",
+        "cli_output",
+        "cli_plan",
         "cli",
         "__init__",
         "__main__",

@@ -24,7 +24,7 @@ from zimage_turbo import (
     InvalidSettingsError,
     ZImageSettings,
 )
-from zimage_turbo.cli import _parse_size
+from zimage_turbo.cli_plan import parse_size as _parse_size
 from zimage_turbo.request import (
     MAX_IMAGES,
     MAX_PROMPT_CHARS,

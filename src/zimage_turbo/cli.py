@@ -16,17 +16,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
-import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
 
 from ._version import __version__
+from .cli_output import (
+    MODEL_COMMANDS,
+    add_json_option,
+    configure_logging,
+    library_progress_bars,
+    print_json,
+    report,
+    result_json,
+)
+from .cli_plan import cmd_hardware, cmd_plan, parse_size
 from .errors import (
     BatchLockedError,
     InvalidRequestError,
@@ -57,14 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(arguments)
     saved = (logger.handlers[:], logger.level, logger.propagate)
-    _configure_logging(quiet=args.quiet, verbose=args.verbose)
+    configure_logging(quiet=args.quiet, verbose=args.verbose)
     # With --json, stdout carries the JSON object alone: anything else printed goes to stderr.
     args.stdout = sys.stdout
     answers_in_json = getattr(args, "json", False)
     try:
         with (
             contextlib.redirect_stdout(sys.stderr) if answers_in_json else contextlib.nullcontext(),
-            _library_progress_bars(enabled=not (args.quiet and args.command in _MODEL_COMMANDS)),
+            library_progress_bars(enabled=not (args.quiet and args.command in MODEL_COMMANDS)),
         ):
             return int(args.handler(args))
     # A folder in use by another batch is the caller's to sort out, like a bad argument: same status.
@@ -113,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=float, default=0.0, help="guidance scale (default 0 for Turbo)")
     generate.add_argument("--negative-prompt", default=None, help="used only with --guidance > 0")
     generate.add_argument("--num-images", type=int, default=1, help="images for this prompt (default 1)")
-    _add_json_option(generate, "the paths written, seeds, strategy, timings, fallbacks and warnings")
+    add_json_option(generate, "the paths written, seeds, strategy, timings, fallbacks and warnings")
     _add_model_options(generate)
     generate.set_defaults(handler=_cmd_generate)
 
@@ -134,12 +142,12 @@ def _parser() -> argparse.ArgumentParser:
     make.set_defaults(handler=_cmd_make_checkpoint)
 
     hardware = commands.add_parser("hardware", parents=[common], help="show the GPUs and memory the library sees")
-    _add_json_option(hardware, "the GPUs and host memory")
-    hardware.set_defaults(handler=_cmd_hardware)
+    add_json_option(hardware, "the GPUs and host memory")
+    hardware.set_defaults(handler=cmd_hardware)
 
     info = commands.add_parser("info", parents=[common], help="show how a saved image was made (its metadata)")
     info.add_argument("image", type=Path, help="a PNG written by zimage-turbo")
-    info.add_argument("--json", action="store_true", help="print the stored JSON object as it is")
+    add_json_option(info, "the stored metadata as it is")
     info.set_defaults(handler=_cmd_info)
 
     # Listed for --help; main() hands "bench ..." to the harness's own parser before this one runs.
@@ -163,8 +171,8 @@ def _parser() -> argparse.ArgumentParser:
     planning.add_argument("--ram-gib", type=float, default=None, help="hypothetical host RAM available")
     planning.add_argument("--reserve-gib", type=float, default=None, help="GPU memory to keep free (default 0.5)")
     planning.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    _add_json_option(planning, "the workload, hardware, every candidate and the best one")
-    planning.set_defaults(handler=_cmd_plan)
+    add_json_option(planning, "the workload, hardware, every candidate and the best one")
+    planning.set_defaults(handler=cmd_plan)
 
     _add_batch_command(commands, common)
     return parser
@@ -211,55 +219,9 @@ def _add_batch_command(commands: Any, common: argparse.ArgumentParser) -> None:
     ray.add_argument("--replicas", type=int, default=None, help="actors (default: one per GPU of the cluster)")
     ray.add_argument("--gpus-per-replica", type=float, default=None, help="default 1 with GPUs, else 0")
     ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="default 1")
-    _add_json_option(batch, "the batch report")
+    add_json_option(batch, "the batch report")
     _add_model_options(batch)
     batch.set_defaults(handler=_cmd_batch)
-
-
-def _add_json_option(command: argparse.ArgumentParser, what: str) -> None:
-    command.add_argument(
-        "--json", action="store_true", help=f"print one JSON object on stdout ({what}; docs/usage.md) and nothing else"
-    )
-
-
-def _print_json(args: argparse.Namespace, answer: dict[str, Any]) -> None:
-    """The one object a --json run prints, on the real stdout (main sends every other print to stderr)."""
-    print(json.dumps(answer), file=args.stdout)
-
-
-# The commands that import diffusers and transformers: -q silences their progress bars too.
-_MODEL_COMMANDS = frozenset({"generate", "demo", "make-checkpoint", "batch"})
-
-
-@contextlib.contextmanager
-def _library_progress_bars(*, enabled: bool) -> Iterator[None]:
-    """Turn the progress bars of diffusers, transformers and huggingface_hub off for the duration (e.g. the
-    "Writing model shards" bar of make-checkpoint), if asked; then leave each as it was."""
-    if enabled:
-        yield
-        return
-    import importlib
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    # (the module: huggingface_hub.utils.tqdm, as an attribute, is the hub's tqdm class)
-    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
-
-    was_diffusers = diffusers_logging.is_progress_bar_enabled()
-    was_transformers = transformers_logging.is_progress_bar_enabled()
-    was_hub = dict(hub_tqdm.progress_bar_states)  # the hub's switches, global and per group
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()  # the hub's too
-    try:
-        yield
-    finally:
-        if was_diffusers:
-            diffusers_logging.enable_progress_bar()
-        if was_transformers:
-            transformers_logging.enable_progress_bar()
-        hub_tqdm.progress_bar_states.clear()
-        hub_tqdm.progress_bar_states.update(was_hub)
 
 
 def _add_model_options(command: argparse.ArgumentParser) -> None:
@@ -292,19 +254,12 @@ def _settings_from(args: argparse.Namespace, **fixed: Any) -> ZImageSettings:
     return ZImageSettings(**given, **fixed)
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace("*", "x").split("x")
-    if len(parts) != 2 or not all(part.strip().isdecimal() for part in parts):
-        raise InvalidRequestError(f"--size must look like 1024x768 (WIDTHxHEIGHT), got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generator import Generator
     from .request import GenerationRequest
     from .result import check_output_path, entered_path, output_paths
 
-    width, height = _parse_size(args.size)
+    width, height = parse_size(args.size)
     # Every argument, then every output path and the settings, are checked before anything is loaded (the
     # Generator loads lazily, and generate() validates again before loading).
     request = GenerationRequest(
@@ -333,9 +288,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )
     written = result.save(output, overwrite=args.overwrite)
     if args.json:
-        _print_json(args, _result_json(result, written))
+        print_json(args, result_json(result, written))
     else:
-        _report(result, written)
+        report(result, written)
     return EXIT_OK
 
 
@@ -355,7 +310,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         written = result.save(output, overwrite=True)  # the demo's image is replaced on every run
     total = time.perf_counter() - started
     print(f"Built the tiny random-weight checkpoint in {built:.1f} s (its images are noise by design).")
-    _report(result, written)
+    report(result, written)
     print(f"Demo finished in {total:.1f} s.")
     return EXIT_OK
 
@@ -390,19 +345,7 @@ def _check_checkpoint_folder(directory: Path, *, overwrite: bool) -> None:
         raise InvalidRequestError(f"refusing to overwrite {target}: it holds no checkpoint made by make-checkpoint")
 
 
-def _cmd_hardware(args: argparse.Namespace) -> int:
-    from .hardware import detect_hardware
-
-    hardware = detect_hardware()
-    if args.json:
-        _print_json(args, hardware.to_dict())
-    else:
-        print(hardware.describe())
-    return EXIT_OK
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
-    import json
 
     from .image_metadata import parameters_text, read_metadata
 
@@ -412,100 +355,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
     metadata = read_metadata(path)
     if metadata is None:
         raise InvalidRequestError(f"{str(path)!r} holds no zimage-turbo metadata (only PNGs it saved do)")
-    if getattr(args, "json", False):
-        print(json.dumps(metadata, indent=2, ensure_ascii=False))
+    if args.json:
+        print_json(args, metadata)
     else:
         print(parameters_text(metadata))
-    return EXIT_OK
-
-
-# The largest memory amount `plan` accepts, in GiB (1 PiB): hypothetical, but still a number of bytes.
-MAX_GIB = 1 << 20
-
-
-def _parse_gpus(text: str) -> list[float]:
-    """'2x12' -> [12, 12]; '24,12' -> [24, 12] (GiB)."""
-    try:
-        if "x" in text.lower():
-            count, size = text.lower().split("x")
-            if not 1 <= int(count) <= 64:
-                raise ValueError
-            sizes = [float(size)] * int(count)
-        else:
-            sizes = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise InvalidRequestError(
-            f"--gpus must look like 2x12 or 24,12 (GiB each, 1 to 64 GPUs), got {text!r}"
-        ) from None
-    if not sizes or not all(math.isfinite(size) and 0 < size <= MAX_GIB for size in sizes):
-        raise InvalidRequestError(f"--gpus needs sizes above 0 and at most {MAX_GIB} GiB each, got {text!r}")
-    return sizes
-
-
-def _gib(option: str, value: float | None, *, zero_ok: bool = False) -> float | None:
-    """A memory size given in GiB on the command line: finite, positive (or zero where that means none), and
-    at most MAX_GIB (a larger number overflows the byte counts)."""
-    if value is not None and not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0) and value <= MAX_GIB):
-        raise InvalidRequestError(
-            f"{option} must be a {'non-negative' if zero_ok else 'positive'} number of GiB up to {MAX_GIB}, got {value}"
-        )
-    return value
-
-
-def _cmd_plan(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from .hardware import GIB, GPUInfo, detect_hardware
-    from .planner import plan
-    from .profile import ModelProfile
-    from .request import GenerationRequest
-    from .sources import resolve_model
-
-    width, height = _parse_size(args.size)
-    if args.vram_gib is not None and args.gpus is not None:
-        raise InvalidRequestError("--vram-gib describes one GPU and --gpus several: give one of them")
-    _gib("--vram-gib", args.vram_gib)
-    _gib("--ram-gib", args.ram_gib)
-    _gib("--reserve-gib", args.reserve_gib, zero_ok=True)
-    request = GenerationRequest(
-        prompt="plan",
-        height=height,
-        width=width,
-        steps=args.steps,
-        num_images=args.num_images,
-        guidance_scale=args.guidance,
-    )
-    dtype_bytes = 4 if args.dtype == "float32" else 2
-    if args.model:
-        settings = ZImageSettings(model=args.model, progress=not args.quiet)
-        profile = ModelProfile.from_layout(resolve_model(settings).layout, dtype_bytes=dtype_bytes)
-    else:
-        profile = ModelProfile.z_image_turbo(dtype_bytes=dtype_bytes)
-    hardware = detect_hardware()
-    sizes = _parse_gpus(args.gpus) if args.gpus else [args.vram_gib] if args.vram_gib is not None else None
-    if sizes is not None:
-        gpus = tuple(
-            GPUInfo(i, "hypothetical GPU", int(size * GIB), int(size * GIB), compute_capability=(8, 9))
-            for i, size in enumerate(sizes)
-        )
-        hardware = replace(hardware, gpus=gpus, mps=False)
-    if args.ram_gib is not None:
-        hardware = replace(
-            hardware, host_total_bytes=int(args.ram_gib * GIB), host_available_bytes=int(args.ram_gib * GIB)
-        )
-    reserve = args.reserve_gib if args.reserve_gib is not None else ZImageSettings().vram_reserve_gib
-    ranking = plan(profile, hardware, request, reserve_gib=reserve)
-    if args.json:
-        _print_json(args, ranking.to_dict())
-    else:
-        print(ranking.describe())
     return EXIT_OK
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
     from .batch import read_prompts, run_batch
 
-    width, height = _parse_size(args.size)
+    width, height = parse_size(args.size)
     settings = _settings_from(args)
     # Read and check every line first: a mistake on line 900 must not wait for the model to load.
     items = read_prompts(args.prompts, seed=args.seed, width=width, height=height, steps=args.steps)
@@ -532,75 +392,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             wait=args.wait,
         )
     if args.json:
-        _print_json(args, report.to_dict())
+        print_json(args, report.to_dict())
     else:
         print(report.describe())
     return EXIT_OK if not report.failed else EXIT_ERROR
-
-
-def _result_json(result: Any, written: list[Path]) -> dict[str, Any]:
-    """What ``generate --json`` prints (docs/usage.md lists the keys)."""
-    timings = result.timings
-    return {
-        "paths": [str(path.resolve()) for path in written],
-        "prompt": result.prompt,
-        "seeds": list(result.seeds),
-        "width": result.width,
-        "height": result.height,
-        "steps": result.steps,
-        "guidance_scale": result.guidance_scale,
-        "strategy": result.strategy,
-        "device": result.device,
-        "dtype": result.dtype,
-        "attention": result.attention,
-        "compiled": list(result.compiled),
-        "quantization": result.quantization,
-        "vae_tiling": result.vae_tiling,
-        "timings": {
-            "load": timings.load,
-            "encode": timings.encode,
-            "denoise": timings.denoise,
-            "decode": timings.decode,
-            "recovery": timings.recovery,
-            "total": timings.total,
-        },
-        "peak_memory_bytes": dict(result.peak_memory),
-        "predicted_peak_memory_bytes": dict(result.predicted_peak_memory),
-        "fallbacks": [
-            {"kind": f.kind, "before": f.before, "after": f.after, "phase": f.phase, "reason": f.reason}
-            for f in result.fallbacks
-        ],
-        "warnings": list(result.warnings),
-    }
-
-
-def _report(result: Any, written: list[Path]) -> None:
-    timings = result.timings
-    names = ", ".join(str(path.resolve()) for path in written)
-    print(f"Saved {names}")
-    print(
-        f"  {result.width}x{result.height}, {result.steps} steps, seed {result.seed}, strategy {result.strategy} "
-        f"on {result.device} ({result.dtype})"
-    )
-    load = f"load {timings.load:.1f} s, " if timings.load else ""
-    print(
-        f"  {timings.total:.2f} s: {load}encode {timings.encode:.2f} s, denoise {timings.denoise:.2f} s, "
-        f"decode {timings.decode:.2f} s"
-    )
-    peaks = ", ".join(f"{device} {value / 2**30:.2f} GiB" for device, value in result.peak_memory.items())
-    print(f"  peak memory: {peaks}")
-    if result.vae_tiling:
-        print("  VAE decoded in tiles")
-    for fallback in result.fallbacks:
-        print(f"  fallback: {fallback}")
-    for warning in result.warnings:
-        print(f"  warning: {warning}")
-
-
-def _configure_logging(*, quiet: bool, verbose: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logger.handlers[:] = [handler]
-    logger.setLevel(level)
-    logger.propagate = False

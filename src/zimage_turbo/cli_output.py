@@ -1,0 +1,138 @@
+"""What the ``zimage-turbo`` command prints: the ``--json`` object, a result's summary, logging, and the
+libraries' progress bars turned off under ``-q``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "MODEL_COMMANDS",
+    "add_json_option",
+    "configure_logging",
+    "library_progress_bars",
+    "print_json",
+    "report",
+    "result_json",
+]
+
+logger = logging.getLogger("zimage_turbo")
+
+
+def add_json_option(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument(
+        "--json", action="store_true", help=f"print one JSON object on stdout ({what}; docs/usage.md) and nothing else"
+    )
+
+
+def print_json(args: argparse.Namespace, answer: dict[str, Any]) -> None:
+    """The one object a --json run prints, on the real stdout (main sends every other print to stderr)."""
+    print(json.dumps(answer), file=args.stdout)
+
+
+# The commands that import diffusers and transformers: -q silences their progress bars too.
+MODEL_COMMANDS = frozenset({"generate", "demo", "make-checkpoint", "batch"})
+
+
+@contextlib.contextmanager
+def library_progress_bars(*, enabled: bool) -> Iterator[None]:
+    """Turn the progress bars of diffusers, transformers and huggingface_hub off for the duration (e.g. the
+    "Writing model shards" bar of make-checkpoint), if asked; then leave each as it was."""
+    if enabled:
+        yield
+        return
+    import importlib
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # (the module: huggingface_hub.utils.tqdm, as an attribute, is the hub's tqdm class)
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+
+    was_diffusers = diffusers_logging.is_progress_bar_enabled()
+    was_transformers = transformers_logging.is_progress_bar_enabled()
+    was_hub = dict(hub_tqdm.progress_bar_states)  # the hub's switches, global and per group
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # the hub's too
+    try:
+        yield
+    finally:
+        if was_diffusers:
+            diffusers_logging.enable_progress_bar()
+        if was_transformers:
+            transformers_logging.enable_progress_bar()
+        hub_tqdm.progress_bar_states.clear()
+        hub_tqdm.progress_bar_states.update(was_hub)
+
+
+def result_json(result: Any, written: list[Path]) -> dict[str, Any]:
+    """What ``generate --json`` prints (docs/usage.md lists the keys)."""
+    timings = result.timings
+    return {
+        "paths": [str(path.resolve()) for path in written],
+        "prompt": result.prompt,
+        "seeds": list(result.seeds),
+        "width": result.width,
+        "height": result.height,
+        "steps": result.steps,
+        "guidance_scale": result.guidance_scale,
+        "strategy": result.strategy,
+        "device": result.device,
+        "dtype": result.dtype,
+        "attention": result.attention,
+        "compiled": list(result.compiled),
+        "quantization": result.quantization,
+        "vae_tiling": result.vae_tiling,
+        "timings": {
+            "load": timings.load,
+            "encode": timings.encode,
+            "denoise": timings.denoise,
+            "decode": timings.decode,
+            "recovery": timings.recovery,
+            "total": timings.total,
+        },
+        "peak_memory_bytes": dict(result.peak_memory),
+        "predicted_peak_memory_bytes": dict(result.predicted_peak_memory),
+        "fallbacks": [
+            {"kind": f.kind, "before": f.before, "after": f.after, "phase": f.phase, "reason": f.reason}
+            for f in result.fallbacks
+        ],
+        "warnings": list(result.warnings),
+    }
+
+
+def report(result: Any, written: list[Path]) -> None:
+    timings = result.timings
+    names = ", ".join(str(path.resolve()) for path in written)
+    print(f"Saved {names}")
+    print(
+        f"  {result.width}x{result.height}, {result.steps} steps, seed {result.seed}, strategy {result.strategy} "
+        f"on {result.device} ({result.dtype})"
+    )
+    load = f"load {timings.load:.1f} s, " if timings.load else ""
+    print(
+        f"  {timings.total:.2f} s: {load}encode {timings.encode:.2f} s, denoise {timings.denoise:.2f} s, "
+        f"decode {timings.decode:.2f} s"
+    )
+    peaks = ", ".join(f"{device} {value / 2**30:.2f} GiB" for device, value in result.peak_memory.items())
+    print(f"  peak memory: {peaks}")
+    if result.vae_tiling:
+        print("  VAE decoded in tiles")
+    for fallback in result.fallbacks:
+        print(f"  fallback: {fallback}")
+    for warning in result.warnings:
+        print(f"  warning: {warning}")
+
+
+def configure_logging(*, quiet: bool, verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
