@@ -84,6 +84,16 @@ def test_results_keep_the_order_and_equal_a_single_generators(
     assert same(drawn.image, results(pool.generate_many(PROMPTS[:1], seed=drawn.seed, **SIZE))[0].image)
 
 
+def test_diffusers_names_mean_ours_in_a_pool(pool: GeneratorPool, single: list[GenerationResult]) -> None:
+    size = {"height": SIZE["height"], "width": SIZE["width"]}
+    named = results(pool.generate_many(PROMPTS[:2], seed=100, num_inference_steps=SIZE["steps"], **size))
+    assert all(same(a.image, b.image) for a, b in zip(named, single[:2], strict=True))
+    pairs = [{"steps": 2, "num_inference_steps": 2}, {"num_images": 1, "num_images_per_prompt": 1}]
+    for both in pairs:
+        with pytest.raises(InvalidRequestError, match="two names"):
+            pool.generate_many(["a cat"], **size, **both)  # type: ignore[arg-type]
+
+
 def test_both_replicas_do_work(pool: GeneratorPool) -> None:
     loaded = [replica.is_loaded for replica in pool.replicas]
     assert loaded == [True, True]

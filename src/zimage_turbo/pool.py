@@ -38,7 +38,7 @@ import torch
 from .errors import DeviceFailedError, GeneratorClosedError, InvalidRequestError, InvalidSettingsError, first_line
 from .generator import Generator
 from .planner import HOST_RESERVE_BYTES, Candidate
-from .request import DEFAULT_STEPS, GenerationRequest, requests_for
+from .request import DEFAULT_STEPS, GenerationRequest, one_spelling, requests_for
 from .result import GenerationResult
 from .settings import ZImageSettings
 from .strategies import MultiGPUDispatch, strategy_from
@@ -283,18 +283,24 @@ class GeneratorPool:
         *,
         height: int = 1024,
         width: int = 1024,
-        steps: int = DEFAULT_STEPS,
+        steps: int | None = None,
         seed: int | Sequence[int] | None = None,
         guidance_scale: float = 0.0,
         negative_prompt: str | None = None,
-        num_images: int = 1,
+        num_images: int | None = None,
+        num_inference_steps: int | None = None,
+        num_images_per_prompt: int | None = None,
     ) -> list[Outcome]:
         """Generate for every prompt over the replicas; the outcomes keep the prompts' order.
 
-        The arguments and seeds are those of :meth:`Generator.generate_many`: with the same arguments each
+        The arguments and seeds are those of :meth:`Generator.generate_many` (diffusers' names
+        ``num_inference_steps`` and ``num_images_per_prompt`` too; ``generator=`` is not taken: replicas draw
+        their noise in parallel, so give seeds): with the same arguments each
         image is the one a single Generator would make. Every prompt is validated before anything loads. A
         prompt that raises gives a :class:`PromptFailure` at its index; the others are unaffected.
         """
+        steps = one_spelling("steps", steps, "num_inference_steps", num_inference_steps, DEFAULT_STEPS)
+        num_images = one_spelling("num_images", num_images, "num_images_per_prompt", num_images_per_prompt, 1)
         requests = requests_for(
             prompts,
             height=height,
@@ -313,17 +319,21 @@ class GeneratorPool:
         *,
         height: int = 1024,
         width: int = 1024,
-        steps: int = DEFAULT_STEPS,
+        steps: int | None = None,
         seed: int | Sequence[int] | None = None,
         guidance_scale: float = 0.0,
         negative_prompt: str | None = None,
-        num_images: int = 1,
+        num_images: int | None = None,
+        num_inference_steps: int | None = None,
+        num_images_per_prompt: int | None = None,
     ) -> Iterator[tuple[int, Outcome]]:
         """Like :meth:`generate_many`, but yields ``(index, outcome)`` as each prompt finishes.
 
         Generation starts at once, before the first ``next()``. Leaving the loop early cancels the prompts not
         yet started.
         """
+        steps = one_spelling("steps", steps, "num_inference_steps", num_inference_steps, DEFAULT_STEPS)
+        num_images = one_spelling("num_images", num_images, "num_images_per_prompt", num_images_per_prompt, 1)
         requests = requests_for(
             prompts,
             height=height,
