@@ -57,7 +57,6 @@ def write_image(folder: Path, item: BatchItem, result: GenerationResult) -> Path
 
 def manifest_row(item: BatchItem, result: GenerationResult, **extra: Any) -> dict[str, Any]:
     """The manifest line of one image."""
-    timings = result.timings
     downscaled = (result.width, result.height) != (item.width, item.height)
     return {
         "id": item.id,
@@ -72,14 +71,7 @@ def manifest_row(item: BatchItem, result: GenerationResult, **extra: Any) -> dic
         "device": result.device,
         "dtype": result.dtype,
         "vae_tiling": result.vae_tiling,
-        "timings": {
-            "load": timings.load,
-            "encode": timings.encode,
-            "denoise": timings.denoise,
-            "decode": timings.decode,
-            "recovery": timings.recovery,
-            "total": timings.total,
-        },
+        "timings": result.timings.to_dict(),
         "fallbacks": [str(f) for f in result.fallbacks],
         "warnings": list(result.warnings),
         # allow_downscale made the image smaller than asked: the line must still be recognised as this item's

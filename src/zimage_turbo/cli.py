@@ -26,10 +26,13 @@ from typing import Any, get_args
 
 from ._version import __version__
 from .cli_output import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
     MODEL_COMMANDS,
     add_json_option,
     configure_logging,
-    library_progress_bars,
     print_json,
     report,
     result_json,
@@ -42,6 +45,7 @@ from .errors import (
     UnknownStrategyError,
     ZImageError,
 )
+from .progress import library_progress_bars
 from .request import DEFAULT_STEPS
 from .settings import STRATEGY_NAMES, AttentionName, CompileMode, QuantizationSetting, ZImageSettings
 
@@ -49,7 +53,6 @@ __all__ = ["main"]
 
 logger = logging.getLogger("zimage_turbo")
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEMO_PROMPT = "a lighthouse on a rocky coast at sunset, oil painting"
 DEMO_SIZE = 512
 

@@ -1,27 +1,30 @@
-"""What the ``zimage-turbo`` command prints: the ``--json`` object, a result's summary, logging, and the
-libraries' progress bars turned off under ``-q``."""
+"""What the ``zimage-turbo`` command prints: the ``--json`` object, a result's summary, and logging."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
     "MODEL_COMMANDS",
     "add_json_option",
     "configure_logging",
-    "library_progress_bars",
     "print_json",
     "report",
     "result_json",
 ]
 
 logger = logging.getLogger("zimage_turbo")
+
+# the command's exit statuses (docs/usage.md)
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def add_json_option(command: argparse.ArgumentParser, what: str) -> None:
@@ -39,40 +42,8 @@ def print_json(args: argparse.Namespace, answer: dict[str, Any]) -> None:
 MODEL_COMMANDS = frozenset({"generate", "demo", "make-checkpoint", "batch"})
 
 
-@contextlib.contextmanager
-def library_progress_bars(*, enabled: bool) -> Iterator[None]:
-    """Turn the progress bars of diffusers, transformers and huggingface_hub off for the duration (e.g. the
-    "Writing model shards" bar of make-checkpoint), if asked; then leave each as it was."""
-    if enabled:
-        yield
-        return
-    import importlib
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    # (the module: huggingface_hub.utils.tqdm, as an attribute, is the hub's tqdm class)
-    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
-
-    was_diffusers = diffusers_logging.is_progress_bar_enabled()
-    was_transformers = transformers_logging.is_progress_bar_enabled()
-    was_hub = dict(hub_tqdm.progress_bar_states)  # the hub's switches, global and per group
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()  # the hub's too
-    try:
-        yield
-    finally:
-        if was_diffusers:
-            diffusers_logging.enable_progress_bar()
-        if was_transformers:
-            transformers_logging.enable_progress_bar()
-        hub_tqdm.progress_bar_states.clear()
-        hub_tqdm.progress_bar_states.update(was_hub)
-
-
 def result_json(result: Any, written: list[Path]) -> dict[str, Any]:
     """What ``generate --json`` prints (docs/usage.md lists the keys)."""
-    timings = result.timings
     return {
         "paths": [str(path.resolve()) for path in written],
         "prompt": result.prompt,
@@ -88,14 +59,7 @@ def result_json(result: Any, written: list[Path]) -> dict[str, Any]:
         "compiled": list(result.compiled),
         "quantization": result.quantization,
         "vae_tiling": result.vae_tiling,
-        "timings": {
-            "load": timings.load,
-            "encode": timings.encode,
-            "denoise": timings.denoise,
-            "decode": timings.decode,
-            "recovery": timings.recovery,
-            "total": timings.total,
-        },
+        "timings": result.timings.to_dict(),
         "peak_memory_bytes": dict(result.peak_memory),
         "predicted_peak_memory_bytes": dict(result.predicted_peak_memory),
         "fallbacks": [

@@ -6,13 +6,11 @@ from __future__ import annotations
 import argparse
 import math
 
-from .cli_output import print_json
+from .cli_output import EXIT_OK, print_json
 from .errors import InvalidRequestError
 from .settings import ZImageSettings
 
 __all__ = ["MAX_GIB", "cmd_hardware", "cmd_plan", "gib", "parse_gpus", "parse_size"]
-
-EXIT_OK = 0
 
 
 def parse_size(text: str) -> tuple[int, int]:

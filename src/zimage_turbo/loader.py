@@ -29,6 +29,7 @@ from .hardware import Hardware
 from .host import HostHomes
 from .layout import WEIGHTED_COMPONENTS, PipelineLayout
 from .process_state import default_dtype, exclusive
+from .progress import library_progress_bars
 from .quiet_imports import quiet_imports
 from .settings import DtypeName
 from .weights import TensorEntry, fill_module, read_safetensors_header
@@ -78,7 +79,7 @@ def load_pipeline(
     total = sum(entry.nbytes for listed in entries.values() for entry in listed)
     modules: dict[str, Any] = {}
     try:
-        with _progress_bars(progress), _bytes_bar(total, enabled=progress) as advance:
+        with library_progress_bars(enabled=progress), _bytes_bar(total, enabled=progress) as advance:
             for name in ("transformer", "text_encoder", "vae"):
                 started = time.perf_counter()
                 module = _empty_module(layout, name, dtype)
@@ -163,25 +164,3 @@ def _bytes_bar(total: int, *, enabled: bool) -> Iterator[Any]:
                 bar.update(nbytes)
 
         yield advance
-
-
-@contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """Turn the loading bars of diffusers and transformers off for the duration, if asked."""
-    if enabled:
-        yield
-        return
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    was_diffusers = diffusers_logging.is_progress_bar_enabled()
-    was_transformers = transformers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_diffusers:
-            diffusers_logging.enable_progress_bar()
-        if was_transformers:
-            transformers_logging.enable_progress_bar()

@@ -113,29 +113,25 @@ class Machine:
     def plan(self, profile: ModelProfile, work: GenerationRequest | Workload, held: dict[int, int]) -> Plan:
         """The candidates for ``work`` on the hardware now, our own weights (``held`` bytes per GPU) counted as
         free memory."""
-        return plan(
-            profile,
-            effective_hardware(self.detect(), held),
-            work,
-            reserve_gib=self.settings.vram_reserve_gib,
-            quantize=self.quantize,
-            prefer_lossless=self.prefer_lossless,
-        )
+        return self._ranked(profile, effective_hardware(self.detect(), held), work)
 
     def first_candidate(self, requested: LoadStrategy | None, profile: ModelProfile, hardware: Hardware) -> Candidate:
         """The requested strategy, or what 'auto' picks for a 1024x1024 image: the best fit, else the
         candidate needing the least memory."""
         if requested is not None:
             return candidate_for(requested, profile, hardware, Workload())
-        ranked = plan(
+        ranked = self._ranked(profile, hardware, Workload())
+        return ranked.best or ranked.candidates[0]
+
+    def _ranked(self, profile: ModelProfile, hardware: Hardware, work: GenerationRequest | Workload) -> Plan:
+        return plan(
             profile,
             hardware,
-            Workload(),
+            work,
             reserve_gib=self.settings.vram_reserve_gib,
             quantize=self.quantize,
             prefer_lossless=self.prefer_lossless,
         )
-        return ranked.best or ranked.candidates[0]
 
 
 def parse_device(device: str | torch.device | None) -> torch.device | None:

@@ -104,6 +104,17 @@ class Timings:
     def total(self) -> float:
         return self.load + self.work + self.recovery
 
+    def to_dict(self) -> dict[str, float]:
+        """Every phase's seconds and the total, as manifests and ``--json`` record them."""
+        return {
+            "load": self.load,
+            "encode": self.encode,
+            "denoise": self.denoise,
+            "decode": self.decode,
+            "recovery": self.recovery,
+            "total": self.total,
+        }
+
 
 @dataclass(frozen=True)
 class Fallback:

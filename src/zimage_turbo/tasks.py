@@ -113,24 +113,25 @@ def run_task(
             return _Run(call, request, rung, progress, placement, speedups, devices).phases()
 
 
+@dataclass
 class _Run:
-    """One rung's pass over the phases: what each phase needs, and the clock that times them."""
+    """One rung's pass over the phases: what each phase needs, and what it found (the clock is in phases())."""
 
-    def __init__(
-        self,
-        call: Call,
-        request: GenerationRequest,
-        rung: Candidate,
-        progress: Progress,
-        placement: Placement,
-        speedups: SpeedupDriver,
-        devices: Sequence[torch.device],
-    ) -> None:
-        self.call, self.request, self.rung, self.progress = call, request, rung, progress
-        self.placement, self.speedups, self.devices = placement, speedups, list(devices)
-        self.pipe = placement.pipe
-        self.finite: torch.Tensor | None = None
-        self.ran = {"decode"}  # the phases this attempt runs (a retry reuses what an earlier one finished)
+    call: Call
+    request: GenerationRequest
+    rung: Candidate
+    progress: Progress
+    placement: Placement
+    speedups: SpeedupDriver
+    devices: Sequence[torch.device]
+    device: torch.device = field(init=False)  # where the placement computes, asked when the phases start
+    finite: torch.Tensor | None = None  # whether the latents are finite, read after the decode
+    # the phases this attempt runs (a retry reuses what an earlier one finished)
+    ran: set[str] = field(default_factory=lambda: {"decode"})
+
+    @property
+    def pipe(self) -> Any:
+        return self.placement.pipe
 
     def phases(self) -> Attempt:
         for device in self.devices:
@@ -275,7 +276,7 @@ def _decode_or_none(pipe: Any, latents: torch.Tensor, device: torch.device) -> t
     return None, message
 
 
-def _peaks(devices: list[torch.device]) -> dict[str, int]:
+def _peaks(devices: Sequence[torch.device]) -> dict[str, int]:
     peaks = {"host": host_peak_rss_bytes()}
     for device in devices:
         peaks[str(device)] = int(torch.cuda.max_memory_allocated(device))
