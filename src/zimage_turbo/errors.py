@@ -19,6 +19,8 @@ Errors about bad input also derive from :class:`ValueError`, and "model not foun
     │   │   └── NotEnoughDiskSpaceError       the download would not fit on the disk
     │   └── ModelScopeNotInstalledError (ImportError)  source="modelscope" without zimage-turbo[modelscope]
     ├── ModelLoadError                        the files are there, but loading them failed
+    ├── LoraError (ValueError)                a LoRA file is unusable or does not fit the model; nothing changed
+    │   └── LoraNotFoundError (FileNotFoundError)  no such LoRA file, folder or cached repo
     ├── NotEnoughMemoryError                  every way of running the request ran out of memory
     ├── NumericalError                        the denoiser produced NaN/inf (a black image otherwise)
     ├── GenerationInterruptedError            the denoising loop was interrupted; nothing was decoded
@@ -41,6 +43,8 @@ __all__ = [
     "IncompleteModelError",
     "InvalidRequestError",
     "InvalidSettingsError",
+    "LoraError",
+    "LoraNotFoundError",
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelScopeNotInstalledError",
@@ -158,6 +162,20 @@ class NotEnoughDiskSpaceError(DownloadError):
 
 class ModelLoadError(ZImageError):
     """The model folder is complete, but diffusers/transformers failed to load it."""
+
+
+class LoraError(ZImageError, ValueError):
+    """A LoRA could not be used: its file (not safetensors, damaged, non-finite values), its format, or its fit
+    to the model (keys that match no layer, another architecture, shapes). Raised before any weight changes:
+    the Generator still makes the images it made before. ``path`` names the file or source."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class LoraNotFoundError(LoraError, FileNotFoundError):
+    """The LoRA is not a file, a folder holding one, or a repo in a cache we may use (offline) or download."""
 
 
 class NotEnoughMemoryError(ZImageError):

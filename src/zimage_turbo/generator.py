@@ -41,10 +41,12 @@ from typing import Any
 
 import torch
 
+from .adapters import check_fits
 from .errors import DeviceFailedError, GeneratorClosedError, InvalidRequestError, InvalidSettingsError, first_line
 from .failures import is_device_failure
 from .hardware import Hardware
 from .ladder import Ladder
+from .loras import Lora, added, check_scale, read_lora_source, removed, rescaled
 from .machine import Machine, parse_device
 from .phases import MAX_SEQUENCE_LENGTH, Progress, count_prompt_tokens, release_memory
 from .placement import Placement, load_placement
@@ -144,6 +146,7 @@ class Generator:
         self._pending: list[Fallback] = []  # what loading had to change, reported with the next result
         self._closed = False
         self._device_failure: str | None = None  # a CUDA error that poisoned the context, once met
+        self._loras: tuple[Lora, ...] = ()  # what load_lora() asked for, fused into the loaded weights
         self._speedups = SpeedupDriver(base.attention, base.compile, compile_cache_dir(base.cache_dir))
         if load:
             self.load()
@@ -262,6 +265,82 @@ class Generator:
                 placement.unsettled = True  # stopped while moving weights: put everything home
                 self._after_failure(exc)
                 raise
+
+    # -- LoRA --------------------------------------------------------------------------------------------
+
+    def load_lora(
+        self,
+        source: str | os.PathLike[str],
+        *,
+        scale: float = 1.0,
+        name: str | None = None,
+        weight_name: str | None = None,
+    ) -> str:
+        """Load a LoRA and fuse it into the weights at ``scale``; returns the name it goes by (``name``, else the
+        file's name without ``.safetensors``). Loads the model first if it is not loaded yet.
+
+        ``source``: a ``.safetensors`` file, a folder holding one (``weight_name`` picks among several), or a
+        Hugging Face / ModelScope repo id, looked up in the caches first and downloaded unless offline. Layouts:
+        diffusers'/peft's, kohya's and ComfyUI's (whatever diffusers reads for Z-Image), transformer and
+        text-encoder layers. Several LoRAs stack, each with its own scale. They stay through strategy switches
+        and out-of-memory fallbacks, and cost nothing per image: they are in the weights (see
+        :mod:`~zimage_turbo.adapters`). A file that cannot be used raises
+        :class:`~zimage_turbo.errors.LoraError` naming it, before any weight changes.
+
+            >>> gen.load_lora("styles/ink.safetensors", scale=0.8)  # doctest: +SKIP
+            'ink'
+        """
+        lora = read_lora_source(source, scale=scale, name=name, weight_name=weight_name, settings=self.settings)
+        self._change_loras(lambda loras: added(loras, lora), load=True)
+        return lora.name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Fuse the loaded LoRA ``name`` at ``scale`` instead (0 takes it out of the weights and keeps it
+        loaded). Changes only the layers it touches."""
+        checked = check_scale(scale)
+        self._change_loras(lambda loras: rescaled(loras, name, checked))
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Take the LoRA ``name`` (None: every LoRA) out of the weights. The layers it changed get their values
+        back from the model's files, so the images are again exactly those without it."""
+        self._change_loras(lambda loras: removed(loras, name))
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The loaded LoRAs, name -> scale, in the order they were loaded."""
+        return {lora.name: lora.scale for lora in self._loras}
+
+    def _change_loras(self, change: Callable[[tuple[Lora, ...]], tuple[Lora, ...]], *, load: bool = False) -> None:
+        """Apply ``change`` to the list of LoRAs (it raises for a bad one, before anything changes) and fuse
+        the result. If fusing fails half-way, the list before is fused again and the exception propagates."""
+        with self._exclusive(), self._machine.current():
+            self._check_open()
+            self._check_device()
+            wanted = change(self._loras)
+            if self._placement is None and not load:
+                self._loras = wanted  # nothing is fused without a model
+                return
+            with self._watching_device():
+                self._ensure_loaded()
+                placement = self._placement
+                assert placement is not None
+                for lora in wanted:
+                    check_fits(placement.pipe, lora.file)
+                try:
+                    placement.set_loras(wanted)
+                except BaseException as exc:
+                    self._restore_loras(placement, exc)
+                    raise
+            self._loras = wanted
+
+    def _restore_loras(self, placement: Placement, exc: BaseException) -> None:
+        if is_device_failure(exc):
+            return
+        try:
+            placement.set_loras(self._loras)
+        except Exception as problem:  # the first exception matters more
+            logger.error("could not restore the LoRAs after %s: %s", type(exc).__name__, problem)
+            placement.unsettled = True
 
     # -- planning ----------------------------------------------------------------------------------------
 

@@ -140,6 +140,10 @@ class HostHomes:
         """Bytes held in host buffers by this object (pinned when ``pin``)."""
         return sum(b.numel() for _, buffers in self._groups.values() for b in buffers)
 
+    def home_of(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The host home of ``tensor``, or None when it has none (it lives only where its data is)."""
+        return self._homes.get(id(tensor))
+
     def has_home(self, what: torch.nn.Module | Iterable[torch.Tensor]) -> bool:
         return all(id(t) in self._homes for t in _as_tensors(what))
 

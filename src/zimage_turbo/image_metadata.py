@@ -4,8 +4,9 @@ A PNG written by :meth:`~zimage_turbo.GenerationResult.save` (and so by the CLI 
 chunks:
 
 ``zimage-turbo``
-    A JSON object: prompt, negative prompt, seed, steps, size, guidance, strategy, quantization, dtype,
-    model (name and revision when known) and the library version. :func:`read_metadata` returns it.
+    A JSON object: prompt, negative prompt, seed, steps, size, guidance, strategy, quantization, LoRAs
+    (name -> scale), dtype, model (name and revision when known) and the library version.
+    :func:`read_metadata` returns it.
 ``parameters``
     The same facts as the one text that AUTOMATIC1111's web UI writes and that many image viewers and
     prompt tools read::
@@ -55,6 +56,7 @@ def parameters_text(metadata: Mapping[str, Any]) -> str:
         ("Model revision", metadata.get("model_revision")),
         ("Strategy", metadata.get("strategy")),
         ("Quantization", metadata.get("quantization")),
+        ("LoRAs", _loras(metadata.get("loras"))),
         ("Version", f"zimage-turbo {metadata.get('version')}"),
     ]
     lines.append(", ".join(f"{key}: {_value(value)}" for key, value in pairs if value is not None))
@@ -91,6 +93,13 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return metadata if isinstance(metadata, dict) else None
+
+
+def _loras(loras: object) -> str | None:
+    """``name: scale`` of each LoRA, or None without any."""
+    if not isinstance(loras, Mapping) or not loras:
+        return None
+    return ", ".join(f"{name}: {_number(scale)}" for name, scale in loras.items())
 
 
 def _number(value: object) -> object:

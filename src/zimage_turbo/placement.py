@@ -10,18 +10,20 @@ their first use (``broken``) or have made an image (``proven``). It knows nothin
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from .adapters import FusedWeights
 from .errors import first_line
 from .execution import pin_execution_device
 from .hardware import Hardware
 from .loader import load_pipeline
+from .loras import Lora
 from .phases import release_memory, set_vae_tiling
-from .planner import Candidate, effective_hardware
-from .profile import ModelProfile
+from .planner import Candidate, candidate_for, effective_hardware
+from .profile import ModelProfile, Workload
 from .quantize import stored_bytes
 from .result import Fallback
 from .sources import ResolvedModel
@@ -71,6 +73,8 @@ class Placement:
         self._held: dict[int, int] | None = None  # held_bytes() of the placement in use
         # (id of the pipeline, its execution device) under the placement in use; None: not asked yet
         self._execution_device: tuple[int, torch.device] | None = None
+        # the LoRAs fused into the weights (they stay fused through every switch: they are in the weights)
+        self.adapters = FusedWeights(pipe, host_homes(pipe), model.layout, dtype)
 
     # -- what is where ----------------------------------------------------------------------------------
 
@@ -148,6 +152,16 @@ class Placement:
         self._forget_execution_device()
         self._held = None
         self.loaded_for = None
+
+    def set_loras(self, loras: Sequence[Lora]) -> None:
+        """Fuse ``loras`` (and no others) into the weights. A quantized placement holds copies made from the
+        weights: it is removed first and applied again on the fused weights (fuse in bf16, then quantize)."""
+        requantize = self.active if self.active is not None and self.active.quantize is not None else None
+        if requantize is not None:
+            self.leave()
+        self.adapters.fuse(loras)
+        if requantize is not None:
+            self.use(candidate_for(requantize, self.profile, self.hardware(), Workload()))
 
     def settle(self) -> None:
         """An earlier call was stopped while weights moved and could not clean up: remove what it applied."""

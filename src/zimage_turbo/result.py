@@ -169,6 +169,8 @@ class GenerationResult:
             path: the name is stored in saved images, which get shared); None where unknown.
         model_revision: the model's revision (a Hugging Face snapshot's commit, or the revision asked for)
             where known, else None.
+        loras: the LoRAs fused into the weights that made the images, name -> scale, in loading order (see
+            :meth:`~zimage_turbo.Generator.load_lora`); empty without.
     """
 
     images: tuple[Image.Image, ...]
@@ -193,6 +195,7 @@ class GenerationResult:
     negative_prompt: str | None = None
     model: str | None = None
     model_revision: str | None = None
+    loras: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def image(self) -> Image.Image:
@@ -238,6 +241,7 @@ class GenerationResult:
             "dtype": self.dtype,
             "model": self.model,
             "model_revision": self.model_revision,
+            "loras": dict(self.loras),
             "version": __version__,
         }
 

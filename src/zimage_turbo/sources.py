@@ -49,6 +49,7 @@ from .settings import ZImageSettings
 
 __all__ = [
     "DISK_MARGIN_BYTES",
+    "REPO_ID",
     "RemoteFile",
     "ResolvedModel",
     "bytes_to_fetch",
@@ -77,7 +78,7 @@ DOWNLOAD_PATTERNS = [
 # Free space to leave beyond the files themselves: the clients' temporary files and lock files, and room for
 # the rest of the system to keep working.
 DISK_MARGIN_BYTES = 2**30
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -186,7 +187,7 @@ def resolve_model(settings: ZImageSettings) -> ResolvedModel:
         return ResolvedModel(
             path=local, source="local", layout=check_pipeline_dir(local), name=local.resolve().name or str(local)
         )
-    if not _REPO_ID.match(name):
+    if not REPO_ID.match(name):
         raise ModelNotFoundError(
             f"{name!r} is neither an existing folder nor a repo id of the form 'owner/name'.", searched=[name]
         )

@@ -345,4 +345,5 @@ def result_of(
         negative_prompt=request.negative_prompt,
         model=placement.model.name or None,
         model_revision=placement.model.revision,
+        loras=placement.adapters.scales,
     )

@@ -40,6 +40,7 @@ __all__ = [
     "TensorEntry",
     "fill_module",
     "read_safetensors_header",
+    "read_tensors",
 ]
 
 # Files are read in chunks of this size (by several threads: one core reads page cache at a few GB/s), and
@@ -95,6 +96,15 @@ def fill_module(
     leftover = [name for name, tensor in _named_tensors(module).items() if tensor.is_meta]
     if leftover:
         raise ModelLoadError(f"{type(module).__name__}: no values for {', '.join(leftover[:5])}")
+
+
+def read_tensors(entries: Sequence[TensorEntry], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The values of ``entries`` in ordinary host memory, floating ones cast to ``dtype`` as loading casts them:
+    an exact copy of what the model was loaded with (LoRA unloading restores weights from it)."""
+    unique = [(entry, [entry.name]) for entry in entries]
+    wanted = {entry.name: (dtype if entry.dtype.is_floating_point else entry.dtype) for entry in entries}
+    values, _ = _read_to_host(unique, wanted, None, None)
+    return values
 
 
 def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
