@@ -158,7 +158,7 @@ class Placement:
         weights: it is removed first and applied again on the fused weights (fuse in bf16, then quantize)."""
         requantize = self.active if self.active is not None and self.active.quantize is not None else None
         if requantize is not None:
-            self.leave()
+            self.leave(requantize.resident(self.hardware()))  # what it keeps resident unquantized stays put
         self.adapters.fuse(loras)
         if requantize is not None:
             self.use(candidate_for(requantize, self.profile, self.hardware(), Workload()))
