@@ -32,6 +32,7 @@ def made(count: int = 1, **changes: object) -> GenerationResult:
         "negative_prompt": "blurry",
         "model": "Tongyi-MAI/Z-Image-Turbo",
         "model_revision": "f" * 40,
+        "loras": {"ink wash": 0.8, "grain": -0.25},
     }
     fields.update(changes)
     return GenerationResult(**fields)  # type: ignore[arg-type]
@@ -51,6 +52,7 @@ def expected(result: GenerationResult, index: int) -> dict[str, object]:
         "dtype": result.dtype,
         "model": result.model,
         "model_revision": result.model_revision,
+        "loras": dict(result.loras),
         "version": zimage_turbo.__version__,
     }
 
@@ -79,10 +81,11 @@ def test_parameters_chunk_in_the_web_ui_format(tmp_path: Path) -> None:
         "a red fox, in the snow: at dawn\n"
         "Negative prompt: blurry\n"
         "Steps: 8, Sampler: Euler, CFG scale: 3.5, Seed: 7, Size: 32x16, Model: Tongyi-MAI/Z-Image-Turbo, "
-        f"Model revision: {'f' * 40}, Strategy: full_gpu, Quantization: fp8, Version: zimage-turbo "
+        f"Model revision: {'f' * 40}, Strategy: full_gpu, Quantization: fp8, "
+        'LoRAs: "ink wash: 0.8, grain: -0.25", Version: zimage-turbo '
         f"{zimage_turbo.__version__}"
     )
-    [plain] = made(negative_prompt=None, quantization=None, model=None, model_revision=None).save(
+    [plain] = made(negative_prompt=None, quantization=None, model=None, model_revision=None, loras={}).save(
         tmp_path / "plain.png"
     )
     with Image.open(plain) as image:

@@ -5,7 +5,7 @@ The layers, lowest first (docs/development.md explains each):
 
     facts     plain values and rules every layer may use
     sources   finding a model folder, checking it, its sizes, random checkpoints
-    weights   reading weights into place, pinned host homes, quantized weights
+    weights   reading weights into place, pinned host homes, quantized weights, LoRA files fused into weights
     pipeline  the phases of diffusers' pipeline (encode, denoise, decode), no placement
     speedups  attention kernels, compile
     place     strategies, the planner, the machine as a Generator sees it, the loaded placement
@@ -50,8 +50,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "sources",
         "profile",
         "checkpoints",
+        "lora_sources",
     ),
-    "weights": ("host", "weights", "loader", "quantize", "flat_quantized"),
+    "weights": ("host", "weights", "loader", "quantize", "flat_quantized", "lora_files", "loras", "adapters"),
     "pipeline": ("phases",),
     "speedups": ("speedups", "speedups.attention", "speedups.compile", "speedups.driver"),
     "place": (

@@ -419,3 +419,73 @@ def test_unload_before_loading_the_model_loads_nothing(tiny_checkpoint: Path) ->
     gen = Generator(settings=ZImageSettings(model=str(tiny_checkpoint), progress=False))
     gen.unload_lora()
     assert not gen.is_loaded and gen.loras == {}
+
+
+def test_a_pool_applies_loras_to_every_replica(
+    tiny_checkpoint: Path, files: dict[str, Path], tmp_path: Path, generator: Generator
+) -> None:
+    from zimage_turbo import GeneratorPool
+
+    settings = ZImageSettings(model=str(tiny_checkpoint), progress=False)
+    with GeneratorPool(settings=settings, devices=["cpu", "cpu"], strategy="cpu") as pool:
+        assert pool.load_lora(files["comfyui"], scale=0.5) == "comfyui"
+        assert [replica.loras for replica in pool.replicas] == [{"comfyui": 0.5}] * 2
+        bad = tmp_path / "bad.safetensors"
+        save_file({"transformer.nowhere.lora_A.weight": torch.ones(RANK, 64)}, bad)
+        with pytest.raises(LoraError):
+            pool.load_lora(bad)
+        pool.set_lora_scale("comfyui", 0.9)
+        outcomes = pool.generate_many([PROMPT, PROMPT], seed=SEED, **SIZE)
+        assert pool.loras == {"comfyui": 0.9}
+        assert all(o.loras == {"comfyui": 0.9} for o in outcomes)  # type: ignore[union-attr]
+        generator.load_lora(files["comfyui"], scale=0.9)
+        alone = generator.generate_many([PROMPT, PROMPT], seed=SEED, **SIZE)
+        assert all(same(o.image, a.image) for o, a in zip(outcomes, alone, strict=True))  # type: ignore[union-attr]
+        pool.unload_lora()
+        assert [replica.loras for replica in pool.replicas] == [{}, {}]
+
+
+# -- command line and batches ---------------------------------------------------------------------------------
+
+
+def test_cli_generate_takes_loras_with_scales(
+    tiny_checkpoint: Path, files: dict[str, Path], tmp_path: Path, generator: Generator
+) -> None:
+    from zimage_turbo.cli import main, parse_lora
+
+    assert parse_lora("a/b:0.5") == ("a/b", 0.5)
+    assert parse_lora("C:\\loras\\ink.safetensors") == ("C:\\loras\\ink.safetensors", 1.0)
+    assert parse_lora("style.safetensors") == ("style.safetensors", 1.0)
+    out = tmp_path / "out.png"
+    argv = ["generate", PROMPT, "-o", str(out), "--size", "256x256", "--steps", "2", "--seed", str(SEED), "-q"]
+    argv += ["--model", str(tiny_checkpoint), "--strategy", "cpu"]
+    argv += ["--lora", f"{files['kohya']}:0.6", "--lora", str(files["second"])]
+    assert main(argv) == 0
+    generator.load_lora(files["kohya"], scale=0.6)
+    generator.load_lora(files["second"])
+    assert same(Image.open(out), generator.generate(PROMPT, seed=SEED, **SIZE).image)
+    assert read_metadata(out)["loras"] == {"kohya": 0.6, "second": 1.0}  # type: ignore[index]
+    # a bad LoRA is a usage error, found before the model loads (the model here does not exist)
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"pickle")
+    assert main([*argv[:-4], "--model", str(tmp_path / "absent"), "--lora", str(bad), "--overwrite"]) == 2
+
+
+def test_batch_runs_with_loras_and_a_rerun_with_others_is_a_conflict(
+    tiny_checkpoint: Path, files: dict[str, Path], tmp_path: Path, generator: Generator
+) -> None:
+    from zimage_turbo import BatchConflictError
+    from zimage_turbo.batch import run_batch
+
+    settings = ZImageSettings(model=str(tiny_checkpoint), progress=False, strategy="cpu")
+    prompts = [{"id": "one", "prompt": PROMPT, "seed": SEED, "width": 256, "height": 256, "steps": 2}]
+    report = run_batch(prompts, tmp_path / "out", settings=settings, devices=["cpu"], loras=[(files["comfyui"], 0.4)])
+    assert report.generated == 1
+    generator.load_lora(files["comfyui"], scale=0.4)
+    assert same(Image.open(tmp_path / "out" / "one.png"), generator.generate(PROMPT, seed=SEED, **SIZE).image)
+    again = run_batch(prompts, tmp_path / "out", settings=settings, devices=["cpu"], loras=[(files["comfyui"], 0.4)])
+    assert (again.generated, again.skipped) == (0, 1)
+    with pytest.raises(BatchConflictError, match="loras"):
+        run_batch(prompts, tmp_path / "out", settings=settings, devices=["cpu"], loras=[(files["comfyui"], 0.5)])
+    with pytest.raises(BatchConflictError, match="loras"):
+        run_batch(prompts, tmp_path / "out", settings=settings, devices=["cpu"])

@@ -34,7 +34,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ import torch
 from .batch_folder import MANIFEST_NAME, Manifest, manifest_row, open_output, prepare, write_image
 from .batch_items import BatchItem, Prompts, derive_seed, items_from, load_items, read_prompts
 from .errors import first_line
+from .loras import read_lora_source
 from .pool import GeneratorPool, PromptFailure
 from .request import DEFAULT_STEPS
 from .settings import ZImageSettings
@@ -131,6 +132,7 @@ def run_batch(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     overwrite: bool = False,
     wait: bool | float = False,
+    loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
 ) -> BatchReport:
     """Make every image of a batch that is not made yet, on this machine.
 
@@ -150,12 +152,23 @@ def run_batch(
         wait: what to do when another batch run uses the folder (it holds ``.zimage-batch.lock``): False
             raises :class:`~zimage_turbo.errors.BatchLockedError` at once, True waits for it to finish, a
             number waits that many seconds at most. The lock is held until this run ends, however it ends.
+        loras: ``(source, scale)`` of each LoRA to run with (see :meth:`Generator.load_lora`); they are part of
+            what an image is made with, so a rerun with other LoRAs is a conflict like another prompt. Loaded
+            into ``pool`` for this run only.
 
     Every line is checked before anything loads. Lines that fail are reported in the result (and retried by
     the next run); the others are unaffected.
     """
     started = time.perf_counter()
     items = load_items(prompts, seed=seed, width=width, height=height, steps=steps)
+    settings = settings if settings is not None else ZImageSettings()
+    # every LoRA read and checked before anything loads; the names go into each image's identity
+    wanted = [
+        read_lora_source(source, scale=scale, name=None, weight_name=None, settings=settings) for source, scale in loras
+    ]
+    if wanted:
+        identity = tuple((lora.name, lora.scale) for lora in wanted)
+        items = [replace(item, loras=identity) for item in items]
     generated = 0
     failed: list[tuple[str, str]] = []
     used: tuple[str, ...] = ()
@@ -164,11 +177,17 @@ def run_batch(
             own = pool is None
             workers = GeneratorPool(model, settings=settings, devices=devices) if pool is None else pool
             try:
+                for lora in wanted:
+                    workers.load_lora(lora.file.path, scale=lora.scale, name=lora.name)
                 used = workers.devices
                 generated, failed = _make(workers, manifest, pending, on_row)
             finally:
                 if own:
                     workers.close()
+                else:
+                    for lora in wanted:
+                        if lora.name in workers.loras:
+                            workers.unload_lora(lora.name)
     skipped = len(items) - len(pending)
     report = BatchReport(
         len(items), skipped, generated, tuple(failed), manifest.path, time.perf_counter() - started, used

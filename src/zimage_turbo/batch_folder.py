@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.jsonl"
 # What must match between a manifest line and an input line for the image to count as done.
-_IDENTITY = ("prompt", "seed", "width", "height", "steps", "file")
+_IDENTITY = ("prompt", "seed", "width", "height", "steps", "file", "loras")
 # How many conflicting ids a BatchConflictError spells out.
 _SHOWN = 3
 
@@ -74,6 +74,7 @@ def manifest_row(item: BatchItem, result: GenerationResult, **extra: Any) -> dic
         "timings": result.timings.to_dict(),
         "fallbacks": [str(f) for f in result.fallbacks],
         "warnings": list(result.warnings),
+        "loras": dict(result.loras),
         # allow_downscale made the image smaller than asked: the line must still be recognised as this item's
         # when the batch is resumed (else it would be a conflict, or redone, on every run).
         **({"requested": {"width": item.width, "height": item.height}} if downscaled else {}),
@@ -227,10 +228,12 @@ def _differences(row: Mapping[str, Any], item: BatchItem) -> list[str]:
     asked = row.get("requested")
     size = asked if isinstance(asked, dict) else row
     found = {key: (size if key in ("width", "height") else row).get(key) for key in _IDENTITY}
+    found["loras"] = dict(found["loras"] or {})  # lines written before LoRAs existed made images without
+    wanted = {key: dict(item.loras) if key == "loras" else getattr(item, key) for key in _IDENTITY}
     return [
-        key if key == "prompt" else f"{key} {found[key]} -> {getattr(item, key)}"
+        key if key == "prompt" else f"{key} {found[key]} -> {wanted[key]}"
         for key in _IDENTITY
-        if found[key] != getattr(item, key)
+        if found[key] != wanted[key]
     ]
 
 

@@ -46,6 +46,8 @@ class BatchItem:
     height: int = 1024
     steps: int = DEFAULT_STEPS
     line: int = 0  # where it came from (1-based line of the input file, or position in a list)
+    # the LoRAs the batch runs with, (name, scale) in loading order: part of what makes the image
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def file(self) -> str:
@@ -60,7 +62,9 @@ class BatchItem:
 
     @classmethod
     def from_json(cls, text: str) -> BatchItem:
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        fields["loras"] = tuple((str(name), float(scale)) for name, scale in fields.get("loras", ()))
+        return cls(**fields)
 
 
 def derive_seed(base: int, item_id: str) -> int:

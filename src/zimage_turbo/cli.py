@@ -42,6 +42,7 @@ from .errors import (
     BatchLockedError,
     InvalidRequestError,
     InvalidSettingsError,
+    LoraError,
     UnknownStrategyError,
     ZImageError,
 )
@@ -78,8 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             library_progress_bars(enabled=not (args.quiet and args.command in MODEL_COMMANDS)),
         ):
             return int(args.handler(args))
-    # A folder in use by another batch is the caller's to sort out, like a bad argument: same status.
-    except (InvalidRequestError, InvalidSettingsError, UnknownStrategyError, BatchLockedError) as exc:
+    # A folder in use by another batch, or a LoRA that cannot be used, is the caller's to sort out, like a bad
+    # argument: same status.
+    except (InvalidRequestError, InvalidSettingsError, UnknownStrategyError, BatchLockedError, LoraError) as exc:
         print(f"zimage-turbo: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ZImageError as exc:
@@ -235,6 +237,14 @@ def _add_model_options(command: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None)
     group.add_argument("--cache-dir", type=Path, default=None, help="root of the model caches (like HF_HOME)")
     group.add_argument("--offline", action="store_true", default=None, help="use caches only, never download")
+    group.add_argument(
+        "--lora",
+        action="append",
+        type=parse_lora,
+        default=[],
+        metavar="FILE_OR_REPO[:SCALE]",
+        help="a LoRA to fuse at SCALE (default 1); repeat for several (docs/lora.md)",
+    )
     speed = command.add_argument_group("speed (docs/speed.md)")
     speed.add_argument("--attention", choices=get_args(AttentionName), default=None, help="attention kernel")
     speed.add_argument("--compile", choices=get_args(CompileMode), default=None, help="torch.compile the blocks")
@@ -257,8 +267,21 @@ def _settings_from(args: argparse.Namespace, **fixed: Any) -> ZImageSettings:
     return ZImageSettings(**given, **fixed)
 
 
+def parse_lora(text: str) -> tuple[str, float]:
+    """``FILE_OR_REPO[:SCALE]`` -> (source, scale); a colon not followed by a number is part of the source (a
+    Windows drive letter)."""
+    source, colon, scale = text.rpartition(":")
+    if colon and source:
+        try:
+            return source, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generator import Generator
+    from .loras import read_lora_source
     from .request import GenerationRequest
     from .result import check_output_path, entered_path, output_paths
 
@@ -278,7 +301,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     output = entered_path(args.output)
     for target in output_paths(output, request.num_images):
         check_output_path(target, overwrite=args.overwrite)
-    generator = Generator(settings=_settings_from(args))
+    settings = _settings_from(args)
+    loras = [
+        read_lora_source(src, scale=scale, name=None, weight_name=None, settings=settings) for src, scale in args.lora
+    ]
+    generator = Generator(settings=settings)
+    for lora in loras:  # each file was read and checked above, before the model loads
+        generator.load_lora(lora.file.path, scale=lora.scale, name=lora.name)
     result = generator.generate(
         args.prompt,
         height=height,
@@ -377,8 +406,18 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             raise InvalidRequestError("--replicas and --gpus-per-replica are for --ray runs; locally use --devices")
         devices = args.devices or "all"
         wanted: str | list[str] = devices if devices == "all" else [d.strip() for d in devices.split(",") if d.strip()]
-        report = run_batch(items, args.out, settings=settings, devices=wanted, overwrite=args.overwrite, wait=args.wait)
+        report = run_batch(
+            items,
+            args.out,
+            settings=settings,
+            devices=wanted,
+            overwrite=args.overwrite,
+            wait=args.wait,
+            loras=args.lora,
+        )
     else:
+        if args.lora:
+            raise InvalidRequestError("--lora is not supported with --ray yet; run the batch locally")
         if args.devices is not None:
             raise InvalidRequestError("--devices is for local runs; with --ray use --replicas and --gpus-per-replica")
         from .ray_batch import run_batch_ray

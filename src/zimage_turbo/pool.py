@@ -29,7 +29,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -274,6 +274,60 @@ class GeneratorPool:
             return f"GeneratorPool(devices={wanted!r}, not resolved)"
         loaded = "loaded" if self._executor is not None else "not loaded"
         return f"GeneratorPool(devices={[_name(r) for r in self._replicas]!r}, {loaded})"
+
+    # -- LoRA --------------------------------------------------------------------------------------------
+
+    def load_lora(
+        self,
+        source: str | os.PathLike[str],
+        *,
+        scale: float = 1.0,
+        name: str | None = None,
+        weight_name: str | None = None,
+    ) -> str:
+        """:meth:`Generator.load_lora` on every replica (loading them). If one refuses it, those that took it
+        unload it again before the error propagates. A replica busy with a prompt takes it after that prompt."""
+        names: list[str] = []
+
+        def load(replica: Generator) -> None:
+            names.append(replica.load_lora(source, scale=scale, name=name, weight_name=weight_name))
+
+        self._on_every_replica(load, undo=lambda replica: replica.unload_lora(names[0]))
+        return names[0]
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """:meth:`Generator.set_lora_scale` on every replica."""
+        self._on_every_replica(lambda replica: replica.set_lora_scale(name, scale))
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """:meth:`Generator.unload_lora` on every replica."""
+        self._on_every_replica(lambda replica: replica.unload_lora(name))
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The LoRAs every replica has loaded, name -> scale."""
+        with self._lock:
+            replicas = [replica for replica in self._resolve() if replica not in self._retired]
+        return replicas[0].loras if replicas else {}
+
+    def _on_every_replica(
+        self, action: Callable[[Generator], None], undo: Callable[[Generator], None] | None = None
+    ) -> None:
+        with self._lock:
+            replicas = [replica for replica in self._resolve() if replica not in self._retired]
+        done: list[Generator] = []
+        try:
+            for replica in replicas:
+                action(replica)
+                done.append(replica)
+        except BaseException:
+            for replica in done if undo is not None else ():
+                assert undo is not None
+                try:
+                    undo(replica)
+                except Exception as problem:  # the first error matters more
+                    logger.error("could not undo a LoRA change on %s: %s", _name(replica), problem)
+            raise
 
     # -- generation --------------------------------------------------------------------------------------
 
