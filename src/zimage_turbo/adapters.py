@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .errors import LoraError, ModelLoadError
-from .host import HostHomes
+from .host import HostHomes, return_freed_memory
 from .layout import PipelineLayout
 from .lora_files import LoraFile, LoraPair
 from .loras import Lora
@@ -128,6 +128,7 @@ class FusedWeights:
                 else:
                     self._fused.pop(key, None)
         self._loras = tuple(loras)
+        return_freed_memory()  # the base values read back and the float32 sums, freed: not kept by the allocator
         logger.info(
             "LoRA: %d layer(s) written (%d restored from the checkpoint); fused now: %s",
             len(changed),
@@ -187,11 +188,11 @@ class FusedWeights:
         base: torch.Tensor, terms: Sequence[tuple[LoraPair, float]], device: torch.device
     ) -> tuple[torch.Tensor | None, str]:
         try:
-            total = base.to(device=device, dtype=torch.float32, copy=True)
+            # across devices in the stored dtype, cast where the sum is made: torch would otherwise cast on the
+            # host first (a float32 copy of every weight, made by one core)
+            total = base.to(device, copy=True).float()
             for pair, scale in terms:
-                up = pair.up.to(device=device, dtype=torch.float32)
-                down = pair.down.to(device=device, dtype=torch.float32)
-                total += (up @ down) * scale
+                total += (pair.up.to(device).float() @ pair.down.to(device).float()) * scale
             return total.to(base.dtype), ""
         except torch.OutOfMemoryError as exc:
             return None, str(exc).splitlines()[0] if str(exc) else "out of memory"

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-__all__ = ["HostHomes", "module_tensors", "pack_tensors"]
+__all__ = ["HostHomes", "module_tensors", "pack_tensors", "return_freed_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class HostHomes:
             sum(b.numel() for b in packer.buffers) / 2**30,
             " pinned" if self.pin else "",
         )
-        _return_freed_memory_to_the_system()
+        return_freed_memory()
 
     def reserve(self, specs: Iterable[tuple[tuple[int, ...], torch.dtype]]) -> tuple[list[torch.Tensor], int]:
         """Uninitialised homes for tensors of these (shape, dtype), to be filled in place (loading reads weights
@@ -263,7 +263,7 @@ def _as_tensors(what: torch.nn.Module | Iterable[torch.Tensor]) -> Iterator[torc
     return module_tensors(what) if isinstance(what, torch.nn.Module) else iter(what)
 
 
-def _return_freed_memory_to_the_system() -> None:
+def return_freed_memory() -> None:
     """glibc keeps freed heap memory for reuse; after replacing gigabytes of weights, give it back (Linux)."""
     name = ctypes.util.find_library("c")
     if not name:
