@@ -52,7 +52,17 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "checkpoints",
         "lora_sources",
     ),
-    "weights": ("host", "weights", "loader", "quantize", "flat_quantized", "lora_files", "loras", "adapters"),
+    "weights": (
+        "host",
+        "weights",
+        "loader",
+        "converted",
+        "quantize",
+        "flat_quantized",
+        "lora_files",
+        "loras",
+        "adapters",
+    ),
     "pipeline": ("phases",),
     "speedups": ("speedups", "speedups.attention", "speedups.compile", "speedups.driver"),
     "place": (

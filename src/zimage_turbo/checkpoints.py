@@ -45,6 +45,7 @@ def make_checkpoint(
     seed: int = 0,
     device: str | None = None,
     overwrite: bool = False,
+    published_layout: bool = False,
 ) -> Path:
     """Build a random-weight Z-Image-Turbo checkpoint in ``path`` and return the folder.
 
@@ -56,6 +57,8 @@ def make_checkpoint(
         device: where to build. ``tiny`` always builds on the CPU; ``full`` defaults to ``"cuda"`` when
             available (under a minute), else the CPU (slow, and needs ~25 GB of RAM).
         overwrite: replace an existing checkpoint made by this function.
+        published_layout: store the transformer as the published checkpoint does: in float32, in shards with
+            an index (the cold-start benchmark reads what a first load of the real weights reads).
 
     The checkpoint is built in a temporary folder beside ``path`` and renamed into place at the end, so
     an interrupted build never leaves a half-written checkpoint behind.
@@ -79,9 +82,17 @@ def make_checkpoint(
     logger.info("building the %s checkpoint on %s in %s", preset, build_device, target)
     try:
         pipeline = _build_pipeline(spec, seed, build_device)
+        if published_layout:
+            pipeline.transformer.to(torch.float32)
         pipeline.save_pretrained(staging, safe_serialization=True, max_shard_size=spec.max_shard_size)
+        if published_layout:
+            shutil.rmtree(staging / "transformer")
+            shard = PUBLISHED_SHARD_SIZE[preset]
+            pipeline.transformer.save_pretrained(staging / "transformer", safe_serialization=True, max_shard_size=shard)
         del pipeline
         marker = {"preset": preset, "seed": seed, "random_weights": True, "zimage_turbo": __version__}
+        if published_layout:
+            marker["published_layout"] = True
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
@@ -93,6 +104,11 @@ def make_checkpoint(
         if build_device.type == "cuda":
             torch.cuda.empty_cache()
     return target
+
+
+# The published transformer is three float32 shards of up to 10 GB; the tiny one is split too, so that the
+# shards are exercised.
+PUBLISHED_SHARD_SIZE = {"tiny": "200KB", "full": "10GB"}
 
 
 def read_marker(path: str | os.PathLike[str]) -> dict[str, Any] | None:

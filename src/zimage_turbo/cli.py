@@ -144,7 +144,25 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--device", default=None, help="build device for 'full' (default: cuda if available)")
     make.add_argument("--overwrite", action="store_true", help="replace a checkpoint made earlier")
+    make.add_argument(
+        "--published-layout", action="store_true", help="transformer in float32 shards, as the published weights"
+    )
     make.set_defaults(handler=_cmd_make_checkpoint)
+
+    convert = commands.add_parser(
+        "convert",
+        parents=[common],
+        help="write the converted copy of the weights (run dtype, one file per component) for faster loads",
+        description="Write the copy of the model's weights in the dtype they run in that later loads read "
+        "(docs/configuration.md, converted_copy). An existing sound copy is kept unless --force.",
+    )
+    convert.add_argument("--model", default=None, help="repo id or local folder (default Tongyi-MAI/Z-Image-Turbo)")
+    convert.add_argument("--source", choices=["auto", "huggingface", "modelscope", "local"], default=None)
+    convert.add_argument("--cache-dir", type=Path, default=None, help="root of the caches; the copy goes under it")
+    convert.add_argument("--offline", action="store_true", default=None, help="use caches only, never download")
+    convert.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    convert.add_argument("--force", action="store_true", help="write it again even if a sound copy exists")
+    convert.set_defaults(handler=_cmd_convert)
 
     hardware = commands.add_parser("hardware", parents=[common], help="show the GPUs and memory the library sees")
     add_json_option(hardware, "the GPUs and host memory")
@@ -347,12 +365,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .converted import find_copy, write_copy
+    from .sources import resolve_model
+
+    settings = _settings_from(args)
+    dtype = getattr(torch, args.dtype)
+    model = resolve_model(settings)
+    existing = None if args.force else find_copy(model, dtype, settings)
+    if existing is not None:
+        print(f"A sound converted copy exists: {existing.path}")
+        return EXIT_OK
+    started = time.perf_counter()
+    folder = write_copy(model, dtype, settings)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    print(f"Wrote the converted copy to {folder} ({size / 1e9:.2f} GB) in {time.perf_counter() - started:.1f} s")
+    return EXIT_OK
+
+
 def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
     from .checkpoints import make_checkpoint
 
     _check_checkpoint_folder(args.directory, overwrite=args.overwrite)
     started = time.perf_counter()
-    path = make_checkpoint(args.preset, args.directory, seed=args.seed, device=args.device, overwrite=args.overwrite)
+    path = make_checkpoint(
+        args.preset,
+        args.directory,
+        seed=args.seed,
+        device=args.device,
+        overwrite=args.overwrite,
+        published_layout=args.published_layout,
+    )
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(
         f"Wrote the {args.preset} checkpoint to {path} ({size / 1e9:.2f} GB) in {time.perf_counter() - started:.1f} s"

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from .adapters import check_fits
+from .converted import find_copy, start_background_copy, worth_converting
 from .errors import DeviceFailedError, GeneratorClosedError, InvalidRequestError, InvalidSettingsError, first_line
 from .failures import is_device_failure
 from .hardware import Hardware
@@ -146,6 +147,7 @@ class Generator:
         self._pending: list[Fallback] = []  # what loading had to change, reported with the next result
         self._closed = False
         self._device_failure: str | None = None  # a CUDA error that poisoned the context, once met
+        self._conversion: threading.Thread | None = None  # writing the converted copy (converted.py)
         self._loras: tuple[Lora, ...] = ()  # what load_lora() asked for, fused into the loaded weights
         self._speedups = SpeedupDriver(base.attention, base.compile, compile_cache_dir(base.cache_dir))
         if load:
@@ -367,11 +369,14 @@ class Generator:
         return self._read_model()[2]
 
     def _read_model(self) -> tuple[ResolvedModel, torch.dtype, ModelProfile]:
-        """Resolve the model and read its sizes (headers only) at the dtype it will run in here."""
+        """Resolve the model (its converted copy when there is a sound one) and read its sizes (headers only)
+        at the dtype it will run in here."""
         model = resolve_model(self.settings)
         machine = self._machine
         device = machine.first_device(machine.detect())
         dtype = machine.dtype_for(device)
+        if self.settings.converted_copy == "auto":
+            model = find_copy(model, dtype, self.settings) or model
         machine.resolve_quantization(device)  # plan() shows the quantized rungs before loading too
         self._requested = machine.quantized_variant(self._requested, by_name=self._requested_by_name)
         return model, dtype, ModelProfile.from_layout(model.layout, dtype_bytes=dtype.itemsize)
@@ -417,6 +422,8 @@ class Generator:
             release_memory()
         seconds = time.perf_counter() - started
         logger.info("loaded in %.1f s", seconds)
+        if self.settings.converted_copy == "auto" and model.source != "converted" and worth_converting(model, dtype):
+            self._conversion = start_background_copy(model, dtype, self.settings)  # for the next load
         return seconds
 
     # -- generation --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 
 from .errors import IncompleteModelError, ModelLoadError
 
-__all__ = ["TensorEntry", "read_safetensors_header"]
+__all__ = ["DTYPE_NAMES", "TensorEntry", "read_safetensors_header"]
 
 # A safetensors header larger than this is not a real checkpoint.
 _HEADER_LIMIT = 100 * 2**20
@@ -34,6 +34,10 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+# torch dtype -> its name in a safetensors header
+DTYPE_NAMES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
 AttentionName = Literal["auto", "native", "flash", "cudnn", "efficient", "math", "flash_attn", "flash_attn_3", "sage"]
 CompileMode = Literal["auto", "on", "off"]
 QuantizationSetting = Literal["none", "auto", "fp8", "int8"]
+ConvertedCopy = Literal["auto", "off"]
 
 
 class ZImageSettings(BaseSettings):
@@ -138,6 +139,13 @@ class ZImageSettings(BaseSettings):
         description="Quantize the transformer's large linear layers with torchao (changes the image a little). "
         "'none' never; 'fp8' (Ada/Hopper and newer) or 'int8' (weight-only) always; 'auto' only when no "
         "lossless placement keeps the transformer on the GPU (small cards), with the kind suited to the GPU.",
+    )
+    converted_copy: ConvertedCopy = Field(
+        "auto",
+        description="Keep a copy of the weights in the dtype they run in, under <cache_dir>/converted (or "
+        "~/.cache/zimage-turbo/converted), for faster loads. 'auto' loads from a sound copy, and after a load "
+        "from a source that stores weights in another dtype (the published transformer is float32) writes one "
+        "in the background when the disk has room; 'off' never reads or writes one.",
     )
 
     def __init__(self, **values: Any) -> None:
