@@ -1,25 +1,34 @@
-"""Cold start: from process start to the first image, step by step, in a fresh process.
+"""Cold start: from process start to the first image, phase by phase, ours beside plain diffusers.
 
     python benchmarks/cold_start.py --checkpoint DIR --out benchmarks/results/cold_start-h200-DATE.json
 
-Marks the seconds since the process started after each step (starting Python, importing torch, creating the
-CUDA context, importing zimage_turbo, loading, which imports diffusers and transformers first, as in an app,
-the first and second image), prints the library's own log lines with the same clock, and also times
-``python -c "import torch"`` alone in a child process. Run it right after another process read the checkpoint
-("from page cache").
+Build the checkpoint like the published one (``zimage-turbo make-checkpoint full DIR --published-layout``: the
+transformer in float32 shards) to measure what a first load of the real weights reads. Each case runs in a
+fresh process and marks the seconds since that process started after each step: Python running, ``import
+torch``, the CUDA context, importing the libraries, loading and placing the weights, the first and the second
+image (ours also reports the first image's phases: encode, denoise, decode). Cases:
 
-Run it twice, and quote the second run: the first fills Python's bytecode caches, as ``pip install`` does at
-install time. Where the site-packages cannot be written, or ``PYTHONDONTWRITEBYTECODE`` is set (our GPU
-machine's image sets it, and its torch has no ``.pyc`` files), set ``PYTHONPYCACHEPREFIX`` to a writable folder
-and unset ``PYTHONDONTWRITEBYTECODE``: otherwise every start compiles torch, transformers and diffusers from
-source again (about 8 s there). The report records which it was.
+* ``diffusers``: ``ZImagePipeline.from_pretrained(dtype=bfloat16, device_map="cuda")`` and one call, as the
+  scripts people copy do;
+* ``ours``: ``Generator(...).generate(...)`` reading the source (``converted_copy="off"``);
+* ``ours_converted``: the same reading the converted copy, written beforehand by ``zimage-turbo convert``
+  (its time is reported as ``convert_s``).
+
+The cases run in turn, ``--rounds`` times (the first round also brings the files into the page cache);
+medians are reported per case. With ``--drop-caches`` the page cache is dropped before each case where the
+machine allows it (root, ``/proc/sys/vm/drop_caches`` writable); the report says whether it could.
+
+Where the site-packages cannot be written, or ``PYTHONDONTWRITEBYTECODE`` is set, set ``PYTHONPYCACHEPREFIX``
+to a writable folder and unset ``PYTHONDONTWRITEBYTECODE``: otherwise every start compiles torch,
+transformers and diffusers from source again (about 8 s). The report records which it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -29,70 +38,157 @@ from typing import Any
 import psutil
 
 _START = psutil.Process().create_time()
+CASES = ("diffusers", "ours", "ours_converted")
+PROMPT = "a red fox in the snow"
 
 
 def since_start() -> float:
     return time.time() - _START
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--size", type=int, default=1024)
-    args = parser.parse_args(argv)
-    marks: list[tuple[str, float]] = [("python started, script running", since_start())]
+def worker(case: str, checkpoint: str, cache_dir: str, size: int) -> dict[str, Any]:
+    """One case in this (fresh) process: the marks, and ours' phases of the first image."""
+    marks: list[tuple[str, float]] = [("python running", since_start())]
 
     def mark(step: str) -> None:
         marks.append((step, since_start()))
-        print(f"{since_start():7.2f} s  {step}", flush=True)
 
-    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms since logging began  %(message)s")
-    logging.getLogger("zimage_turbo").setLevel(logging.DEBUG)
     import torch
 
     mark("import torch")
     torch.empty(1, device="cuda")
     mark("CUDA context")
-    import zimage_turbo  # light: diffusers and transformers are imported by the first load, as in an app
+    phases: dict[str, Any] = {}
+    if case == "diffusers":
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
 
-    mark("import zimage_turbo")
-    settings = zimage_turbo.ZImageSettings(progress=False, source="local")
-    generator = zimage_turbo.Generator(model=args.checkpoint, settings=settings).load()
+        mark("import libraries")
+        from diffusers import ZImagePipeline
+
+        pipe = ZImagePipeline.from_pretrained(checkpoint, dtype=torch.bfloat16, device_map="cuda")
+        pipe.set_progress_bar_config(disable=True)
+        torch.cuda.synchronize()
+        mark("weights loaded and placed")
+
+        def image(seed: int) -> None:
+            pipe(
+                PROMPT,
+                height=size,
+                width=size,
+                num_inference_steps=8,
+                guidance_scale=0.0,
+                generator=torch.Generator().manual_seed(seed),
+            )
+
+    else:
+        import zimage_turbo  # light: diffusers and transformers come with the first load, as in an app
+
+        mark("import libraries")
+        converted = "auto" if case == "ours_converted" else "off"
+        settings = zimage_turbo.ZImageSettings(
+            progress=False, source="local", cache_dir=Path(cache_dir), converted_copy=converted
+        )
+        generator = zimage_turbo.Generator(model=checkpoint, settings=settings).load()
+        torch.cuda.synchronize()
+        assert generator.model is not None
+        phases["read_from"] = generator.model.source
+        mark("weights loaded and placed")
+
+        def image(seed: int) -> None:
+            result = generator.generate(PROMPT, height=size, width=size, seed=seed)
+            phases.setdefault("first_image", result.timings.to_dict())
+
+    image(1)
     torch.cuda.synchronize()
-    label = generator.strategy.label if generator.strategy else "-"
-    mark(f"diffusers and transformers imported, weights loaded and placed ({label})")
-    first = generator.generate("a red fox in the snow", height=args.size, width=args.size, seed=1)
     mark("first image")
-    second = generator.generate("a red fox in the snow", height=args.size, width=args.size, seed=2)
+    image(2)
+    torch.cuda.synchronize()
     mark("second image")
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch"], check=True)
-    import_torch_alone = time.perf_counter() - started
+    return {"case": case, "marks": dict(marks), **phases, "host_max_rss_gib": _max_rss_gib()}
+
+
+def _max_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+
+
+def drop_page_cache() -> bool:
+    """Drop the page cache if this machine lets us (root); whether it did."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--cache-dir", default=None, help="the library's cache for the converted copy (a temp dir)")
+    parser.add_argument("--drop-caches", action="store_true", help="drop the page cache before each case")
+    parser.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    cache_dir = args.cache_dir or str(args.out.parent / "cold-start-cache")
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.checkpoint, cache_dir, args.size)), flush=True)
+        return 0
+
+    import torch
+
     report: dict[str, Any] = {
         "benchmark": "cold_start",
         "gpu": torch.cuda.get_device_name(0),
-        "marks": [{"step": step, "since_process_start_s": value} for step, value in marks],
-        "first_image_timings": vars(first.timings),
-        "second_image_timings": vars(second.timings),
-        "python_c_import_torch_s": import_torch_alone,
-        "bytecode": {
-            "written": not sys.dont_write_bytecode,
-            "pycache_prefix_set": sys.pycache_prefix is not None,
-            "torch_cached": _has_bytecode(torch.__file__),
-        },
+        "checkpoint": Path(args.checkpoint).name,
+        "git_commit": os.environ.get("ZT_GIT_COMMIT", "unknown"),
+        "size": args.size,
+        "steps": 8,
+        "bytecode": {"written": not sys.dont_write_bytecode, "pycache_prefix_set": sys.pycache_prefix is not None},
+        "runs": [],
     }
+    if "ours_converted" in args.cases:
+        started = time.perf_counter()
+        command = [sys.executable, "-m", "zimage_turbo", "-q", "convert", "--model", args.checkpoint]
+        subprocess.run([*command, "--cache-dir", cache_dir, "--force"], check=True)
+        report["convert_s"] = time.perf_counter() - started
+    dropped: list[bool] = []
+    for round_number in range(args.rounds):
+        for case in args.cases:
+            if args.drop_caches:
+                dropped.append(drop_page_cache())
+            command = [sys.executable, __file__, "--worker", case, "--checkpoint", args.checkpoint]
+            command += ["--out", str(args.out), "--cache-dir", cache_dir, "--size", str(args.size)]
+            run = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+            if run.returncode != 0 or not lines:
+                report["runs"].append({"case": case, "round": round_number, "error": run.stderr[-3000:]})
+                print(f"{case}: failed\n{run.stderr[-3000:]}", file=sys.stderr, flush=True)
+                continue
+            result = {"round": round_number, **json.loads(lines[-1].removeprefix("RESULT "))}
+            report["runs"].append(result)
+            print(json.dumps(result), flush=True)
+    report["page_cache_dropped"] = bool(dropped) and all(dropped) if args.drop_caches else "not asked"
+    report["medians"] = _medians(report["runs"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(f"python -c 'import torch' alone: {import_torch_alone:.2f} s", flush=True)
+    print(json.dumps(report["medians"], indent=1))
     return 0
 
 
-def _has_bytecode(source: str) -> bool:
-    """Whether Python finds a cached ``.pyc`` for this module file (beside it, or under PYTHONPYCACHEPREFIX)."""
-    import importlib.util
-
-    return Path(importlib.util.cache_from_source(source)).is_file()
+def _medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per case, the median of each mark over its rounds."""
+    medians: dict[str, dict[str, float]] = {}
+    for case in CASES:
+        marks = [run["marks"] for run in runs if run.get("case") == case and "marks" in run]
+        if marks:
+            medians[case] = {step: statistics.median(m[step] for m in marks) for step in marks[0]}
+    return medians
 
 
 if __name__ == "__main__":

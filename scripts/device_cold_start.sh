@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root: the cold-start timeline (ours from the source, ours from the
+# converted copy, plain diffusers) on a checkpoint stored like the published one, into $OUT.
+# Carry .whl. Usage: ZT_GIT_COMMIT=abc scripts/device_cold_start.sh [rounds]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/zimage-out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+# bytecode caches, as an installed package has them (the image forbids writing them by default)
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX=/tmp/pycache
+python3 -c "import torch, diffusers, transformers, zimage_turbo.generator" 2>/dev/null
+if [ ! -f /tmp/pub/model_index.json ]; then
+    python3 -m zimage_turbo -q make-checkpoint full /tmp/pub --published-layout
+fi
+python3 benchmarks/cold_start.py --checkpoint /tmp/pub --out "$out/cold_start-h200.json" --cache-dir /tmp/zt-cache \
+    --rounds "${1:-2}" --drop-caches 2>&1 | tail -30
