@@ -123,7 +123,7 @@ def test_two_generators_share_no_mutable_state(tiny_checkpoint: Path) -> None:
     assert pa.scheduler.config is not pb.scheduler.config
     assert host_homes(pa) is not host_homes(pb)
     assert a.strategy is not b.strategy and a.strategy is not strategy and a.strategy == strategy
-    assert a._lock is not b._lock
+    assert a._guard.lock is not b._guard.lock
     storage = {
         name: {
             t.untyped_storage().data_ptr()

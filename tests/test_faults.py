@@ -106,8 +106,8 @@ def once() -> Callable[[], bool]:
 
 def assert_usable(gen: Generator, twin: Image.Image) -> None:
     """Lock free, and the next generation is the fresh Generator's image, with no fallback."""
-    assert gen._lock.acquire(timeout=1)
-    gen._lock.release()
+    assert gen._guard.lock.acquire(timeout=1)
+    gen._guard.lock.release()
     again = run(gen)
     assert same(again.image, twin)
     assert again.fallbacks == ()

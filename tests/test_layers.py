@@ -78,6 +78,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "run": ("tasks", "ladder"),
     "api": (
+        "call_guard",
         "generator",
         "pool",
         "batch_items",

@@ -34,17 +34,16 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
 
 from .adapters import check_fits
+from .call_guard import CallGuard
 from .converted import find_copy, start_background_copy, worth_converting
-from .errors import DeviceFailedError, GeneratorClosedError, InvalidRequestError, InvalidSettingsError, first_line
-from .failures import is_device_failure
+from .errors import InvalidRequestError, InvalidSettingsError
 from .hardware import Hardware
 from .ladder import Ladder
 from .loras import Lora, added, check_scale, read_lora_source, removed, rescaled
@@ -141,12 +140,9 @@ class Generator:
         self._requested_by_name = not isinstance(strategy, LoadStrategy)
         self._device = parse_device(device)
         self._machine = Machine(base, self._device)  # the hardware as this Generator sees it
-        self._lock = threading.Lock()
-        self._owner: int | None = None  # the thread holding the lock
+        self._guard = CallGuard()  # one call at a time; closed; a CUDA error that poisoned the context
         self._placement: Placement | None = None  # from the load to close()
         self._pending: list[Fallback] = []  # what loading had to change, reported with the next result
-        self._closed = False
-        self._device_failure: str | None = None  # a CUDA error that poisoned the context, once met
         self._conversion: threading.Thread | None = None  # writing the converted copy (converted.py)
         self._loras: tuple[Lora, ...] = ()  # what load_lora() asked for, fused into the loaded weights
         self._speedups = SpeedupDriver(base.attention, base.compile, compile_cache_dir(base.cache_dir))
@@ -187,7 +183,7 @@ class Generator:
     @property
     def device_failure(self) -> str | None:
         """The CUDA error (other than out-of-memory) that made this Generator refuse further work, or None."""
-        return self._device_failure
+        return self._guard.device_failure
 
     @property
     def hardware(self) -> Hardware | None:
@@ -209,7 +205,7 @@ class Generator:
         return None if self._placement is None else self._placement.pipe
 
     def __repr__(self) -> str:
-        if self._closed:
+        if self._guard.closed:
             return "Generator(closed)"
         if self._placement is None:
             return f"Generator(model={self.settings.model!r}, not loaded)"
@@ -221,20 +217,20 @@ class Generator:
 
     def load(self) -> Generator:
         """Find, check and load the model now (otherwise the first ``generate`` does). Returns self."""
-        with self._exclusive(), self._machine.current():
-            self._check_device()
-            with self._watching_device():
+        with self._guard.exclusive(), self._machine.current():
+            self._guard.check_device()
+            with self._guard.watching_device():
                 self._ensure_loaded()
         return self
 
     def close(self) -> None:
         """Release the model and its memory. The Generator cannot be used afterwards."""
-        with self._exclusive():
+        with self._guard.exclusive():
             if self._placement is not None:
                 # After a device failure every CUDA call fails: the references are just dropped.
-                self._placement.release(device_usable=self._device_failure is None)
+                self._placement.release(device_usable=self._guard.device_failure is None)
             self._placement = None
-            self._closed = True
+            self._guard.closed = True
         release_memory()
 
     def __enter__(self) -> Generator:
@@ -249,9 +245,9 @@ class Generator:
         modules, without reading anything from disk. A call running in another thread finishes first: the
         placement never changes under a generation."""
         chosen = private_copy(strategy_from(strategy))
-        with self._exclusive(), self._machine.current():
-            self._check_open()
-            self._check_device()
+        with self._guard.exclusive(), self._machine.current():
+            self._guard.check_open()
+            self._guard.check_device()
             self._requested_by_name = not isinstance(strategy, LoadStrategy)
             chosen = self._machine.quantized_variant(chosen, by_name=self._requested_by_name)
             self._requested = chosen
@@ -315,14 +311,14 @@ class Generator:
     def _change_loras(self, change: Callable[[tuple[Lora, ...]], tuple[Lora, ...]], *, load: bool = False) -> None:
         """Apply ``change`` to the list of LoRAs (it raises for a bad one, before anything changes) and fuse
         the result. If fusing fails half-way, the list before is fused again and the exception propagates."""
-        with self._exclusive(), self._machine.current():
-            self._check_open()
-            self._check_device()
+        with self._guard.exclusive(), self._machine.current():
+            self._guard.check_open()
+            self._guard.check_device()
             wanted = change(self._loras)
             if self._placement is None and not load:
                 self._loras = wanted  # nothing is fused without a model
                 return
-            with self._watching_device():
+            with self._guard.watching_device():
                 self._ensure_loaded()
                 placement = self._placement
                 assert placement is not None
@@ -336,7 +332,7 @@ class Generator:
             self._loras = wanted
 
     def _restore_loras(self, placement: Placement, exc: BaseException) -> None:
-        if is_device_failure(exc):
+        if self._guard.note(exc):
             return
         try:
             placement.set_loras(self._loras)
@@ -360,8 +356,8 @@ class Generator:
         request = GenerationRequest(
             prompt="plan", height=height, width=width, steps=steps, num_images=num_images, guidance_scale=guidance_scale
         )
-        with self._exclusive():
-            self._check_open()
+        with self._guard.exclusive():
+            self._guard.check_open()
             profile = self._placement.profile if self._placement else self._profile_without_loading()
             return self._plan(profile, request)
 
@@ -389,7 +385,7 @@ class Generator:
 
     def _ensure_loaded(self) -> float:
         """Load if needed; return the seconds spent loading (0 when already loaded)."""
-        self._check_open()
+        self._guard.check_open()
         if self._placement is not None:
             return 0.0
         started = time.perf_counter()
@@ -543,9 +539,9 @@ class Generator:
         if not requests:
             return []
         results = []
-        with self._exclusive(), self._machine.current():
-            self._check_device()
-            with self._watching_device():
+        with self._guard.exclusive(), self._machine.current():
+            self._guard.check_device()
+            with self._guard.watching_device():
                 load_seconds = self._ensure_loaded()
             assert self._placement is not None
             profile = self._placement.profile
@@ -559,50 +555,11 @@ class Generator:
 
     # -- locking and faults ------------------------------------------------------------------------------
 
-    @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """Hold the lock for one call. A call from inside this Generator's own callback (same thread, lock
-        held) is refused instead of waiting forever for itself."""
-        me = threading.get_ident()
-        if self._owner == me:
-            raise InvalidRequestError(
-                "this Generator was called from inside its own callback, which runs while it generates; the call "
-                "would wait for itself. Make the call after generate() returns."
-            )
-        with self._lock:
-            self._owner = me
-            try:
-                yield
-            finally:
-                self._owner = None
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise GeneratorClosedError("this Generator was closed; create a new one")
-
-    def _check_device(self) -> None:
-        if self._device_failure is not None:
-            raise DeviceFailedError(
-                f"this Generator met a CUDA error that was not out-of-memory ({self._device_failure}); such "
-                "errors leave the process's CUDA context unusable, so it refuses further work. Restart the process."
-            )
-
-    @contextmanager
-    def _watching_device(self) -> Iterator[None]:
-        """Remember a context-poisoning CUDA error raised inside, then let it propagate unchanged."""
-        try:
-            yield
-        except BaseException as exc:
-            if is_device_failure(exc):
-                self._device_failure = f"{type(exc).__name__}: {first_line(exc)}"
-            raise
-
     def _after_failure(self, exc: BaseException) -> None:
         """An exception is leaving a call: a CUDA error that poisons the context marks this Generator unusable;
         anything else leaves the placement as a fresh ``apply()`` would (see :meth:`Placement.reset_after_failure`)."""
-        if is_device_failure(exc):
-            self._device_failure = f"{type(exc).__name__}: {first_line(exc)}"
-            logger.error("CUDA error; this Generator refuses further work: %s", self._device_failure)
+        if self._guard.note(exc):
+            logger.error("CUDA error; this Generator refuses further work: %s", self._guard.device_failure)
             return
         if self._placement is not None:
             self._placement.reset_after_failure(exc)
