@@ -31,7 +31,7 @@ from .errors import (
     ZImageError,
 )
 from .generator import Generator
-from .hardware import GPUInfo, Hardware, detect_hardware
+from .hardware import DeviceSpeeds, GPUInfo, Hardware, detect_hardware
 from .image_metadata import read_metadata
 from .layout import PipelineLayout, check_pipeline_dir
 from .planner import Candidate, Plan, plan
@@ -51,6 +51,7 @@ from .strategies import (
     ModelCPUOffload,
     MultiGPUDispatch,
     MultiGPUHybrid,
+    PartialOffload,
     SequentialOffload,
     StreamedOffload,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "CheckpointError",
     "ComponentProfile",
     "DeviceFailedError",
+    "DeviceSpeeds",
     "DownloadError",
     "Fallback",
     "FullGPU",
@@ -91,6 +93,7 @@ __all__ = [
     "NotEnoughDiskSpaceError",
     "NotEnoughMemoryError",
     "NumericalError",
+    "PartialOffload",
     "PipelineLayout",
     "PlacementFailedError",
     "Plan",

@@ -1,8 +1,10 @@
 """The retry ladder: the rungs to try for a request, climbing them when memory runs out, and smaller sizes last.
 
 For a request the planner ranks the placements that fit; the strategy in use (or the one asked for) goes
-first while it still fits. When a rung runs out of memory, the next rung worth trying needs less memory in the
-phase that failed; the weights move on the same modules and the phases already finished are kept. A rung
+first while it still fits. When a rung runs out of memory, a smaller variant of its own strategy comes next if it
+offers one (``partial`` with half its resident blocks: :meth:`~zimage_turbo.strategies.LoadStrategy.smaller`),
+else the next rung worth trying, which needs less memory in the phase that failed; the weights move on the same
+modules and the phases already finished are kept. A rung
 that fails on its first use for a reason other than memory is marked broken and the next one takes over.
 With ``allow_downscale`` smaller sizes are tried when nothing fits. Every change is a
 :class:`~zimage_turbo.result.Fallback` in the call's list.
@@ -14,6 +16,7 @@ rung (:func:`~zimage_turbo.tasks.run_task` with the Generator's speed-ups bound)
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -148,8 +151,11 @@ class Ladder:
         progress = Progress()
         failed: Candidate | None = None
         failed_phase = ""
-        for rung in self.rungs(ranked):
-            if failed is not None and not _needs_less(rung, failed, failed_phase):
+        rungs = deque(self.rungs(ranked))
+        smaller: Candidate | None = None  # the variant the last failed rung offered (it says it needs less)
+        while rungs:
+            rung = rungs.popleft()
+            if failed is not None and rung is not smaller and not _needs_less(rung, failed, failed_phase):
                 continue
             outcome, failure, memory = self._attempt(call, request, rung, progress)
             if failure is None:
@@ -171,12 +177,30 @@ class Ladder:
                     failure,
                 )
                 continue
-            call.fallbacks.append(Fallback("strategy", rung.name, "", progress.phase, failure))
+            smaller = self._smaller(rung, ranked, progress.phase)
+            call.fallbacks.append(
+                Fallback("strategy", rung.name, smaller.name if smaller else "", progress.phase, failure)
+            )
             if progress.phase == "place":
                 placement.unplaceable.add(rung.strategy)
             logger.warning("%s ran out of memory while %s: %s", rung.name, _doing(progress.phase), failure)
             failed, failed_phase = rung, progress.phase  # the next rung's use() moves the weights
+            if smaller is not None:
+                rungs.appendleft(smaller)  # the same strategy keeping less on the GPU, before any other
         return None
+
+    def _smaller(self, rung: Candidate, ranked: Plan, phase: str) -> Candidate | None:
+        """The rung's strategy in a variant that needs less memory in ``phase`` (``partial`` with half its
+        resident blocks), estimated for the same workload, unless this Generator has ruled it out already."""
+        strategy = rung.strategy.smaller(phase)
+        placement = self.placement
+        if strategy is None or strategy in placement.unplaceable | placement.broken:
+            return None
+        work = replace(ranked.workload, vae_tiling=rung.vae_tiling)
+        hardware = ranked.hardware
+        return candidate_for(
+            strategy, placement.profile, hardware, work, steps=ranked.steps, reserve_bytes=ranked.reserve_bytes
+        )
 
     def _attempt(
         self, call: Call, request: GenerationRequest, rung: Candidate, progress: Progress
