@@ -8,6 +8,7 @@ on): these tests check the placement's bookkeeping and that the image is bit for
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -157,6 +158,39 @@ def test_partial_int8_gives_the_resident_int8_image_and_a_switch_back_drops_the_
     assert same(gen.generate(PROMPT, seed=5, **SIZE).image, plain.image)
     assert not flattened_tensors(transformer) and not any(homes.has_home([t]) for t in copies)
     assert all(type(linear.weight) is torch.nn.Parameter for linear in quantized_linears(transformer).values())
+
+
+def test_quantizing_resident_layers_is_all_or_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card that fills up half-way through leaves no quantized copy that nothing knows about."""
+    from zimage_turbo import quantize
+
+    block = torch.nn.Module()
+    block.attention = torch.nn.Module()
+    for name in ("to_q", "to_k", "to_v"):
+        setattr(block.attention, name, torch.nn.Linear(32, 32, bias=False))
+    transformer = torch.nn.Module()
+    transformer.layers = torch.nn.ModuleList([block, copy.deepcopy(block)])
+    weights = {name: linear.weight for name, linear in quantized_linears(transformer).items()}
+    assert len(weights) == 6 and set(quantized_linears(transformer, ["layers.1"])) == {
+        f"layers.1.attention.{name}" for name in ("to_q", "to_k", "to_v")
+    }
+    made: list[int] = []
+    real = quantize.quantized_weight
+
+    def filling_up(weight: torch.Tensor, kind: quantize.QuantizationName, device: torch.device) -> torch.Tensor:
+        if len(made) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        made.append(1)
+        return real(weight, kind, device)
+
+    monkeypatch.setattr(quantize, "quantized_weight", filling_up)
+    with pytest.raises(torch.OutOfMemoryError):
+        quantize.quantize_linears(transformer, "int8", torch.device("cpu"))
+    assert {name: linear.weight for name, linear in quantized_linears(transformer).items()} == weights
+    made.clear()
+    originals = quantize.quantize_linears(transformer, "int8", torch.device("cpu"), ["layers.1"])
+    assert set(originals) == {f"layers.1.attention.{name}" for name in ("to_q", "to_k", "to_v")}
+    assert all(linear.weight is weights[name] for name, linear in quantized_linears(transformer, ["layers.0"]).items())
 
 
 def test_the_compiler_is_offered_only_the_resident_blocks(tiny_checkpoint: Path) -> None:

@@ -93,11 +93,17 @@ def quantize_linears(
     """Give each quantized linear (of ``blocks`` only, when given) a quantized copy of its weight on ``device``,
     one layer at a time (so that a card too small for the bf16 weights can still hold the quantized ones).
     Returns the original weights by module name: they stay where they were (their host homes), and
-    :func:`restore_linears` puts them back."""
+    :func:`restore_linears` puts them back. All or nothing: after an error (the card is full) every layer has its
+    original weight again, so that no quantized copy is left that nothing knows about."""
     originals: dict[str, torch.nn.Parameter] = {}
-    for name, linear in quantized_linears(transformer, blocks).items():
-        originals[name] = linear.weight  # type: ignore[assignment]
-        linear.weight = quantized_weight(linear.weight, kind, device)
+    try:
+        for name, linear in quantized_linears(transformer, blocks).items():
+            quantized = quantized_weight(linear.weight, kind, device)
+            originals[name] = linear.weight  # type: ignore[assignment]
+            linear.weight = quantized
+    except BaseException:
+        restore_linears(transformer, originals)
+        raise
     return originals
 
 

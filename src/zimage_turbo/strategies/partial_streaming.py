@@ -64,6 +64,7 @@ def stream_blocks(
             use_stream=use_stream,
             record_stream=record_stream and use_stream,
             low_cpu_mem_usage=False,
+            exclude_kwargs=getattr(module, "_skip_keys", None),  # what diffusers would read from the module itself
         )
         hooks = [HookRegistry.check_if_exists_or_initialize(block).get_hook(_HOOK_NAMES[0]) for block in blocks]
         # The module's own group: its non-block weights when they are not resident, else nothing; its hook starts
