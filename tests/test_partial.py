@@ -283,3 +283,25 @@ def test_an_encode_that_runs_out_halves_the_text_encoders_blocks_then_the_ladder
         ("partial(0,0)", "", "encode"),  # nothing resident left: the next strategy takes over
     ]
     assert result.strategy == "cpu" and same(result.image, reference)
+
+
+def test_weights_that_do_not_fit_when_first_placed_are_halved_until_they_do(
+    tiny_checkpoint: Path, reference: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    apply = PartialOffload.apply
+
+    def filling_up(self: PartialOffload, pipe: Any, hardware: Any) -> None:
+        apply(self, pipe, hardware)
+        if self.transformer_blocks is not None and self.transformer_blocks > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected while placing)")
+
+    monkeypatch.setattr(PartialOffload, "apply", filling_up)
+    gen = generator(tiny_checkpoint, partial(4, 2))
+    gen.load()  # placed right after loading: the halving happens there already
+    assert resident_now(gen) == Residency(1, 0)
+    result = gen.generate(PROMPT, seed=5, **SIZE)
+    assert [(f.before, f.after, f.phase) for f in result.fallbacks] == [
+        ("partial(4,2)", "partial(2,1)", "place"),
+        ("partial(2,1)", "partial(1,0)", "place"),
+    ]
+    assert result.strategy == "partial" and same(result.image, reference)

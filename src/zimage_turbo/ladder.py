@@ -88,9 +88,32 @@ class Ladder:
             raise self._out_of_rungs(request, call.fallbacks)
         return request, attempt
 
-    def place_first(self, rung: Candidate) -> tuple[str | None, bool]:
-        """Apply ``rung`` right after loading; on failure (its message, whether memory ran out), *after* the
-        except block."""
+    def place_first(self, rung: Candidate) -> list[Fallback]:
+        """Apply ``rung`` right after loading. If it runs out of memory, its smaller variants in turn (``partial``
+        with half its resident blocks), as the ladder would; the fallbacks of what failed, each marked unplaceable
+        (out of memory) or broken (another failure that counts against it). After a failure with nothing smaller
+        to try, every weight is back home and the first generation's ladder takes over."""
+        fallbacks: list[Fallback] = []
+        while True:
+            message, memory = self._place(rung)
+            if message is None:
+                return fallbacks
+            release_memory()  # out of the except block: the failed frames are gone
+            smaller = None
+            if memory:
+                smaller = self._smaller(rung, self.plan_for(Workload(vae_tiling=rung.vae_tiling)), "place")
+            after = smaller.name if smaller is not None else ""
+            fallbacks.append(Fallback("strategy" if memory else "error", rung.name, after, "place", message))
+            placement = self.placement
+            (placement.unplaceable if memory else placement.broken).add(rung.strategy)
+            placement.leave()
+            release_memory()
+            if smaller is None:
+                return fallbacks
+            rung = smaller
+
+    def _place(self, rung: Candidate) -> tuple[str | None, bool]:
+        """Apply ``rung``; on failure (its message, whether memory ran out), *after* the except block."""
         message = None
         try:
             self.placement.use(rung)
