@@ -165,6 +165,7 @@ class Plan:
                 for c in self.candidates
             ],
             "best": self.best.name if self.best is not None else None,
+            "footnote": self.footnote,
             "notes": list(self.notes),
         }
 
