@@ -27,6 +27,7 @@ from ..hardware import Hardware
 from ..host import module_tensors
 from ..profile import ComponentProfile, ModelProfile, Workload
 from ..quantize import QuantizationName, quantize_linears, quantized_linears, restore_linears
+from ..request import DEFAULT_STEPS
 from .base import (
     ALLOCATOR_MARGIN,
     QUANTIZED_SHARE,
@@ -115,31 +116,28 @@ class PartialOffload(Quantizable):
         resident (whose estimate then says it does not fit). On a CPU or MPS device: everything resident."""
         if self.residency is not None:
             return self
+        given = Residency(self.transformer_blocks or 0, self.text_encoder_blocks or 0)
         device = self.target(hardware)
-        if device.type != "cuda":
-            capacity = None
-        else:
-            free = next((g.free_bytes for g in hardware.gpus if g.index == (device.index or 0)), 0)
-            capacity = int((free - reserve_bytes) / (1 + ALLOCATOR_MARGIN))
-        if capacity is None:
-            blocks = Residency(len(profile.transformer.block_bytes), len(profile.text_encoder.block_bytes))
-            counts = Residency(
-                blocks.transformer if self.transformer_blocks is None else self.transformer_blocks,
-                blocks.text_encoder if self.text_encoder_blocks is None else self.text_encoder_blocks,
+        if device.type != "cuda":  # no card to fill: everything not given stays
+            every = Residency(len(profile.transformer.block_bytes), len(profile.text_encoder.block_bytes))
+            return self.with_counts(
+                Residency(
+                    every.transformer if self.transformer_blocks is None else given.transformer,
+                    every.text_encoder if self.text_encoder_blocks is None else given.text_encoder,
+                )
             )
-            return self.with_counts(counts)
-        steps = 8  # resident blocks pay off per pass; the split barely depends on the count of passes
+        free = next((g.free_bytes for g in hardware.gpus if g.index == (device.index or 0)), 0)
         found = size_residency(
             profile,
             work,
-            self._compute_seconds(profile, work, steps),
-            steps,
-            capacity,
+            self._compute_seconds(profile, work, DEFAULT_STEPS),
+            DEFAULT_STEPS,  # the split barely depends on the number of passes: resident blocks pay off at each
+            int((free - reserve_bytes) / (1 + ALLOCATOR_MARGIN)),
             quantize=self._quantize,
             transformer=self.transformer_blocks,
             text_encoder=self.text_encoder_blocks,
         )
-        return self.with_counts(found or Residency(self.transformer_blocks or 0, self.text_encoder_blocks or 0))
+        return self.with_counts(found or given)
 
     def smaller(self, phase: str) -> LoadStrategy | None:
         """The same placement with half the resident blocks of the component that ran out of memory in
