@@ -2,7 +2,7 @@
 # On the GPU machine, from the repository root (carry .whl: scripts/fetch_device_wheels.sh): the partial placement
 # (issue 21) on an H200 with the full-size random-weight checkpoint, into $OUT. Two commands, each under 10 minutes:
 #
-#   scripts/device_partial.sh tests   # tests/gpu/test_partial.py: partial under 6/8/12 GiB caps against full_gpu's
+#   scripts/device_partial.sh tests   # tests/gpu/test_gpu_partial.py: partial under 6/8/12 GiB caps against full_gpu's
 #                                     # image, auto at 8 GiB, an OOM halving the resident blocks, fp8, compile, and
 #                                     # this GPU's measured speeds -> $OUT/gpu-tests-partial.log (about 7 minutes)
 #   scripts/device_partial.sh bench   # the bench harness at 12, 8, 6, 4 GiB: auto, streamed, partial, diffusers'
@@ -27,7 +27,7 @@ fi
 case "${1:-}" in
 tests)
     ZIMAGE_TEST_FULL_CHECKPOINT=/tmp/full timeout 520 python3 -m pytest -q -s -m gpu -p no:cacheprovider \
-        tests/gpu/test_partial.py 2>&1 | tee "$out/gpu-tests-partial.log" | grep -v "^$" | tail -60
+        tests/gpu/test_gpu_partial.py 2>&1 | tee "$out/gpu-tests-partial.log" | grep -v "^$" | tail -60
     ;;
 bench)
     # kept in /tmp between calls ($OUT starts empty at each call) and copied to $OUT after each

@@ -1,6 +1,6 @@
 """Measured GPU speeds: cached per GPU model, driver and PyTorch version; a damaged cache measured again; never
 measured without a GPU; and the planner's time model and footnote follow them. The measurement itself is
-injected here (it needs a CUDA GPU: tests/gpu/test_partial.py runs it)."""
+injected here (it needs a CUDA GPU: tests/gpu/test_gpu_partial.py runs it)."""
 
 from __future__ import annotations
 

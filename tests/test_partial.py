@@ -3,7 +3,7 @@ same weights, quantized blocks, the compiler's view, and the ladder halving the 
 
 On the CPU the hooks run but copy nothing (the "device" is the host, and there is no transfer stream to prefetch
 on): these tests check the placement's bookkeeping and that the image is bit for bit full_gpu's; the GPU suite
-(tests/gpu/test_partial.py) checks the copies and the prefetching.
+(tests/gpu/test_gpu_partial.py) checks the copies and the prefetching.
 """
 
 from __future__ import annotations

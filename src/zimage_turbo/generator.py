@@ -255,7 +255,8 @@ class Generator:
                 return
             placement.unplaceable.discard(chosen)  # named again: given another chance
             placement.broken.discard(chosen)
-            candidate = candidate_for(chosen, placement.profile, placement.hardware(), Workload())
+            hardware, reserve = placement.hardware(), self._machine.reserve_bytes
+            candidate = candidate_for(chosen, placement.profile, hardware, Workload(), reserve_bytes=reserve)
             try:
                 placement.use(candidate)
             except BaseException as exc:

@@ -155,7 +155,14 @@ class Ladder:
                     first = candidate
                     break
             else:
-                first = candidate_for(keep, placement.profile, ranked.hardware, ranked.workload, steps=ranked.steps)
+                first = candidate_for(
+                    keep,
+                    placement.profile,
+                    ranked.hardware,
+                    ranked.workload,
+                    steps=ranked.steps,
+                    reserve_bytes=ranked.reserve_bytes,
+                )
             if keep is not self.requested and not first.fits:
                 first = None  # the strategy in use no longer fits this request: re-plan
         rungs = [first] if first is not None else []

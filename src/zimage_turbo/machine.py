@@ -58,6 +58,11 @@ class Machine:
     def seen(self) -> Hardware | None:
         return self.hardware
 
+    @property
+    def reserve_bytes(self) -> int:
+        """GPU memory the plans keep free on each card (the ``vram_reserve_gib`` setting)."""
+        return int(self.settings.vram_reserve_gib * GIB)
+
     def first_device(self, hardware: Hardware) -> torch.device:
         """Where the model computes unless a strategy says otherwise: the GPU with the most free memory."""
         if hardware.gpus:
@@ -128,7 +133,7 @@ class Machine:
         """The requested strategy, or what 'auto' picks for a 1024x1024 image: the best fit, else the
         candidate needing the least memory."""
         if requested is not None:
-            return candidate_for(requested, profile, hardware, Workload())
+            return candidate_for(requested, profile, hardware, Workload(), reserve_bytes=self.reserve_bytes)
         ranked = self._ranked(profile, hardware, Workload())
         return ranked.best or ranked.candidates[0]
 

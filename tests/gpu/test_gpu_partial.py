@@ -1,5 +1,5 @@
 """``partial`` on a real GPU with the full-size checkpoint, under memory caps of 6, 8 and 12 GiB; this GPU's
-measured speeds (run them on a CUDA machine: ``pytest -m gpu tests/gpu/test_partial.py``).
+measured speeds (run them on a CUDA machine: ``pytest -m gpu tests/gpu/test_gpu_partial.py``).
 
 Each capped case runs in a fresh process, so that ``torch.cuda.set_per_process_memory_fraction`` applies to
 everything it allocates. The images are compared with ``full_gpu``'s (same seed, uncapped, its own process):
