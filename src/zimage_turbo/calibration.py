@@ -178,7 +178,7 @@ def with_speeds(
     (by default :func:`gpu_speeds`). Nothing happens without a GPU, nor, by default, where CUDA is not available.
     A GPU whose measurement fails (its memory is full) is planned with the H200's figures; the failure is logged
     and not retried in this process."""
-    if not hardware.gpus or (lookup is None and not torch.cuda.is_available()):
+    if not hardware.gpus or (lookup is None and not _cuda_here()):
         return hardware  # no GPU to measure (hardware described by hand on a machine without one)
     find = lookup or (lambda gpu, where: gpu_speeds(gpu.index, where))
     gpus = []
@@ -187,11 +187,16 @@ def with_speeds(
         if speeds is None and gpu.name not in _failed:
             try:
                 speeds = find(gpu, path)
-            except (RuntimeError, torch.OutOfMemoryError) as exc:
+            except Exception as exc:  # a measurement only refines the plan: it never stops one
                 _failed.add(gpu.name)
                 logger.warning("could not measure the speeds of %s (%s); planning with the H200's", gpu.device, exc)
         gpus.append(replace(gpu, speeds=speeds))
     return replace(hardware, gpus=tuple(gpus))
+
+
+def _cuda_here() -> bool:
+    """A CUDA build of PyTorch that sees a GPU."""
+    return bool(torch.backends.cuda.is_built()) and torch.cuda.is_available()  # type: ignore[no-untyped-call]
 
 
 def measure_speeds(device: torch.device) -> DeviceSpeeds:
