@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from zimage_turbo.bench.cases import Case, decide, summarize
-from zimage_turbo.bench.report import BEGIN, END, markdown, write_markdown
+from zimage_turbo.bench.cases import Case, decide, forced_case, summarize
+from zimage_turbo.bench.report import BEGIN, END, _label, markdown, write_markdown
 from zimage_turbo.bench.runner import EXIT_INCOMPLETE, main
 
 
@@ -77,6 +77,33 @@ def test_summary_compares_auto_with_the_fastest_diffusers_mode_that_fit() -> Non
     assert not summarize([*rows[:1], _row("ours", "streamed", 4, host_peak_rss_gib=30.0)], 19.1, [16])["targets"][-1][
         "met"
     ]
+
+
+def test_forced_cases_with_settings_and_the_partial_targets() -> None:
+    case, extra = forced_case("partial@12:compile=on")
+    assert case.key == "ours:partial!compile=on@12" and extra == {"mode": "partial", "options": {"compile": "on"}}
+    case, extra = forced_case("full_gpu@16")
+    assert case.key == "ours:full_gpu!@16" and extra == {"mode": "full_gpu", "options": {}}
+    fp8 = forced_case("partial@8:quantization=fp8,compile=on")[1]
+    assert fp8["options"] == {"quantization": "fp8", "compile": "on"}
+    assert _label({"kind": "ours", "mode": "partial!quantization=fp8,compile=on"}) == (
+        "ours, `partial` forced (quantization=fp8, compile=on)"
+    )
+    rows = [
+        _row("ours", "auto", 12, strategy="partial", s_per_image=1.45, host_peak_rss_gib=23.0),
+        _row("ours", "auto", 8, strategy="partial", s_per_image=1.8),
+        _row("ours", "auto", 4, strategy="partial", s_per_image=2.1),
+        _row("ours", "streamed", 4, strategy="streamed", s_per_image=2.2, host_peak_rss_gib=22.5),
+        _row("ours", "partial", 4, strategy="partial", s_per_image=2.1, host_peak_rss_gib=22.6),
+        {**_row("ours", "partial!compile=on", 12), "key": "ours:partial!compile=on@12", "s_per_image": 1.1},
+    ]
+    targets = {t["target"]: t for t in summarize(rows, 19.1, [12, 8, 4])["targets"]}
+    assert targets["auto at 12 GiB <= 1.5 s/image"]["met"] and not targets["auto at 8 GiB <= 1.7 s/image"]["met"]
+    assert "auto at 6 GiB <= 1.9 s/image" not in targets  # no row at 6 GiB in this run
+    assert targets["partial with compile=on at 12 GiB <= 1.2 s/image"]["met"]
+    assert targets["auto at 4 GiB no slower than streamed"]["met"]
+    assert targets["host RAM peak of partial no more than streamed's"]["met"]
+    assert list(targets)[-1].startswith("host RAM peak <=")  # the benchmarks issue's targets keep their places
 
 
 def test_markdown_replaces_only_its_own_section(tmp_path: Path) -> None:

@@ -34,16 +34,19 @@ def machine(*gibs: float, ram: float = 64) -> Hardware:
     [
         (80, "full_gpu"),
         (24, "full_gpu"),
-        (16, "hybrid"),
-        (12, "streamed"),
-        (8, "streamed"),
-        (6, "streamed"),
-        (4, "streamed"),
+        # below 24 GiB, keeping what fits and streaming the rest beats streaming everything (2.2 s), and at 16
+        # GiB it edges out hybrid (1.46 s): resident text-encoder blocks save more than the transformer blocks
+        # it streams cost (their copies hide behind the compute of the blocks between them)
+        (16, "partial"),
+        (12, "partial"),
+        (8, "partial"),
+        (6, "partial"),
+        (4, "partial"),
     ],
 )
 def test_one_gpu(gib: float, expected: str) -> None:
     best = plan(PROFILE, machine(gib)).best
-    assert best is not None and best.name == expected
+    assert best is not None and best.strategy.name == expected
     assert best.fits and best.peak_bytes * 1.04 <= gib * GIB
 
 
@@ -73,7 +76,7 @@ def test_rejections_say_why() -> None:
     multi = next(c for c in plan(PROFILE, machine(8, 8)).candidates if c.name == "multi_gpu")
     assert re.fullmatch(r"does not split over the GPUs: needs about 2\d\.\d GiB in all, 15\.0 GiB usable", multi.reason)
     text = ranked.describe()
-    assert "->streamed" in text and full.reason in text
+    assert f"->{ranked.best.name} " in text and ranked.best.name.startswith("partial(") and full.reason in text  # type: ignore[union-attr]
 
 
 def test_host_ram_limits_offloading() -> None:

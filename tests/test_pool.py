@@ -344,11 +344,17 @@ def test_all_skips_a_card_nothing_fits_on_and_stops_where_host_ram_ends(
 def test_all_on_cards_too_small_for_a_replica_is_one_model_over_all_of_them(
     settings: ZImageSettings, fake_gpus: Any
 ) -> None:
-    fake_gpus(gpus(12, 12))
+    # Two 12 GiB cards in 32 GiB of host RAM: a replica per card streams part of the model from pinned host
+    # memory, and the host holds one such copy, so replicas would give one card's images (1.5 s each); one
+    # model over both cards needs no host copy and makes them about as fast.
+    fake_gpus(replace(gpus(12, 12), host_total_bytes=32 * GIB, host_available_bytes=28 * GIB))
     pool = GeneratorPool(settings=settings)
     assert pool.devices == ("default",)  # not restricted: it plans over both cards
     best = pool.replicas[0].plan().best
     assert best is not None and best.name == "multi_gpu" and set(best.estimate.gpu_peak) == {0, 1}
+    # With host RAM for a copy each, a replica per card (partial on each) makes twice the images.
+    fake_gpus(gpus(12, 12))
+    assert GeneratorPool(settings=settings).devices == ("cuda:0", "cuda:1")
     # A named offloading strategy makes such cards acceptable replicas, one each.
     assert GeneratorPool(settings=settings, strategy="streamed").devices == ("cuda:0", "cuda:1")
 

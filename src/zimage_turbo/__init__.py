@@ -33,7 +33,7 @@ from .errors import (
     ZImageError,
 )
 from .generator import Generator
-from .hardware import GPUInfo, Hardware, detect_hardware
+from .hardware import DeviceSpeeds, GPUInfo, Hardware, detect_hardware
 from .image_metadata import read_metadata
 from .layout import PipelineLayout, check_pipeline_dir
 from .planner import Candidate, Plan, plan
@@ -53,6 +53,7 @@ from .strategies import (
     ModelCPUOffload,
     MultiGPUDispatch,
     MultiGPUHybrid,
+    PartialOffload,
     SequentialOffload,
     StreamedOffload,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "CheckpointError",
     "ComponentProfile",
     "DeviceFailedError",
+    "DeviceSpeeds",
     "DownloadError",
     "Fallback",
     "FullGPU",
@@ -95,6 +97,7 @@ __all__ = [
     "NotEnoughDiskSpaceError",
     "NotEnoughMemoryError",
     "NumericalError",
+    "PartialOffload",
     "PipelineLayout",
     "PlacementFailedError",
     "Plan",

@@ -194,6 +194,8 @@ def _parser() -> argparse.ArgumentParser:
     planning.add_argument("--ram-gib", type=float, default=None, help="hypothetical host RAM available")
     planning.add_argument("--reserve-gib", type=float, default=None, help="GPU memory to keep free (default 0.5)")
     planning.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    planning.add_argument("--h2d-gib-s", type=float, default=None, help="plan with this pinned host-to-GPU GiB/s")
+    planning.add_argument("--bf16-tflops", type=float, default=None, help="plan with this bf16 matmul TFLOP/s")
     add_json_option(planning, "the workload, hardware, every candidate and the best one")
     planning.set_defaults(handler=cmd_plan)
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
 
 from .cli_output import EXIT_OK, print_json
 from .errors import InvalidRequestError
 from .settings import ZImageSettings
+
+if TYPE_CHECKING:
+    from .hardware import DeviceSpeeds, Hardware
 
 __all__ = ["MAX_GIB", "cmd_hardware", "cmd_plan", "gib", "parse_gpus", "parse_size"]
 
@@ -56,7 +60,7 @@ def gib(option: str, value: float | None, *, zero_ok: bool = False) -> float | N
 def cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .hardware import GIB, GPUInfo, detect_hardware
+    from .hardware import GIB, GPUInfo
     from .planner import plan
     from .profile import ModelProfile
     from .request import GenerationRequest
@@ -82,14 +86,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         profile = ModelProfile.from_layout(resolve_model(settings).layout, dtype_bytes=dtype_bytes)
     else:
         profile = ModelProfile.z_image_turbo(dtype_bytes=dtype_bytes)
-    hardware = detect_hardware()
     sizes = parse_gpus(args.gpus) if args.gpus else [args.vram_gib] if args.vram_gib is not None else None
+    given = _given_speeds(args)
+    # this machine's GPUs are measured (once; see calibration.py) unless hypothetical ones replace them
+    hardware = _this_machine(measure=sizes is None and given is None)
     if sizes is not None:
         gpus = tuple(
             GPUInfo(i, "hypothetical GPU", int(size * GIB), int(size * GIB), compute_capability=(8, 9))
             for i, size in enumerate(sizes)
         )
         hardware = replace(hardware, gpus=gpus, mps=False)
+    if given is not None:
+        hardware = replace(hardware, gpus=tuple(replace(gpu, speeds=given) for gpu in hardware.gpus))
     if args.ram_gib is not None:
         hardware = replace(
             hardware, host_total_bytes=int(args.ram_gib * GIB), host_available_bytes=int(args.ram_gib * GIB)
@@ -103,10 +111,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_hardware(args: argparse.Namespace) -> int:
+def _this_machine(*, measure: bool) -> Hardware:
+    """The hardware detected here, with each GPU's speeds when ``measure`` and the ``calibrate`` setting allow."""
+    from .calibration import speeds_file, with_speeds
     from .hardware import detect_hardware
 
     hardware = detect_hardware()
+    settings = ZImageSettings()
+    if measure and settings.calibrate:
+        hardware = with_speeds(hardware, path=speeds_file(settings.cache_dir))
+    return hardware
+
+
+def _given_speeds(args: argparse.Namespace) -> DeviceSpeeds | None:
+    """Speeds typed on the command line (--h2d-gib-s, --bf16-tflops), the calibration GPU's for the one left
+    out; None when neither is given."""
+    from .hardware import DeviceSpeeds
+    from .profile import load_calibration
+
+    if args.h2d_gib_s is None and args.bf16_tflops is None:
+        return None
+    for option, value in (("--h2d-gib-s", args.h2d_gib_s), ("--bf16-tflops", args.bf16_tflops)):
+        if value is not None and not (math.isfinite(value) and 0 < value <= MAX_GIB):
+            raise InvalidRequestError(f"{option} must be a positive number, got {value}")
+    reference = load_calibration().speeds
+    return DeviceSpeeds(
+        args.h2d_gib_s if args.h2d_gib_s is not None else reference.h2d_gib_per_s,
+        args.bf16_tflops if args.bf16_tflops is not None else reference.bf16_tflops,
+        name="as given",
+        source="given",
+    )
+
+
+def cmd_hardware(args: argparse.Namespace) -> int:
+    hardware = _this_machine(measure=True)
     if args.json:
         print_json(args, hardware.to_dict())
     else:

@@ -22,7 +22,7 @@ into one quantization kernel before the matmul.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -191,10 +191,14 @@ def _flatten(weight: torch.Tensor) -> tuple[list[str], Any]:
 
 
 def flatten_quantized_linears(
-    transformer: torch.nn.Module, kind: QuantizationName, device: torch.device, homes: HostHomes
+    transformer: torch.nn.Module,
+    kind: QuantizationName,
+    device: torch.device,
+    homes: HostHomes,
+    blocks: Collection[str] | None = None,
 ) -> dict[str, torch.nn.Module]:
-    """Replace each linear layer that quantization targets by a :class:`FlatQuantizedLinear` whose inner tensors
-    live in host homes of their own.
+    """Replace each linear layer that quantization targets (in ``blocks`` only, when given: block names such as
+    ``"layers.3"``) by a :class:`FlatQuantizedLinear` whose inner tensors live in host homes of their own.
 
     Each layer is quantized on ``device`` (torchao makes fp8 only on a GPU) from its bf16 weight, one at a time,
     and copied straight into pinned slots reserved for all of them at once (pinning gigabytes is slow on one
@@ -203,7 +207,7 @@ def flatten_quantized_linears(
     tensors' shapes. Returns the original layers by name, untouched (their weights keep their homes), for
     :func:`restore_flattened_linears`. All or nothing: after an error the bf16 layers are all in place.
     """
-    layers = quantized_linears(transformer)
+    layers = quantized_linears(transformer, blocks)
     first: dict[str, torch.Tensor] = {}  # the first quantized weight of each shape, to learn its inner tensors
     layouts: dict[tuple[int, ...], list[tuple[tuple[int, ...], torch.dtype]]] = {}
     for name, linear in layers.items():

@@ -256,7 +256,8 @@ class Generator:
                 return
             placement.unplaceable.discard(chosen)  # named again: given another chance
             placement.broken.discard(chosen)
-            candidate = candidate_for(chosen, placement.profile, placement.hardware(), Workload())
+            hardware, reserve = placement.hardware(), self._machine.reserve_bytes
+            candidate = candidate_for(chosen, placement.profile, hardware, Workload(), reserve_bytes=reserve)
             try:
                 placement.use(candidate)
             except BaseException as exc:
@@ -409,13 +410,7 @@ class Generator:
         self._pending += fallbacks
         # Place the weights now, so that a loaded Generator is ready; if that runs out of memory, the first
         # generation's ladder takes over.
-        failure, memory = self._ladder(placement).place_first(first)
-        if failure is not None:
-            release_memory()
-            self._pending.append(Fallback("strategy" if memory else "error", first.name, "", "place", failure))
-            (placement.unplaceable if memory else placement.broken).add(first.strategy)
-            placement.leave()
-            release_memory()
+        self._pending += self._ladder(placement).place_first(first)
         seconds = time.perf_counter() - started
         logger.info("loaded in %.1f s", seconds)
         if self.settings.converted_copy == "auto" and model.source != "converted" and worth_converting(model, dtype):

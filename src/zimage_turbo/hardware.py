@@ -23,7 +23,15 @@ import torch
 
 from .errors import StrategyUnavailableError
 
-__all__ = ["GIB", "GPUInfo", "Hardware", "detect_hardware", "host_peak_rss_bytes", "usable_gpu_bytes"]
+__all__ = [
+    "GIB",
+    "DeviceSpeeds",
+    "GPUInfo",
+    "Hardware",
+    "detect_hardware",
+    "host_peak_rss_bytes",
+    "usable_gpu_bytes",
+]
 
 GIB = 1024**3
 
@@ -33,8 +41,44 @@ NATIVE_BF16_CAPABILITY = (8, 0)
 
 
 @dataclass(frozen=True)
+class DeviceSpeeds:
+    """What a GPU moves and computes per second, as the planner's time model uses it.
+
+    ``h2d_gib_per_s``: copies from pinned host memory to the GPU; ``bf16_tflops`` (and ``fp8_tflops``, None
+    where fp8 matmuls cannot run or were not measured): dense matrix products of 8192x8192 matrices.
+    ``source`` says where the figures come from (``"measured"``, ``"cached"``: measured by an earlier process,
+    ``"given"``: typed in, ``"reference"``: the calibration GPU's). Build by hand for hypothetical cards::
+
+        DeviceSpeeds(h2d_gib_per_s=23.0, bf16_tflops=160.0, name="PCIe 4.0 consumer card", source="given")
+    """
+
+    h2d_gib_per_s: float
+    bf16_tflops: float
+    fp8_tflops: float | None = None
+    name: str = ""
+    source: str = "given"
+
+    def describe(self) -> str:
+        """``"23.0 GiB/s pinned host-to-device, 160 TFLOP/s bf16 (given)"``."""
+        fp8 = f", {self.fp8_tflops:.0f} fp8" if self.fp8_tflops else ""
+        return (
+            f"{self.h2d_gib_per_s:.1f} GiB/s pinned host-to-device, {self.bf16_tflops:.0f} TFLOP/s bf16{fp8} "
+            f"({self.source})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "h2d_gib_per_s": self.h2d_gib_per_s,
+            "bf16_tflops": self.bf16_tflops,
+            "fp8_tflops": self.fp8_tflops,
+            "name": self.name,
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
 class GPUInfo:
-    """One CUDA device as this process sees it."""
+    """One CUDA device as this process sees it; ``speeds`` once measured (see :mod:`zimage_turbo.calibration`)."""
 
     index: int
     name: str
@@ -42,6 +86,7 @@ class GPUInfo:
     free_bytes: int
     compute_capability: tuple[int, int]
     memory_fraction: float = 1.0
+    speeds: DeviceSpeeds | None = None
 
     @property
     def device(self) -> str:
@@ -106,6 +151,7 @@ class Hardware:
                     "compute_capability": list(gpu.compute_capability),
                     "memory_fraction": gpu.memory_fraction,
                     "bf16": gpu.bf16,
+                    "speeds": None if gpu.speeds is None else gpu.speeds.to_dict(),
                 }
                 for gpu in self.gpus
             ],
@@ -126,6 +172,8 @@ class Hardware:
                 f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}, "
                 f"bf16 {'native' if gpu.bf16 else 'not native'}"
             )
+            if gpu.speeds is not None:
+                lines.append(f"  speeds: {gpu.speeds.describe()}")
         if not self.gpus:
             lines.append("Apple MPS device" if self.mps else "no GPU: the CPU will run the model (slow)")
         lines.append(

@@ -1,8 +1,10 @@
 """The retry ladder: the rungs to try for a request, climbing them when memory runs out, and smaller sizes last.
 
 For a request the planner ranks the placements that fit; the strategy in use (or the one asked for) goes
-first while it still fits. When a rung runs out of memory, the next rung worth trying needs less memory in the
-phase that failed; the weights move on the same modules and the phases already finished are kept. A rung
+first while it still fits. When a rung runs out of memory, a smaller variant of its own strategy comes next if it
+offers one (``partial`` with half its resident blocks: :meth:`~zimage_turbo.strategies.LoadStrategy.smaller`),
+else the next rung worth trying, which needs less memory in the phase that failed; the weights move on the same
+modules and the phases already finished are kept. A rung
 that fails on its first use for a reason other than memory is marked broken and the next one takes over.
 With ``allow_downscale`` smaller sizes are tried when nothing fits. Every change is a
 :class:`~zimage_turbo.result.Fallback` in the call's list.
@@ -14,6 +16,7 @@ rung (:func:`~zimage_turbo.tasks.run_task` with the Generator's speed-ups bound)
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -85,9 +88,32 @@ class Ladder:
             raise self._out_of_rungs(request, call.fallbacks)
         return request, attempt
 
-    def place_first(self, rung: Candidate) -> tuple[str | None, bool]:
-        """Apply ``rung`` right after loading; on failure (its message, whether memory ran out), *after* the
-        except block."""
+    def place_first(self, rung: Candidate) -> list[Fallback]:
+        """Apply ``rung`` right after loading. If it runs out of memory, its smaller variants in turn (``partial``
+        with half its resident blocks), as the ladder would; the fallbacks of what failed, each marked unplaceable
+        (out of memory) or broken (another failure that counts against it). After a failure with nothing smaller
+        to try, every weight is back home and the first generation's ladder takes over."""
+        fallbacks: list[Fallback] = []
+        while True:
+            message, memory = self._place(rung)
+            if message is None:
+                return fallbacks
+            release_memory()  # out of the except block: the failed frames are gone
+            smaller = None
+            if memory:
+                smaller = self._smaller(rung, self.plan_for(Workload(vae_tiling=rung.vae_tiling)), "place")
+            after = smaller.name if smaller is not None else ""
+            fallbacks.append(Fallback("strategy" if memory else "error", rung.name, after, "place", message))
+            placement = self.placement
+            (placement.unplaceable if memory else placement.broken).add(rung.strategy)
+            placement.leave()
+            release_memory()
+            if smaller is None:
+                return fallbacks
+            rung = smaller
+
+    def _place(self, rung: Candidate) -> tuple[str | None, bool]:
+        """Apply ``rung``; on failure (its message, whether memory ran out), *after* the except block."""
         message = None
         try:
             self.placement.use(rung)
@@ -129,7 +155,14 @@ class Ladder:
                     first = candidate
                     break
             else:
-                first = candidate_for(keep, placement.profile, ranked.hardware, ranked.workload, steps=ranked.steps)
+                first = candidate_for(
+                    keep,
+                    placement.profile,
+                    ranked.hardware,
+                    ranked.workload,
+                    steps=ranked.steps,
+                    reserve_bytes=ranked.reserve_bytes,
+                )
             if keep is not self.requested and not first.fits:
                 first = None  # the strategy in use no longer fits this request: re-plan
         rungs = [first] if first is not None else []
@@ -148,8 +181,11 @@ class Ladder:
         progress = Progress()
         failed: Candidate | None = None
         failed_phase = ""
-        for rung in self.rungs(ranked):
-            if failed is not None and not _needs_less(rung, failed, failed_phase):
+        rungs = deque(self.rungs(ranked))
+        smaller: Candidate | None = None  # the variant the last failed rung offered (it says it needs less)
+        while rungs:
+            rung = rungs.popleft()
+            if failed is not None and rung is not smaller and not _needs_less(rung, failed, failed_phase):
                 continue
             outcome, failure, memory = self._attempt(call, request, rung, progress)
             if failure is None:
@@ -171,12 +207,30 @@ class Ladder:
                     failure,
                 )
                 continue
-            call.fallbacks.append(Fallback("strategy", rung.name, "", progress.phase, failure))
+            smaller = self._smaller(rung, ranked, progress.phase)
+            call.fallbacks.append(
+                Fallback("strategy", rung.name, smaller.name if smaller else "", progress.phase, failure)
+            )
             if progress.phase == "place":
                 placement.unplaceable.add(rung.strategy)
             logger.warning("%s ran out of memory while %s: %s", rung.name, _doing(progress.phase), failure)
             failed, failed_phase = rung, progress.phase  # the next rung's use() moves the weights
+            if smaller is not None:
+                rungs.appendleft(smaller)  # the same strategy keeping less on the GPU, before any other
         return None
+
+    def _smaller(self, rung: Candidate, ranked: Plan, phase: str) -> Candidate | None:
+        """The rung's strategy in a variant that needs less memory in ``phase`` (``partial`` with half its
+        resident blocks), estimated for the same workload, unless this Generator has ruled it out already."""
+        strategy = rung.strategy.smaller(phase)
+        placement = self.placement
+        if strategy is None or strategy in placement.unplaceable | placement.broken:
+            return None
+        work = replace(ranked.workload, vae_tiling=rung.vae_tiling)
+        hardware = ranked.hardware
+        return candidate_for(
+            strategy, placement.profile, hardware, work, steps=ranked.steps, reserve_bytes=ranked.reserve_bytes
+        )
 
     def _attempt(
         self, call: Call, request: GenerationRequest, rung: Candidate, progress: Progress

@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from .calibration import speeds_file, with_speeds
 from .errors import InvalidRequestError, InvalidSettingsError
 from .hardware import GIB, Hardware, detect_hardware
 from .loader import resolve_dtype
@@ -21,7 +22,7 @@ from .quantize import quantization_for, quantization_unavailable
 from .request import GenerationRequest
 from .settings import ZImageSettings
 from .speedups.attention import attention_available
-from .strategies import FullGPU, Hybrid, LoadStrategy, StreamedOffload
+from .strategies import FullGPU, Hybrid, LoadStrategy, PartialOffload, StreamedOffload
 
 __all__ = ["Machine", "parse_device"]
 
@@ -47,11 +48,20 @@ class Machine:
     def detect(self) -> Hardware:
         budget = self.settings.vram_budget_gib
         hardware = detect_hardware(vram_budget_bytes=None if budget is None else int(budget * GIB))
-        self.hardware = hardware if self.device is None else hardware.restricted_to(self.device)
-        return self.hardware
+        if self.device is not None:
+            hardware = hardware.restricted_to(self.device)
+        if self.settings.calibrate:  # measured once per GPU model (cached); only this Generator's GPUs
+            hardware = with_speeds(hardware, path=speeds_file(self.settings.cache_dir))
+        self.hardware = hardware
+        return hardware
 
     def seen(self) -> Hardware | None:
         return self.hardware
+
+    @property
+    def reserve_bytes(self) -> int:
+        """GPU memory the plans keep free on each card (the ``vram_reserve_gib`` setting)."""
+        return int(self.settings.vram_reserve_gib * GIB)
 
     def first_device(self, hardware: Hardware) -> torch.device:
         """Where the model computes unless a strategy says otherwise: the GPU with the most free memory."""
@@ -99,8 +109,9 @@ class Machine:
         self.quantize, self.prefer_lossless = kind, setting == "auto"
 
     def quantized_variant(self, strategy: LoadStrategy | None, *, by_name: bool) -> LoadStrategy | None:
-        """With an explicit ``quantization``, ``strategy="full_gpu"`` (``"hybrid"``, ``"streamed"``) by name means
-        its quantized variant; instances, and every strategy under ``"auto"`` or ``"none"``, stay as they are."""
+        """With an explicit ``quantization``, ``strategy="full_gpu"`` (``"hybrid"``, ``"partial"``, ``"streamed"``)
+        by name means its quantized variant; instances, and every strategy under ``"auto"`` or ``"none"``, stay as
+        they are."""
         kind = self.quantize
         if kind is None or self.prefer_lossless or not by_name:
             return strategy
@@ -108,6 +119,9 @@ class Machine:
             return FullGPU(device=strategy.device, quantize=kind)
         if isinstance(strategy, (Hybrid, StreamedOffload)) and strategy.quantize is None:
             return type(strategy)(device=strategy.device, record_stream=strategy.record_stream, quantize=kind)
+        if isinstance(strategy, PartialOffload) and strategy.quantize is None:
+            counts = (strategy.transformer_blocks, strategy.text_encoder_blocks)
+            return PartialOffload(strategy.device, strategy.record_stream, kind, *counts)
         return strategy
 
     def plan(self, profile: ModelProfile, work: GenerationRequest | Workload, held: dict[int, int]) -> Plan:
@@ -119,7 +133,7 @@ class Machine:
         """The requested strategy, or what 'auto' picks for a 1024x1024 image: the best fit, else the
         candidate needing the least memory."""
         if requested is not None:
-            return candidate_for(requested, profile, hardware, Workload())
+            return candidate_for(requested, profile, hardware, Workload(), reserve_bytes=self.reserve_bytes)
         ranked = self._ranked(profile, hardware, Workload())
         return ranked.best or ranked.candidates[0]
 

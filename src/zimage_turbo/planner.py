@@ -9,6 +9,10 @@ Every strategy is estimated for the workload (peak GPU memory per card, host mem
 memory minus a reserve, ranked by predicted time; with two or more GPUs, those that offload nothing to the host
 (``full_gpu``, ``multi_gpu``) rank above every offloading one. Each that does not fit says why. VAE tiling is
 offered as a variant of each strategy: it lowers the decode peak a lot at large sizes, for a little time.
+Strategies with sizes of their own to decide (``partial``: how many blocks stay resident) are sized for the
+workload and the card first (:meth:`~zimage_turbo.strategies.LoadStrategy.sized`). Times are predicted with the
+speeds of the GPU that single-GPU placements use, when they were measured (:mod:`zimage_turbo.calibration`),
+else with the calibration GPU's; the plan's footnote says which.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .hardware import GIB, Hardware
+from .hardware import GIB, DeviceSpeeds, Hardware
 from .model import VAE_TILE_PIXELS
-from .profile import ModelProfile, Workload
+from .profile import ModelProfile, Workload, load_calibration
 from .request import DEFAULT_STEPS, SIDE_MULTIPLE, GenerationRequest
 from .strategies import (
     CPUOnly,
@@ -31,12 +35,14 @@ from .strategies import (
     ModelCPUOffload,
     MultiGPUDispatch,
     MultiGPUHybrid,
+    PartialOffload,
     SequentialOffload,
     StreamedOffload,
 )
 from .strategies.base import ALLOCATOR_MARGIN, MemoryEstimate
+from .strategies.resident import CPU_TFLOP_PER_S
 
-__all__ = ["Candidate", "Plan", "candidate_for", "plan", "smaller_workloads"]
+__all__ = ["Candidate", "Plan", "candidate_for", "plan", "planning_speeds", "smaller_workloads"]
 
 # Host RAM to leave for the rest of the process and the system.
 HOST_RESERVE_BYTES = 2 * GIB
@@ -94,7 +100,7 @@ class Plan:
             "Hardware: " + self.hardware.describe().replace("\n", "; "),
             f"Reserve: {self.reserve_bytes / GIB:.1f} GiB per GPU, {ALLOCATOR_MARGIN:.0%} allocator margin",
             "",
-            f"{'':2}{'strategy':28}{'GPU peak':>22}{'host RAM':>11}{'s/image*':>10}  verdict",
+            f"{'':2}{'strategy':30}{'GPU peak':>22}{'host RAM':>11}{'s/image*':>10}  verdict",
         ]
         for candidate in self.candidates:
             peaks = ", ".join(
@@ -104,13 +110,30 @@ class Plan:
             mark = "->" if candidate is self.best else "  "
             verdict = "fits" if candidate.fits else candidate.reason
             lines.append(
-                f"{mark}{candidate.name:28}{peaks or '-':>22}{candidate.estimate.host_bytes / GIB:>10.1f}G"
+                f"{mark}{candidate.name:30}{peaks or '-':>22}{candidate.estimate.host_bytes / GIB:>10.1f}G"
                 f"{candidate.seconds:>10.2f}  {verdict}"
             )
         lines.append("")
-        lines.append("* predicted on the calibration GPU (an H200); slower GPUs scale the compute part.")
+        lines.append(self.footnote)
         lines.extend(self.notes)
         return "\n".join(lines)
+
+    @property
+    def footnote(self) -> str:
+        """What the predicted seconds assume: whose speeds the time model ran with."""
+        hardware = self.hardware
+        if not hardware.gpus:
+            if hardware.mps:
+                return "* predicted with the calibration GPU's speeds (an H200's): Apple GPUs are not measured."
+            return f"* predicted for this CPU from a rough {CPU_TFLOP_PER_S:g} TFLOP/s: expect minutes per image."
+        gpu = max(hardware.gpus, key=lambda g: g.free_bytes)
+        if gpu.speeds is None:
+            reference = load_calibration().speeds
+            return (
+                f"* predicted with the calibration GPU's speeds ({reference.name}: {reference.describe()}); "
+                f"{gpu.device}'s were not measured."
+            )
+        return f"* predicted with the speeds of {gpu.device} ({gpu.speeds.name or gpu.name}: {gpu.speeds.describe()})."
 
     def __str__(self) -> str:
         return self.describe()
@@ -142,6 +165,7 @@ class Plan:
                 for c in self.candidates
             ],
             "best": self.best.name if self.best is not None else None,
+            "footnote": self.footnote,
             "notes": list(self.notes),
         }
 
@@ -177,7 +201,7 @@ class Plan:
         body = "".join(
             "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in self._rows()
         )
-        paragraphs = "".join(f"<p>{html.escape(line)}</p>" for line in (*self._summary(), _FOOTNOTE, *self.notes))
+        paragraphs = "".join(f"<p>{html.escape(line)}</p>" for line in (*self._summary(), self.footnote, *self.notes))
         return f"<div>{paragraphs}<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table></div>"
 
     def _repr_markdown_(self) -> str:
@@ -185,12 +209,11 @@ class Plan:
         lines = [_markdown_text(line) + "  " for line in self._summary()]
         lines += ["", "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
         lines += ["| " + " | ".join(_markdown_text(cell) for cell in row) + " |" for row in self._rows()]
-        lines += ["", _markdown_text(_FOOTNOTE), *(_markdown_text(note) for note in self.notes)]
+        lines += ["", _markdown_text(self.footnote), *(_markdown_text(note) for note in self.notes)]
         return "\n".join(lines)
 
 
 _COLUMNS = ("", "strategy", "GPU peak", "host RAM", "s/image*", "verdict")
-_FOOTNOTE = "* predicted on the calibration GPU (an H200); slower GPUs scale the compute part."
 # Characters that mean something in Markdown (a backslash before each makes it literal), and those that would
 # start inline HTML or an entity (written as entities).
 _MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|~")
@@ -215,9 +238,14 @@ def _strategies(hardware: Hardware, reserve_gib: float, work: Workload, quantize
         if len(hardware.gpus) > 1:
             strategies.append(MultiGPUDispatch(reserve_gib=reserve_gib, workload=work))
             strategies.append(MultiGPUHybrid(reserve_gib=reserve_gib, workload=work))
-        strategies += [Hybrid(), ModelCPUOffload(), StreamedOffload(), SequentialOffload()]
+        strategies += [Hybrid(), PartialOffload(), ModelCPUOffload(), StreamedOffload(), SequentialOffload()]
         if quantize is not None:
-            strategies += [FullGPU(quantize=quantize), Hybrid(quantize=quantize), StreamedOffload(quantize=quantize)]
+            strategies += [
+                FullGPU(quantize=quantize),
+                Hybrid(quantize=quantize),
+                PartialOffload(quantize=quantize),
+                StreamedOffload(quantize=quantize),
+            ]
         return strategies
     if hardware.mps:
         return [FullGPU(), CPUOnly()]
@@ -233,11 +261,23 @@ def candidate_for(
     steps: int = DEFAULT_STEPS,
     reserve_bytes: int = 0,
 ) -> Candidate:
-    """Estimate one strategy for one workload and say whether it fits."""
-    estimate = strategy.estimate(profile, hardware, work)
-    seconds = strategy.predict_seconds(profile, work, steps)
+    """Estimate one strategy for one workload and say whether it fits. Sizes the strategy leaves open are decided
+    first (:meth:`~zimage_turbo.strategies.LoadStrategy.sized`): the candidate holds the sized strategy. Times
+    are for the speeds of the hardware's GPU (:func:`planning_speeds`) when known."""
+    timed = profile.on(planning_speeds(hardware))
+    strategy = strategy.sized(timed, hardware, work, reserve_bytes)
+    estimate = strategy.estimate(timed, hardware, work)
+    seconds = strategy.predict_seconds(timed, work, steps)
     reason = _why_not(estimate, hardware, reserve_bytes)
     return Candidate(strategy, work.vae_tiling, estimate, seconds, fits=not reason, reason=reason)
+
+
+def planning_speeds(hardware: Hardware) -> DeviceSpeeds | None:
+    """The measured speeds of the GPU that single-GPU placements use (the one with the most free memory), if
+    any."""
+    if not hardware.gpus:
+        return None
+    return max(hardware.gpus, key=lambda g: g.free_bytes).speeds
 
 
 def _why_not(estimate: MemoryEstimate, hardware: Hardware, reserve_bytes: int) -> str:
@@ -296,7 +336,7 @@ def plan(
     fitting = sorted(
         (c for c in candidates if c.fits),
         key=lambda c: (
-            _quality_tier(c.strategy, prefer_lossless) if tiered else 0,
+            _quality_tier(c.strategy, prefer_lossless, profile) if tiered else 0,
             resident_first and c.strategy.offloads,
             c.seconds,
         ),
@@ -306,13 +346,16 @@ def plan(
     return Plan(work, hardware, steps, tuple(fitting + rest), reserve, notes)
 
 
-def _quality_tier(strategy: LoadStrategy, prefer_lossless: bool) -> int:
+def _quality_tier(strategy: LoadStrategy, prefer_lossless: bool, profile: ModelProfile) -> int:
     """0 ranks first. Quantized placements change the image, so by default they come only after every lossless
     one that keeps the transformer on the GPUs (where they would buy speed, not fit)."""
     if strategy.quantize is not None:
         return 1 if prefer_lossless else 0
     if not prefer_lossless:
         return 1
+    if isinstance(strategy, PartialOffload):
+        whole = (strategy.transformer_blocks or 0) >= len(profile.transformer.block_bytes)
+        return 0 if whole else 2
     return 0 if isinstance(strategy, (FullGPU, MultiGPUDispatch, Hybrid)) else 2
 
 

@@ -15,7 +15,8 @@ drives each phase, scaled by the architecture so that one calibration serves eve
   512x512 tile plus the assembled image.
 
 The ``k`` constants were measured on a GPU with the full-size checkpoint (``benchmarks/calibrate.py``); the
-measurements and the fit live in ``calibration.json`` beside this file.
+measurements and the fit live in ``calibration.json`` beside this file. The time constants are that GPU's (an
+H200); :meth:`ModelProfile.on` rescales them to another GPU's measured speeds (:mod:`zimage_turbo.calibration`).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from .hardware import DeviceSpeeds
 from .layout import PipelineLayout
 from .model import CAPTION_TOKENS, MAX_SEQUENCE_LENGTH, PRESETS, VAE_TILE_PIXELS
 from .quiet_imports import quiet_imports
@@ -47,6 +49,9 @@ __all__ = [
     "read_safetensors_shapes",
 ]
 
+# The calibration GPU's bf16 matmul rate, measured as zimage_turbo.calibration measures every GPU (8192x8192
+# products, the median of ten): 750-782 TFLOP/s in the probes of benchmarks/results/*h200*.json.
+CALIBRATION_BF16_TFLOPS = 770.0
 # The text encoder sees at most this many tokens, chat template included: diffusers pads every prompt to it and
 # cuts longer ones silently.
 _WEIGHTED = ("transformer", "text_encoder", "vae")
@@ -138,6 +143,32 @@ class Calibration:
     vae_tiling_slowdown: float = 2.0
     source: str = "built-in estimate"
     raw: Mapping[str, Any] = field(default_factory=dict)
+    bf16_tflops: float = CALIBRATION_BF16_TFLOPS  # the matmul rate of the GPU the seconds are for
+    gpu: str = "NVIDIA H200"
+    speeds_source: str = "reference"  # where the speeds behind the time constants come from (DeviceSpeeds.source)
+
+    @property
+    def speeds(self) -> DeviceSpeeds:
+        """The speeds of the GPU these time constants are for (the calibration GPU's until :meth:`on`)."""
+        return DeviceSpeeds(self.pinned_gib_per_s, self.bf16_tflops, name=self.gpu, source=self.speeds_source)
+
+    def on(self, speeds: DeviceSpeeds) -> Calibration:
+        """These time constants for a GPU with ``speeds``: pinned copies at its bandwidth, every compute time
+        scaled by the ratio of the bf16 matmul rates (but the fixed cost of a pass, which is kernel launches).
+
+        An approximation: eagerly, about 40% of a transformer pass is matmul and the rest elementwise work bound
+        by memory bandwidth, which GPUs mostly have in proportion. Applying it twice changes nothing more."""
+        scale = self.bf16_tflops / speeds.bf16_tflops
+        return replace(
+            self,
+            transformer_pass_s_per_tflop=self.transformer_pass_s_per_tflop * scale,
+            text_encoder_s=self.text_encoder_s * scale,
+            vae_s_per_megapixel=self.vae_s_per_megapixel * scale,
+            pinned_gib_per_s=speeds.h2d_gib_per_s,
+            bf16_tflops=speeds.bf16_tflops,
+            gpu=speeds.name or "this GPU",
+            speeds_source=speeds.source,
+        )
 
 
 @cache
@@ -158,6 +189,7 @@ def load_calibration() -> Calibration:
         pinned_gib_per_s=fit["pinned_gib_per_s"],
         source=data.get("source", "calibration.json"),
         raw=data,
+        gpu=data.get("gpu", "NVIDIA H200"),
     )
 
 
@@ -239,6 +271,10 @@ class ModelProfile:
     def transfer_seconds(self, nbytes: float) -> float:
         """Seconds to copy ``nbytes`` from pinned host memory to the GPU."""
         return nbytes / (self.calibration.pinned_gib_per_s * 2**30)
+
+    def on(self, speeds: DeviceSpeeds | None) -> ModelProfile:
+        """This profile with its time model for a GPU of ``speeds`` (itself for None): see :meth:`Calibration.on`."""
+        return self if speeds is None else replace(self, calibration=self.calibration.on(speeds))
 
     # -- construction -------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ never chosen unless the settings allow it. Resident strategies swap quantized co
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
 import torch
@@ -66,8 +66,12 @@ def quantization_unavailable(kind: str, device: torch.device) -> str:
     return ""
 
 
-def quantized_linears(transformer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The linear layers that quantization replaces, by module name."""
+def quantized_linears(
+    transformer: torch.nn.Module, blocks: Collection[str] | None = None
+) -> dict[str, torch.nn.Linear]:
+    """The linear layers that quantization replaces, by module name; with ``blocks`` (block names such as
+    ``"layers.3"``), only those inside these blocks."""
+    inside = None if blocks is None else tuple(f"{block}." for block in blocks)
     return {
         name: module
         for name, module in transformer.named_modules()
@@ -76,19 +80,30 @@ def quantized_linears(transformer: torch.nn.Module) -> dict[str, torch.nn.Linear
         and name.endswith(_QUANTIZED_SUFFIXES)
         and module.in_features % 16 == 0
         and module.out_features % 16 == 0
+        and (inside is None or name.startswith(inside))
     }
 
 
 def quantize_linears(
-    transformer: torch.nn.Module, kind: QuantizationName, device: torch.device
+    transformer: torch.nn.Module,
+    kind: QuantizationName,
+    device: torch.device,
+    blocks: Collection[str] | None = None,
 ) -> dict[str, torch.nn.Parameter]:
-    """Give each quantized linear a quantized copy of its weight on ``device``, one layer at a time (so that a
-    card too small for the bf16 weights can still hold the quantized ones). Returns the original weights by
-    module name: they stay where they were (their host homes), and :func:`restore_linears` puts them back."""
+    """Give each quantized linear (of ``blocks`` only, when given) a quantized copy of its weight on ``device``,
+    one layer at a time (so that a card too small for the bf16 weights can still hold the quantized ones).
+    Returns the original weights by module name: they stay where they were (their host homes), and
+    :func:`restore_linears` puts them back. All or nothing: after an error (the card is full) every layer has its
+    original weight again, so that no quantized copy is left that nothing knows about."""
     originals: dict[str, torch.nn.Parameter] = {}
-    for name, linear in quantized_linears(transformer).items():
-        originals[name] = linear.weight  # type: ignore[assignment]
-        linear.weight = quantized_weight(linear.weight, kind, device)
+    try:
+        for name, linear in quantized_linears(transformer, blocks).items():
+            quantized = quantized_weight(linear.weight, kind, device)
+            originals[name] = linear.weight  # type: ignore[assignment]
+            linear.weight = quantized
+    except BaseException:
+        restore_linears(transformer, originals)
+        raise
     return originals
 
 

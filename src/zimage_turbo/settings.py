@@ -10,6 +10,7 @@ without one), never at import time, so importing the library never reads a stray
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -29,6 +30,7 @@ __all__ = [
     "SourceName",
     "StrategyName",
     "ZImageSettings",
+    "library_cache_dir",
     "settings_and_options",
 ]
 
@@ -44,6 +46,7 @@ StrategyName = Literal[
     "multi_gpu",
     "multi_gpu_hybrid",
     "hybrid",
+    "partial",
     "model_offload",
     "streamed",
     "sequential_offload",
@@ -134,6 +137,12 @@ class ZImageSettings(BaseSettings):
         "'auto' compiles once the work seen (or queued in one call) makes it a net win including compile "
         "time; 'on' at once; 'off' never.",
     )
+    calibrate: bool = Field(
+        True,
+        description="Measure each GPU's pinned host-to-device bandwidth and matmul rates the first time it is used "
+        "(about a second; kept per GPU model, driver and PyTorch version in <cache_dir>/device-speeds.json, or "
+        "~/.cache/zimage-turbo/) and plan with them. False: plan with the H200's figures.",
+    )
     quantization: QuantizationSetting = Field(
         "none",
         description="Quantize the transformer's large linear layers with torchao (changes the image a little). "
@@ -202,6 +211,15 @@ class ZImageSettings(BaseSettings):
         Environment variables do not leak into the copy: every field comes from this object or ``changes``.
         """
         return type(self)(**{**self.model_dump(), **changes})
+
+
+def library_cache_dir(cache_root: Path | None) -> Path:
+    """Where the library keeps what it measured and compiled: ``cache_root`` (the ``cache_dir`` setting) when
+    given, else ``$XDG_CACHE_HOME/zimage-turbo`` (``~/.cache/zimage-turbo`` by default)."""
+    if cache_root is not None:
+        return cache_root
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "zimage-turbo"
 
 
 DTYPE_NAMES: tuple[str, ...] = tuple(name for name in get_args(DtypeName) if name != "auto")

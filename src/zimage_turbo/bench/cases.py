@@ -20,12 +20,14 @@ from typing import Any, Literal
 __all__ = [
     "BUDGETS",
     "DIFFUSERS_MODES",
+    "OPTIONAL_MODES",
     "OUR_STRATEGIES",
     "SWEEP_BUDGETS",
     "SWEEP_SIZES",
     "Case",
     "budget_label",
     "decide",
+    "forced_case",
     "summarize",
 ]
 
@@ -35,9 +37,11 @@ Kind = Literal["ours", "diffusers", "sweep"]
 # None = the whole card.
 BUDGETS: tuple[float | None, ...] = (None, 24, 16, 12, 8, 6, 4)
 # Our named strategies, measured where the planner predicts they fit (multi_gpu only with two or more GPUs).
-OUR_STRATEGIES = ("full_gpu", "multi_gpu", "hybrid", "model_offload", "streamed", "sequential_offload")
+OUR_STRATEGIES = ("full_gpu", "multi_gpu", "hybrid", "partial", "model_offload", "streamed", "sequential_offload")
 # What people write by hand with plain diffusers (see worker.py for the exact calls).
 DIFFUSERS_MODES = ("to_cuda", "model_cpu_offload", "sequential_cpu_offload", "group_offload")
+# Measured only when asked for (--diffusers-modes): another library, skipped where it is not installed.
+OPTIONAL_MODES = ("mmgp",)
 SWEEP_SIZES: tuple[tuple[int, int], ...] = (
     (512, 512),
     (768, 768),
@@ -52,6 +56,10 @@ SWEEP_BUDGETS: tuple[float | None, ...] = (None, 12)
 TARGET_16_GIB_S = 2.0
 TARGET_4_GIB_S = 3.5
 TARGET_HOST_RSS_RATIO = 1.3
+# Targets of the mid-size cards issue (partial residency), each checked when the run has its rows: auto at these
+# budgets; forced partial with compile at 12 GiB and with fp8 at 8 GiB.
+TARGET_AUTO_S = {12.0: 1.5, 8.0: 1.7, 6.0: 1.9}
+TARGET_FORCED_S = {"ours:partial!compile=on@12": 1.2, "ours:partial!quantization=fp8,compile=on@8": 1.2}
 
 
 def budget_label(budget: float | None) -> str:
@@ -167,6 +175,7 @@ def summarize(rows: Sequence[Row], weights_gib: float, budgets: Sequence[float |
                 "met": value is not None and value <= limit,
             }
         )
+    targets += _partial_targets(rows)
     beaten = [e for e in per_budget if e.get("auto_at_least_as_fast") is False]
     measured_budgets = [e for e in per_budget if e["auto"]]
     targets.append(
@@ -192,6 +201,63 @@ def summarize(rows: Sequence[Row], weights_gib: float, budgets: Sequence[float |
         }
     )
     return {"per_budget": per_budget, "targets": targets}
+
+
+def _partial_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """The mid-size cards issue's targets that this run has rows for."""
+
+    def seconds(key: str) -> float | None:
+        row = _find(rows, key)
+        return row.get("s_per_image") if row is not None and row.get("status") == "ok" else None
+
+    limits: list[tuple[str, str, float]] = []  # (what, row key, seconds)
+    for budget, limit in TARGET_AUTO_S.items():
+        limits.append((f"auto at {budget:g} GiB", Case("ours", "auto", budget).key, limit))
+    for key, limit in TARGET_FORCED_S.items():
+        limits.append((key.split(":", 1)[1].replace("!", " with ").replace("@", " at ") + " GiB", key, limit))
+    targets: list[dict[str, Any]] = []
+    for what, key, limit in limits:
+        if _find(rows, key) is not None:
+            value = seconds(key)
+            met = value is not None and value <= limit
+            targets.append({"target": f"{what} <= {limit} s/image", "measured": value, "met": met})
+    auto, streamed = seconds(Case("ours", "auto", 4).key), seconds(Case("ours", "streamed", 4).key)
+    if auto is not None and streamed is not None:
+        targets.append(
+            {
+                "target": "auto at 4 GiB no slower than streamed",
+                "measured": f"{auto:.2f} vs {streamed:.2f}",
+                "met": auto <= streamed * 1.02,  # within the noise of two runs
+            }
+        )
+    compared = []  # (partial's host peak, streamed's, partial's key) at each budget that has both
+    for row in rows:
+        if row.get("kind") != "ours" or row.get("mode") != "partial" or row.get("status") != "ok":
+            continue
+        theirs = _find(rows, Case("ours", "streamed", row["budget_gib"]).key)
+        if theirs is not None and theirs.get("status") == "ok":
+            compared.append((row.get("host_peak_rss_gib", 0.0), theirs.get("host_peak_rss_gib", 0.0), row["key"]))
+    if compared:
+        ours, streamed_rss, key = max(compared, key=lambda entry: entry[0] - entry[1])
+        targets.append(
+            {
+                "target": "host RAM peak of partial no more than streamed's",
+                "measured": f"{ours:.1f} vs {streamed_rss:.1f} GiB ({key})",
+                "met": ours <= streamed_rss * 1.02,
+            }
+        )
+    return targets
+
+
+def forced_case(spec: str) -> tuple[Case, dict[str, Any]]:
+    """``STRATEGY@BUDGET`` or ``STRATEGY@BUDGET:setting=value,...`` (``--forced``): the case, and what its worker
+    gets besides (the strategy to force, the settings). The mode says it is forced, and with which settings:
+    ``partial@12:compile=on`` is ``ours:partial!compile=on@12``."""
+    name, _, rest = spec.partition("@")
+    cap, _, settings = rest.partition(":")
+    budget = None if cap in ("", "none", "unlimited") else float(cap)
+    options = dict(item.split("=", 1) for item in settings.split(",") if "=" in item)
+    return Case("ours", f"{name}!{settings}", budget), {"mode": name, "options": options}
 
 
 def fitting_strategies(plans: Mapping[str, Sequence[Mapping[str, Any]]], budget: float | None) -> list[str]:

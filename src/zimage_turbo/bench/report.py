@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .cases import DIFFUSERS_MODES, OUR_STRATEGIES, budget_label
+from .cases import DIFFUSERS_MODES, OPTIONAL_MODES, OUR_STRATEGIES, budget_label
 
 __all__ = ["BEGIN", "END", "markdown", "write_markdown", "write_plot"]
 
@@ -20,6 +20,7 @@ _LABELS = {
     "model_cpu_offload": "diffusers `enable_model_cpu_offload()`",
     "sequential_cpu_offload": "diffusers `enable_sequential_cpu_offload()`",
     "group_offload": "diffusers block-level group offload, streams",
+    "mmgp": "mmgp `HighRAM_LowVRAM` profile",
 }
 
 
@@ -27,8 +28,9 @@ def _label(row: dict[str, Any]) -> str:
     if row["kind"] == "diffusers":
         return _LABELS.get(str(row["mode"]), str(row["mode"]))
     mode = str(row["mode"])
-    if mode.endswith("!"):
-        return f"ours, `{mode[:-1]}` forced"
+    if "!" in mode:
+        name, _, settings = mode.partition("!")
+        return f"ours, `{name}` forced" + (f" ({settings.replace(',', ', ')})" if settings else "")
     return "ours `auto`" if mode == "auto" else f"ours `{mode}`"
 
 
@@ -52,13 +54,14 @@ def _speedup(entry: dict[str, Any]) -> str:
 
 def _case_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Budget cases in reading order: largest budget first, ours before diffusers, forced cases last."""
-    order = ["auto", *OUR_STRATEGIES, *DIFFUSERS_MODES]
+    order = ["auto", *OUR_STRATEGIES, *DIFFUSERS_MODES, *OPTIONAL_MODES]
 
     def key(row: dict[str, Any]) -> tuple[bool, float, int, int]:
         mode = str(row["mode"])
         budget = row["budget_gib"]
-        rank = order.index(mode.rstrip("!")) if mode.rstrip("!") in order else len(order)
-        return (mode.endswith("!"), -(budget if budget is not None else 1e9), row["kind"] != "ours", rank)
+        name = mode.partition("!")[0]
+        rank = order.index(name) if name in order else len(order)
+        return ("!" in mode, -(budget if budget is not None else 1e9), row["kind"] != "ours", rank)
 
     return sorted((row for row in report["cases"] if row.get("kind") in ("ours", "diffusers")), key=key)
 
@@ -257,12 +260,13 @@ def write_plot(report: dict[str, Any], target: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     # Forced cases ("full_gpu!") test the ladder; they are in the tables, not on the budget axis.
-    rows = [row for row in _case_rows(report) if not str(row["mode"]).endswith("!")]
+    rows = [row for row in _case_rows(report) if "!" not in str(row["mode"])]
     budgets = sorted({row["budget_gib"] for row in rows}, key=lambda b: -(b if b is not None else 1e9))
     labels = [budget_label(b) for b in budgets]
     positions = {b: i for i, b in enumerate(budgets)}
     fig, (speed, memory, sweep) = plt.subplots(1, 3, figsize=(17, 5))
-    series = [("ours", "auto")] + [("ours", s) for s in OUR_STRATEGIES] + [("diffusers", m) for m in DIFFUSERS_MODES]
+    theirs = [("diffusers", mode) for mode in (*DIFFUSERS_MODES, *OPTIONAL_MODES)]
+    series = [("ours", "auto")] + [("ours", s) for s in OUR_STRATEGIES] + theirs
     top = max((row.get("s_per_image") or 0 for row in rows), default=1.0) * 1.6 or 1.0
     for kind, mode in series:
         mine = [row for row in rows if row["kind"] == kind and row["mode"] == mode]

@@ -26,6 +26,7 @@ from typing import Any
 from .cases import (
     BUDGETS,
     DIFFUSERS_MODES,
+    OPTIONAL_MODES,
     OUR_STRATEGIES,
     SWEEP_BUDGETS,
     SWEEP_SIZES,
@@ -33,6 +34,7 @@ from .cases import (
     budget_label,
     decide,
     fitting_strategies,
+    forced_case,
     summarize,
 )
 from .worker import PROMPT, Spec
@@ -52,11 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--docs", type=Path, default=None, help="markdown file whose generated section to rewrite")
     parser.add_argument("--budgets", nargs="+", default=[budget_label(b) for b in BUDGETS], help="GiB, or 'unlimited'")
     parser.add_argument("--strategies", nargs="*", default=list(OUR_STRATEGIES), help="our named strategies to measure")
-    parser.add_argument("--diffusers-modes", nargs="*", default=list(DIFFUSERS_MODES), choices=DIFFUSERS_MODES)
+    parser.add_argument(
+        "--diffusers-modes", nargs="*", default=list(DIFFUSERS_MODES), choices=(*DIFFUSERS_MODES, *OPTIONAL_MODES)
+    )
     parser.add_argument("--sweep-budgets", nargs="*", default=[budget_label(b) for b in SWEEP_BUDGETS])
     parser.add_argument("--sweep-sizes", nargs="*", default=[f"{w}x{h}" for w, h in SWEEP_SIZES])
     parser.add_argument(
-        "--forced", nargs="*", default=[], help="STRATEGY@BUDGET cases run even if not predicted to fit"
+        "--forced",
+        nargs="*",
+        default=[],
+        help="STRATEGY@BUDGET cases run even if not predicted to fit; STRATEGY@BUDGET:compile=on,quantization=fp8 "
+        "with settings of their own",
     )
     parser.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT of the budget cases")
     parser.add_argument("--steps", type=int, default=8, help="transformer passes, the same on both sides")
@@ -111,10 +119,7 @@ def run(args: argparse.Namespace) -> bool:
             if name in args.strategies:
                 pending.append((Case("ours", name, budget), {}))
         pending += [(Case("diffusers", mode, budget), {}) for mode in args.diffusers_modes]
-    for spec in args.forced:
-        name, _, cap = spec.partition("@")
-        budget = None if cap in ("", "none", "unlimited") else float(cap)
-        pending.append((Case("ours", f"{name}!", budget), {"mode": name}))  # "!": forced, the key says so
+    pending += [forced_case(spec) for spec in args.forced]
     sweep_sizes = [[int(v) for v in size.lower().split("x")] for size in args.sweep_sizes]
     for budget in _budgets(args.sweep_budgets, args.device):
         pending.append((Case("sweep", "auto", budget), {"sweep_sizes": sweep_sizes, "mode": "auto"}))

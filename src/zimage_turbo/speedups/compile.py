@@ -23,7 +23,7 @@ import torch
 
 from ..failures import guard_compiled
 from ..flat_quantized import compilable_flat_linears, compile_flat_linears, uncompile_flat_linears
-from ..settings import CompileMode
+from ..settings import CompileMode, library_cache_dir
 
 __all__ = [
     "COMPILE_OPTIONS",
@@ -45,6 +45,7 @@ __all__ = [
     "compile_unavailable",
     "compiled_parts",
     "runs_unhooked_on",
+    "uncompile_hooked",
     "uncompile_part",
     "use_compile_cache",
 ]
@@ -95,6 +96,9 @@ class CompilePart:
     #: compiled inside the strategy's hooks (its modules' own arithmetic, no weight moves in the graph): any
     #: strategy that has these modules may compile them. Such a part switches its modules itself.
     inside_hooks: bool = False
+    #: every module the part may have compiled, when ``find`` picks some of them (the blocks that stay resident
+    #: under ``partial``): those that a later placement hooks must go back to eager
+    every: Callable[[Any], list[torch.nn.Module]] | None = None
 
     def modules(self, pipe: Any) -> list[torch.nn.Module]:
         return self.find(pipe)
@@ -125,13 +129,28 @@ def _repeated_blocks(pipe: Any) -> list[torch.nn.Module]:
     return [module for module in transformer.modules() if type(module).__name__ in names]
 
 
+def _unhooked_blocks(pipe: Any) -> list[torch.nn.Module]:
+    """The repeated blocks that no offloading hook moves: all of them under ``full_gpu`` and ``hybrid``, the
+    resident ones under ``partial``, none under ``streamed``."""
+    return [block for block in _repeated_blocks(pipe) if not _hooked(block)]
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether an offloading hook (accelerate's or diffusers') sits on ``module`` or inside it."""
+    for part in module.modules():
+        registry = getattr(part, "_diffusers_hook", None)
+        if hasattr(part, "_hf_hook") or (registry is not None and getattr(registry, "hooks", None)):
+            return True
+    return False
+
+
 def _flat_fp8_linears(pipe: Any) -> list[torch.nn.Module]:
     return list(compilable_flat_linears(pipe.transformer))
 
 
 COMPILE_PARTS: tuple[CompilePart, ...] = (
-    # The transformer's 34 repeated blocks, one graph for all (regional compile).
-    CompilePart("blocks", "denoise", COMPILE_SAVING, DEFAULT_COMPILE_SECONDS, _repeated_blocks),
+    # The transformer's 34 repeated blocks, one graph for all (regional compile); under `partial` the resident ones.
+    CompilePart("blocks", "denoise", COMPILE_SAVING, DEFAULT_COMPILE_SECONDS, _unhooked_blocks, every=_repeated_blocks),
     # The text encoder as a whole (transformers captures the hidden states with hooks that only a whole-model
     # compile traces). Eager, its 36 layers at 512 tokens are bound by Python, not by the GPU.
     CompilePart(
@@ -173,11 +192,7 @@ def runs_unhooked_on(modules: list[torch.nn.Module], device: torch.device) -> bo
     """Whether ``modules`` run where they are, on ``device``, with no offloading hooks (accelerate's or
     diffusers') that move weights in their forward: a compiled graph must not contain those moves."""
     for module in modules:
-        for part in module.modules():
-            registry = getattr(part, "_diffusers_hook", None)
-            if hasattr(part, "_hf_hook") or (registry is not None and getattr(registry, "hooks", None)):
-                return False
-        if any(parameter.device != device for parameter in module.parameters()):
+        if _hooked(module) or any(parameter.device != device for parameter in module.parameters()):
             return False
     return bool(modules)
 
@@ -199,6 +214,8 @@ def compile_part(pipe: Any, part: CompilePart, on_failure: Callable[[CompilePart
         compile_flat_linears(part.modules(pipe), failed)
         return
     for module in part.modules(pipe):
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            continue  # compiled already (under an earlier placement that kept it resident too)
         compiled = torch.compile(module._call_impl, **COMPILE_OPTIONS)
         module._compiled_call_impl = guard_compiled(compiled, module._call_impl, failed)
 
@@ -208,8 +225,19 @@ def uncompile_part(pipe: Any, part: CompilePart) -> None:
     if part.inside_hooks:
         uncompile_flat_linears(part.modules(pipe))
         return
-    for module in part.modules(pipe):
+    for module in (part.every or part.find)(pipe):
         module._compiled_call_impl = None
+
+
+def uncompile_hooked(pipe: Any, part: CompilePart) -> None:
+    """Back to eager for the modules of ``part`` that a new placement hooks (the blocks ``partial`` streams):
+    their hooks move weights, which a compiled graph must not contain. The others stay compiled."""
+    if part.inside_hooks or part.every is None:
+        return
+    kept = {id(module) for module in part.modules(pipe)}
+    for module in part.every(pipe):
+        if id(module) not in kept:
+            module._compiled_call_impl = None
 
 
 def compiled_parts(pipe: Any) -> tuple[str, ...]:
@@ -228,10 +256,7 @@ def use_compile_cache(cache_dir: Path) -> None:
 def compile_cache_dir(cache_root: Path | None) -> Path:
     """Where compiled kernels and measured compile times are kept: ``<cache_dir>/torch-compile`` when the
     settings name a cache folder, else ``$XDG_CACHE_HOME/zimage-turbo/torch-compile`` (``~/.cache`` by default)."""
-    if cache_root is not None:
-        return cache_root / "torch-compile"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "zimage-turbo" / "torch-compile"
+    return library_cache_dir(cache_root) / "torch-compile"
 
 
 class CompileAdvisor:

@@ -23,6 +23,7 @@ from .compile import (
     compile_unavailable,
     compiled_parts,
     runs_unhooked_on,
+    uncompile_hooked,
     uncompile_part,
     use_compile_cache,
 )
@@ -79,9 +80,12 @@ class SpeedupDriver:
         can_compile = not compile_unavailable(device)
         if device.type != "cuda" and self.compile_mode == "auto":
             can_compile = False  # on a CPU Inductor's compile would rarely pay back; "on" still compiles there
-        if placement is None or (id(pipe), placement) != self._placement:
+        moved = placement is None or (id(pipe), placement) != self._placement
+        if moved:
             self._placement = (id(pipe), placement)
             self._unhooked.clear()
+            for part in COMPILE_PARTS:
+                uncompile_hooked(pipe, part)  # blocks a new `partial` streams cannot stay compiled
             self._compiled = set(compiled_parts(pipe))
         for part in COMPILE_PARTS:
             runnable = can_compile and (compilable or part.inside_hooks) and part.name not in self._failed
@@ -95,6 +99,8 @@ class SpeedupDriver:
                 self._compiling.pop(part.name, None)
                 continue
             if part.name in self._compiled:
+                if moved:  # blocks that a new `partial` keeps resident and were streamed before: compile them too
+                    compile_part(pipe, part, self._compiler_failed)
                 continue
             advisor = self._advisor(part, device, dtype, quantization)
             if advisor.should_compile(upcoming_s.get(part.phase, 0.0) * self._eager_rate[part.phase]):

@@ -8,6 +8,7 @@ Users pass a name (``strategy="hybrid"``) or an instance (``strategy=FullGPU(dev
 | ``multi_gpu`` | :class:`MultiGPUDispatch` | components or transformer blocks spread over several GPUs |
 | ``multi_gpu_hybrid`` | :class:`MultiGPUHybrid` | transformer blocks spread over several GPUs, text encoder streamed |
 | ``hybrid`` | :class:`Hybrid` | transformer + VAE resident, text encoder streamed |
+| ``partial`` | :class:`PartialOffload` | VAE and as many blocks as fit resident, the other blocks streamed |
 | ``model_offload`` | :class:`ModelCPUOffload` | one whole component on the GPU at a time |
 | ``streamed`` | :class:`StreamedOffload` | text encoder and transformer streamed block by block |
 | ``sequential_offload`` | :class:`SequentialOffload` | streamed layer by layer: the least GPU memory |
@@ -21,6 +22,7 @@ from ..settings import STRATEGY_NAMES
 from .base import LoadStrategy, MemoryEstimate
 from .multi_gpu import MultiGPUDispatch, MultiGPUHybrid
 from .offload import ModelCPUOffload
+from .partial import PartialOffload
 from .resident import CPUOnly, FullGPU
 from .streaming import Hybrid, SequentialOffload, StreamedOffload
 
@@ -34,6 +36,7 @@ __all__ = [
     "ModelCPUOffload",
     "MultiGPUDispatch",
     "MultiGPUHybrid",
+    "PartialOffload",
     "SequentialOffload",
     "StreamedOffload",
     "strategy_from",
@@ -47,6 +50,7 @@ STRATEGIES: dict[str, type[LoadStrategy]] = {
         MultiGPUDispatch,
         MultiGPUHybrid,
         Hybrid,
+        PartialOffload,
         ModelCPUOffload,
         StreamedOffload,
         SequentialOffload,

@@ -220,7 +220,20 @@ class LoadStrategy(ABC):
 
     @abstractmethod
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
-        """Seconds per generation on the calibration GPU (an H200)."""
+        """Seconds per generation on the GPU whose speeds ``profile``'s time model has (see
+        :meth:`~zimage_turbo.profile.ModelProfile.on`; the calibration GPU's, an H200's, by default)."""
+
+    def sized(self, profile: ModelProfile, hardware: Hardware, work: Workload, reserve_bytes: int = 0) -> LoadStrategy:
+        """This strategy with every size it leaves open decided for ``work`` on ``hardware``, ``reserve_bytes``
+        kept free on the card (``partial``: how many blocks stay resident). The planner and the ladder estimate
+        and apply the result, so that what is estimated is what is placed. Itself when nothing is open."""
+        return self
+
+    def smaller(self, phase: str) -> LoadStrategy | None:
+        """A variant of this strategy that needs less GPU memory in ``phase`` (``"place"``, ``"encode"``,
+        ``"denoise"``, ``"decode"``), which the ladder tries first when this one runs out of memory there, on
+        the same weights; None when there is none (the ladder moves on to the next strategy)."""
+        return None
 
     def target(self, hardware: Hardware) -> torch.device:
         """The device this strategy runs on (once applied, the device it was applied to)."""

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root (carry .whl: scripts/fetch_device_wheels.sh): the partial placement
+# (issue 21) on an H200 with the full-size random-weight checkpoint, into $OUT. Two commands, each under 10 minutes:
+#
+#   scripts/device_partial.sh tests   # tests/gpu/test_gpu_partial.py: partial under 6/8/12 GiB caps against full_gpu's
+#                                     # image, auto at 8 GiB, an OOM halving the resident blocks, fp8, compile, and
+#                                     # this GPU's measured speeds -> $OUT/gpu-tests-partial.log (about 7 minutes)
+#   scripts/device_partial.sh bench   # the bench harness at 12, 8, 6, 4 GiB: auto, streamed, partial, diffusers'
+#                                     # group offload (and mmgp when installed), bf16 eager; then partial with compile
+#                                     # at 12 GiB and with fp8 (eager, compiled) at 8 GiB; 1024x1024, 8 passes, each
+#                                     # case in a fresh process -> $OUT/bench-partial.json (.png, .md). It stops
+#                                     # starting cases after 6 minutes: call it again to finish (it resumes from its
+#                                     # JSON in /tmp while the machine stays warm, else from BENCH_RESUME, a copy of
+#                                     # the last call's JSON carried in the tree), usually twice in all.
+#   scripts/device_partial.sh speeds  # `zimage-turbo hardware` (measures and shows this GPU's speeds), a few seconds
+#
+# Building the checkpoint takes about 40 s the first time on a machine (/tmp/full is kept while it stays warm).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/zimage-out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+if [ ! -f /tmp/full/model_index.json ]; then
+    python3 -m zimage_turbo -q make-checkpoint full /tmp/full
+fi
+case "${1:-}" in
+tests)
+    ZIMAGE_TEST_FULL_CHECKPOINT=/tmp/full timeout 520 python3 -m pytest -q -s -m gpu -p no:cacheprovider \
+        tests/gpu/test_gpu_partial.py 2>&1 | tee "$out/gpu-tests-partial.log" | grep -v "^$" | tail -60
+    ;;
+bench)
+    # kept in /tmp between calls ($OUT starts empty at each call) and copied to $OUT after each
+    work=/tmp/zimage-bench
+    mkdir -p "$work"
+    json="$work/bench-partial.json"
+    if [ ! -f "$json" ] && [ -n "${BENCH_RESUME:-}" ] && [ -f "$BENCH_RESUME" ]; then
+        cp "$BENCH_RESUME" "$json"  # the first call's JSON, carried in the tree for a second call on a fresh machine
+    fi
+    resume=()
+    [ -f "$json" ] && resume=(--resume)
+    timeout 540 python3 -m zimage_turbo bench --checkpoint /tmp/full --out "$json" --docs "$work/bench-partial.md" \
+        --budgets 12 8 6 4 --strategies streamed partial --diffusers-modes group_offload mmgp --sweep-budgets \
+        --images 3 --deadline-s 380 ${resume[@]+"${resume[@]}"} \
+        --forced partial@12:compile=on partial@8:quantization=fp8 partial@8:quantization=fp8,compile=on 2>&1 | tail -40
+    status=${PIPESTATUS[0]}
+    cp "$work"/bench-partial* "$out"/ 2>/dev/null
+    if [ "$status" != 0 ]; then echo "bench: exit status $status; run 'scripts/device_partial.sh bench' again to finish"; fi
+    ;;
+speeds)
+    python3 -m zimage_turbo hardware
+    ;;
+*)
+    echo "usage: scripts/device_partial.sh tests|bench|speeds" >&2
+    exit 2
+    ;;
+esac
