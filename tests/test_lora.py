@@ -22,6 +22,7 @@ from zimage_turbo import (
     LoraError,
     LoraNotFoundError,
     ModelCPUOffload,
+    PartialOffload,
     SequentialOffload,
     StreamedOffload,
     ZImageSettings,
@@ -193,6 +194,7 @@ PLACEMENTS: dict[str, Callable[[], Any]] = {
     "model_offload": lambda: ModelCPUOffload(device="cpu"),
     "streamed": lambda: StreamedOffload(device="cpu"),
     "sequential_offload": lambda: SequentialOffload(device="cpu"),
+    "partial": lambda: PartialOffload(device="cpu", transformer_blocks=1, text_encoder_blocks=1),
 }
 
 
