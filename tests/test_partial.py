@@ -305,3 +305,20 @@ def test_weights_that_do_not_fit_when_first_placed_are_halved_until_they_do(
         ("partial(2,1)", "partial(1,0)", "place"),
     ]
     assert result.strategy == "partial" and same(result.image, reference)
+
+
+def test_every_tensor_outside_the_streamed_blocks_stays_on_the_card() -> None:
+    """The caption embedder is a Sequential child: neither a streamed block nor one of streaming's "other"
+    tensors. It was left in host memory once, which only a GPU shows (the CPU is both places)."""
+    from diffusers import ZImageTransformer2DModel
+
+    from zimage_turbo.model import PRESETS
+    from zimage_turbo.strategies.partial import _not_streamed
+
+    transformer = ZImageTransformer2DModel(**PRESETS["tiny"].transformer)
+    streamed = [transformer.layers[0], transformer.noise_refiner[0]]
+    staying = {id(t) for t in _not_streamed(transformer, streamed)}
+    moving = {id(t) for block in streamed for t in block.parameters()}
+    assert staying.isdisjoint(moving)
+    assert staying | moving == {id(t) for t in (*transformer.parameters(), *transformer.buffers())}
+    assert {id(t) for t in transformer.cap_embedder.parameters()} <= staying

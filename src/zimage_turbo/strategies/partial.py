@@ -43,7 +43,7 @@ from .base import (
 )
 from .partial_streaming import stream_blocks
 from .residency import Residency, partial_seconds, partial_weights, size_residency, streamed_blocks
-from .streaming import other_tensors, unstream
+from .streaming import unstream
 
 __all__ = ["PartialOffload"]
 
@@ -209,10 +209,10 @@ class PartialOffload(Quantizable):
         place_resident(pipe, ["vae"], device)
         self._place_transformer(pipe.transformer, profile.transformer, residency.transformer, homes, device)
         text = pipe.text_encoder
-        streamed, resident = _split(text, profile.text_encoder, residency.text_encoder)
+        streamed, _ = _split(text, profile.text_encoder, residency.text_encoder)
         keep_others = residency.text_encoder > 0
         if keep_others:
-            homes.send_to([*other_tensors(text), *(t for b in resident for t in module_tensors(b))], device)
+            homes.send_to(_not_streamed(text, streamed), device)
         stream_blocks(text, streamed, homes, device, others_resident=keep_others, record_stream=self.record_stream)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -231,7 +231,9 @@ class PartialOffload(Quantizable):
         kept: set[int] = set()
         if kind is not None:
             kept = {id(linear.weight) for linear in quantized_linears(transformer, resident_names).values()}
-        staying = [*other_tensors(transformer), *(t for block in resident for t in module_tensors(block))]
+        # everything that is not streamed stays: not only the block lists' other tensors (a Sequential child such
+        # as the caption embedder is neither a streamed block nor one of "the others" of streaming.other_tensors)
+        staying = _not_streamed(transformer, streamed)
         homes.send_to([t for t in staying if id(t) not in kept], device)
         if kind is not None and resident_names:
             self._originals = quantize_linears(transformer, kind, device, resident_names)
@@ -256,6 +258,12 @@ def _count(name: str, value: int | None) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise InvalidSettingsError(f"PartialOffload: {name} must be None or a whole number >= 0, got {value!r}")
     return value
+
+
+def _not_streamed(module: torch.nn.Module, streamed: list[torch.nn.Module]) -> list[torch.Tensor]:
+    """Every tensor of ``module`` that no streamed block holds."""
+    moving = {id(t) for block in streamed for t in module_tensors(block)}
+    return [t for t in module_tensors(module) if id(t) not in moving]
 
 
 def _split(
