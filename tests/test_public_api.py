@@ -72,6 +72,9 @@ REVIEWED = {
     "read_metadata",
     # unreleased: ModelScope is an extra
     "ModelScopeNotInstalledError",
+    # unreleased: image-to-image and inpainting
+    "InvalidImageError",
+    "TaskInputs",
 }
 
 
