@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import InvalidRequestError
+from .model import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 
 if TYPE_CHECKING:
     from .task_inputs import TaskInputs, TaskName
@@ -41,10 +42,6 @@ __all__ = [
     "seed_or_generator",
 ]
 
-# The transformer works on 2x2 patches of a latent that is 8x smaller than the image.
-SIDE_MULTIPLE = 16
-MIN_SIDE = 256
-MAX_SIDE = 2048
 DEFAULT_SIDE = 1024  # height and width of a text-to-image request that gives none
 # diffusers >= 0.39 counts steps as transformer passes: 8 passes reproduce the official "9 step" schedule
 # of Z-Image-Turbo (whose last step was a no-op). See docs/usage.md.

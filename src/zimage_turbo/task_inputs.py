@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidImageError, InvalidRequestError
-from .request import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
+from .model import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 
 __all__ = [
     "DEFAULT_STRENGTH",
