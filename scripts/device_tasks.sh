@@ -4,7 +4,8 @@
 # into /tmp/full, runs the GPU tests of the tasks, then benchmarks/tasks.py into "$OUT" (tasks-h200.json, its
 # reference images, gpu-tasks-tests.log). Everything stops in time for the device tool's 600 s limit; run it again
 # on the same (warm) machine and the benchmark resumes where it stopped.
-# Usage: bash scripts/device_tasks.sh [all|tests|bench] [more benchmarks/tasks.py arguments]
+# Usage: [START_FROM=tasks-h200.json] bash scripts/device_tasks.sh [all|tests|bench] [more benchmarks/tasks.py arguments]
+# (START_FROM: a report of an earlier run to continue, for a machine that no longer has /tmp/tasks-h200.json)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-all}
@@ -33,6 +34,7 @@ if [ "$part" != tests ]; then
         exit 0
     fi
     # each case in a process of its own; --resume: a second run continues a cut-short one
+    if [ -n "${START_FROM:-}" ]; then cp "$START_FROM" "$out/tasks-h200.json"; fi
     [ -f "$out/tasks-h200.json" ] || { [ -f /tmp/tasks-h200.json ] && cp /tmp/tasks-h200.json "$out/"; }
     ZT_GIT_COMMIT=${ZT_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} \
         timeout "$left" python3 benchmarks/tasks.py --checkpoint /tmp/full --out "$out/tasks-h200.json" --resume "$@"
