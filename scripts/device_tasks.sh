@@ -36,8 +36,10 @@ if [ "$part" != tests ]; then
     # each case in a process of its own; --resume: a second run continues a cut-short one
     if [ -n "${START_FROM:-}" ]; then cp "$START_FROM" "$out/tasks-h200.json"; fi
     [ -f "$out/tasks-h200.json" ] || { [ -f /tmp/tasks-h200.json ] && cp /tmp/tasks-h200.json "$out/"; }
+    [ -d /tmp/tasks-h200-references ] && cp -rn /tmp/tasks-h200-references "$out/"  # what later cases compare with
     ZT_GIT_COMMIT=${ZT_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} \
         timeout "$left" python3 benchmarks/tasks.py --checkpoint /tmp/full --out "$out/tasks-h200.json" --resume "$@"
     cp "$out/tasks-h200.json" /tmp/tasks-h200.json 2>/dev/null  # for a resumed run on this machine
+    cp -r "$out/tasks-h200-references" /tmp/ 2>/dev/null
     echo "benchmark stopped after $((SECONDS - started)) s"
 fi
