@@ -6,7 +6,7 @@ The layers, lowest first (docs/development.md explains each):
     facts     plain values and rules every layer may use
     sources   finding a model folder, checking it, its sizes, random checkpoints
     weights   reading weights into place, pinned host homes, quantized weights, LoRA files fused into weights
-    pipeline  the phases of diffusers' pipeline (encode, denoise, decode), no placement
+    pipeline  the phases of diffusers' pipelines (encode, encode_image, denoise, decode), no placement
     speedups  attention kernels, compile
     place     strategies, the planner, the machine as a Generator sees it, the loaded placement
     run       what a request runs (tasks) and the ladder over placements
@@ -28,6 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "errors",
         "model",
         "settings",
+        "task_inputs",
         "request",
         "preview",
         "image_metadata",
@@ -64,7 +65,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "loras",
         "adapters",
     ),
-    "pipeline": ("phases",),
+    "pipeline": ("phases", "image_phases"),
     "speedups": ("speedups", "speedups.attention", "speedups.compile", "speedups.driver"),
     "place": (
         "strategies",

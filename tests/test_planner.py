@@ -151,3 +151,20 @@ def test_device_map_covers_every_weight(tiny_checkpoint: object) -> None:
     for name in transformer.state_dict():  # accelerate refuses a map that leaves any parameter out
         owner = max((key for key in device_map if name == key or name.startswith(key + ".")), key=len)
         assert device_map[owner] == (1 if name.startswith("layers.") else 0), name
+
+
+def test_the_encode_of_input_images_is_a_phase_the_plan_counts() -> None:
+    profile = ModelProfile.z_image_turbo()
+    text = plan(profile, machine(24), Workload(2048, 2048))
+    image = plan(profile, machine(24), Workload(2048, 2048, image_encodes=(1, 1)))
+    for candidate in text.candidates:  # text-to-image: the new phase raises no peak
+        phases = candidate.estimate.by_phase
+        for gpu, peak in candidate.estimate.gpu_peak.items():
+            assert peak == max(phases[p].get(gpu, 0) for p in ("encode", "denoise", "decode"))
+    # inpainting's two encoder passes run one after the other: the activations of one, more than none
+    one, two = (profile.activation_bytes(Workload(2048, 2048, image_encodes=e))["encode_image"] for e in [(1,), (1, 1)])
+    assert one == two > 0 == profile.activation_bytes(Workload(2048, 2048))["encode_image"]
+    by_name = {c.name: c for c in image.candidates}
+    plain, tiled = by_name["streamed"].estimate.by_phase, by_name["streamed+vae_tiling"].estimate.by_phase
+    assert tiled["encode_image"][0] < plain["encode_image"][0] / 2  # VAE tiling covers the encoder too
+    assert by_name["streamed"].seconds > next(c for c in text.candidates if c.name == "streamed").seconds

@@ -75,6 +75,12 @@ REVIEWED = {
     # unreleased: partial residency on mid-size cards, planned with the GPU's own measured speeds
     "DeviceSpeeds",
     "PartialOffload",
+    # unreleased: image-to-image and inpainting
+    "InvalidImageError",
+    "TaskInputs",
+    # unreleased: LoRA
+    "LoraError",
+    "LoraNotFoundError",
 }
 
 

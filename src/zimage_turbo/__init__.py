@@ -1,4 +1,4 @@
-"""zimage-turbo: run Z-Image-Turbo text-to-image on whatever hardware you have.
+"""zimage-turbo: run Z-Image-Turbo (text-to-image, image-to-image, inpainting) on whatever hardware you have.
 
 >>> from zimage_turbo import Generator
 >>> result = Generator().generate("a red fox in the snow", seed=7)  # doctest: +SKIP
@@ -16,6 +16,7 @@ from .errors import (
     GenerationInterruptedError,
     GeneratorClosedError,
     IncompleteModelError,
+    InvalidImageError,
     InvalidRequestError,
     InvalidSettingsError,
     LoraError,
@@ -57,6 +58,7 @@ from .strategies import (
     SequentialOffload,
     StreamedOffload,
 )
+from .task_inputs import TaskInputs
 
 __all__ = [
     "BatchConflictError",
@@ -80,6 +82,7 @@ __all__ = [
     "Hardware",
     "Hybrid",
     "IncompleteModelError",
+    "InvalidImageError",
     "InvalidRequestError",
     "InvalidSettingsError",
     "LoadStrategy",
@@ -107,6 +110,7 @@ __all__ = [
     "StepInfo",
     "StrategyUnavailableError",
     "StreamedOffload",
+    "TaskInputs",
     "Timings",
     "UnknownStrategyError",
     "Workload",

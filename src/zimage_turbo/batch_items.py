@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidRequestError
+from .errors import InvalidImageError, InvalidRequestError
 from .request import DEFAULT_STEPS, GenerationRequest, check_seed
+from .task_inputs import TaskInputs, task_inputs
 
 __all__ = [
     "BatchItem",
@@ -28,7 +29,9 @@ __all__ = [
     "read_prompts",
 ]
 
-_FIELDS = ("prompt", "id", "seed", "width", "height", "steps")
+_FIELDS = ("prompt", "id", "seed", "width", "height", "steps", "image", "mask", "strength")
+# the fields of image-to-image and inpainting lines (paths relative to the prompt file's folder)
+_INPUT_FIELDS = ("image", "mask", "strength")
 # Ids name files: no separators, no leading dot (hidden files, "..").
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 # Derived seeds stay below 2**63: the noise of seed s is drawn from torch.Generator().manual_seed(s).
@@ -37,7 +40,11 @@ _DERIVED_SEED_LIMIT = 2**63
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One line of a batch: what to generate and under which name."""
+    """One line of a batch: what to generate and under which name.
+
+    ``image`` (and ``mask``, for inpainting) are the input images' files, as absolute paths once read;
+    ``strength`` is the line's, or the task's default; all three are None for text-to-image.
+    """
 
     id: str
     prompt: str
@@ -48,14 +55,28 @@ class BatchItem:
     line: int = 0  # where it came from (1-based line of the input file, or position in a list)
     # the LoRAs the batch runs with, (name, scale) in loading order: part of what makes the image
     loras: tuple[tuple[str, float], ...] = ()
+    image: str | None = None
+    mask: str | None = None
+    strength: float | None = None
 
     @property
     def file(self) -> str:
         """The image's file name in the output folder."""
         return f"{self.id}.png"
 
+    def inputs(self) -> TaskInputs | None:
+        """The line's input images, checked by their headers (decoded when the line's turn comes)."""
+        return task_inputs(self.image, self.mask, self.strength, decode=False)
+
     def request(self) -> GenerationRequest:
-        return GenerationRequest(self.prompt, height=self.height, width=self.width, steps=self.steps, seed=self.seed)
+        return GenerationRequest(
+            self.prompt,
+            height=self.height,
+            width=self.width,
+            steps=self.steps,
+            seed=self.seed,
+            inputs=self.inputs(),
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -98,7 +119,7 @@ def read_prompts(
             records.append((number, f"{source}:{number}", json.loads(line)))
         except json.JSONDecodeError as exc:
             raise InvalidRequestError(f"{source}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    return _items(records, "line", seed=seed, width=width, height=height, steps=steps)
+    return _items(records, "line", seed=seed, width=width, height=height, steps=steps, folder=source.parent)
 
 
 def items_from(
@@ -109,7 +130,8 @@ def items_from(
     height: int = 1024,
     steps: int = DEFAULT_STEPS,
 ) -> list[BatchItem]:
-    """Batch items from prompts in memory: plain strings, or mappings shaped like the JSONL lines."""
+    """Batch items from prompts in memory: plain strings, or mappings shaped like the JSONL lines (their input
+    images' paths relative to the current folder)."""
     records = [
         (number, f"prompt {number}", {"prompt": p} if isinstance(p, str) else p)
         for number, p in enumerate(prompts, start=1)
@@ -125,7 +147,8 @@ def check_items(items: Sequence[BatchItem]) -> list[BatchItem]:
         (
             number,
             f"item {number} (id {item.id!r})",
-            {field: getattr(item, field) for field in _FIELDS},
+            # a text-to-image item's input fields are None: left out, as a line leaves them out
+            {f: getattr(item, f) for f in _FIELDS if f not in _INPUT_FIELDS or getattr(item, f) is not None},
         )
         for number, item in enumerate(items, start=1)
     ]
@@ -152,8 +175,10 @@ def _items(
     width: int = 1024,
     height: int = 1024,
     steps: int = DEFAULT_STEPS,
+    folder: Path | None = None,
 ) -> list[BatchItem]:
-    """``records``: (number, where it is for messages, the line's object); ``unit``: what a number counts."""
+    """``records``: (number, where it is for messages, the line's object); ``unit``: what a number counts;
+    ``folder``: where relative paths of input images start (None: the current folder)."""
     base = check_seed(seed)
     GenerationRequest("defaults", height=height, width=width, steps=steps)  # the defaults themselves must be valid
     items: list[BatchItem] = []
@@ -161,7 +186,7 @@ def _items(
     # and fox.png are one file, and one image would replace the other while the manifest listed both.
     first_of: dict[str, tuple[int, str]] = {}
     for number, place, record in records:
-        item = _item(record, number, place, base=base, width=width, height=height, steps=steps)
+        item = _item(record, number, place, base=base, width=width, height=height, steps=steps, folder=folder)
         key = item.id.lower()
         if key in first_of:
             first, other = first_of[key]
@@ -176,7 +201,9 @@ def _items(
     return items
 
 
-def _item(record: object, number: int, place: str, *, base: int, width: int, height: int, steps: int) -> BatchItem:
+def _item(
+    record: object, number: int, place: str, *, base: int, width: int, height: int, steps: int, folder: Path | None
+) -> BatchItem:
     if not isinstance(record, Mapping):
         raise InvalidRequestError(f'{place}: expected an object like {{"prompt": "..."}}, got {type(record).__name__}')
     unknown = sorted(set(record) - set(_FIELDS))
@@ -188,6 +215,9 @@ def _item(record: object, number: int, place: str, *, base: int, width: int, hei
         raise InvalidRequestError(f"{place}: no prompt")
     item_id = check_id(record.get("id", f"{number:06d}"), place)
     try:
+        inputs = _line_inputs(record, folder)
+        if inputs is not None:  # a line with an input image takes the image's size by default
+            height, width = inputs.output_size(record.get("height"), record.get("width"))
         request = GenerationRequest(
             prompt=record["prompt"],
             width=record.get("width", width),
@@ -195,11 +225,40 @@ def _item(record: object, number: int, place: str, *, base: int, width: int, hei
             steps=record.get("steps", steps),
             # A seed that is given must be one (null included: GenerationRequest would take None as "random").
             seed=check_seed(record["seed"]) if "seed" in record else derive_seed(base, item_id),
+            inputs=inputs,
         )
+    except InvalidImageError as exc:
+        raise InvalidImageError(f"{place}: {exc}", argument=exc.argument) from None
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"{place}: {exc}") from None
     assert request.seed is not None
-    return BatchItem(item_id, request.prompt, request.seed, request.width, request.height, request.steps, number)
+    given: dict[str, Any] = {}
+    if inputs is not None:
+        given = {"image": _text(inputs.image.path), "strength": inputs.strength}
+        if inputs.mask is not None:
+            given["mask"] = _text(inputs.mask.path)
+    return BatchItem(
+        item_id, request.prompt, request.seed, request.width, request.height, request.steps, number, **given
+    )
+
+
+def _line_inputs(record: Mapping[str, Any], folder: Path | None) -> TaskInputs | None:
+    """The input images a line names (``image``, ``mask``: paths, relative to ``folder``) and its strength."""
+    paths = {}
+    for field in ("image", "mask"):
+        value = record.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InvalidRequestError(f"{field} must be a path (a string), got {type(value).__name__}")
+        path = Path(value).expanduser()
+        paths[field] = path if path.is_absolute() or folder is None else folder / path
+    return task_inputs(paths.get("image"), paths.get("mask"), record.get("strength"), decode=False)
+
+
+def _text(path: Path | None) -> str:
+    assert path is not None
+    return str(path.absolute())
 
 
 Prompts = str | os.PathLike[str] | Sequence[str | Mapping[str, Any]] | Sequence[BatchItem]

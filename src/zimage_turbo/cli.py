@@ -1,6 +1,7 @@
 """The ``zimage-turbo`` command (also ``python -m zimage_turbo``).
 
     zimage-turbo generate "a red fox in the snow" -o fox.png --seed 7 --size 1024x768
+    zimage-turbo generate "the fox in spring" --image fox.png [--strength 0.6] [--mask mask.png] -o spring.png
     zimage-turbo demo                      # tiny random-weight model, no download: checks the install
     zimage-turbo make-checkpoint tiny DIR  # or: full DIR (real sizes, random weights; needs a GPU)
     zimage-turbo hardware                  # what the library sees
@@ -122,10 +123,21 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--steps", type=int, default=DEFAULT_STEPS, help=f"transformer passes (default {DEFAULT_STEPS})"
     )
-    generate.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 16 (default 1024x1024)")
+    generate.add_argument(
+        "--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default 1024x1024, or --image's size)"
+    )
     generate.add_argument("--guidance", type=float, default=0.0, help="guidance scale (default 0 for Turbo)")
     generate.add_argument("--negative-prompt", default=None, help="used only with --guidance > 0")
     generate.add_argument("--num-images", type=int, default=1, help="images for this prompt (default 1)")
+    inputs = generate.add_argument_group("image-to-image and inpainting (docs/tasks.md)")
+    inputs.add_argument("--image", default=None, help="start from this picture (image-to-image)")
+    inputs.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="how much of it is drawn anew, in (0, 1] (default 0.6; 1 with --mask)",
+    )
+    inputs.add_argument("--mask", default=None, help="inpaint: white pixels of this mask are drawn anew")
     add_json_option(generate, "the paths written, seeds, strategy, timings, fallbacks and warnings")
     _add_model_options(generate)
     generate.set_defaults(handler=_cmd_generate)
@@ -213,9 +225,10 @@ def _add_batch_command(commands: Any, common: argparse.ArgumentParser) -> None:
         "batch",
         parents=[common],
         help="generate every prompt of a JSONL file into a folder (resumable; optionally on Ray)",
-        description='One JSON object per line: {"prompt": ..., "id"?, "seed"?, "width"?, "height"?, "steps"?}. '
-        "Writes <id>.png and manifest.jsonl into --out; rerunning skips what is done. One run per folder at a "
-        "time. See docs/scaling.md.",
+        description='One JSON object per line: {"prompt": ..., "id"?, "seed"?, "width"?, "height"?, "steps"?, '
+        '"image"?, "mask"?, "strength"?} (image and mask: paths relative to the file). Writes <id>.png and '
+        "manifest.jsonl into --out; rerunning skips what is done. One run per folder at a time. See "
+        "docs/scaling.md and docs/tasks.md.",
     )
     batch.add_argument("prompts", type=Path, help="the JSONL prompt file")
     batch.add_argument("-o", "--out", type=Path, required=True, help="output folder (created; rerun to resume)")
@@ -302,21 +315,26 @@ def parse_lora(text: str) -> tuple[str, float]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generator import Generator
     from .loras import read_lora_source
-    from .request import GenerationRequest
+    from .request import DEFAULT_SIDE, GenerationRequest
     from .result import check_output_path, entered_path, output_paths
+    from .task_inputs import task_inputs
 
-    width, height = parse_size(args.size)
+    width, height = parse_size(args.size) if args.size is not None else (None, None)
     # Every argument, then every output path and the settings, are checked before anything is loaded (the
     # Generator loads lazily, and generate() validates again before loading).
+    inputs = task_inputs(args.image, args.mask, args.strength)
+    if inputs is not None:
+        height, width = inputs.output_size(height, width)
     request = GenerationRequest(
         args.prompt,
-        height=height,
-        width=width,
+        height=height or DEFAULT_SIDE,
+        width=width or DEFAULT_SIDE,
         steps=args.steps,
         guidance_scale=args.guidance,
         negative_prompt=args.negative_prompt,
         num_images=args.num_images,
         seed=args.seed,
+        inputs=inputs,
     )
     output = entered_path(args.output)
     for target in output_paths(output, request.num_images):
@@ -330,13 +348,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         generator.load_lora(lora.file.path, scale=lora.scale, name=lora.name)
     result = generator.generate(
         args.prompt,
-        height=height,
-        width=width,
+        height=request.height,
+        width=request.width,
         steps=args.steps,
         seed=args.seed,
         guidance_scale=args.guidance,
         negative_prompt=args.negative_prompt,
         num_images=args.num_images,
+        **(inputs.arguments() if inputs is not None else {}),
     )
     written = result.save(output, overwrite=args.overwrite)
     if args.json:

@@ -67,6 +67,8 @@ def result_json(result: Any, written: list[Path]) -> dict[str, Any]:
             for f in result.fallbacks
         ],
         "warnings": list(result.warnings),
+        "task": result.task,
+        **({"strength": result.strength, "input_sizes": dict(result.input_sizes)} if result.input_sizes else {}),
     }
 
 
@@ -79,10 +81,13 @@ def report(result: Any, written: list[Path]) -> None:
         f"on {result.device} ({result.dtype})"
     )
     load = f"load {timings.load:.1f} s, " if timings.load else ""
+    image = f"encode image {timings.encode_image:.2f} s, " if result.input_sizes else ""
     print(
-        f"  {timings.total:.2f} s: {load}encode {timings.encode:.2f} s, denoise {timings.denoise:.2f} s, "
+        f"  {timings.total:.2f} s: {load}encode {timings.encode:.2f} s, {image}denoise {timings.denoise:.2f} s, "
         f"decode {timings.decode:.2f} s"
     )
+    if result.input_sizes:
+        print(f"  {result.task.replace('_', '-')} at strength {result.strength:g}")
     peaks = ", ".join(f"{device} {value / 2**30:.2f} GiB" for device, value in result.peak_memory.items())
     print(f"  peak memory: {peaks}")
     if result.vae_tiling:

@@ -6,7 +6,8 @@ Errors about bad input also derive from :class:`ValueError`, and "model not foun
 
     ZImageError
     ├── InvalidRequestError (ValueError)      a generate() argument is out of range or of the wrong type
-    │   └── BatchConflictError                a batch would replace images made with other parameters
+    │   ├── BatchConflictError                a batch would replace images made with other parameters
+    │   └── InvalidImageError                 an input image (image=, mask_image=) cannot be used
     ├── InvalidSettingsError (ValueError)     a setting (argument, ZIMAGE_* variable, .env line) is invalid
     ├── UnknownStrategyError (ValueError)     a strategy name or object that we do not know
     ├── StrategyUnavailableError              the strategy cannot run on this machine (no GPU, say)
@@ -41,6 +42,7 @@ __all__ = [
     "GenerationInterruptedError",
     "GeneratorClosedError",
     "IncompleteModelError",
+    "InvalidImageError",
     "InvalidRequestError",
     "InvalidSettingsError",
     "LoraError",
@@ -77,6 +79,17 @@ class BatchConflictError(InvalidRequestError):
         super().__init__(message)
         self.folder = folder
         self.ids: tuple[str, ...] = tuple(ids)
+
+
+class InvalidImageError(InvalidRequestError):
+    """An input image of an image-to-image or inpainting request cannot be used: no such file, not decodable,
+    beyond Pillow's decompression-bomb limit, pixels of a kind we do not convert, a mask of another size than its
+    image. ``argument`` names the argument it came from (``"image"``, ``"mask_image"``). Raised before any weights
+    are loaded or moved."""
+
+    def __init__(self, message: str, *, argument: str) -> None:
+        super().__init__(message)
+        self.argument = argument
 
 
 class InvalidSettingsError(ZImageError, ValueError):

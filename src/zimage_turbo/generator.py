@@ -68,6 +68,7 @@ from .speedups import SpeedupDriver
 from .speedups.compile import compile_cache_dir
 from .strategies import LoadStrategy, strategy_from
 from .strategies.base import private_copy
+from .task_inputs import ImageInput, task_inputs
 from .tasks import Attempt, Call, result_of, run_task
 
 __all__ = ["MAX_SEQUENCE_LENGTH", "Generator", "count_prompt_tokens"]
@@ -423,8 +424,8 @@ class Generator:
         self,
         prompt: str,
         *,
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         steps: int | None = None,
         seed: int | None = None,
         guidance_scale: float = 0.0,
@@ -434,13 +435,24 @@ class Generator:
         num_inference_steps: int | None = None,
         num_images_per_prompt: int | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        image: ImageInput | None = None,
+        strength: float | None = None,
+        mask_image: ImageInput | None = None,
     ) -> GenerationResult:
-        """Generate ``num_images`` images for one prompt.
+        """Generate ``num_images`` images for one prompt (from an input image too, with ``image``).
 
         Args:
             prompt: what to draw. Up to 512 tokens (chat template included) reach the model; a longer
                 prompt is cut, and the result's ``warnings`` say so.
-            height, width: pixels, multiples of 16 between 256 and 2048.
+            height, width: pixels, multiples of 16 between 256 and 2048. Default 1024, or with ``image`` the
+                image's size (rounded down to multiples of 16; one side given, the other keeps its aspect ratio).
+            image: image-to-image (diffusers' ``ZImageImg2ImgPipeline``): start from this picture, a PIL image,
+                a numpy array or a path, resized to ``width`` x ``height`` if it differs (the result's
+                ``warnings`` say so). See docs/tasks.md.
+            strength: how much of ``image`` is drawn anew, in (0, 1]: the share of the ``steps`` that run.
+                Default 0.6, or 1.0 with ``mask_image`` (diffusers' defaults).
+            mask_image: inpainting (``ZImageInpaintPipeline``): white pixels are drawn anew, black ones kept;
+                the size of ``image``.
             steps: transformer passes. 8 (the default) is Z-Image-Turbo's official schedule, which its
                 model card calls "9 steps" (the 9th was a no-op). ``num_inference_steps`` is diffusers' name
                 for it: give one of the two.
@@ -464,7 +476,7 @@ class Generator:
 
         Raises:
             InvalidRequestError: an argument is invalid, or given under both of its names (raised before
-                anything is loaded).
+                anything is loaded); :class:`~zimage_turbo.errors.InvalidImageError` for an input image.
             NotEnoughMemoryError: every way of running it ran out of memory (the Generator stays usable).
             DeviceFailedError: an earlier CUDA error other than out-of-memory broke the GPU context.
         """
@@ -483,6 +495,9 @@ class Generator:
             num_inference_steps=num_inference_steps,
             num_images_per_prompt=num_images_per_prompt,
             generator=generator,
+            image=image,
+            strength=strength,
+            mask_image=mask_image,
         )
         return result
 
@@ -490,8 +505,8 @@ class Generator:
         self,
         prompts: Sequence[str],
         *,
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         steps: int | None = None,
         seed: int | Sequence[int] | None = None,
         guidance_scale: float = 0.0,
@@ -501,6 +516,9 @@ class Generator:
         num_inference_steps: int | None = None,
         num_images_per_prompt: int | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        image: ImageInput | None = None,
+        strength: float | None = None,
+        mask_image: ImageInput | None = None,
     ) -> list[GenerationResult]:
         """Generate for several prompts in turn, reusing the loaded model; results keep the prompts' order.
 
@@ -511,6 +529,8 @@ class Generator:
 
         ``generator``: one ``torch.Generator`` draws every prompt's noise in turn (prompt order); a list holds
         one per image, ``num_images`` per prompt in prompt order (``len(prompts) * num_images`` in all).
+
+        ``image``, ``strength``, ``mask_image``: every prompt starts from these inputs (see :meth:`generate`).
         """
         steps = one_spelling("steps", steps, "num_inference_steps", num_inference_steps, DEFAULT_STEPS)
         num_images = one_spelling("num_images", num_images, "num_images_per_prompt", num_images_per_prompt, 1)
@@ -529,6 +549,7 @@ class Generator:
             negative_prompt=negative_prompt,
             num_images=num_images,
             seeded=generator is None,
+            inputs=task_inputs(image, mask_image, strength),
         )
         sources = noise_sources(generator, len(requests), requests[0].num_images if requests else 1)
         if not requests:
@@ -540,7 +561,7 @@ class Generator:
                 load_seconds = self._ensure_loaded()
             assert self._placement is not None
             profile = self._placement.profile
-            eager = [profile.compute_seconds(Workload.of(r), r.steps) for r in requests]
+            eager = [profile.compute_seconds(Workload.of(r), r.denoising_steps) for r in requests]
             for index, request in enumerate(_progress(requests, enabled=self.settings.progress and len(requests) > 1)):
                 upcoming = {phase: sum(e[phase] for e in eager[index:]) for phase in eager[index]}
                 call = Call(callback=callback, index=index, upcoming=upcoming, noise_from=sources[index])

@@ -5,8 +5,8 @@ chunks:
 
 ``zimage-turbo``
     A JSON object: prompt, negative prompt, seed, steps, size, guidance, strategy, quantization, LoRAs
-    (name -> scale), dtype, model (name and revision when known) and the library version.
-    :func:`read_metadata` returns it.
+    (name -> scale), dtype, model (name and revision when known) and the library version; for image-to-image
+    and inpainting also the task, the strength and the input images' sizes. :func:`read_metadata` returns it.
 ``parameters``
     The same facts as the one text that AUTOMATIC1111's web UI writes and that many image viewers and
     prompt tools read::
@@ -52,6 +52,9 @@ def parameters_text(metadata: Mapping[str, Any]) -> str:
         ("CFG scale", _number(metadata.get("guidance_scale"))),
         ("Seed", metadata.get("seed")),
         ("Size", f"{metadata.get('width')}x{metadata.get('height')}"),
+        ("Task", metadata.get("task")),  # image-to-image and inpainting only, as the two below
+        ("Denoising strength", _number(metadata.get("strength"))),
+        ("Input sizes", _sizes(metadata.get("input_sizes"))),
         ("Model", metadata.get("model")),
         ("Model revision", metadata.get("model_revision")),
         ("Strategy", metadata.get("strategy")),
@@ -107,6 +110,13 @@ def _number(value: object) -> object:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _sizes(value: object) -> str | None:
+    """``{"image": "640x480", "mask_image": "640x480"}`` as ``image 640x480 mask_image 640x480``."""
+    if not isinstance(value, Mapping) or not value:
+        return None
+    return " ".join(f"{name} {size}" for name, size in value.items())
 
 
 def _value(value: object) -> str:

@@ -304,6 +304,11 @@ def _needs_less(rung: Candidate, failed: Candidate, phase: str) -> bool:
 
 
 def _doing(phase: str) -> str:
-    return {"place": "placing weights", "encode": "encoding", "denoise": "denoising", "decode": "decoding"}.get(
-        phase, phase
-    )
+    doing = {
+        "place": "placing weights",
+        "encode": "encoding",
+        "encode_image": "encoding the input images",
+        "denoise": "denoising",
+        "decode": "decoding",
+    }
+    return doing.get(phase, phase)

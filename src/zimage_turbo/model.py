@@ -14,12 +14,27 @@ from typing import Any, Literal, get_args
 
 import torch
 
-__all__ = ["CAPTION_TOKENS", "MAX_SEQUENCE_LENGTH", "PRESETS", "VAE_TILE_PIXELS", "CheckpointPreset", "PresetName"]
+__all__ = [
+    "CAPTION_TOKENS",
+    "MAX_SEQUENCE_LENGTH",
+    "MAX_SIDE",
+    "MIN_SIDE",
+    "PRESETS",
+    "SIDE_MULTIPLE",
+    "VAE_TILE_PIXELS",
+    "CheckpointPreset",
+    "PresetName",
+]
 
 #: tokens of a prompt the text encoder sees, chat template included (diffusers' max_sequence_length)
 MAX_SEQUENCE_LENGTH = 512
 CAPTION_TOKENS = 128  # a typical prompt with the chat template, padded to a multiple of 32 (for the transformer)
 VAE_TILE_PIXELS = 512  # tile size (pixels per side) of our VAE tiling rung
+# Image sides: the transformer works on 2x2 patches of a latent that is 8x smaller than the image; the range is
+# the one requests accept (request.py checks it; input images are sized by it too).
+SIDE_MULTIPLE = 16
+MIN_SIDE = 256
+MAX_SIDE = 2048
 
 PresetName = Literal["tiny", "full"]
 

@@ -1,9 +1,10 @@
-"""The three phases of one generation, run separately so that each can be timed and retried on its own.
+"""The phases of one generation, run separately so that each can be timed and retried on its own.
 
 Together they do exactly what ``ZImagePipeline.__call__`` does (the CPU tests check this bit for bit):
 encode the prompt, denoise from seeded noise to latents, decode the latents with the VAE. Splitting them
 means that when the decode runs out of memory, the same latents are decoded again with VAE tiling instead
-of repeating the whole denoising.
+of repeating the whole denoising. Image-to-image and inpainting add the encoding of their input images
+(:mod:`~zimage_turbo.image_phases`) and denoise through their own diffusers pipelines, with :func:`denoise`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Progress:
 
     phase: str = "place"
     embeds: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    images: Any = None  # the encoded input images (image_phases.EncodedImages), for image-to-image and inpainting
     latents: torch.Tensor | None = None
 
 
@@ -70,10 +72,17 @@ def denoise(
     noise: torch.Tensor | None = None,
     on_step: Callable[[int, float, torch.Tensor], None] | None = None,
     device: torch.device | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    num_images: int | None = None,
+    **task_arguments: Any,
 ) -> torch.Tensor:
     """Latents after ``steps`` transformer passes from the noise of ``seeds`` (one CPU generator per image:
     the same seed gives the same noise on every device), or from ``noise`` when it is given (see
-    :func:`draw_noise`; ``seeds`` is then ignored).
+    :func:`draw_noise`; ``seeds`` is then ignored), or drawn from ``generator`` when that is given (with
+    ``num_images``, the images to make).
+
+    ``task_arguments`` go to the pipeline as they are: ``pipe`` may be one of ``ZImagePipeline``'s siblings
+    (image-to-image, inpainting), given their ``image``, ``strength`` and ``mask_image``.
 
     ``on_step(k, timestep, latents)`` is called after the ``k``-th step (1-based) with that step's scheduler
     timestep and the pipeline's own latents after it (not a copy: it must not modify them); whatever it raises
@@ -86,7 +95,9 @@ def denoise(
     """
     device = device or torch.device(pipe._execution_device)
     positive, negative = ([t.to(device) for t in part] for part in embeds)
-    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds] if noise is None else None
+    generators = generator
+    if generators is None and noise is None:
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     finished = 0
 
     def step_end(_pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -103,8 +114,9 @@ def denoise(
         width=width,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
-        num_images_per_prompt=len(seeds) if noise is None else noise.shape[0],
+        num_images_per_prompt=num_images or (len(seeds) if noise is None else noise.shape[0]),
         generator=generators,
+        **task_arguments,
         latents=noise,
         output_type="latent",
         return_dict=False,

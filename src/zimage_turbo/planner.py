@@ -364,7 +364,7 @@ def _workload(request: GenerationRequest | Workload | None, steps: int | None) -
         return Workload(), steps or DEFAULT_STEPS
     if isinstance(request, Workload):
         return request, steps or DEFAULT_STEPS
-    return Workload.of(request), steps or request.steps
+    return Workload.of(request), steps or request.denoising_steps
 
 
 def smaller_workloads(work: Workload, floor: int = DOWNSCALE_FLOOR) -> list[Workload]:

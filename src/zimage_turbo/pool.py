@@ -42,6 +42,7 @@ from .request import DEFAULT_STEPS, GenerationRequest, one_spelling, requests_fo
 from .result import GenerationResult
 from .settings import ZImageSettings
 from .strategies import MultiGPUDispatch, strategy_from
+from .task_inputs import ImageInput, task_inputs
 
 __all__ = ["GeneratorPool", "Outcome", "PromptFailure"]
 
@@ -335,8 +336,8 @@ class GeneratorPool:
         self,
         prompts: Sequence[str],
         *,
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         steps: int | None = None,
         seed: int | Sequence[int] | None = None,
         guidance_scale: float = 0.0,
@@ -344,12 +345,16 @@ class GeneratorPool:
         num_images: int | None = None,
         num_inference_steps: int | None = None,
         num_images_per_prompt: int | None = None,
+        image: ImageInput | None = None,
+        strength: float | None = None,
+        mask_image: ImageInput | None = None,
     ) -> list[Outcome]:
         """Generate for every prompt over the replicas; the outcomes keep the prompts' order.
 
         The arguments and seeds are those of :meth:`Generator.generate_many` (diffusers' names
-        ``num_inference_steps`` and ``num_images_per_prompt`` too; ``generator=`` is not taken: replicas draw
-        their noise in parallel, so give seeds): with the same arguments each
+        ``num_inference_steps`` and ``num_images_per_prompt`` too, and ``image``, ``strength``, ``mask_image`` for
+        image-to-image and inpainting; ``generator=`` is not taken: replicas draw their noise in parallel, so give
+        seeds): with the same arguments each
         image is the one a single Generator would make. Every prompt is validated before anything loads. A
         prompt that raises gives a :class:`PromptFailure` at its index; the others are unaffected.
         """
@@ -364,6 +369,7 @@ class GeneratorPool:
             guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
             num_images=num_images,
+            inputs=task_inputs(image, mask_image, strength),
         )
         return [outcome for _, outcome in self.generate_requests(requests, ordered=True)]
 
@@ -371,8 +377,8 @@ class GeneratorPool:
         self,
         prompts: Sequence[str],
         *,
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         steps: int | None = None,
         seed: int | Sequence[int] | None = None,
         guidance_scale: float = 0.0,
@@ -380,6 +386,9 @@ class GeneratorPool:
         num_images: int | None = None,
         num_inference_steps: int | None = None,
         num_images_per_prompt: int | None = None,
+        image: ImageInput | None = None,
+        strength: float | None = None,
+        mask_image: ImageInput | None = None,
     ) -> Iterator[tuple[int, Outcome]]:
         """Like :meth:`generate_many`, but yields ``(index, outcome)`` as each prompt finishes.
 
@@ -397,6 +406,7 @@ class GeneratorPool:
             guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
             num_images=num_images,
+            inputs=task_inputs(image, mask_image, strength),
         )
         return self.generate_requests(requests)
 
@@ -439,6 +449,7 @@ class GeneratorPool:
                     guidance_scale=request.guidance_scale,
                     negative_prompt=request.negative_prompt,
                     num_images=request.num_images,
+                    **(request.inputs.arguments() if request.inputs is not None else {}),
                 )
             except Exception as exc:
                 if replica.device_failure is None:  # the prompt's own failure: the replica goes on

@@ -12,7 +12,11 @@ drives each phase, scaled by the architecture so that one calibration serves eve
 * transformer:  ``k_tr * batch * (image tokens + caption tokens) * dim * dtype_bytes`` per pass
   (batch doubles with classifier-free guidance);
 * VAE decode:   ``k_vae * images * pixels * channels[0] * dtype_bytes``, or with tiling the same for one
-  512x512 tile plus the assembled image.
+  512x512 tile plus the assembled image;
+* VAE encode of input images (image-to-image, inpainting): the same form, for the largest batch the encoder
+  takes at once. Not calibrated yet: it uses the decoder's constant (an over-estimate: the encoder's widest
+  full-resolution tensors have half the decoder's channels) and 0.45 of its time (the encoder's share of the
+  convolution work of the full-size VAE, counted: 0.43).
 
 The ``k`` constants were measured on a GPU with the full-size checkpoint (``benchmarks/calibrate.py``); the
 measurements and the fit live in ``calibration.json`` beside this file. The time constants are that GPU's (an
@@ -55,6 +59,8 @@ CALIBRATION_BF16_TFLOPS = 770.0
 # The text encoder sees at most this many tokens, chat template included: diffusers pads every prompt to it and
 # cuts longer ones silently.
 _WEIGHTED = ("transformer", "text_encoder", "vae")
+# The VAE encoder's time as a share of the decoder's, until measured (see the module's description).
+VAE_ENCODER_SHARE = 0.45
 _DTYPE_BYTES = {
     "F64": 8,
     "F32": 4,
@@ -84,12 +90,18 @@ class Workload:
     images: int = 1
     guidance: bool = False
     vae_tiling: bool = False
+    # the batch of each pass of the VAE encoder over input images at the output's size (none for text-to-image)
+    image_encodes: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, request: GenerationRequest) -> Workload:
         """The workload of a generation request."""
         return cls(
-            height=request.height, width=request.width, images=request.num_images, guidance=request.guidance_scale > 0
+            height=request.height,
+            width=request.width,
+            images=request.num_images,
+            guidance=request.guidance_scale > 0,
+            image_encodes=request.inputs.image_encodes if request.inputs is not None else (),
         )
 
     @property
@@ -170,6 +182,20 @@ class Calibration:
             speeds_source=speeds.source,
         )
 
+    # the VAE encoder's constants; None: estimated from the decoder's (see the module's description)
+    vae_encode_k: float | None = None
+    vae_encode_s_per_megapixel: float | None = None
+
+    @property
+    def encode_k(self) -> float:
+        return self.vae_k if self.vae_encode_k is None else self.vae_encode_k
+
+    @property
+    def encode_s_per_megapixel(self) -> float:
+        if self.vae_encode_s_per_megapixel is not None:
+            return self.vae_encode_s_per_megapixel
+        return self.vae_s_per_megapixel * VAE_ENCODER_SHARE
+
 
 @cache
 def load_calibration() -> Calibration:
@@ -190,6 +216,8 @@ def load_calibration() -> Calibration:
         source=data.get("source", "calibration.json"),
         raw=data,
         gpu=data.get("gpu", "NVIDIA H200"),
+        vae_encode_k=fit.get("vae_encode_k"),
+        vae_encode_s_per_megapixel=fit.get("vae_encode_s_per_megapixel"),
     )
 
 
@@ -237,10 +265,22 @@ class ModelProfile:
             return int(tile + work.images * work.pixels * 3 * 4)
         return int(self.calibration.vae_k * work.images * work.pixels * per_pixel)
 
+    def encode_image_activation_bytes(self, work: Workload) -> int:
+        """The VAE encoder's peak over the input images: its largest batch (0 without input images)."""
+        batch = max(work.image_encodes, default=0)
+        if not batch:
+            return 0
+        per_pixel = self.vae_channels * self.dtype_bytes
+        image = batch * work.pixels * 3 * 4  # the float32 input, beside the encoder's own tensors
+        if work.vae_tiling and max(work.height, work.width) > VAE_TILE_PIXELS:
+            return int(self.calibration.encode_k * VAE_TILE_PIXELS**2 * per_pixel + image)
+        return int(self.calibration.encode_k * batch * work.pixels * per_pixel + image)
+
     def activation_bytes(self, work: Workload) -> dict[str, int]:
-        """Activation peak of each phase: ``encode``, ``denoise``, ``decode``."""
+        """Activation peak of each phase: ``encode``, ``encode_image``, ``denoise``, ``decode``."""
         return {
             "encode": self.encode_activation_bytes(work),
+            "encode_image": self.encode_image_activation_bytes(work),
             "denoise": self.denoise_activation_bytes(work),
             "decode": self.decode_activation_bytes(work),
         }
@@ -257,15 +297,13 @@ class ModelProfile:
     def compute_seconds(self, work: Workload, steps: int) -> dict[str, float]:
         """Seconds of pure compute per phase, everything resident on the calibration GPU."""
         cal = self.calibration
+        tiled = cal.vae_tiling_slowdown if work.vae_tiling else 1.0
         return {
             "encode": cal.text_encoder_s * (2 if work.guidance else 1),
+            "encode_image": cal.encode_s_per_megapixel * sum(work.image_encodes) * work.pixels / 1e6 * tiled,
             "denoise": steps
             * (cal.transformer_pass_s_fixed + self.transformer_pass_tflop(work) * cal.transformer_pass_s_per_tflop),
-            "decode": cal.vae_s_per_megapixel
-            * work.images
-            * work.pixels
-            / 1e6
-            * (cal.vae_tiling_slowdown if work.vae_tiling else 1.0),
+            "decode": cal.vae_s_per_megapixel * work.images * work.pixels / 1e6 * tiled,
         }
 
     def transfer_seconds(self, nbytes: float) -> float:

@@ -62,7 +62,14 @@ class ReplicaActor:
             ids.append(item.id)
             try:
                 result = self.generator.generate(
-                    item.prompt, height=item.height, width=item.width, steps=item.steps, seed=item.seed
+                    item.prompt,
+                    height=item.height,
+                    width=item.width,
+                    steps=item.steps,
+                    seed=item.seed,
+                    image=item.image,
+                    mask_image=item.mask,
+                    strength=item.strength,
                 )
                 write_image(self.out_dir, item, result)
                 rows.append(json.dumps(manifest_row(item, result, worker=_worker()), ensure_ascii=False))

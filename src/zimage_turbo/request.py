@@ -13,13 +13,18 @@ import operator
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import InvalidRequestError
+from .model import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
+
+if TYPE_CHECKING:
+    from .task_inputs import TaskInputs, TaskName
 
 __all__ = [
+    "DEFAULT_SIDE",
     "DEFAULT_STEPS",
     "MAX_IMAGES",
     "MAX_PROMPT_CHARS",
@@ -37,10 +42,7 @@ __all__ = [
     "seed_or_generator",
 ]
 
-# The transformer works on 2x2 patches of a latent that is 8x smaller than the image.
-SIDE_MULTIPLE = 16
-MIN_SIDE = 256
-MAX_SIDE = 2048
+DEFAULT_SIDE = 1024  # height and width of a text-to-image request that gives none
 # diffusers >= 0.39 counts steps as transformer passes: 8 passes reproduce the official "9 step" schedule
 # of Z-Image-Turbo (whose last step was a no-op). See docs/usage.md.
 DEFAULT_STEPS = 8
@@ -61,6 +63,9 @@ class GenerationRequest:
     ``seed`` may be None (a random seed is drawn by :meth:`with_seed`). Image ``k`` of a request starts from
     the noise of seed ``seed + k``, so any image of a batch can be reproduced alone (up to float rounding:
     batched matrix products round differently from single ones).
+
+    ``inputs``: the images an image-to-image or inpainting request starts from (see
+    :mod:`~zimage_turbo.task_inputs`); None for text-to-image.
     """
 
     prompt: str
@@ -71,6 +76,7 @@ class GenerationRequest:
     negative_prompt: str | None = None
     num_images: int = 1
     seed: int | None = None
+    inputs: TaskInputs | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt", _check_prompt("prompt", self.prompt))
@@ -88,6 +94,29 @@ class GenerationRequest:
                     f"seed {self.seed} + {self.num_images - 1} exceeds the largest seed {MAX_SEED}: image k of "
                     "a request uses seed + k"
                 )
+        if self.inputs is not None:
+            from .task_inputs import TaskInputs
+
+            if not isinstance(self.inputs, TaskInputs):
+                raise InvalidRequestError(f"inputs must be TaskInputs or None, got {type(self.inputs).__name__}")
+            if self.denoising_steps < 1:
+                raise InvalidRequestError(
+                    f"strength {self.inputs.strength} leaves no denoising step of {self.steps}; raise strength or steps"
+                )
+
+    @property
+    def task(self) -> TaskName:
+        """``"text_to_image"``, or the task of the request's ``inputs``."""
+        return "text_to_image" if self.inputs is None else self.inputs.task
+
+    @property
+    def denoising_steps(self) -> int:
+        """Transformer passes the request runs: ``steps``, or fewer for a ``strength`` below 1."""
+        if self.inputs is None:
+            return self.steps
+        from .task_inputs import denoising_steps
+
+        return denoising_steps(self.steps, self.inputs.strength)
 
     def with_seed(self) -> GenerationRequest:
         """This request with a concrete seed (a random one if none was given)."""
@@ -104,14 +133,15 @@ class GenerationRequest:
 def requests_for(
     prompts: Sequence[str],
     *,
-    height: int = 1024,
-    width: int = 1024,
+    height: int | None = None,
+    width: int | None = None,
     steps: int = DEFAULT_STEPS,
     seed: int | Sequence[int] | None = None,
     guidance_scale: float = 0.0,
     negative_prompt: str | None = None,
     num_images: int = 1,
     seeded: bool = True,
+    inputs: TaskInputs | None = None,
 ) -> list[GenerationRequest]:
     """One validated request per prompt, each with its seed, as ``Generator.generate_many`` makes them.
 
@@ -121,6 +151,9 @@ def requests_for(
 
     ``seeded=False``: the noise comes from elsewhere (a caller's ``torch.Generator``), so no seed is drawn and
     the requests' ``seed`` stays None; ``seed`` must then be None.
+
+    ``inputs``: the input images every prompt starts from (image-to-image, inpainting). ``height`` and
+    ``width`` default to 1024, or with ``inputs`` to the input's size (:meth:`TaskInputs.output_size`).
     """
     if isinstance(prompts, (str, bytes)):
         raise InvalidRequestError("generate_many takes a list of prompts; for one prompt use generate()")
@@ -138,13 +171,16 @@ def requests_for(
     else:
         first = check_seed(seed)
         seeds = [first + i for i in range(len(prompts))]
+    if inputs is not None:
+        height, width = inputs.output_size(height, width)
     shared: dict[str, Any] = {
-        "height": height,
-        "width": width,
+        "height": DEFAULT_SIDE if height is None else height,
+        "width": DEFAULT_SIDE if width is None else width,
         "steps": steps,
         "guidance_scale": guidance_scale,
         "negative_prompt": negative_prompt,
         "num_images": num_images,
+        "inputs": inputs,
     }
     if not prompts:
         GenerationRequest(prompt="-", **shared)  # nothing to generate; still refuse bad shared arguments

@@ -86,7 +86,8 @@ class Timings:
     """Seconds spent in each phase of one call.
 
     ``load`` is non-zero only for the call that loaded the model; ``recovery`` is time spent on attempts that
-    ran out of memory and on moving weights between strategies.
+    ran out of memory and on moving weights between strategies. ``encode_image`` is the VAE encoder's pass over
+    the input images of image-to-image and inpainting (0 for text-to-image).
     """
 
     load: float = 0.0
@@ -94,11 +95,12 @@ class Timings:
     denoise: float = 0.0
     decode: float = 0.0
     recovery: float = 0.0
+    encode_image: float = 0.0
 
     @property
     def work(self) -> float:
-        """Encode, denoise and decode of the attempt that succeeded."""
-        return self.encode + self.denoise + self.decode
+        """The phases of the attempt that succeeded."""
+        return self.encode + self.encode_image + self.denoise + self.decode
 
     @property
     def total(self) -> float:
@@ -109,6 +111,7 @@ class Timings:
         return {
             "load": self.load,
             "encode": self.encode,
+            "encode_image": self.encode_image,
             "denoise": self.denoise,
             "decode": self.decode,
             "recovery": self.recovery,
@@ -171,6 +174,10 @@ class GenerationResult:
             where known, else None.
         loras: the LoRAs fused into the weights that made the images, name -> scale, in loading order (see
             :meth:`~zimage_turbo.Generator.load_lora`); empty without.
+        task: ``"text_to_image"``, ``"image_to_image"`` or ``"inpaint"``.
+        strength: the ``strength`` of image-to-image and inpainting (None for text-to-image).
+        input_sizes: (width, height) of each input image as given, by argument (``"image"``, ``"mask_image"``);
+            empty for text-to-image. ``warnings`` say when they were resized to the output's size.
     """
 
     images: tuple[Image.Image, ...]
@@ -196,6 +203,9 @@ class GenerationResult:
     model: str | None = None
     model_revision: str | None = None
     loras: Mapping[str, float] = field(default_factory=dict)
+    task: str = "text_to_image"
+    strength: float | None = None
+    input_sizes: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def image(self) -> Image.Image:
@@ -227,7 +237,12 @@ class GenerationResult:
 
     def metadata(self, index: int = 0) -> dict[str, Any]:
         """How image ``index`` was made, as saved into its PNG (JSON-ready; see
-        :mod:`zimage_turbo.image_metadata`)."""
+        :mod:`zimage_turbo.image_metadata`). Image-to-image and inpainting add ``task``, ``strength`` and
+        ``input_sizes`` (``{"image": "WxH", ...}``)."""
+        task: dict[str, Any] = {}
+        if self.task != "text_to_image":
+            sizes = {name: f"{width}x{height}" for name, (width, height) in self.input_sizes.items()}
+            task = {"task": self.task, "strength": self.strength, "input_sizes": sizes}
         return {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
@@ -243,6 +258,7 @@ class GenerationResult:
             "model_revision": self.model_revision,
             "loras": dict(self.loras),
             "version": __version__,
+            **task,
         }
 
     def _repr_png_(self) -> bytes:

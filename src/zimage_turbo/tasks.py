@@ -2,8 +2,9 @@
 
 A task is a list of phases (text-to-image: encode the prompt, denoise, decode). Each phase reads what earlier
 ones left in :class:`~zimage_turbo.phases.Progress` and adds its own output, so a retry on another rung skips
-the phases already done (a decode that ran out of memory does not repeat the denoising). A new task
-(image-to-image adds encoding the input image) is a new list here; the ladder does not change.
+the phases already done (a decode that ran out of memory does not repeat the denoising). Image-to-image and
+inpainting add ``encode_image``, the VAE encoder over their input images (:mod:`~zimage_turbo.image_phases`),
+and denoise through their own diffusers pipelines; the ladder does not change.
 
 Everything one call needs on its way down travels in a :class:`Call`, never as attributes of the Generator.
 """
@@ -22,6 +23,7 @@ from .errors import NumericalError, first_line
 from .execution import on_device
 from .failures import is_out_of_memory
 from .hardware import host_peak_rss_bytes
+from .image_phases import denoise_images, encode_images, noise_generators
 from .phases import (
     MAX_SEQUENCE_LENGTH,
     PhaseClock,
@@ -42,12 +44,17 @@ from .request import GenerationRequest
 from .result import Fallback, GenerationResult, StepInfo, Timings
 from .speedups import SpeedupDriver
 
-__all__ = ["TEXT_TO_IMAGE", "Attempt", "Call", "phases_of", "result_of", "run_task"]
+__all__ = ["IMAGE_TO_IMAGE", "INPAINT", "TEXT_TO_IMAGE", "Attempt", "Call", "phases_of", "result_of", "run_task"]
 
 logger = logging.getLogger(__name__)
 
 #: the phases of a text-to-image request, in order
 TEXT_TO_IMAGE = ("encode", "denoise", "decode")
+#: image-to-image: the input image is encoded by the VAE before the denoising starts from it
+IMAGE_TO_IMAGE = ("encode", "encode_image", "denoise", "decode")
+#: inpainting: the same phases; encode_image encodes the image and the image with the mask's area blanked
+INPAINT = ("encode", "encode_image", "denoise", "decode")
+_PHASES = {"text_to_image": TEXT_TO_IMAGE, "image_to_image": IMAGE_TO_IMAGE, "inpaint": INPAINT}
 
 
 @dataclass
@@ -62,7 +69,9 @@ class Call:
         callback_error: what the callback raised, so that the ladder never mistakes it for a failure of ours.
         noise_from: the caller's ``torch.Generator`` (or one per image) that the initial noise comes from, or
             None when it comes from the request's seeds; ``noise`` is what was drawn from it, kept so that a
-            retry on another rung starts from the same noise instead of drawing again.
+            retry on another rung starts from the same noise instead of drawing again. Image-to-image and
+            inpainting draw inside diffusers' pipeline instead: ``noise_states`` keeps the generators' states
+            from before the first attempt, put back before a retry.
     """
 
     fallbacks: list[Fallback] = field(default_factory=list)
@@ -72,6 +81,7 @@ class Call:
     callback_error: BaseException | None = None
     noise_from: torch.Generator | list[torch.Generator] | None = None
     noise: torch.Tensor | None = None
+    noise_states: list[torch.Tensor] | None = None
 
 
 class Attempt(NamedTuple):
@@ -84,8 +94,8 @@ class Attempt(NamedTuple):
 
 
 def phases_of(request: GenerationRequest) -> tuple[str, ...]:
-    """The phases ``request`` runs (text-to-image is the only task so far)."""
-    return TEXT_TO_IMAGE
+    """The phases ``request`` runs, in order."""
+    return _PHASES[request.task]
 
 
 def run_task(
@@ -152,9 +162,15 @@ class _Run:
         # Phase boundaries are marked without waiting for the GPU (a wait between phases would leave it idle
         # while the next phase is being prepared); the marks are read once, when the images are out.
         clock = PhaseClock(self.devices)
-        steps = {"encode": self._encode, "denoise": self._denoise, "decode": self._decode}
+        steps = {
+            "encode": self._encode,
+            "encode_image": self._encode_image,
+            "denoise": self._denoise,
+            "decode": self._decode,
+        }
         images: list[Any] = []
-        for phase in phases_of(self.request):
+        phases = phases_of(self.request)
+        for phase in phases:
             images = steps[phase]() or images
             clock.mark()
         if self.finite is not None and not bool(self.finite):
@@ -163,12 +179,13 @@ class _Run:
                 f"the denoised latents contain NaN or infinity ({self.placement.dtype}); the image would be "
                 "black. float16 does this on GPUs without bf16: use dtype='float32' or 'bfloat16'."
             )
-        encode_s, denoise_s, decode_s = clock.durations()
-        timings = Timings(encode=encode_s, denoise=denoise_s, decode=decode_s)
+        measured = dict(zip(phases, clock.durations(), strict=True))
+        timings = Timings(**measured)
         if self.rung.vae_tiling:
-            self.ran.discard("decode")  # a tiled decode is not the workload the planner predicted
-        predicted = self.placement.profile.compute_seconds(Workload.of(self.request), self.request.steps)
-        measured = {"encode": encode_s, "denoise": denoise_s, "decode": decode_s}
+            self.ran.discard("decode")  # a tiled decode (or encode) is not the workload the planner predicted
+            self.ran.discard("encode_image")
+        request = self.request
+        predicted = self.placement.profile.compute_seconds(Workload.of(request), request.denoising_steps)
         self.speedups.finished(self.pipe, {phase: measured[phase] for phase in self.ran}, predicted)
         return Attempt(images, timings, self.rung, _peaks(self.devices))
 
@@ -187,6 +204,16 @@ class _Run:
                 self.pipe, request.prompt, request.negative_prompt, request.guidance_scale > 0, encode_on
             )
 
+    def _encode_image(self) -> None:
+        if self.progress.images is not None:
+            return
+        self.ran.add("encode_image")
+        self.progress.phase = "encode_image"
+        request = self.request
+        assert request.inputs is not None
+        with on_device(self.device):
+            self.progress.images = encode_images(self.pipe, request.inputs, request.height, request.width, self.device)
+
     def _denoise(self) -> None:
         if self.progress.latents is not None:
             return
@@ -194,20 +221,49 @@ class _Run:
         self.progress.phase = "denoise"
         request = self.request
         assert self.progress.embeds is not None
+        if request.inputs is not None:
+            self.progress.latents = self._denoise_images()
+        else:
+            with on_device(self.device):
+                self.progress.latents = self._denoise_text()
+        self.finite = torch.isfinite(self.progress.latents).all()  # read after the decode, which waits anyway
+
+    def _denoise_text(self) -> torch.Tensor:
+        request = self.request
+        assert self.progress.embeds is not None
+        return denoise(
+            self.pipe,
+            self.progress.embeds,
+            height=request.height,
+            width=request.width,
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            seeds=request.seeds,
+            noise=self._noise(),
+            on_step=step_hook(self.call, request, self.rung),
+            device=self.device,
+        )
+
+    def _denoise_images(self) -> torch.Tensor:
+        call, request, progress = self.call, self.request, self.progress
+        assert request.inputs is not None and progress.embeds is not None and progress.images is not None
+        generator, call.noise_states = noise_generators(request.seeds, call.noise_from, call.noise_states)
         with on_device(self.device):
-            self.progress.latents = denoise(
+            return denoise_images(
                 self.pipe,
-                self.progress.embeds,
+                request.task,
+                progress.images,
+                progress.embeds,
+                strength=request.inputs.strength,
                 height=request.height,
                 width=request.width,
                 steps=request.steps,
                 guidance_scale=request.guidance_scale,
-                seeds=request.seeds,
-                noise=self._noise(),
-                on_step=step_hook(self.call, request, self.rung),
+                num_images=request.num_images,
+                generator=generator,
+                on_step=step_hook(call, request, self.rung),
                 device=self.device,
             )
-        self.finite = torch.isfinite(self.progress.latents).all()  # read after the decode, which waits anyway
 
     def _noise(self) -> torch.Tensor | None:
         """The initial noise drawn from the caller's generator(s), once per request: a retry reuses it (a
@@ -253,7 +309,8 @@ def step_hook(
         return None
 
     def on_step(done: int, timestep: float, latents: torch.Tensor) -> None:
-        info = StepInfo(done, request.steps, request.prompt, call.index, rung.name, timestep=timestep, latents=latents)
+        steps = request.denoising_steps
+        info = StepInfo(done, steps, request.prompt, call.index, rung.name, timestep=timestep, latents=latents)
         try:
             callback(info)
         except BaseException as exc:
@@ -307,6 +364,8 @@ def result_of(
         )
     if request.negative_prompt is not None and request.guidance_scale == 0:
         warnings.append("negative_prompt has no effect when guidance_scale is 0")
+    if request.inputs is not None:
+        warnings += request.inputs.resized(request.height, request.width)
     # the CPU's strategy, or a strategy given as an instance, does not quantize: said, not silently dropped
     if quantization not in ("auto", "none") and rung.strategy.quantize is None:
         warnings.append(
@@ -346,4 +405,7 @@ def result_of(
         model=placement.model.name or None,
         model_revision=placement.model.revision,
         loras=placement.adapters.scales,
+        task=request.task,
+        strength=request.inputs.strength if request.inputs is not None else None,
+        input_sizes=request.inputs.sizes() if request.inputs is not None else {},
     )

@@ -46,7 +46,10 @@ __all__ = [
     "quantized_transformer_bytes",
 ]
 
-PHASES = ("encode", "denoise", "decode")
+PHASES = ("encode", "encode_image", "denoise", "decode")
+# Phases whose weights on the GPU are those of another phase when a strategy gives none of their own: only the VAE
+# runs while input images are encoded, as while latents are decoded.
+_WEIGHTS_AS = {"encode_image": "decode"}
 # The caching allocator needs some slack beyond the bytes it hands out (fragmentation): a plan fits a card
 # only with this margin on top of the estimated peak.
 ALLOCATOR_MARGIN = 0.04
@@ -89,10 +92,9 @@ def peaks_over_phases(
     by_phase: dict[str, dict[int, int]] = {}
     peaks: dict[int, int] = {}
     for phase in PHASES:
-        devices = set(resident.get(phase, {})) | set(activations.get(phase, {}))
-        by_phase[phase] = {
-            gpu: resident.get(phase, {}).get(gpu, 0) + activations.get(phase, {}).get(gpu, 0) for gpu in devices
-        }
+        weights = resident.get(phase, resident.get(_WEIGHTS_AS.get(phase, phase), {}))
+        devices = set(weights) | set(activations.get(phase, {}))
+        by_phase[phase] = {gpu: weights.get(gpu, 0) + activations.get(phase, {}).get(gpu, 0) for gpu in devices}
         for gpu, value in by_phase[phase].items():
             peaks[gpu] = max(peaks.get(gpu, 0), value)
     return MemoryEstimate(gpu_peak=peaks, by_phase=by_phase)

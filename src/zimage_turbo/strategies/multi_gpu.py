@@ -156,8 +156,10 @@ def _assign(
     order = sorted(capacities, key=lambda index: -capacities[index])
     cards = [_Card(index, capacities[index]) for index in order]
     main = cards[0]
-    # The main card holds the transformer's non-block weights and the VAE, and runs the decode.
-    if not main.take(profile.transformer.other_bytes + profile.vae.weight_bytes, max(acts["denoise"], acts["decode"])):
+    # The main card holds the transformer's non-block weights and the VAE, and runs the decode (and the encode of
+    # input images).
+    vae_peak = max(acts["denoise"], acts["decode"], acts["encode_image"])
+    if not main.take(profile.transformer.other_bytes + profile.vae.weight_bytes, vae_peak):
         return None
     if stream_text_encoder:
         return _assign_streamed_text_encoder(profile, cards, acts, balanced=balanced)
@@ -386,7 +388,7 @@ class MultiGPUHybrid(MultiGPUDispatch):
         te = profile.text_encoder
         encode = max(compute["encode"], profile.transfer_seconds(sum(te.block_bytes)))
         encode += BLOCK_OVERHEAD_S * len(te.block_bytes) + profile.transfer_seconds(te.other_bytes)
-        return encode + CROSS_GPU_OVERHEAD * (compute["denoise"] + compute["decode"])
+        return encode + CROSS_GPU_OVERHEAD * (compute["denoise"] + compute["encode_image"] + compute["decode"])
 
 
 def _place(

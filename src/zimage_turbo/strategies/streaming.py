@@ -256,7 +256,7 @@ class Hybrid(QuantizableTransformer, _StreamingStrategy):
         encode = max(compute["encode"], profile.transfer_seconds(sum(te.block_bytes))) + BLOCK_OVERHEAD_S * len(
             te.block_bytes
         )
-        return encode + compute["denoise"] + compute["decode"]
+        return encode + compute["denoise"] + compute["encode_image"] + compute["decode"]
 
 
 class StreamedOffload(Quantizable, _StreamingStrategy):
@@ -326,7 +326,7 @@ class StreamedOffload(Quantizable, _StreamingStrategy):
         encode = max(compute["encode"], profile.transfer_seconds(sum(te.block_bytes)))
         encode += BLOCK_OVERHEAD_S * len(te.block_bytes)
         encode += profile.transfer_seconds(te.other_bytes)  # once per call, from their pinned homes
-        return encode + steps * per_pass + compute["decode"]
+        return encode + steps * per_pass + compute["encode_image"] + compute["decode"]
 
 
 class SequentialOffload(_StreamingStrategy):
@@ -353,4 +353,4 @@ class SequentialOffload(_StreamingStrategy):
         compute = profile.compute_seconds(work, steps)
         per_pass = max(compute["denoise"] / steps, profile.transfer_seconds(profile.transformer.weight_bytes))
         encode = max(compute["encode"], profile.transfer_seconds(profile.text_encoder.weight_bytes))
-        return LEAF_OVERHEAD * (encode + steps * per_pass) + compute["decode"]
+        return LEAF_OVERHEAD * (encode + steps * per_pass) + compute["encode_image"] + compute["decode"]

@@ -1,0 +1,183 @@
+"""Image-to-image and inpainting: the phase that encodes their input images, and their denoising, by diffusers.
+
+diffusers' ``ZImageImg2ImgPipeline`` and ``ZImageInpaintPipeline`` run the VAE encoder inside their
+``__call__``, between the prompt and the denoising loop: on the input image, and for inpainting on the image with
+the mask's area blanked as well. Here that encoder pass is a phase of its own, ``encode_image``, with its own
+memory estimate and its own place on the out-of-memory ladder:
+
+* :func:`encode_images` runs the VAE encoder on exactly the tensors the pipeline will hand it (made by the
+  pipeline's own image and mask processors) and keeps what the encoder returns: the parameters of the latent
+  distribution, a latent-sized tensor per input;
+* :func:`denoise_images` then calls the pipeline, built on the same loaded modules (:func:`task_pipeline`: no
+  copy, no reload), with the VAE's ``encode`` answering from those parameters. The pipeline samples the latent
+  distribution, scales, draws the noise, noises the latents, runs the schedule cut by ``strength`` and, for
+  inpainting, blends the kept area back after every step, exactly as it always does, with the same draws from the
+  same generators: the image is diffusers' own, bit for bit on a CPU (tests/test_tasks.py). An encoder input that
+  was not encoded here (none is expected) is encoded there, as diffusers would.
+
+The parameters stay where the encoder made them; a retry on another rung moves them to where it computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .execution import pin_execution_device
+from .phases import denoise
+from .quiet_imports import quiet_imports
+from .task_inputs import TaskInputs, TaskName
+
+__all__ = ["EncodedImages", "denoise_images", "encode_images", "noise_generators", "task_pipeline"]
+
+logger = logging.getLogger(__name__)
+
+_SIBLINGS = "_zimage_turbo_task_pipelines"
+
+
+@dataclass(frozen=True)
+class EncodedImages:
+    """What the ``encode_image`` phase leaves for the denoising: the inputs at the output's size as the pipeline
+    is given them, and each encoder input (float32, on the host) with the encoder's output for it."""
+
+    image: Image.Image
+    mask: Image.Image | None
+    encoded: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    dtype: torch.dtype  # the dtype the encoder ran in
+
+
+def task_pipeline(pipe: Any, task: TaskName) -> Any:
+    """The diffusers pipeline of ``task`` on the modules of ``pipe`` (a ``ZImagePipeline``): ``pipe`` itself for
+    text-to-image, else a sibling made once from ``pipe.components`` (the same module objects, so that whatever a
+    strategy placed or hooked is what the sibling runs) and made again if a component was replaced."""
+    if task == "text_to_image":
+        return pipe
+    with quiet_imports():
+        from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline
+
+    made: dict[str, Any] = pipe.__dict__.setdefault(_SIBLINGS, {})
+    components = pipe.components
+    sibling = made.get(task)
+    if sibling is None or any(getattr(sibling, name) is not module for name, module in components.items()):
+        kind = ZImageInpaintPipeline if task == "inpaint" else ZImageImg2ImgPipeline
+        sibling = kind(**components)
+        made[task] = sibling
+    # the base pipeline's progress bar (ours, with its options: see loader.py) serves the sibling too
+    sibling.progress_bar = pipe.progress_bar
+    return sibling
+
+
+def encode_images(pipe: Any, inputs: TaskInputs, height: int, width: int, device: torch.device) -> EncodedImages:
+    """The ``encode_image`` phase: the VAE encoder over the inputs of ``inputs`` at ``height`` x ``width``."""
+    sibling = task_pipeline(pipe, inputs.task)
+    image = inputs.image.loaded().pixels
+    assert image is not None
+    if image.size != (width, height):
+        image = sibling.image_processor.resize(image, height, width)  # diffusers' resize (Lanczos)
+    # what ZImageImg2ImgPipeline.__call__ and ZImageInpaintPipeline.__call__ make of the image and the mask
+    pixels = sibling.image_processor.preprocess(image).to(dtype=torch.float32)
+    wanted = [pixels]
+    mask = None
+    if inputs.mask is not None:
+        mask = inputs.mask.loaded().pixels
+        assert mask is not None
+        blank = sibling.mask_processor.preprocess(mask, height=height, width=width) < 0.5
+        wanted.append(pixels * blank)
+    vae = sibling.vae
+    encoded = tuple((x, vae.encode(x.to(device=device, dtype=vae.dtype)).latent_dist.parameters) for x in wanted)
+    return EncodedImages(image, mask, encoded, vae.dtype)
+
+
+def denoise_images(
+    pipe: Any,
+    task: TaskName,
+    encoded: EncodedImages,
+    embeds: tuple[list[torch.Tensor], list[torch.Tensor]],
+    *,
+    strength: float,
+    height: int,
+    width: int,
+    steps: int,
+    guidance_scale: float,
+    num_images: int,
+    generator: torch.Generator | list[torch.Generator],
+    on_step: Callable[[int, float, torch.Tensor], None] | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Latents of an image-to-image or inpainting request, denoised by ``task``'s diffusers pipeline from the
+    inputs :func:`encode_images` encoded (see the module's description)."""
+    sibling = task_pipeline(pipe, task)
+    pin_execution_device(sibling, device)  # as the placement pinned the base pipeline (see execution.py)
+    arguments: dict[str, Any] = {"image": encoded.image, "strength": strength}
+    if encoded.mask is not None:
+        arguments["mask_image"] = encoded.mask
+    with _encoder_answering(sibling.vae, encoded):
+        return denoise(
+            sibling,
+            embeds,
+            height=height,
+            width=width,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seeds=(),
+            on_step=on_step,
+            device=device,
+            generator=generator,
+            num_images=num_images,
+            **arguments,
+        )
+
+
+def noise_generators(
+    seeds: tuple[int, ...],
+    given: torch.Generator | list[torch.Generator] | None,
+    states: list[torch.Tensor] | None,
+) -> tuple[torch.Generator | list[torch.Generator], list[torch.Tensor] | None]:
+    """What the pipeline draws from, and the generators' states to keep for a retry.
+
+    From ``seeds``: one new CPU generator per image, as text-to-image draws them. From the caller's ``given``
+    generator(s): their states are kept before the first attempt (``states`` None) and put back before a retry, so
+    that the image is the one diffusers makes from generators in that state, however many rungs it took."""
+    if given is None:
+        return [torch.Generator("cpu").manual_seed(seed) for seed in seeds], None
+    each = given if isinstance(given, list) else [given]
+    if states is None:
+        states = [g.get_state() for g in each]
+    else:
+        for g, state in zip(each, states, strict=True):
+            g.set_state(state)
+    return given, states
+
+
+@contextlib.contextmanager
+def _encoder_answering(vae: Any, encoded: EncodedImages) -> Iterator[None]:
+    """``vae.encode`` answers from ``encoded`` inside the block, for inputs equal to those encoded in that dtype."""
+    with quiet_imports():
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+    real = vae.encode
+
+    def encode(x: torch.Tensor, return_dict: bool = True) -> Any:
+        for key, parameters in encoded.encoded:
+            if x.dtype == encoded.dtype and x.shape == key.shape and torch.equal(x, key.to(x.device, x.dtype)):
+                posterior = DiagonalGaussianDistribution(parameters.to(x.device))
+                return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+        logger.debug("the pipeline encodes an input of shape %s that the encode_image phase did not", tuple(x.shape))
+        return real(x, return_dict=return_dict)
+
+    own = vars(vae).get("encode")  # an encode set on the instance before (none, normally)
+    vae.encode = encode
+    try:
+        yield
+    finally:
+        if own is None:
+            del vae.encode  # the class's method again
+        else:
+            vae.encode = own
