@@ -12,7 +12,7 @@ if [ ! -f /tmp/full/model_index.json ]; then
 fi
 what=${1:-all}
 if [ "$what" = tests ] || [ "$what" = all ]; then
-    ZIMAGE_TEST_FULL_CHECKPOINT=/tmp/full python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/gpu/test_lora.py \
+    ZIMAGE_TEST_FULL_CHECKPOINT=/tmp/full python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/gpu/test_gpu_lora.py \
         2>&1 | tee "$out/gpu-tests-lora.log" | tail -25
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
