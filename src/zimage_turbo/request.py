@@ -61,6 +61,14 @@ class GenerationRequest:
     ``seed`` may be None (a random seed is drawn by :meth:`with_seed`). Image ``k`` of a request starts from
     the noise of seed ``seed + k``, so any image of a batch can be reproduced alone (up to float rounding:
     batched matrix products round differently from single ones).
+
+    Examples:
+        >>> GenerationRequest("a red fox", width=768, height=512).num_images
+        1
+        >>> GenerationRequest("a red fox", width=1000)
+        Traceback (most recent call last):
+        zimage_turbo.errors.InvalidRequestError: width must be a multiple of 16 between 256 and 2048 pixels, got
+        1000 (nearest allowed: 1008)
     """
 
     prompt: str
