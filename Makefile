@@ -1,6 +1,7 @@
 # Set-up and checks. Two commands on a fresh machine:
 #   make demo   creates .venv, installs the package, generates demo.png with the built-in tiny checkpoint
 #   make test   creates .venv, installs the package with its dev tools, runs ruff, mypy and the CPU tests
+# and `make docs` builds the documentation site into site/ (mkdocs build --strict: any warning fails it).
 #
 # torch is installed first, pinned, so that pip does not pull a multi-GB CUDA build to satisfy "torch>=2.6"
 # on a CPU-only machine. On a machine with a GPU, choose the build you want, e.g.
@@ -12,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test lint typecheck unit gpu-test bench-full clean test-min-versions
+.PHONY: demo test lint typecheck unit gpu-test bench-full clean test-min-versions docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,20 +29,32 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e ".[dev]"
 	touch $@ $(VENV)/.installed-base
 
+$(VENV)/.installed-docs: pyproject.toml | $(BIN)/python
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e ".[docs]"
+	touch $@ $(VENV)/.installed-base
+
 demo: $(VENV)/.installed-base
 	$(BIN)/zimage-turbo demo -o demo.png
 
 test: $(VENV)/.installed-dev lint typecheck unit
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy src
 
 unit: $(VENV)/.installed-dev
 	$(BIN)/pytest -q
+
+# The site: the pages under docs/, the README, changelog and security policy, the example notebook and the API
+# reference from the docstrings (mkdocs.yml). --strict: a broken link, a docstring griffe cannot parse or a
+# cross-reference to nothing fails the build. NO_MKDOCS_2_WARNING hides mkdocs-material's notice about its
+# own end of life, printed on every build (see docs/development.md).
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # On a machine with a CUDA GPU (the GPU tests skip elsewhere).
 gpu-test: $(VENV)/.installed-dev
@@ -62,4 +75,4 @@ test-min-versions:
 	$(MIN_VENV)/bin/pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache demo.png
+	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache demo.png site

@@ -363,7 +363,8 @@ class Generator:
         Args:
             prompt: what to draw. Up to 512 tokens (chat template included) reach the model; a longer
                 prompt is cut, and the result's ``warnings`` say so.
-            height, width: pixels, multiples of 16 between 256 and 2048.
+            height: pixels, a multiple of 16 between 256 and 2048.
+            width: pixels, a multiple of 16 between 256 and 2048.
             steps: transformer passes. 8 (the default) is Z-Image-Turbo's official schedule, which its
                 model card calls "9 steps" (the 9th was a no-op). ``num_inference_steps`` is diffusers' name
                 for it: give one of the two.
