@@ -18,3 +18,9 @@ def clean_doctest_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / ".cache"))
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """conftest.py files hold fixtures, not doctests: collected by --doctest-modules, each would be imported
+    again as a module named ``conftest``, and the second would clash with the first."""
+    return True if collection_path.name == "conftest.py" else None
