@@ -16,7 +16,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import html
-import importlib.util
 import logging
 import re
 from collections.abc import Iterator
@@ -100,5 +99,6 @@ def _internal(obj: Object, target: str) -> bool:
         return True
     try:
         return obj.resolve(head).startswith(f"{PACKAGE}.")
-    except Exception:  # not in the module's scope: a builtin, another package, or a typo
-        return not (hasattr(builtins, head) or importlib.util.find_spec(head) is not None)
+    except Exception:  # not a name in the module's scope: a builtin, a package it imports from, or a typo
+        imported = obj.module.imports.values()
+        return not (hasattr(builtins, head) or any(path.split(".")[0] == head for path in imported))
