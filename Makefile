@@ -3,7 +3,7 @@
 #   make test   creates .venv, installs the package with its dev tools, runs ruff, mypy and the CPU tests
 # and `make docs` builds the documentation site into site/ (mkdocs build --strict: any warning fails it).
 #
-# torch is installed first, pinned, so that pip does not pull a multi-GB CUDA build to satisfy "torch>=2.6"
+# torch is installed first, pinned, so that pip does not pull a multi-GB CUDA build to satisfy "torch>=2.7"
 # on a CPU-only machine. On a machine with a GPU, choose the build you want, e.g.
 #   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 
@@ -61,8 +61,10 @@ gpu-test: $(VENV)/.installed-dev
 	$(BIN)/pytest -q -m gpu tests/gpu
 
 # The CPU tests against the lowest versions pyproject.toml declares (ci/min-versions.txt), in a venv of their
-# own, made afresh each time. Not part of `make test` (CI): it downloads torch 2.6 and the rest again on every
-# run. Best run with the lowest Python supported, e.g. make test-min-versions PYTHON=python3.10
+# own, made afresh each time (about 20 minutes on two cores). PyPI has no CPU build of torch 2.7, so this
+# downloads its CUDA build (about 3 GB with the NVIDIA libraries; it runs on the CPU all the same). Not in CI
+# yet: see docs/development.md, "Minimum versions", for the tests that still fail on those versions.
+# Also worth running with the lowest Python supported, e.g. make test-min-versions PYTHON=python3.10
 MIN_VENV ?= .venv-min
 
 test-min-versions:
