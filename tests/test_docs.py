@@ -38,3 +38,13 @@ def test_benchmark_numbers_in_the_docs_have_their_json() -> None:
     assert names
     for name in names:
         assert (ROOT / "benchmarks" / "results" / name).is_file(), name
+
+
+def test_the_api_reference_shows_the_whole_public_api_once() -> None:
+    import zimage_turbo
+
+    shown = []
+    for page in sorted((ROOT / "docs" / "reference").glob("*.md")):
+        shown += re.findall(r"^::: zimage_turbo\.(\w+)$", page.read_text(encoding="utf-8"), re.MULTILINE)
+    assert len(shown) == len(set(shown)), "a name is on two pages"
+    assert set(shown) == set(zimage_turbo.__all__) - {"__version__"}

@@ -8,7 +8,6 @@ import subprocess
 import pytest
 import torch
 from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError, TorchDynamoException, Unsupported
-from torch._inductor.exc import InductorError
 
 from zimage_turbo.errors import DeviceFailedError, NotEnoughMemoryError
 from zimage_turbo.failures import classify, guard_compiled, is_device_failure, is_out_of_memory
@@ -31,7 +30,24 @@ def _raised_from(outer: BaseException, cause: BaseException) -> BaseException:
 
 
 def _inductor(inner: Exception) -> BackendCompilerFailed:
-    return BackendCompilerFailed(_inductor, inner, None)  # as Dynamo wraps what its backend raised
+    """``inner`` as Dynamo wraps what its backend raised."""
+    try:
+        return BackendCompilerFailed(_inductor, inner, None)
+    except TypeError:  # PyTorch < 2.7: no first_useful_frame
+        return BackendCompilerFailed(_inductor, inner)  # type: ignore[call-arg]
+
+
+try:
+    from torch._inductor.exc import InductorError
+except ImportError:  # PyTorch < 2.7, where the compiler's own errors reach the caller as BackendCompilerFailed
+
+    class InductorError(BackendCompilerFailed):  # type: ignore[no-redef]
+        def __init__(self, inner_exception: Exception, first_useful_frame: object) -> None:
+            super().__init__(_inductor, inner_exception)  # type: ignore[call-arg]
+
+
+# PyTorch >= 2.8 raises CUDA errors as torch.AcceleratorError, a RuntimeError subclass; before, as RuntimeError
+AcceleratorError: type[RuntimeError] = getattr(torch, "AcceleratorError", RuntimeError)
 
 
 def _unsupported() -> Unsupported:
@@ -59,9 +75,9 @@ MEMORY = [
     RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"),  # older PyTorch: a plain RuntimeError
     RuntimeError("HIP out of memory. Tried to allocate 20.00 MiB"),
     RuntimeError("CUDA error: out of memory" + ASYNC_NOTE),  # cudaErrorMemoryAllocation from a kernel launch
-    torch.AcceleratorError("CUDA error: out of memory" + ASYNC_NOTE),  # the same from PyTorch >= 2.8
+    AcceleratorError("CUDA error: out of memory" + ASYNC_NOTE),  # the same from PyTorch >= 2.8
     RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
-    torch.AcceleratorError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasLtCreate(&handle)`"),
+    AcceleratorError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasLtCreate(&handle)`"),
     RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
     RuntimeError("Triton Error [CUDA]: out of memory"),  # a generated kernel's launch
     # the compiler ran out while tuning kernels: what it ran into decides
@@ -73,19 +89,19 @@ MEMORY = [
 
 DEVICE = [
     RuntimeError("CUDA error: an illegal memory access was encountered" + ASYNC_NOTE),
-    torch.AcceleratorError("CUDA error: an illegal memory access was encountered" + ASYNC_NOTE),
+    AcceleratorError("CUDA error: an illegal memory access was encountered" + ASYNC_NOTE),
     RuntimeError("CUDA error: device-side assert triggered" + ASYNC_NOTE),
-    torch.AcceleratorError("CUDA error: device-side assert triggered"),
+    AcceleratorError("CUDA error: device-side assert triggered"),
     RuntimeError("CUDA error: unspecified launch failure"),
     RuntimeError("CUDA error: misaligned address"),
     RuntimeError("CUDA error: an illegal instruction was encountered"),
     RuntimeError("CUDA error: uncorrectable ECC error encountered" + ASYNC_NOTE),
-    torch.AcceleratorError("CUDA error: uncorrectable ECC error encountered"),
+    AcceleratorError("CUDA error: uncorrectable ECC error encountered"),
     RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx(handle, opa, opb, ...)`"),
     RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"),
     RuntimeError("HIP error: an illegal memory access was encountered"),
     RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"),
-    InductorError(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"), None),
+    InductorError(AcceleratorError("CUDA error: an illegal memory access was encountered"), None),
     _inductor(RuntimeError("CUDA error: device-side assert triggered")),
     # a message naming both: the sticky error decides (retrying on a poisoned context cannot help)
     RuntimeError("CUDA error: an illegal memory access was encountered while reporting out of memory"),
@@ -198,7 +214,7 @@ def test_memory_running_out_in_the_compiler_is_an_out_of_memory_error(error: Bas
 
 
 def test_a_device_failure_in_the_compiler_propagates_unchanged() -> None:
-    error = InductorError(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"), None)
+    error = InductorError(AcceleratorError("CUDA error: an illegal memory access was encountered"), None)
     calls = Calls(error)
     with pytest.raises(InductorError) as raised:
         calls.call(1)
@@ -210,7 +226,7 @@ def test_a_device_failure_in_the_compiler_propagates_unchanged() -> None:
     "error",
     [
         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),  # the compiled graph ran
-        torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+        AcceleratorError("CUDA error: an illegal memory access was encountered"),
         ValueError("an error of the model itself"),
         KeyboardInterrupt(),
     ],

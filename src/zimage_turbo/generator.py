@@ -444,8 +444,9 @@ class Generator:
         Args:
             prompt: what to draw. Up to 512 tokens (chat template included) reach the model; a longer
                 prompt is cut, and the result's ``warnings`` say so.
-            height, width: pixels, multiples of 16 between 256 and 2048. Default 1024, or with ``image`` the
-                image's size (rounded down to multiples of 16; one side given, the other keeps its aspect ratio).
+            height: pixels, a multiple of 16 between 256 and 2048. Default 1024, or with ``image`` the image's
+                height (rounded down to a multiple of 16; with only ``width`` given, the aspect ratio's).
+            width: pixels, likewise: 1024, or with ``image`` the image's width.
             image: image-to-image (diffusers' ``ZImageImg2ImgPipeline``): start from this picture, a PIL image,
                 a numpy array or a path, resized to ``width`` x ``height`` if it differs (the result's
                 ``warnings`` say so). See docs/tasks.md.

@@ -1,9 +1,4 @@
-"""Choose how to place the model: a pure function of sizes, hardware and the request.
-
-    >>> from zimage_turbo import Hardware, GPUInfo, ModelProfile, plan
-    >>> gpu = GPUInfo(0, "RTX 4080", total_bytes=16 * GIB, free_bytes=15 * GIB, compute_capability=(8, 9))
-    >>> hardware = Hardware(gpus=(gpu,), host_available_bytes=48 * GIB)
-    >>> print(plan(ModelProfile.z_image_turbo(), hardware).describe())  # doctest: +SKIP
+"""Choose how to place the model: a pure function of sizes, hardware and the request (see :func:`plan`).
 
 Every strategy is estimated for the workload (peak GPU memory per card, host memory) and, if it fits the free
 memory minus a reserve, ranked by predicted time; with two or more GPUs, those that offload nothing to the host
@@ -316,6 +311,24 @@ def plan(
     ``quantize`` (``"fp8"``, ``"int8"``) adds the quantized variants of ``full_gpu``, ``hybrid`` and ``streamed``. With
     ``prefer_lossless`` they rank below every lossless placement that keeps the transformer on the GPUs and above
     those that stream it (the small-card case); without, they rank first.
+
+    Examples:
+        On a hypothetical 16 GiB card (nothing is read from this machine):
+
+        >>> from zimage_turbo import GPUInfo, Hardware, ModelProfile, plan
+        >>> from zimage_turbo.hardware import GIB
+        >>> gpu = GPUInfo(0, "RTX 4080", total_bytes=16 * GIB, free_bytes=15 * GIB, compute_capability=(8, 9))
+        >>> ranking = plan(ModelProfile.z_image_turbo(), Hardware(gpus=(gpu,), host_available_bytes=48 * GIB))
+        >>> ranking.best.name  # the transformer on the GPU, the text encoder streamed, a tiled decode
+        'hybrid+vae_tiling'
+        >>> [candidate.name for candidate in ranking.candidates if not candidate.fits]
+        ['hybrid', 'full_gpu+vae_tiling', 'full_gpu']
+        >>> print(ranking)  # the table `zimage-turbo plan` prints
+        Workload: 1024x1024, 1 image(s), 8 steps
+        ...
+          strategy   GPU peak   host RAM  s/image*  verdict
+        ->hybrid+vae_tiling   cuda:0 13.0   7.0G   ...  fits
+        ...
     """
     work, steps = _workload(request, steps)
     reserve = int(reserve_gib * GIB)

@@ -66,6 +66,14 @@ class GenerationRequest:
 
     ``inputs``: the images an image-to-image or inpainting request starts from (see
     :mod:`~zimage_turbo.task_inputs`); None for text-to-image.
+
+    Examples:
+        >>> GenerationRequest("a red fox", width=768, height=512).num_images
+        1
+        >>> GenerationRequest("a red fox", width=1000)
+        Traceback (most recent call last):
+        zimage_turbo.errors.InvalidRequestError: width must be a multiple of 16 between 256 and 2048 pixels, got
+        1000 (nearest allowed: 1008)
     """
 
     prompt: str

@@ -3,9 +3,6 @@
 Precedence, highest first: keyword arguments, environment variables, the ``.env`` file in the current
 directory, the defaults below. Settings are read when you build a ``ZImageSettings`` (or a ``Generator``
 without one), never at import time, so importing the library never reads a stray ``.env``.
-
-    >>> ZImageSettings(dtype="bfloat16", vram_reserve_gib=2).dtype
-    'bfloat16'
 """
 
 from __future__ import annotations
@@ -66,6 +63,17 @@ class ZImageSettings(BaseSettings):
     Each field can also be set through an environment variable named ``ZIMAGE_<FIELD>`` (for example
     ``ZIMAGE_CACHE_DIR``), or a line of that form in a ``.env`` file. Invalid values raise
     :class:`~zimage_turbo.errors.InvalidSettingsError` at construction, naming the field.
+
+    Examples:
+        >>> settings = ZImageSettings(dtype="bfloat16", vram_reserve_gib=2)
+        >>> settings.dtype, settings.vram_reserve_gib
+        ('bfloat16', 2.0)
+        >>> settings.replace(strategy="streamed").strategy  # settings are frozen: replace() makes new ones
+        'streamed'
+        >>> ZImageSettings(dtype="fp8")
+        Traceback (most recent call last):
+        zimage_turbo.errors.InvalidSettingsError: Invalid zimage-turbo settings:
+          dtype (env ZIMAGE_DTYPE): Input should be 'auto', 'bfloat16', 'float16' or 'float32'; got 'fp8'
     """
 
     model_config = SettingsConfigDict(
