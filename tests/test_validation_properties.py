@@ -162,8 +162,9 @@ def unloadable(tmp_path_factory: pytest.TempPathFactory) -> Generator:
 def test_generate_refuses_invalid_arguments_before_loading(
     unloadable: Generator, fields: dict[str, Any], field: str, data: st.DataObject
 ) -> None:
-    # generate() reads steps=None and num_images=None as their defaults (they have a second, diffusers' name)
-    defaults = ("steps", "num_images")
+    # generate() reads steps=None and num_images=None as their defaults (they have a second, diffusers' name), and
+    # height=None and width=None as 1024 (or, with an input image, its size)
+    defaults = ("steps", "num_images", "height", "width")
     fields[field] = data.draw(_invalid(field).filter(lambda v: v is not None or field not in defaults), label=field)
     prompt = fields.pop("prompt")
     fields["steps"] = fields["steps"] if field == "steps" else 1
