@@ -3,7 +3,8 @@
 Every strategy is estimated for the workload (peak GPU memory per card, host memory) and, if it fits the free
 memory minus a reserve, ranked by predicted time; with two or more GPUs, those that offload nothing to the host
 (``full_gpu``, ``multi_gpu``) rank above every offloading one. Each that does not fit says why. VAE tiling is
-offered as a variant of each strategy: it lowers the decode peak a lot at large sizes, for a little time.
+offered as a variant of each strategy: it lowers the decode peak a lot at large sizes, for a little time, and
+changes the image a little, so it ranks first only where it is clearly faster (:data:`TILING_MARGIN`).
 Strategies with sizes of their own to decide (``partial``: how many blocks stay resident) are sized for the
 workload and the card first (:meth:`~zimage_turbo.strategies.LoadStrategy.sized`). Times are predicted with the
 speeds of the GPU that single-GPU placements use, when they were measured (:mod:`zimage_turbo.calibration`),
@@ -43,6 +44,17 @@ __all__ = ["Candidate", "Plan", "candidate_for", "plan", "planning_speeds", "sma
 HOST_RESERVE_BYTES = 2 * GIB
 # Downscaling: never below this many pixels on the shorter side (unless the request was smaller already).
 DOWNSCALE_FLOOR = 512
+# A tiled decode must be predicted faster by more than this share to rank above an untiled one: tiling changes
+# the image a little (up to 22 levels of 255 at 1024x1024), and the time model cannot tell choices this close
+# apart. On the H200 at 8 GiB (benchmarks/results/bench-partial-h200-2026-11-29.json) auto chose
+# partial(16,0)+vae_tiling, predicted 2% faster than the untiled partial(13,0): it ran 1.79 s, the untiled one 1.70.
+TILING_MARGIN = 0.05
+# A placement that streams transformer blocks at every pass must be predicted faster by more than this share to
+# rank above one that keeps the transformer resident. Its time rests on copies hiding behind compute, the least
+# certain part of the model (and the first to suffer when something else uses the host link): at 16 GiB on the
+# H200 partial(20,26) was predicted 1.42 s and ran 1.47, hybrid was predicted 1.46 and ran 1.43
+# (benchmarks/results/gpu-tests-after-merges-h200-2026-11-29.log).
+STREAMING_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,8 @@ class Candidate:
     seconds: float
     fits: bool
     reason: str = ""
+    #: the share added to ``seconds`` when ranking (:attr:`ranking_seconds`)
+    margin: float = 0.0
 
     @property
     def name(self) -> str:
@@ -64,10 +78,18 @@ class Candidate:
     def peak_bytes(self) -> int:
         return self.estimate.max_gpu_bytes
 
+    @property
+    def ranking_seconds(self) -> float:
+        """The predicted seconds the plan ranks by: a tiled decode counts :data:`TILING_MARGIN` more and streaming
+        transformer blocks at every pass :data:`STREAMING_MARGIN` more, so that either is chosen only where
+        nothing else fits or where it is clearly faster."""
+        return self.seconds * (1 + self.margin)
+
 
 @dataclass(frozen=True)
 class Plan:
-    """Candidates for one workload: those that fit first (fastest first; with several GPUs, those that offload
+    """Candidates for one workload: those that fit first (fastest first by
+    :attr:`Candidate.ranking_seconds`; with several GPUs, those that offload
     nothing before those that do), then the rest (least memory first)."""
 
     workload: Workload
@@ -264,7 +286,15 @@ def candidate_for(
     estimate = strategy.estimate(timed, hardware, work)
     seconds = strategy.predict_seconds(timed, work, steps)
     reason = _why_not(estimate, hardware, reserve_bytes)
-    return Candidate(strategy, work.vae_tiling, estimate, seconds, fits=not reason, reason=reason)
+    margin = (TILING_MARGIN if work.vae_tiling else 0.0) + (STREAMING_MARGIN if _streams(strategy, profile) else 0.0)
+    return Candidate(strategy, work.vae_tiling, estimate, seconds, fits=not reason, reason=reason, margin=margin)
+
+
+def _streams(strategy: LoadStrategy, profile: ModelProfile) -> bool:
+    """Whether ``strategy`` copies transformer blocks to the GPU at every pass."""
+    if isinstance(strategy, PartialOffload):
+        return (strategy.transformer_blocks or 0) < len(profile.transformer.block_bytes)
+    return isinstance(strategy, (StreamedOffload, SequentialOffload))
 
 
 def planning_speeds(hardware: Hardware) -> DeviceSpeeds | None:
@@ -351,7 +381,7 @@ def plan(
         key=lambda c: (
             _quality_tier(c.strategy, prefer_lossless, profile) if tiered else 0,
             resident_first and c.strategy.offloads,
-            c.seconds,
+            c.ranking_seconds,
         ),
     )
     rest = sorted((c for c in candidates if not c.fits), key=lambda c: (c.peak_bytes, c.seconds))
