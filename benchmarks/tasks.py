@@ -143,7 +143,9 @@ def _diffusers(spec: dict[str, Any]) -> tuple[Any, Any]:
             use_stream=True,
             exclude_modules=["vae"],
         )
-    pipes = {"image_to_image": pipe, "inpaint": ZImageInpaintPipeline.from_pipe(pipe)}
+    # the dtype again: from_pipe casts the modules it shares (the image-to-image pipeline's too) to its dtype
+    # argument, float32 when none is given
+    pipes = {"image_to_image": pipe, "inpaint": ZImageInpaintPipeline.from_pipe(pipe, dtype=pipe.dtype)}
     passes: dict[str, int] = {}
     for each in pipes.values():
         each.set_progress_bar_config(disable=True)

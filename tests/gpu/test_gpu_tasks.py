@@ -41,7 +41,9 @@ def _diffusers(path: Path, dtype: torch.dtype) -> dict[str, Any]:
     from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline
 
     pipe = ZImageImg2ImgPipeline.from_pretrained(path, dtype=dtype).to("cuda")
-    pipes = {"image_to_image": pipe, "inpaint": ZImageInpaintPipeline.from_pipe(pipe)}
+    # from_pipe casts the modules it shares to its own dtype argument, float32 when none is given: that would
+    # turn the image-to-image pipeline's modules to float32 too
+    pipes = {"image_to_image": pipe, "inpaint": ZImageInpaintPipeline.from_pipe(pipe, dtype=dtype)}
     for each in pipes.values():
         each.set_progress_bar_config(disable=True)
     return pipes
