@@ -12,7 +12,15 @@ image (ours also reports the first image's phases: encode, denoise, decode). Cas
   scripts people copy do;
 * ``ours``: ``Generator(...).generate(...)`` reading the source (``converted_copy="off"``);
 * ``ours_converted``: the same reading the converted copy, written beforehand by ``zimage-turbo convert``
-  (its time is reported as ``convert_s``; seconds when a sound copy exists already).
+  (its time is reported as ``convert_s``; seconds when a sound copy exists already);
+* ``ours_compiled``: ``ours_converted`` with ``compile="on"`` (the transformer's blocks, the text encoder and the
+  VAE decoder compiled before the first image);
+* ``diffusers_compiled``: ``diffusers`` with ``transformer.compile_repeated_blocks(fullgraph=True)``.
+
+The compiled cases keep Inductor's kernels in the cache folder (ours where the library puts them, diffusers' in
+``inductor-diffusers`` beside it), so the first round of a run with ``--clear-kernel-cache`` compiles from an
+empty cache and later rounds from a warm one, as a second process on the same machine does; each run records
+which (``kernel_cache_warm``), and the medians keep the two apart.
 
 The cases run in turn, ``--rounds`` times (the first round also brings the files into the page cache);
 medians are reported per case. With ``--drop-caches`` the page cache is dropped before each case where the
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,7 +47,8 @@ from typing import Any
 import psutil
 
 _START = psutil.Process().create_time()
-CASES = ("diffusers", "ours", "ours_converted")
+CASES = ("diffusers", "ours", "ours_converted", "ours_compiled", "diffusers_compiled")
+COMPILED = ("ours_compiled", "diffusers_compiled")
 PROMPT = "a red fox in the snow"
 
 
@@ -49,6 +59,10 @@ def since_start() -> float:
 def worker(case: str, checkpoint: str, cache_dir: str, size: int) -> dict[str, Any]:
     """One case in this (fresh) process: the marks, and ours' phases of the first image."""
     marks: list[tuple[str, float]] = [("python running", since_start())]
+    kernels = kernel_cache(case, cache_dir)
+    if case == "diffusers_compiled":
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(kernels)
+    warm = kernels.is_dir() and any(path.is_file() for path in kernels.rglob("*"))
 
     def mark(step: str) -> None:
         marks.append((step, since_start()))
@@ -59,7 +73,7 @@ def worker(case: str, checkpoint: str, cache_dir: str, size: int) -> dict[str, A
     torch.empty(1, device="cuda")
     mark("CUDA context")
     phases: dict[str, Any] = {}
-    if case == "diffusers":
+    if case in ("diffusers", "diffusers_compiled"):
         import diffusers  # noqa: F401
         import transformers  # noqa: F401
 
@@ -68,6 +82,8 @@ def worker(case: str, checkpoint: str, cache_dir: str, size: int) -> dict[str, A
 
         pipe = ZImagePipeline.from_pretrained(checkpoint, dtype=torch.bfloat16, device_map="cuda")
         pipe.set_progress_bar_config(disable=True)
+        if case == "diffusers_compiled":
+            pipe.transformer.compile_repeated_blocks(fullgraph=True)
         torch.cuda.synchronize()
         mark("weights loaded and placed")
 
@@ -85,9 +101,13 @@ def worker(case: str, checkpoint: str, cache_dir: str, size: int) -> dict[str, A
         import zimage_turbo  # light: diffusers and transformers come with the first load, as in an app
 
         mark("import libraries")
-        converted = "auto" if case == "ours_converted" else "off"
+        converted = "off" if case == "ours" else "auto"
         settings = zimage_turbo.ZImageSettings(
-            progress=False, source="local", cache_dir=Path(cache_dir), converted_copy=converted
+            progress=False,
+            source="local",
+            cache_dir=Path(cache_dir),
+            converted_copy=converted,
+            compile="on" if case == "ours_compiled" else "off",
         )
         generator = zimage_turbo.Generator(model=checkpoint, settings=settings).load()
         torch.cuda.synchronize()
@@ -105,7 +125,15 @@ def worker(case: str, checkpoint: str, cache_dir: str, size: int) -> dict[str, A
     image(2)
     torch.cuda.synchronize()
     mark("second image")
-    return {"case": case, "marks": dict(marks), **phases, "host_max_rss_gib": _max_rss_gib()}
+    result = {"case": case, "marks": dict(marks), **phases, "host_max_rss_gib": _max_rss_gib()}
+    return {**result, "kernel_cache_warm": warm} if case in COMPILED else result
+
+
+def kernel_cache(case: str, cache_dir: str) -> Path:
+    """Where the compiled case's Inductor kernels are kept (ours: where the library keeps them)."""
+    if case == "diffusers_compiled":
+        return Path(cache_dir) / "inductor-diffusers"
+    return Path(cache_dir) / "torch-compile" / "inductor"
 
 
 def _max_rss_gib() -> float:
@@ -133,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--cache-dir", default=None, help="the library's cache for the converted copy (a temp dir)")
     parser.add_argument("--drop-caches", action="store_true", help="drop the page cache before each case")
+    parser.add_argument(
+        "--clear-kernel-cache", action="store_true", help="empty the compiled cases' kernel caches first"
+    )
     parser.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cache_dir = args.cache_dir or str(args.out.parent / "cold-start-cache")
@@ -152,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         "bytecode": {"written": not sys.dont_write_bytecode, "pycache_prefix_set": sys.pycache_prefix is not None},
         "runs": [],
     }
-    if "ours_converted" in args.cases:
+    if args.clear_kernel_cache:
+        for case in COMPILED:
+            shutil.rmtree(kernel_cache(case, cache_dir), ignore_errors=True)
+        (Path(cache_dir) / "torch-compile" / "zimage-turbo-compile-times.json").unlink(missing_ok=True)
+    if any(case != "ours" and case.startswith("ours") for case in args.cases):
         started = time.perf_counter()
         command = [sys.executable, "-m", "zimage_turbo", "-q", "convert", "--model", args.checkpoint]
         subprocess.run([*command, "--cache-dir", cache_dir], check=True)  # kept when a sound one exists
@@ -182,12 +217,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per case, the median of each mark over its rounds."""
+    """Per case, the median of each mark over its rounds; a compiled case's runs from an empty and from a warm
+    kernel cache apart (``ours_compiled (warm kernel cache)``)."""
     medians: dict[str, dict[str, float]] = {}
     for case in CASES:
-        marks = [run["marks"] for run in runs if run.get("case") == case and "marks" in run]
-        if marks:
-            medians[case] = {step: statistics.median(m[step] for m in marks) for step in marks[0]}
+        for warm in (False, True) if case in COMPILED else (None,):
+            name = f"{case} (warm kernel cache)" if warm else case
+            marks = [
+                run["marks"]
+                for run in runs
+                if run.get("case") == case and "marks" in run and (warm is None or run["kernel_cache_warm"] is warm)
+            ]
+            if marks:
+                medians[name] = {step: statistics.median(m[step] for m in marks) for step in marks[0]}
     return medians
 
 

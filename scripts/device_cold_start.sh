@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root: the cold-start timeline (ours from the source, ours from the
 # converted copy, plain diffusers) on a checkpoint stored like the published one, into $OUT.
-# Carry .whl. Usage: ZT_GIT_COMMIT=abc scripts/device_cold_start.sh [rounds]
+# Carry .whl. Usage: ZT_GIT_COMMIT=abc scripts/device_cold_start.sh [eager|compiled] [rounds]
+#   eager     diffusers, ours from the source, ours from the converted copy; page cache warm, then dropped (~8 min)
+#   compiled  ours with compile="on" and diffusers' compile_repeated_blocks, the first round from an empty kernel
+#             cache and the next from the warm one: what a second process on the same machine pays (~6 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/zimage-out}
@@ -15,8 +18,14 @@ python3 -c "import torch, diffusers, transformers, zimage_turbo.generator" 2>/de
 if [ ! -f /tmp/pub/model_index.json ]; then
     python3 -m zimage_turbo -q make-checkpoint full /tmp/pub --published-layout
 fi
+if [ "${1:-eager}" = compiled ]; then
+    python3 benchmarks/cold_start.py --checkpoint /tmp/pub --out "$out/cold_start-compiled-h200.json" \
+        --cache-dir /tmp/zt-cache --cases ours_compiled diffusers_compiled --clear-kernel-cache --rounds "${2:-2}" \
+        2>&1 | tail -20
+    exit
+fi
 # page cache warm (the first round reads the files in), then one round with it dropped where allowed
 python3 benchmarks/cold_start.py --checkpoint /tmp/pub --out "$out/cold_start-warm-h200.json" --cache-dir /tmp/zt-cache \
-    --rounds "${1:-2}" 2>&1 | tail -12
+    --cases diffusers ours ours_converted --rounds "${2:-2}" 2>&1 | tail -12
 python3 benchmarks/cold_start.py --checkpoint /tmp/pub --out "$out/cold_start-dropped-h200.json" --cache-dir /tmp/zt-cache \
-    --rounds 1 --drop-caches 2>&1 | tail -12
+    --cases diffusers ours ours_converted --rounds 1 --drop-caches 2>&1 | tail -12

@@ -22,6 +22,7 @@ from .compile import (
     compile_part,
     compile_unavailable,
     compiled_parts,
+    kernel_cache_dir,
     runs_unhooked_on,
     uncompile_hooked,
     uncompile_part,
@@ -111,7 +112,7 @@ class SpeedupDriver:
                     100 * advisor.saving,
                     part.phase,
                 )
-                use_compile_cache(self.cache_dir / "inductor")
+                use_compile_cache(kernel_cache_dir(self.cache_dir))
                 compile_part(pipe, part, self._compiler_failed)
                 self._compiled.add(part.name)
                 self._compiling[part.name] = advisor

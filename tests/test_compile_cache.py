@@ -1,0 +1,69 @@
+"""What a compile is expected to cost in a later process: Inductor's kernel cache (kept in the library's cache
+folder) makes a second compile of the same graphs a fraction of the first, and ``compile="auto"`` plans with
+that while the cache is there."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zimage_turbo.speedups import compile as compiling
+
+KEY = "torch x / GPU y / bfloat16"
+
+
+def _records(folder: Path) -> dict[str, float]:
+    return dict(json.loads((folder / "zimage-turbo-compile-times.json").read_text()))
+
+
+def _fill_kernel_cache(folder: Path) -> None:
+    (folder / "inductor" / "fxgraph").mkdir(parents=True)
+    (folder / "inductor" / "fxgraph" / "entry").write_bytes(b"kernels")
+
+
+def test_a_second_process_expects_a_share_of_the_first_compile_while_the_kernels_are_cached(tmp_path: Path) -> None:
+    first = compiling.CompileAdvisor("auto", tmp_path, KEY)
+    assert not first.cache_warm and first.expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
+    first.compiled_in(40.0)
+    _fill_kernel_cache(tmp_path)  # what Inductor left behind
+    second = compiling.CompileAdvisor("auto", tmp_path, KEY)
+    assert second.cache_warm and second.expected_compile_s == pytest.approx(compiling.WARM_CACHE_SHARE * 40.0)
+    # a compile from the warm cache is recorded as such, and the first compile's time is kept
+    second.compiled_in(4.5)
+    assert _records(tmp_path) == {KEY: 40.0, KEY + " / warm cache": 4.5}
+    assert compiling.CompileAdvisor("auto", tmp_path, KEY).expected_compile_s == 4.5
+    # another PyTorch version or device compiles other kernels: cold again
+    assert not compiling.CompileAdvisor("auto", tmp_path, "torch z / GPU y / bfloat16").cache_warm
+
+
+def test_without_the_kernel_cache_the_first_compile_is_expected_again(tmp_path: Path) -> None:
+    compiling.CompileAdvisor("auto", tmp_path, KEY).compiled_in(40.0)
+    _fill_kernel_cache(tmp_path)
+    compiling.CompileAdvisor("auto", tmp_path, KEY).compiled_in(4.5)
+    for entry in (tmp_path / "inductor" / "fxgraph").iterdir():
+        entry.unlink()  # the user cleared the cache (an empty folder holds no kernels)
+    advisor = compiling.CompileAdvisor("auto", tmp_path, KEY)
+    assert not advisor.cache_warm and advisor.expected_compile_s == 40.0
+    advisor.compiled_in(38.0)  # a cold compile again: recorded as the cold time, the warm record kept
+    assert _records(tmp_path) == {KEY: 38.0, KEY + " / warm cache": 4.5}
+
+
+def test_a_warm_cache_lets_auto_compile_for_much_less_work(tmp_path: Path) -> None:
+    compiling.CompileAdvisor("auto", tmp_path, KEY).compiled_in(20.0)
+    cold_break_even = 20.0 / compiling.COMPILE_SAVING  # seconds of eager denoising that pay for a cold compile
+    _fill_kernel_cache(tmp_path)
+    warm = compiling.CompileAdvisor("auto", tmp_path, KEY)
+    assert warm.should_compile(0.3 * cold_break_even)
+    compiling.CompileAdvisor("auto", tmp_path / "elsewhere", KEY).compiled_in(20.0)  # no kernels there
+    assert not compiling.CompileAdvisor("auto", tmp_path / "elsewhere", KEY).should_compile(0.3 * cold_break_even)
+
+
+def test_the_kernel_cache_is_where_inductor_is_told_to_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert compiling.kernel_cache_dir(tmp_path) == tmp_path / "inductor"
+    compiling.use_compile_cache(compiling.kernel_cache_dir(tmp_path))
+    assert compiling.kernel_cache_dir(tmp_path / "other") == tmp_path / "inductor"  # the process's, once set
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compiling.kernel_cache_dir(tmp_path) == tmp_path / "mine"
