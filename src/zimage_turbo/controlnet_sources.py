@@ -27,7 +27,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,20 @@ class ControlNetSource:
     files: tuple[Path, ...]
     config: Mapping[str, Any]
     label: str
+    latent_channels: int = 16  # the transformer's (its in_channels)
+
+    def check_task(self, task: str) -> None:
+        """Refuse ControlNet inpainting with a ControlNet that has no input for the mask and the masked image
+        (``control_in_dim`` must be twice the latent channels and one: the first Union version's 16 is not), as
+        ``ZImageControlNetInpaintPipeline`` would, before anything loads."""
+        wanted = 2 * self.latent_channels + 1
+        if task == "control_inpaint" and self.config.get("control_in_dim") != wanted:
+            raise ControlNetError(
+                f"ControlNet inpainting (control_image with image and mask_image) needs a ControlNet whose control "
+                f"input has {wanted} channels (the Union 2.x ones); controlnet {self.label!r} has "
+                f"{self.config.get('control_in_dim')}. Leave out image and mask_image, or use another ControlNet",
+                argument="mask_image",
+            )
 
     def entries(self) -> list[TensorEntry]:
         """The tensors of the weight files (headers only) that the config's module takes: diffusers' single-file
@@ -321,4 +335,4 @@ def find_controlnet(settings: ZImageSettings, model_folder: str | os.PathLike[st
     transformer = transformer_config(model_folder)
     source = resolve_controlnet(settings, transformer)
     check_controlnet(source, transformer)
-    return source
+    return replace(source, latent_channels=int(transformer.get("in_channels", 16)))

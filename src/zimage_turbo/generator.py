@@ -574,7 +574,7 @@ class Generator:
         results = []
         with self._guard.exclusive(), self._machine.current():
             self._guard.check_open()
-            control = self._find_controlnet() if inputs is not None and inputs.control is not None else None
+            control = self._find_controlnet(inputs.task) if inputs is not None and inputs.control is not None else None
             self._guard.check_device()
             with self._guard.watching_device():
                 load_seconds = self._ensure_loaded()
@@ -590,12 +590,13 @@ class Generator:
                 load_seconds = 0.0
         return results
 
-    def _find_controlnet(self) -> ControlNetSource:
+    def _find_controlnet(self, task: str) -> ControlNetSource:
         """The ControlNet of the settings, found and checked against the model once (headers only: a ControlNet
-        that cannot be used is refused before any weight moves)."""
+        that cannot be used is refused before any weight moves), and checked for ``task``."""
         if self._controlnet is None:
             model = self._placement.model if self._placement is not None else resolve_model(self.settings)
             self._controlnet = find_controlnet(self.settings, model.layout.root)
+        self._controlnet.check_task(task)
         return self._controlnet
 
     def _ensure_controlnet(self, source: ControlNetSource) -> float:
