@@ -200,6 +200,12 @@ class ZImageSettings(BaseSettings):
             raise ValueError("must not contain a NUL character")
         return value.strip()
 
+    @field_validator("controlnet", mode="before")
+    @classmethod
+    def _controlnet_path(cls, value: Any) -> Any:
+        # a folder or file given as a Path, as the model may be
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
     @field_validator("dtype", mode="before")
     @classmethod
     def _dtype_by_name(cls, value: Any) -> Any:
