@@ -232,7 +232,12 @@ def test_out_of_memory_in_the_controlnet_or_its_encoder_climbs_the_ladder(
 
 
 def test_bad_inputs_are_refused_before_any_weight_moves(
-    tiny_checkpoint: Path, checkpoint: Path, generator: Generator, plain: Image.Image, edges: Image.Image, tmp_path: Path
+    tiny_checkpoint: Path,
+    checkpoint: Path,
+    generator: Generator,
+    plain: Image.Image,
+    edges: Image.Image,
+    tmp_path: Path,
 ) -> None:
     def refused(error: type[Exception], argument: str, gen: Generator = generator, **given: Any) -> None:
         with pytest.raises(error) as caught:
