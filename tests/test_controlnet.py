@@ -268,6 +268,12 @@ def test_bad_inputs_are_refused_before_any_weight_moves(
         error = ControlNetNotFoundError if setting.endswith("nowhere") else ControlNetError
         refused(error, "controlnet", mismatched, control_image=edges)
         assert not mismatched.is_loaded
+    # a placement that does not place a ControlNet, asked for by name
+    spread = Generator(
+        checkpoint, settings=ZImageSettings(progress=False, controlnet=str(checkpoint)), strategy="multi_gpu"
+    )
+    refused(ControlNetError, "strategy", spread, control_image=edges)
+    assert not spread.is_loaded
     # a repo that is not cached while offline: refused at once, without the network
     offline = ZImageSettings(progress=False, offline=True, controlnet="someone/no-such-controlnet")
     refused(ControlNetNotFoundError, "controlnet", Generator(checkpoint, settings=offline), control_image=edges)

@@ -93,7 +93,7 @@ class ControlNetSource:
     def profile(self, dtype_bytes: int) -> ComponentProfile:
         """Its sizes at the run dtype (blocks: the control blocks and control refiners)."""
         shapes = {entry.name: (entry.dtype_name, entry.shape) for entry in self.entries()}
-        return component_profile("controlnet", shapes, dtype_bytes=dtype_bytes)
+        return component_profile("controlnet", shapes, dtype_bytes)
 
 
 def resolve_controlnet(settings: ZImageSettings, transformer: Mapping[str, Any]) -> ControlNetSource:

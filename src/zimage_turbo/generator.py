@@ -44,7 +44,7 @@ from .adapters import check_fits
 from .call_guard import CallGuard
 from .controlnet_sources import ControlNetSource, find_controlnet
 from .converted import find_copy, start_background_copy, worth_converting
-from .errors import InvalidRequestError, InvalidSettingsError
+from .errors import ControlNetError, InvalidRequestError, InvalidSettingsError
 from .hardware import Hardware
 from .ladder import Ladder
 from .loras import Lora, added, check_scale, read_lora_source, removed, rescaled
@@ -578,8 +578,10 @@ class Generator:
             self._guard.check_device()
             with self._guard.watching_device():
                 load_seconds = self._ensure_loaded()
-                if control is not None:
-                    load_seconds += self._ensure_controlnet(control)
+                if control is not None:  # loaded once, with the first request that uses it
+                    started = time.perf_counter()
+                    self._placement.add_controlnet(control)  # type: ignore[union-attr]
+                    load_seconds += time.perf_counter() - started
             assert self._placement is not None
             profile = self._placement.profile
             eager = [profile.compute_seconds(Workload.of(r), r.denoising_steps) for r in requests]
@@ -593,18 +595,17 @@ class Generator:
     def _find_controlnet(self, task: str) -> ControlNetSource:
         """The ControlNet of the settings, found and checked against the model once (headers only: a ControlNet
         that cannot be used is refused before any weight moves), and checked for ``task``."""
+        if self._requested is not None and not self._requested.places_controlnet:
+            raise ControlNetError(
+                f"strategy {self._requested.name!r} does not place a ControlNet; use 'auto' (which runs control "
+                "requests on one card) or a single-GPU strategy",
+                argument="strategy",
+            )
         if self._controlnet is None:
             model = self._placement.model if self._placement is not None else resolve_model(self.settings)
             self._controlnet = find_controlnet(self.settings, model.layout.root)
         self._controlnet.check_task(task)
         return self._controlnet
-
-    def _ensure_controlnet(self, source: ControlNetSource) -> float:
-        """Load the ControlNet into the placement if it is not there yet; the seconds it took."""
-        started = time.perf_counter()
-        assert self._placement is not None
-        self._placement.add_controlnet(source)
-        return time.perf_counter() - started
 
     # -- locking and faults ------------------------------------------------------------------------------
 

@@ -333,13 +333,9 @@ class ModelProfile:
         and the transformer's refiner blocks (which it runs again), per byte of the transformer's blocks."""
         if not work.control or self.controlnet is None:
             return 0.0
-        transformer = self.transformer
-        refiners = sum(
-            size
-            for name, size in zip(transformer.block_names, transformer.block_bytes, strict=True)
-            if "refiner" in name
-        )
-        return (sum(self.controlnet.block_bytes) + refiners) / max(sum(transformer.block_bytes), 1)
+        blocks = zip(self.transformer.block_names, self.transformer.block_bytes, strict=True)
+        refiners = sum(size for name, size in blocks if "refiner" in name)
+        return (sum(self.controlnet.block_bytes) + refiners) / max(sum(self.transformer.block_bytes), 1)
 
     def transfer_seconds(self, nbytes: float) -> float:
         """Seconds to copy ``nbytes`` from pinned host memory to the GPU."""
@@ -360,7 +356,7 @@ class ModelProfile:
         dtype_bytes: int = 2,
     ) -> ModelProfile:
         """From each component's tensor shapes (name -> (safetensors dtype, shape)) and config."""
-        parts = {name: _component(name, shapes[name], dtype_bytes) for name in _WEIGHTED}
+        parts = {name: component_profile(name, shapes[name], dtype_bytes) for name in _WEIGHTED}
         return cls(
             transformer=parts["transformer"],
             text_encoder=parts["text_encoder"],
@@ -397,20 +393,16 @@ class ModelProfile:
         return _reference_profile(dtype_bytes)
 
 
-def component_profile(
-    name: str, shapes: Mapping[str, tuple[str, tuple[int, ...]]], *, dtype_bytes: int = 2
-) -> ComponentProfile:
-    """One component's profile (``transformer``, ``text_encoder``, ``vae`` or ``controlnet``) from its tensor
-    shapes (name -> (safetensors dtype, shape)) at the run dtype."""
-    return _component(name, shapes, dtype_bytes)
-
-
 def read_safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Tensor name -> (dtype, shape) from a safetensors header, after checking the file is not truncated."""
     return {entry.name: (entry.dtype_name, entry.shape) for entry in read_safetensors_header(path)}
 
 
-def _component(name: str, shapes: Mapping[str, tuple[str, tuple[int, ...]]], dtype_bytes: int) -> ComponentProfile:
+def component_profile(
+    name: str, shapes: Mapping[str, tuple[str, tuple[int, ...]]], dtype_bytes: int = 2
+) -> ComponentProfile:
+    """One component's profile (``transformer``, ``text_encoder``, ``vae`` or ``controlnet``) from its tensor
+    shapes (name -> (safetensors dtype, shape)) at the run dtype."""
     pattern = _BLOCK_PATTERNS[name]
     blocks: dict[str, int] = {}
     total = largest = largest_in_block = 0
@@ -434,15 +426,8 @@ def _component(name: str, shapes: Mapping[str, tuple[str, tuple[int, ...]]], dty
     )
 
 
-_STAGE_ORDER = {
-    "noise_refiner": 0,
-    "context_refiner": 1,
-    "layers": 2,
-    "encoder": 0,
-    "decoder": 1,
-    "control_noise_refiner": 0,
-    "control_layers": 1,
-}
+_STAGE_ORDER = {"noise_refiner": 0, "context_refiner": 1, "layers": 2, "encoder": 0, "decoder": 1}
+_STAGE_ORDER |= {"control_noise_refiner": 0, "control_layers": 1}  # the ControlNet's, in the 2.1 Union's order
 
 
 def _execution_order(block: str) -> tuple[int, str, int]:

@@ -213,6 +213,8 @@ class LoadStrategy(ABC):
     offloads: ClassVar[bool] = True
     #: the transformer stays on one device with no hooks on its blocks, so the blocks can be compiled
     compilable: ClassVar[bool] = False
+    #: it places a ControlNet beside the transformer, so that requests with a control image run under it
+    places_controlnet: ClassVar[bool] = True
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         try:

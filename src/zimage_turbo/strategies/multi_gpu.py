@@ -258,6 +258,7 @@ class MultiGPUDispatch(LoadStrategy):
 
     name: ClassVar[str] = "multi_gpu"
     offloads: ClassVar[bool] = False
+    places_controlnet: ClassVar[bool] = False  # its hints would have to reach every card: not built
     #: the text encoder streams from host memory onto one card per prompt instead of holding a card
     stream_text_encoder: ClassVar[bool] = False
     # Install accelerate's hooks even when a component lands on one card (lets tests run this path on one GPU).
