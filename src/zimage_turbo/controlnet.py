@@ -44,10 +44,12 @@ SHARED_MODULES = (
 )
 
 
-def load_controlnet(source: ControlNetSource, *, dtype: torch.dtype, homes: HostHomes) -> Any:
+def load_controlnet(
+    source: ControlNetSource, *, dtype: torch.dtype, homes: HostHomes, destination: str | torch.device = "homes"
+) -> Any:
     """The ControlNet of ``source`` (checked first: :func:`~zimage_turbo.controlnet_sources.check_controlnet`),
-    built by diffusers from its config with empty weights and filled from its files straight into host homes in
-    ``dtype``, as the pipeline's components are (:mod:`zimage_turbo.loader`)."""
+    built by diffusers from its config with empty weights and filled from its files in ``dtype`` straight into
+    ``destination``: its host homes, or a GPU (as the pipeline's components are, :mod:`zimage_turbo.loader`)."""
     from accelerate import init_empty_weights
 
     with quiet_imports():
@@ -56,7 +58,7 @@ def load_controlnet(source: ControlNetSource, *, dtype: torch.dtype, homes: Host
     # exclusive: both contexts change what every thread of the process shares (see process_state.py)
     with exclusive(), init_empty_weights(), default_dtype(dtype):
         model = ZImageControlNetModel(**source.config)
-    fill_module(model, source.entries(), dtype=dtype, destination="homes", homes=homes)
+    fill_module(model, source.entries(), dtype=dtype, destination=destination, homes=homes)
     logger.info("loaded the ControlNet %s (%d tensors)", source.label, len(list(model.parameters())))
     return model.eval()
 

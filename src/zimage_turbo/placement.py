@@ -31,7 +31,7 @@ from .quantize import stored_bytes
 from .result import Fallback
 from .sources import ResolvedModel
 from .strategies import LoadStrategy
-from .strategies.base import component_names, components, host_homes, new_host_homes, send_everything_home
+from .strategies.base import CONTROLNET, component_names, components, host_homes, new_host_homes, send_everything_home
 
 __all__ = ["Placement", "load_placement"]
 
@@ -159,19 +159,36 @@ class Placement:
         self.loaded_for = None
 
     def add_controlnet(self, source: ControlNetSource) -> None:
-        """Load the ControlNet of ``source`` (checked against the model already) into its host homes and make it
-        part of the model: the profile counts it and every strategy places it from the next placement on. The
-        strategy in use is removed, keeping in place what it keeps resident, so that the next :meth:`use` applies
-        it again (or what the planner now prefers) with the ControlNet. Loaded once: it stays through every
-        switch and fallback, as the other components do."""
+        """Load the ControlNet of ``source`` (checked against the model already) and make it part of the model:
+        the profile counts it and every strategy places it from the next placement on. It loads straight to the
+        GPU where the strategy in use keeps it resident (into its host homes when that runs out of memory, or
+        for any other strategy), as the other components were loaded. The strategy in use is removed, keeping in
+        place what it keeps resident, so that the next :meth:`use` applies it again (or what the planner now
+        prefers) with the ControlNet. Loaded once: it stays through every switch and fallback, as the other
+        components do."""
         if controlnet_of(self.pipe) is not None:
             return
-        module = load_controlnet(source, dtype=self.dtype, homes=host_homes(self.pipe))
+        module = self._load_controlnet(source)
         if self.active is not None:
             self.leave(self.active.resident(self.hardware()))
         attach_controlnet(self.pipe, module)
         self.profile = self.profile.with_controlnet(source.profile(self.dtype.itemsize))
         self.controlnet = source.label
+
+    def _load_controlnet(self, source: ControlNetSource) -> Any:
+        homes = host_homes(self.pipe)
+        device = self.active.resident(self.hardware()).get(CONTROLNET) if self.active is not None else None
+        if device is not None and device.type == "cuda":
+            failure = ""
+            try:
+                return load_controlnet(source, dtype=self.dtype, homes=homes, destination=device)
+            except torch.OutOfMemoryError as exc:
+                failure = first_line(exc)
+            release_memory()  # outside the except block, so that the half-loaded weights can really be freed
+            logger.warning(
+                "out of memory loading the ControlNet onto %s; loading it into host memory: %s", device, failure
+            )
+        return load_controlnet(source, dtype=self.dtype, homes=homes)
 
     def set_loras(self, loras: Sequence[Lora]) -> None:
         """Fuse ``loras`` (and no others) into the weights. A quantized placement holds copies made from the
