@@ -58,8 +58,9 @@ class _Swap:
         self.active: list[torch.nn.Module] = []
 
     def activate(self, module: torch.nn.Module, companions: tuple[torch.nn.Module, ...] = ()) -> None:
-        """Bring ``module`` and its ``companions``; whatever else is there goes home, unless it is a companion of
-        ``module``'s own companion already there (the transformer's turn leaves the ControlNet in place)."""
+        """Bring ``module`` and its ``companions`` to the GPU and send everything else home; a module already
+        there (alone, or as another's companion) leaves things as they are: the transformer's turn, right after the
+        ControlNet brought it, leaves the ControlNet in place."""
         if any(each is module for each in self.active):
             return
         wanted = [module, *companions]
