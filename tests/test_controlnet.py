@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +40,16 @@ from zimage_turbo import (
 )
 from zimage_turbo.batch import Manifest, run_batch
 from zimage_turbo.cli import main
+from zimage_turbo.controlnet import controlnet_of
 from zimage_turbo.controlnet_sources import find_controlnet, resolve_controlnet, transformer_config
 from zimage_turbo.errors import BatchConflictError
 from zimage_turbo.hardware import GIB, GPUInfo, Hardware
 from zimage_turbo.model import PRESETS
 from zimage_turbo.planner import candidate_for
 from zimage_turbo.profile import component_profile
+from zimage_turbo.request import GenerationRequest
 from zimage_turbo.strategies import Hybrid, ModelCPUOffload, MultiGPUDispatch, SequentialOffload
+from zimage_turbo.task_inputs import task_inputs
 
 PROMPT = "a lighthouse on a cliff, ink drawing"
 SIZE = 256
@@ -166,69 +168,55 @@ def test_controlnet_inpainting_equals_diffusers(
 
 
 def test_every_placement_and_switch_keeps_the_one_controlnet_and_gives_diffusers_image(
-    checkpoint: Path, reference: Image.Image, edges: Image.Image, monkeypatch: pytest.MonkeyPatch
+    generator: Generator, reference: Image.Image, edges: Image.Image
 ) -> None:
-    from zimage_turbo import placement
-
-    loads: list[str] = []
-    real = placement.load_controlnet
-
-    def counting(source: Any, **options: Any) -> Any:
-        loads.append(source.label)
-        return real(source, **options)
-
-    monkeypatch.setattr(placement, "load_controlnet", counting)
-    settings = ZImageSettings(progress=False, controlnet=str(checkpoint / "controlnet"))
-    gen = Generator(checkpoint, settings=settings, strategy=CPUOnly())
+    first = generator.generate(PROMPT, control_image=edges, steps=STEPS, seed=5)  # cpu: loaded here or before
+    assert same(first.image, reference)
+    controlnet = generator.pipeline.controlnet
     partial = PartialOffload(device="cpu", transformer_blocks=1, text_encoder_blocks=1)
-    controlnet = None
-    # (the cpu placement is the module's generator's: tested above)
     for strategy in [*(s for s in every_strategy() if not isinstance(s, CPUOnly)), partial]:
-        gen.switch(strategy)
-        result = gen.generate(PROMPT, control_image=edges, steps=STEPS, seed=5)
+        generator.switch(strategy)
+        result = generator.generate(PROMPT, control_image=edges, steps=STEPS, seed=5)
         assert result.strategy == strategy.name and same(result.image, reference), strategy.name
-        controlnet = controlnet or gen.pipeline.controlnet
-        assert gen.pipeline.controlnet is controlnet, strategy.name  # never reloaded, never replaced
-    assert loads == ["controlnet"]
+        assert generator.pipeline.controlnet is controlnet, strategy.name  # never reloaded, never replaced
+        assert result.timings.load == 0, strategy.name
+    generator.switch("auto")
     # the transformer's modules it runs are shared, not registered: its parameters are its own
-    assert controlnet is not None and controlnet.noise_refiner is gen.pipeline.transformer.noise_refiner
+    assert controlnet.noise_refiner is generator.pipeline.transformer.noise_refiner
     assert all(name.startswith("control") for name, _ in controlnet.named_parameters())
-    gen.close()
-
-
-@pytest.fixture
-def out_of_memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Make the ControlNet's forward and the VAE encoder run out of memory while their names are listed."""
-    from diffusers import AutoencoderKL, ZImageControlNetModel
-
-    failing: list[str] = []
-    for name, cls, method in (("controlnet", ZImageControlNetModel, "forward"), ("encoder", AutoencoderKL, "encode")):
-        real = getattr(cls, method)
-
-        def raising(self: Any, *args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
-            if _name in failing:
-                failing.remove(_name)
-                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, method, raising)
-    yield failing
 
 
 def test_out_of_memory_in_the_controlnet_or_its_encoder_climbs_the_ladder(
-    checkpoint: Path, reference: Image.Image, edges: Image.Image, out_of_memory: list[str]
+    generator: Generator, reference: Image.Image, edges: Image.Image
 ) -> None:
-    settings = ZImageSettings(progress=False, controlnet=str(checkpoint))
-    gen = Generator(checkpoint, settings=settings, strategy=FullGPU(device="cpu"))
-    for phase, failing in (("denoise", "controlnet"), ("encode_image", "encoder")):
-        gen.switch(FullGPU(device="cpu"))
-        out_of_memory.append(failing)
-        result = gen.generate(PROMPT, control_image=edges, steps=STEPS, seed=5)
-        [fallback] = result.fallbacks
-        assert (fallback.kind, fallback.before, fallback.phase) == ("strategy", "full_gpu", phase)
-        assert result.strategy == "cpu" and same(result.image, reference)
-        assert out_of_memory == []
-    gen.close()
+    if generator.pipeline is None or controlnet_of(generator.pipeline) is None:  # this test alone
+        generator.generate(PROMPT, control_image=edges, steps=STEPS, seed=5)
+    pipe = generator.pipeline
+    failing: list[str] = []
+
+    def fail(name: str) -> Any:
+        def hook(_module: Any, _args: Any) -> None:
+            if name in failing:
+                failing.remove(name)
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+        return hook
+
+    handles = [pipe.controlnet.register_forward_pre_hook(fail("controlnet"))]
+    handles.append(pipe.vae.encoder.register_forward_pre_hook(fail("encoder")))
+    try:
+        for phase, name in (("denoise", "controlnet"), ("encode_image", "encoder")):
+            generator.switch(FullGPU(device="cpu"))
+            failing.append(name)
+            result = generator.generate(PROMPT, control_image=edges, steps=STEPS, seed=5)
+            [fallback] = result.fallbacks
+            assert (fallback.kind, fallback.before, fallback.phase) == ("strategy", "full_gpu", phase)
+            assert result.strategy == "cpu" and same(result.image, reference)
+            assert failing == []
+    finally:
+        for handle in handles:
+            handle.remove()
+        generator.switch("auto")
 
 
 def test_bad_inputs_are_refused_before_any_weight_moves(
@@ -314,6 +302,7 @@ def test_a_single_file_or_a_cached_repo_resolves_with_its_config(
     # read off the tensors, as the published single files have no config
     from_file = resolve_controlnet(ZImageSettings(controlnet=str(single)), transformer)
     assert dict(from_file.config) == expected and from_file.label == single.name
+    assert find_controlnet(ZImageSettings(controlnet=str(checkpoint / "controlnet")), checkpoint).label == "controlnet"
     from_folder = resolve_controlnet(ZImageSettings(controlnet=str(single.parent)), transformer)
     assert dict(from_folder.config) == expected and from_folder.files == (single,)
     shutil.copyfile(single, single.with_name("another.safetensors"))
@@ -325,6 +314,22 @@ def test_a_single_file_or_a_cached_repo_resolves_with_its_config(
     name = f"someone/tiny-controlnet/{single.name}"
     cached = find_controlnet(ZImageSettings(controlnet=name, offline=True), checkpoint)
     assert dict(cached.config) == expected and cached.label == name
+
+
+def test_control_inputs_size_the_output_and_give_their_arguments_back() -> None:
+    control = picture(336, 272)
+    inputs = task_inputs(control_image=control, control_scale=0.5)
+    assert inputs is not None and (inputs.task, inputs.strength, inputs.control_scale) == ("control", 1.0, 0.5)
+    assert inputs.output_size(None, None) == (272, 336)  # the control image's size, as image-to-image's
+    again = task_inputs(**inputs.arguments())
+    assert again is not None and (again.task, again.control_scale, again.sizes()) == ("control", 0.5, inputs.sizes())
+    inpaint = task_inputs(picture(), square_mask(), None, control)
+    assert inpaint is not None and inpaint.task == "control_inpaint" and inpaint.output_size(None, None) == (256, 256)
+    request = GenerationRequest(PROMPT, height=256, width=256, num_images=3, inputs=inputs)
+    work = Workload.of(request)  # diffusers encodes the control image once per image
+    assert (work.control, work.image_encodes, request.denoising_steps) == (True, (3,), request.steps)
+    assert Workload.of(GenerationRequest(PROMPT, inputs=inpaint)).image_encodes == (1, 1)
+    assert inputs.resized(512, 512) == ["control_image was resized from 336x272 to 512x512 (Lanczos)"]
 
 
 def test_the_profile_and_the_planner_count_the_controlnet() -> None:

@@ -578,12 +578,13 @@ class Generator:
             self._guard.check_device()
             with self._guard.watching_device():
                 load_seconds = self._ensure_loaded()
-                if control is not None:  # loaded once, with the first request that uses it
+                placement = self._placement
+                assert placement is not None
+                if control is not None and placement.controlnet is None:  # loaded with the first request using it
                     started = time.perf_counter()
-                    self._placement.add_controlnet(control)  # type: ignore[union-attr]
+                    placement.add_controlnet(control)
                     load_seconds += time.perf_counter() - started
-            assert self._placement is not None
-            profile = self._placement.profile
+            profile = placement.profile
             eager = [profile.compute_seconds(Workload.of(r), r.denoising_steps) for r in requests]
             for index, request in enumerate(_progress(requests, enabled=self.settings.progress and len(requests) > 1)):
                 upcoming = {phase: sum(e[phase] for e in eager[index:]) for phase in eager[index]}
