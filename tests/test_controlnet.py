@@ -251,7 +251,11 @@ def test_bad_inputs_are_refused_before_any_weight_moves(
     shutil.copytree(checkpoint / "controlnet", other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "control_in_dim": 17}))
-    for setting in (str(other), str(tmp_path / "nowhere")):
+    truncated = tmp_path / "truncated"
+    shutil.copytree(checkpoint / "controlnet", truncated)
+    weights = truncated / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    for setting in (str(other), str(truncated), str(tmp_path / "nowhere")):
         mismatched = Generator(checkpoint, settings=ZImageSettings(progress=False, controlnet=setting))
         error = ControlNetNotFoundError if setting.endswith("nowhere") else ControlNetError
         refused(error, "controlnet", mismatched, control_image=edges)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ControlNetError, ControlNetNotFoundError, first_line
+from .errors import ControlNetError, ControlNetNotFoundError, IncompleteModelError, ModelLoadError, first_line
 from .folder_files import Problems, read_json
 from .profile import ComponentProfile, component_profile
 from .quiet_imports import quiet_imports
@@ -232,22 +232,12 @@ def check_controlnet(source: ControlNetSource, transformer: Mapping[str, Any]) -
     def refuse(why: str) -> ControlNetError:
         return ControlNetError(f"controlnet {label!r} does not fit this model: {why}", argument="controlnet")
 
-    for key in ("dim", "n_heads", "n_kv_heads"):
-        if config.get(key) != transformer.get(key):
-            raise refuse(f"its {key} is {config.get(key)!r}, the transformer's {transformer.get(key)!r}")
-    if not set(config.get("all_patch_size") or ()) <= set(transformer.get("all_patch_size") or ()):
-        raise refuse(
-            f"patch sizes {config.get('all_patch_size')} (the transformer's: {transformer.get('all_patch_size')})"
-        )
-    layers, refiners = int(transformer.get("n_layers", 0)), int(transformer.get("n_refiner_layers", 0))
-    places = config.get("control_layers_places") or []
-    if 0 not in places or not all(isinstance(p, int) and 0 <= p < layers for p in places):
-        raise refuse(f"control blocks at layers {places}, the transformer has {layers} (the first must be 0)")
-    refiner_places = config.get("control_refiner_layers_places") or []
-    if config.get("add_control_noise_refiner") is not None and not all(0 <= p < refiners for p in refiner_places):
-        raise refuse(f"hints for refiner layers {refiner_places}, the transformer has {refiners}")
-    if int(config.get("control_in_dim") or 0) < int(transformer.get("in_channels", 16)):
-        raise refuse(f"control_in_dim {config.get('control_in_dim')} is below the latent channels")
+    try:
+        _check_config(config, transformer, refuse)
+    except ControlNetError:
+        raise
+    except (TypeError, ValueError) as exc:  # values of the wrong kinds in its config
+        raise refuse(f"its config is malformed ({type(exc).__name__}: {first_line(exc)})") from None
     expected = _expected_shapes(config, refuse)
     stored = {entry.name: entry.shape for entry in source.entries()}
     missing = sorted(set(expected) - set(stored))
@@ -258,6 +248,27 @@ def check_controlnet(source: ControlNetSource, transformer: Mapping[str, Any]) -
         parts += [f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:3])}"] if unexpected else []
         parts += [f"{name} is {list(stored[name])}, expected {list(expected[name])}" for name in shapes[:3]]
         raise refuse("its weights are not those its config builds: " + "; ".join(parts))
+
+
+def _check_config(config: Mapping[str, Any], transformer: Mapping[str, Any], refuse: Any) -> None:
+    """The ControlNet's config against the transformer's: the same width and heads, patch sizes it has, control
+    blocks and refiner hints at layers it has, a control input at least as wide as the latents."""
+    for key in ("dim", "n_heads", "n_kv_heads"):
+        if config.get(key) != transformer.get(key):
+            raise refuse(f"its {key} is {config.get(key)!r}, the transformer's {transformer.get(key)!r}")
+    if not set(config.get("all_patch_size") or ()) <= set(transformer.get("all_patch_size") or ()):
+        raise refuse(
+            f"patch sizes {config.get('all_patch_size')} (the transformer's: {transformer.get('all_patch_size')})"
+        )
+    layers, refiners = int(transformer.get("n_layers", 0)), int(transformer.get("n_refiner_layers", 0))
+    places = list(config.get("control_layers_places") or [])
+    if 0 not in places or not all(isinstance(p, int) and 0 <= p < layers for p in places):
+        raise refuse(f"control blocks at layers {places}, the transformer has {layers} (the first must be 0)")
+    refiner_places = list(config.get("control_refiner_layers_places") or [])
+    if config.get("add_control_noise_refiner") is not None and not all(0 <= p < refiners for p in refiner_places):
+        raise refuse(f"hints for refiner layers {refiner_places}, the transformer has {refiners}")
+    if int(config.get("control_in_dim") or 0) < int(transformer.get("in_channels", 16)):
+        raise refuse(f"control_in_dim {config.get('control_in_dim')} is below the latent channels")
 
 
 def _expected_shapes(config: Mapping[str, Any], refuse: Any) -> dict[str, tuple[int, ...]]:
@@ -333,6 +344,9 @@ def find_controlnet(settings: ZImageSettings, model_folder: str | os.PathLike[st
     """The ControlNet of ``settings``, found (:func:`resolve_controlnet`) and checked (:func:`check_controlnet`)
     against the transformer of the model in ``model_folder``: headers and configs only."""
     transformer = transformer_config(model_folder)
-    source = resolve_controlnet(settings, transformer)
-    check_controlnet(source, transformer)
+    try:
+        source = resolve_controlnet(settings, transformer)
+        check_controlnet(source, transformer)
+    except (IncompleteModelError, ModelLoadError) as exc:  # a damaged file (truncated, a malformed header)
+        raise ControlNetError(f"controlnet {settings.controlnet!r}: {exc}", argument="controlnet") from None
     return replace(source, latent_channels=int(transformer.get("in_channels", 16)))
