@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# On the GPU machine (the device tool's nvidia-h200), from the repository root: image-to-image and inpainting
-# (issue 20). Installs the carried wheels (scripts/fetch_device_wheels.sh), builds the full-size checkpoint once
-# into /tmp/full, runs the GPU tests of the tasks, then benchmarks/tasks.py into "$OUT" (tasks-h200.json, its
+# On the GPU machine (the device tool's nvidia-h200), from the repository root: image-to-image, inpainting and
+# ControlNet (issue 20). Installs the carried wheels (scripts/fetch_device_wheels.sh), builds the full-size
+# checkpoint with its ControlNet once into /tmp/full, runs the GPU tests of the tasks (TESTS: which test files,
+# default both), then benchmarks/tasks.py into "$OUT" (tasks-h200.json, its
 # reference images, gpu-tasks-tests.log). Everything stops in time for the device tool's 600 s limit; run it again
 # on the same (warm) machine and the benchmark resumes where it stopped.
 # Usage: [START_FROM=tasks-h200.json] bash scripts/device_tasks.sh [all|tests|bench] [more benchmarks/tasks.py arguments]
@@ -17,13 +18,14 @@ limit=${LIMIT_S:-570}  # seconds this script may take in all
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader
-if [ ! -f /tmp/full/model_index.json ]; then
-    python3 -m zimage_turbo -q make-checkpoint full /tmp/full || exit 1
+if [ ! -f /tmp/full/controlnet/config.json ]; then
+    python3 -m zimage_turbo -q make-checkpoint full /tmp/full --controlnet --overwrite || exit 1
 fi
 echo "checkpoint ready after $((SECONDS - started)) s"
 if [ "$part" != bench ]; then
     ZIMAGE_TEST_FULL_CHECKPOINT=/tmp/full timeout $((limit - (SECONDS - started))) \
-        python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu/test_gpu_tasks.py 2>&1 \
+        python3 -m pytest -q -s -p no:cacheprovider -m gpu \
+        ${TESTS:-tests/gpu/test_gpu_tasks.py tests/gpu/test_gpu_controlnet.py} 2>&1 \
         | tee "$out/gpu-tasks-tests.log" | grep -E "diff|passed|failed|Error|error" | tail -20
     echo "tests done after $((SECONDS - started)) s"
 fi

@@ -53,6 +53,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "profile",
         "checkpoints",
         "lora_sources",
+        "controlnet_sources",
     ),
     "weights": (
         "host",
@@ -64,12 +65,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "lora_files",
         "loras",
         "adapters",
+        "controlnet",
     ),
-    "pipeline": ("phases", "image_phases"),
+    "pipeline": ("phases", "image_phases", "control_phases"),
     "speedups": ("speedups", "speedups.attention", "speedups.compile", "speedups.driver"),
     "place": (
         "strategies",
         "strategies.base",
+        "strategies.control_costs",
         "strategies.resident",
         "strategies.offload",
         "strategies.streaming",

@@ -81,6 +81,9 @@ REVIEWED = {
     # unreleased: LoRA
     "LoraError",
     "LoraNotFoundError",
+    # unreleased: ControlNet
+    "ControlNetError",
+    "ControlNetNotFoundError",
 }
 
 

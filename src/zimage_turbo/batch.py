@@ -5,13 +5,16 @@ The input has one JSON object per line (blank lines are skipped)::
     {"prompt": "a red fox in the snow"}
     {"prompt": "a lighthouse at dusk", "id": "lighthouse", "seed": 7, "width": 1280, "height": 768, "steps": 8}
     {"prompt": "the same harbour in winter", "image": "photos/harbour.png", "strength": 0.5}
+    {"prompt": "a lighthouse in the same pose", "control": "edges/lighthouse.png", "control_scale": 0.6}
 
 ``prompt`` is required. ``id`` (letters, digits, ``.``, ``_``, ``-``; unique, also ignoring case) names the image
 file ``<id>.png``; it defaults to the line number (``000002``). ``seed`` defaults to one derived from the base seed
 and the id, so the same line always gives the same image, whichever machine or replica makes it and whatever
 else the file holds. ``width``, ``height`` and ``steps`` default to the batch's options. ``image`` makes the line
 image-to-image, with ``mask`` inpainting (paths relative to the prompt file's folder; ``strength`` as for
-:meth:`~zimage_turbo.Generator.generate`); such a line's size defaults to its image's. Ready-made
+:meth:`~zimage_turbo.Generator.generate`); such a line's size defaults to its image's. ``control`` (a path, likewise)
+conditions the line on the ControlNet of the ``controlnet`` setting, at ``control_scale`` (with ``image`` and
+``mask``: ControlNet inpainting). Ready-made
 :class:`BatchItem` objects are checked by the same rules.
 
 The output folder gets ``<id>.png`` per line and ``manifest.jsonl``, one line per image written: id, prompt,

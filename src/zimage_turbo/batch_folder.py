@@ -37,7 +37,10 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.jsonl"
 # What must match between a manifest line and an input line for the image to count as done.
-_IDENTITY = ("prompt", "seed", "width", "height", "steps", "file", "loras", "image", "mask", "strength")
+_IDENTITY = (
+    "prompt", "seed", "width", "height", "steps", "file", "loras",
+    "image", "mask", "strength", "control", "control_scale",
+)  # fmt: skip
 # How many conflicting ids a BatchConflictError spells out.
 _SHOWN = 3
 
@@ -75,8 +78,10 @@ def manifest_row(item: BatchItem, result: GenerationResult, **extra: Any) -> dic
         "fallbacks": [str(f) for f in result.fallbacks],
         "warnings": list(result.warnings),
         "loras": dict(result.loras),
-        # image-to-image and inpainting lines: their inputs (absent from text-to-image lines, which they match)
+        # image-to-image, inpainting and ControlNet lines: their inputs (absent from text-to-image lines, which
+        # they match)
         **({"image": item.image, "mask": item.mask, "strength": item.strength} if item.image is not None else {}),
+        **({"control": item.control, "control_scale": item.control_scale} if item.control is not None else {}),
         # allow_downscale made the image smaller than asked: the line must still be recognised as this item's
         # when the batch is resumed (else it would be a conflict, or redone, on every run).
         **({"requested": {"width": item.width, "height": item.height}} if downscaled else {}),

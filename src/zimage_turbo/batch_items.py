@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import InvalidImageError, InvalidRequestError
 from .request import DEFAULT_STEPS, GenerationRequest, check_seed
-from .task_inputs import TaskInputs, task_inputs
+from .task_inputs import DEFAULT_CONTROL_SCALE, TaskInputs, task_inputs
 
 __all__ = [
     "BatchItem",
@@ -29,9 +29,9 @@ __all__ = [
     "read_prompts",
 ]
 
-_FIELDS = ("prompt", "id", "seed", "width", "height", "steps", "image", "mask", "strength")
-# the fields of image-to-image and inpainting lines (paths relative to the prompt file's folder)
-_INPUT_FIELDS = ("image", "mask", "strength")
+_FIELDS = ("prompt", "id", "seed", "width", "height", "steps", "image", "mask", "strength", "control", "control_scale")
+# the fields of image-to-image, inpainting and ControlNet lines (paths relative to the prompt file's folder)
+_INPUT_FIELDS = ("image", "mask", "strength", "control", "control_scale")
 # Ids name files: no separators, no leading dot (hidden files, "..").
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 # Derived seeds stay below 2**63: the noise of seed s is drawn from torch.Generator().manual_seed(s).
@@ -43,7 +43,9 @@ class BatchItem:
     """One line of a batch: what to generate and under which name.
 
     ``image`` (and ``mask``, for inpainting) are the input images' files, as absolute paths once read;
-    ``strength`` is the line's, or the task's default; all three are None for text-to-image.
+    ``strength`` is the line's, or the task's default; all three are None for text-to-image. ``control`` is a
+    ControlNet line's control image (a path, likewise) and ``control_scale`` its scale, or the default (None
+    without a control image; such a line's ``strength`` is None too).
     """
 
     id: str
@@ -58,6 +60,8 @@ class BatchItem:
     image: str | None = None
     mask: str | None = None
     strength: float | None = None
+    control: str | None = None
+    control_scale: float | None = None
 
     @property
     def file(self) -> str:
@@ -66,7 +70,8 @@ class BatchItem:
 
     def inputs(self) -> TaskInputs | None:
         """The line's input images, checked by their headers (decoded when the line's turn comes)."""
-        return task_inputs(self.image, self.mask, self.strength, decode=False)
+        scale = DEFAULT_CONTROL_SCALE if self.control_scale is None else self.control_scale
+        return task_inputs(self.image, self.mask, self.strength, self.control, scale, decode=False)
 
     def request(self) -> GenerationRequest:
         return GenerationRequest(
@@ -233,19 +238,24 @@ def _item(
         raise InvalidRequestError(f"{place}: {exc}") from None
     assert request.seed is not None
     given: dict[str, Any] = {}
-    if inputs is not None:
-        given = {"image": _text(inputs.image.path), "strength": inputs.strength}
-        if inputs.mask is not None:
-            given["mask"] = _text(inputs.mask.path)
+    if inputs is not None and inputs.control is not None:
+        given = {"control": _text(inputs.control.path), "control_scale": inputs.control_scale}
+    elif inputs is not None:
+        given = {"strength": inputs.strength}
+    if inputs is not None and inputs.image is not None:
+        given["image"] = _text(inputs.image.path)
+    if inputs is not None and inputs.mask is not None:
+        given["mask"] = _text(inputs.mask.path)
     return BatchItem(
         item_id, request.prompt, request.seed, request.width, request.height, request.steps, number, **given
     )
 
 
 def _line_inputs(record: Mapping[str, Any], folder: Path | None) -> TaskInputs | None:
-    """The input images a line names (``image``, ``mask``: paths, relative to ``folder``) and its strength."""
+    """The input images a line names (``image``, ``mask``, ``control``: paths, relative to ``folder``), its strength
+    and its control scale."""
     paths = {}
-    for field in ("image", "mask"):
+    for field in ("image", "mask", "control"):
         value = record.get(field)
         if value is None:
             continue
@@ -253,7 +263,10 @@ def _line_inputs(record: Mapping[str, Any], folder: Path | None) -> TaskInputs |
             raise InvalidRequestError(f"{field} must be a path (a string), got {type(value).__name__}")
         path = Path(value).expanduser()
         paths[field] = path if path.is_absolute() or folder is None else folder / path
-    return task_inputs(paths.get("image"), paths.get("mask"), record.get("strength"), decode=False)
+    scale = record.get("control_scale", DEFAULT_CONTROL_SCALE)
+    return task_inputs(
+        paths.get("image"), paths.get("mask"), record.get("strength"), paths.get("control"), scale, decode=False
+    )
 
 
 def _text(path: Path | None) -> str:

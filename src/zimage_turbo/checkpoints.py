@@ -8,6 +8,12 @@ layout, so everything that loads, places and runs the real model runs on them un
 ``tiny``: toy sizes; builds in about a second on a CPU, under 5 MB; a whole pipeline call takes a
 fraction of a second. ``full``: the real sizes (transformer 6.15 B, Qwen3 text encoder 4.02 B, VAE
 84 M parameters), bf16, about 20.7 GB; build it on a GPU.
+
+With ``controlnet=True`` the checkpoint also holds a ``ZImageControlNetModel`` that fits its transformer, in a
+``controlnet`` folder in diffusers' layout (``config.json`` and ``diffusion_pytorch_model.safetensors``): for
+``full`` the architecture of the published Z-Image-Turbo-Fun-Controlnet-Union-2.1 (3.3 B parameters, 6.7 GB in
+bf16). The ``controlnet`` setting takes the checkpoint's folder (or that subfolder). Its projections, which a
+new ControlNet starts with at zero, get random values too, so that the ControlNet changes the image.
 """
 
 from __future__ import annotations
@@ -29,11 +35,21 @@ from .process_state import default_dtype
 from .quiet_imports import quiet_imports
 from .toy_tokenizer import build_toy_tokenizer
 
-__all__ = ["MARKER_FILE", "PRESETS", "CheckpointPreset", "PresetName", "make_checkpoint", "read_marker"]
+__all__ = [
+    "CONTROLNET_FOLDER",
+    "MARKER_FILE",
+    "PRESETS",
+    "CheckpointPreset",
+    "PresetName",
+    "make_checkpoint",
+    "read_marker",
+]
 
 logger = logging.getLogger(__name__)
 
 MARKER_FILE = "zimage_turbo_checkpoint.json"
+#: the folder of a checkpoint (or of any model folder) that holds its ControlNet
+CONTROLNET_FOLDER = "controlnet"
 
 
 def make_checkpoint(
@@ -44,6 +60,7 @@ def make_checkpoint(
     device: str | None = None,
     overwrite: bool = False,
     published_layout: bool = False,
+    controlnet: bool = False,
 ) -> Path:
     """Build a random-weight Z-Image-Turbo checkpoint in ``path`` and return the folder.
 
@@ -57,6 +74,7 @@ def make_checkpoint(
         overwrite: replace an existing checkpoint made by this function.
         published_layout: store the transformer as the published checkpoint does: in float32, in shards with
             an index (the cold-start benchmark reads what a first load of the real weights reads).
+        controlnet: also build a random ControlNet for the transformer, in the folder ``controlnet``.
 
     The checkpoint is built in a temporary folder beside ``path`` and renamed into place at the end, so
     an interrupted build never leaves a half-written checkpoint behind.
@@ -89,6 +107,8 @@ def make_checkpoint(
     logger.info("building the %s checkpoint on %s in %s", preset, build_device, target)
     try:
         pipeline = _build_pipeline(spec, seed, build_device)
+        if controlnet:
+            _build_controlnet(spec, seed, build_device).save_pretrained(staging / CONTROLNET_FOLDER)
         if published_layout:
             pipeline.transformer.to(torch.float32)
         pipeline.save_pretrained(staging, safe_serialization=True, max_shard_size=spec.max_shard_size)
@@ -100,6 +120,8 @@ def make_checkpoint(
         marker = {"preset": preset, "seed": seed, "random_weights": True, "zimage_turbo": __version__}
         if published_layout:
             marker["published_layout"] = True
+        if controlnet:
+            marker["controlnet"] = True
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
@@ -202,3 +224,23 @@ def _build_pipeline(spec: CheckpointPreset, seed: int, device: torch.device) -> 
         tokenizer=tokenizer,
         transformer=transformer,
     )
+
+
+def _build_controlnet(spec: CheckpointPreset, seed: int, device: torch.device) -> Any:
+    """A ``ZImageControlNetModel`` of the preset's architecture with random weights, its zero-initialised
+    projections included (seeded apart from the pipeline, so that the pipeline's weights do not depend on it)."""
+    with quiet_imports():
+        from diffusers import ZImageControlNetModel
+
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), default_dtype(spec.dtype), device:
+        if device.type == "cuda":
+            index = torch.cuda.current_device() if device.index is None else device.index
+            torch.cuda.default_generators[index].manual_seed((seed + 1) % 2**64)
+        else:
+            torch.default_generator.manual_seed((seed + 1) % 2**64)
+        model = ZImageControlNetModel(**spec.controlnet)
+        for name, module in model.named_modules():
+            if name.rpartition(".")[2] in ("before_proj", "after_proj") and isinstance(module, torch.nn.Linear):
+                module.reset_parameters()  # a Linear layer's own random initialisation, instead of zeros
+    return model

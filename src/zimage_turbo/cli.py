@@ -2,6 +2,7 @@
 
     zimage-turbo generate "a red fox in the snow" -o fox.png --seed 7 --size 1024x768
     zimage-turbo generate "the fox in spring" --image fox.png [--strength 0.6] [--mask mask.png] -o spring.png
+    zimage-turbo generate "a fox, same pose" --control edges.png --controlnet DIR_OR_REPO [--control-scale 0.75]
     zimage-turbo demo                      # tiny random-weight model, no download: checks the install
     zimage-turbo make-checkpoint tiny DIR  # or: full DIR (real sizes, random weights; needs a GPU)
     zimage-turbo hardware                  # what the library sees
@@ -129,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=float, default=0.0, help="guidance scale (default 0 for Turbo)")
     generate.add_argument("--negative-prompt", default=None, help="used only with --guidance > 0")
     generate.add_argument("--num-images", type=int, default=1, help="images for this prompt (default 1)")
-    inputs = generate.add_argument_group("image-to-image and inpainting (docs/tasks.md)")
+    inputs = generate.add_argument_group("image-to-image, inpainting and ControlNet (docs/tasks.md)")
     inputs.add_argument("--image", default=None, help="start from this picture (image-to-image)")
     inputs.add_argument(
         "--strength",
@@ -138,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
         help="how much of it is drawn anew, in (0, 1] (default 0.6; 1 with --mask)",
     )
     inputs.add_argument("--mask", default=None, help="inpaint: white pixels of this mask are drawn anew")
+    inputs.add_argument("--control", default=None, help="condition on the ControlNet (--controlnet) with this image")
+    inputs.add_argument("--control-scale", type=float, default=0.75, help="the ControlNet's weight (default 0.75)")
     add_json_option(generate, "the paths written, seeds, strategy, timings, fallbacks and warnings")
     _add_model_options(generate)
     generate.set_defaults(handler=_cmd_generate)
@@ -159,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument(
         "--published-layout", action="store_true", help="transformer in float32 shards, as the published weights"
     )
+    make.add_argument("--controlnet", action="store_true", help="also a random ControlNet, in DIR/controlnet")
     make.set_defaults(handler=_cmd_make_checkpoint)
 
     convert = commands.add_parser(
@@ -270,6 +274,7 @@ def _add_model_options(command: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None)
     group.add_argument("--cache-dir", type=Path, default=None, help="root of the model caches (like HF_HOME)")
     group.add_argument("--offline", action="store_true", default=None, help="use caches only, never download")
+    group.add_argument("--controlnet", default=None, help="the ControlNet for --control: folder, file or repo id")
     group.add_argument(
         "--lora",
         action="append",
@@ -288,7 +293,8 @@ def _add_model_options(command: argparse.ArgumentParser) -> None:
 
 # the command-line options that are settings of the same name
 _SETTINGS_OPTIONS = (
-    "model", "source", "strategy", "dtype", "cache_dir", "offline", "attention", "compile", "quantization",
+    "model", "source", "strategy", "dtype", "cache_dir", "offline", "controlnet", "attention", "compile",
+    "quantization",
 )  # fmt: skip
 
 
@@ -322,7 +328,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     width, height = parse_size(args.size) if args.size is not None else (None, None)
     # Every argument, then every output path and the settings, are checked before anything is loaded (the
     # Generator loads lazily, and generate() validates again before loading).
-    inputs = task_inputs(args.image, args.mask, args.strength)
+    inputs = task_inputs(args.image, args.mask, args.strength, args.control, args.control_scale)
     if inputs is not None:
         height, width = inputs.output_size(height, width)
     request = GenerationRequest(
@@ -418,6 +424,7 @@ def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         published_layout=args.published_layout,
+        controlnet=args.controlnet,
     )
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(

@@ -69,6 +69,7 @@ def result_json(result: Any, written: list[Path]) -> dict[str, Any]:
         "warnings": list(result.warnings),
         "task": result.task,
         **({"strength": result.strength, "input_sizes": dict(result.input_sizes)} if result.input_sizes else {}),
+        **({"control_scale": result.control_scale, "controlnet": result.controlnet} if result.controlnet else {}),
     }
 
 
@@ -86,7 +87,10 @@ def report(result: Any, written: list[Path]) -> None:
         f"  {timings.total:.2f} s: {load}encode {timings.encode:.2f} s, {image}denoise {timings.denoise:.2f} s, "
         f"decode {timings.decode:.2f} s"
     )
-    if result.input_sizes:
+    if result.control_scale is not None:
+        task = result.task.replace("_", "-")
+        print(f"  {task} with the ControlNet {result.controlnet} at scale {result.control_scale:g}")
+    elif result.input_sizes:
         print(f"  {result.task.replace('_', '-')} at strength {result.strength:g}")
     peaks = ", ".join(f"{device} {value / 2**30:.2f} GiB" for device, value in result.peak_memory.items())
     print(f"  peak memory: {peaks}")

@@ -7,7 +7,9 @@ Errors about bad input also derive from :class:`ValueError`, and "model not foun
     ZImageError
     ├── InvalidRequestError (ValueError)      a generate() argument is out of range or of the wrong type
     │   ├── BatchConflictError                a batch would replace images made with other parameters
-    │   └── InvalidImageError                 an input image (image=, mask_image=) cannot be used
+    │   ├── InvalidImageError                 an input image (image=, mask_image=, control_image=) cannot be used
+    │   └── ControlNetError                   a ControlNet request or the ControlNet itself cannot be used
+    │       └── ControlNetNotFoundError (FileNotFoundError)  no such ControlNet file, folder or cached repo
     ├── InvalidSettingsError (ValueError)     a setting (argument, ZIMAGE_* variable, .env line) is invalid
     ├── UnknownStrategyError (ValueError)     a strategy name or object that we do not know
     ├── StrategyUnavailableError              the strategy cannot run on this machine (no GPU, say)
@@ -37,6 +39,8 @@ __all__ = [
     "BatchConflictError",
     "BatchLockedError",
     "CheckpointError",
+    "ControlNetError",
+    "ControlNetNotFoundError",
     "DeviceFailedError",
     "DownloadError",
     "GenerationInterruptedError",
@@ -90,6 +94,27 @@ class InvalidImageError(InvalidRequestError):
     def __init__(self, message: str, *, argument: str) -> None:
         super().__init__(message)
         self.argument = argument
+
+
+class ControlNetError(InvalidRequestError):
+    """A ControlNet request cannot run, or the ControlNet cannot be used: ``control_image`` without a ControlNet
+    configured (the ``controlnet`` setting), a ``control_scale`` that is not a finite number >= 0, inputs that
+    no diffusers pipeline takes together, a ControlNet whose config or weights do not fit the model's transformer
+    (another architecture). ``argument`` names the argument or setting at fault (``"control_image"``,
+    ``"control_scale"``, ``"controlnet"``...). Raised before any weight moves: the Generator still makes the
+    images it made before."""
+
+    def __init__(self, message: str, *, argument: str) -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
+class ControlNetNotFoundError(ControlNetError, FileNotFoundError):
+    """The ``controlnet`` setting names no file, no folder holding one, and no repo in a cache we may use
+    (offline) or download."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, argument="controlnet")
 
 
 class InvalidSettingsError(ZImageError, ValueError):

@@ -42,8 +42,9 @@ import torch
 
 from .adapters import check_fits
 from .call_guard import CallGuard
+from .controlnet_sources import ControlNetSource, find_controlnet
 from .converted import find_copy, start_background_copy, worth_converting
-from .errors import InvalidRequestError, InvalidSettingsError
+from .errors import ControlNetError, InvalidRequestError, InvalidSettingsError
 from .hardware import Hardware
 from .ladder import Ladder
 from .loras import Lora, added, check_scale, read_lora_source, removed, rescaled
@@ -68,7 +69,7 @@ from .speedups import SpeedupDriver
 from .speedups.compile import compile_cache_dir
 from .strategies import LoadStrategy, strategy_from
 from .strategies.base import private_copy
-from .task_inputs import ImageInput, task_inputs
+from .task_inputs import DEFAULT_CONTROL_SCALE, ImageInput, task_inputs
 from .tasks import Attempt, Call, result_of, run_task
 
 __all__ = ["MAX_SEQUENCE_LENGTH", "Generator", "count_prompt_tokens"]
@@ -146,6 +147,7 @@ class Generator:
         self._pending: list[Fallback] = []  # what loading had to change, reported with the next result
         self._conversion: threading.Thread | None = None  # writing the converted copy (converted.py)
         self._loras: tuple[Lora, ...] = ()  # what load_lora() asked for, fused into the loaded weights
+        self._controlnet: ControlNetSource | None = None  # settings.controlnet, found and checked (headers only)
         self._speedups = SpeedupDriver(base.attention, base.compile, compile_cache_dir(base.cache_dir))
         if load:
             self.load()
@@ -438,6 +440,8 @@ class Generator:
         image: ImageInput | None = None,
         strength: float | None = None,
         mask_image: ImageInput | None = None,
+        control_image: ImageInput | None = None,
+        control_scale: float = DEFAULT_CONTROL_SCALE,
     ) -> GenerationResult:
         """Generate ``num_images`` images for one prompt (from an input image too, with ``image``).
 
@@ -454,6 +458,11 @@ class Generator:
                 Default 0.6, or 1.0 with ``mask_image`` (diffusers' defaults).
             mask_image: inpainting (``ZImageInpaintPipeline``): white pixels are drawn anew, black ones kept;
                 the size of ``image``.
+            control_image: condition on the ControlNet of the ``controlnet`` setting (loaded at the first such
+                request): alone, ControlNet text-to-image (``ZImageControlNetPipeline``); with ``image`` and
+                ``mask_image``, ControlNet inpainting (``ZImageControlNetInpaintPipeline``; no ``strength``: it
+                runs every step). Resized to the output's size; by default the output takes its size.
+            control_scale: what the ControlNet's hints are multiplied by (diffusers' default, 0.75), >= 0.
             steps: transformer passes. 8 (the default) is Z-Image-Turbo's official schedule, which its
                 model card calls "9 steps" (the 9th was a no-op). ``num_inference_steps`` is diffusers' name
                 for it: give one of the two.
@@ -477,7 +486,9 @@ class Generator:
 
         Raises:
             InvalidRequestError: an argument is invalid, or given under both of its names (raised before
-                anything is loaded); :class:`~zimage_turbo.errors.InvalidImageError` for an input image.
+                anything is loaded); :class:`~zimage_turbo.errors.InvalidImageError` for an input image;
+                :class:`~zimage_turbo.errors.ControlNetError` for a ControlNet request without a ControlNet (or
+                with one that does not fit the model), before any weight moves.
             NotEnoughMemoryError: every way of running it ran out of memory (the Generator stays usable).
             DeviceFailedError: an earlier CUDA error other than out-of-memory broke the GPU context.
         """
@@ -499,6 +510,8 @@ class Generator:
             image=image,
             strength=strength,
             mask_image=mask_image,
+            control_image=control_image,
+            control_scale=control_scale,
         )
         return result
 
@@ -520,6 +533,8 @@ class Generator:
         image: ImageInput | None = None,
         strength: float | None = None,
         mask_image: ImageInput | None = None,
+        control_image: ImageInput | None = None,
+        control_scale: float = DEFAULT_CONTROL_SCALE,
     ) -> list[GenerationResult]:
         """Generate for several prompts in turn, reusing the loaded model; results keep the prompts' order.
 
@@ -531,7 +546,8 @@ class Generator:
         ``generator``: one ``torch.Generator`` draws every prompt's noise in turn (prompt order); a list holds
         one per image, ``num_images`` per prompt in prompt order (``len(prompts) * num_images`` in all).
 
-        ``image``, ``strength``, ``mask_image``: every prompt starts from these inputs (see :meth:`generate`).
+        ``image``, ``strength``, ``mask_image``, ``control_image``, ``control_scale``: every prompt starts from
+        these inputs (see :meth:`generate`).
         """
         steps = one_spelling("steps", steps, "num_inference_steps", num_inference_steps, DEFAULT_STEPS)
         num_images = one_spelling("num_images", num_images, "num_images_per_prompt", num_images_per_prompt, 1)
@@ -550,18 +566,25 @@ class Generator:
             negative_prompt=negative_prompt,
             num_images=num_images,
             seeded=generator is None,
-            inputs=task_inputs(image, mask_image, strength),
+            inputs=(inputs := task_inputs(image, mask_image, strength, control_image, control_scale)),
         )
         sources = noise_sources(generator, len(requests), requests[0].num_images if requests else 1)
         if not requests:
             return []
         results = []
         with self._guard.exclusive(), self._machine.current():
+            self._guard.check_open()
+            control = self._find_controlnet(inputs.task) if inputs is not None and inputs.control is not None else None
             self._guard.check_device()
             with self._guard.watching_device():
                 load_seconds = self._ensure_loaded()
-            assert self._placement is not None
-            profile = self._placement.profile
+                placement = self._placement
+                assert placement is not None
+                if control is not None and placement.controlnet is None:  # loaded with the first request using it
+                    started = time.perf_counter()
+                    placement.add_controlnet(control)
+                    load_seconds += time.perf_counter() - started
+            profile = placement.profile
             eager = [profile.compute_seconds(Workload.of(r), r.denoising_steps) for r in requests]
             for index, request in enumerate(_progress(requests, enabled=self.settings.progress and len(requests) > 1)):
                 upcoming = {phase: sum(e[phase] for e in eager[index:]) for phase in eager[index]}
@@ -569,6 +592,21 @@ class Generator:
                 results.append(self._generate(request, load_seconds, call))
                 load_seconds = 0.0
         return results
+
+    def _find_controlnet(self, task: str) -> ControlNetSource:
+        """The ControlNet of the settings, found and checked against the model once (headers only: a ControlNet
+        that cannot be used is refused before any weight moves), and checked for ``task``."""
+        if self._requested is not None and not self._requested.places_controlnet:
+            raise ControlNetError(
+                f"strategy {self._requested.name!r} does not place a ControlNet; use 'auto' (which runs control "
+                "requests on one card) or a single-GPU strategy",
+                argument="strategy",
+            )
+        if self._controlnet is None:
+            model = self._placement.model if self._placement is not None else resolve_model(self.settings)
+            self._controlnet = find_controlnet(self.settings, model.layout.root)
+        self._controlnet.check_task(task)
+        return self._controlnet
 
     # -- locking and faults ------------------------------------------------------------------------------
 

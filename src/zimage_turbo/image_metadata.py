@@ -6,7 +6,8 @@ chunks:
 ``zimage-turbo``
     A JSON object: prompt, negative prompt, seed, steps, size, guidance, strategy, quantization, LoRAs
     (name -> scale), dtype, model (name and revision when known) and the library version; for image-to-image
-    and inpainting also the task, the strength and the input images' sizes. :func:`read_metadata` returns it.
+    and inpainting also the task, the strength and the input images' sizes; for ControlNet requests the task,
+    the input images' sizes, the control scale and the ControlNet. :func:`read_metadata` returns it.
 ``parameters``
     The same facts as the one text that AUTOMATIC1111's web UI writes and that many image viewers and
     prompt tools read::
@@ -55,6 +56,8 @@ def parameters_text(metadata: Mapping[str, Any]) -> str:
         ("Task", metadata.get("task")),  # image-to-image and inpainting only, as the two below
         ("Denoising strength", _number(metadata.get("strength"))),
         ("Input sizes", _sizes(metadata.get("input_sizes"))),
+        ("Control scale", _number(metadata.get("control_scale"))),  # ControlNet requests only, as the one below
+        ("ControlNet", metadata.get("controlnet")),
         ("Model", metadata.get("model")),
         ("Model revision", metadata.get("model_revision")),
         ("Strategy", metadata.get("strategy")),

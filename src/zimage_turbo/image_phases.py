@@ -16,6 +16,7 @@ memory estimate and its own place on the out-of-memory ladder:
   was not encoded here (none is expected) is encoded there, as diffusers would.
 
 The parameters stay where the encoder made them; a retry on another rung moves them to where it computes.
+ControlNet requests run the same way through diffusers' ControlNet pipelines (:mod:`~zimage_turbo.control_phases`).
 """
 
 from __future__ import annotations
@@ -29,45 +30,66 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .controlnet import controlnet_of, share_transformer
 from .execution import pin_execution_device
 from .phases import denoise
 from .quiet_imports import quiet_imports
 from .task_inputs import TaskInputs, TaskName
 
-__all__ = ["EncodedImages", "denoise_images", "encode_images", "noise_generators", "task_pipeline"]
+__all__ = [
+    "EncodedImages",
+    "denoise_images",
+    "encode_images",
+    "encoder_answering",
+    "noise_generators",
+    "task_pipeline",
+]
 
 logger = logging.getLogger(__name__)
 
 _SIBLINGS = "_zimage_turbo_task_pipelines"
+# the diffusers pipeline of each task but text-to-image (ZImagePipeline itself)
+_PIPELINES = {
+    "image_to_image": "ZImageImg2ImgPipeline",
+    "inpaint": "ZImageInpaintPipeline",
+    "control": "ZImageControlNetPipeline",
+    "control_inpaint": "ZImageControlNetInpaintPipeline",
+}
 
 
 @dataclass(frozen=True)
 class EncodedImages:
-    """What the ``encode_image`` phase leaves for the denoising: the inputs at the output's size as the pipeline
-    is given them, and each encoder input (float32, on the host) with the encoder's output for it."""
+    """What the ``encode_image`` phase leaves for the denoising: the inputs as the pipeline is given them, and each
+    encoder input (float32, on the host) with the encoder's output for it."""
 
-    image: Image.Image
+    image: Image.Image | None
     mask: Image.Image | None
     encoded: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     dtype: torch.dtype  # the dtype the encoder ran in
+    control: Image.Image | None = None  # a ControlNet request's control image
 
 
 def task_pipeline(pipe: Any, task: TaskName) -> Any:
     """The diffusers pipeline of ``task`` on the modules of ``pipe`` (a ``ZImagePipeline``): ``pipe`` itself for
     text-to-image, else a sibling made once from ``pipe.components`` (the same module objects, so that whatever a
-    strategy placed or hooked is what the sibling runs) and made again if a component was replaced."""
+    strategy placed or hooked is what the sibling runs; for ControlNet tasks with the pipeline's ControlNet, see
+    :mod:`~zimage_turbo.controlnet`) and made again if a component was replaced."""
     if task == "text_to_image":
         return pipe
     with quiet_imports():
-        from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline
+        import diffusers
 
     made: dict[str, Any] = pipe.__dict__.setdefault(_SIBLINGS, {})
-    components = pipe.components
+    components = dict(pipe.components)
+    controlnet = controlnet_of(pipe) if task.startswith("control") else None
+    if controlnet is not None:
+        components["controlnet"] = controlnet
     sibling = made.get(task)
     if sibling is None or any(getattr(sibling, name) is not module for name, module in components.items()):
-        kind = ZImageInpaintPipeline if task == "inpaint" else ZImageImg2ImgPipeline
-        sibling = kind(**components)
+        sibling = getattr(diffusers, _PIPELINES[task])(**components)
         made[task] = sibling
+        if controlnet is not None:
+            share_transformer(controlnet, pipe.transformer)  # the constructor registered the shared modules
     # the base pipeline's progress bar (ours, with its options: see loader.py) serves the sibling too
     sibling.progress_bar = pipe.progress_bar
     return sibling
@@ -76,6 +98,7 @@ def task_pipeline(pipe: Any, task: TaskName) -> Any:
 def encode_images(pipe: Any, inputs: TaskInputs, height: int, width: int, device: torch.device) -> EncodedImages:
     """The ``encode_image`` phase: the VAE encoder over the inputs of ``inputs`` at ``height`` x ``width``."""
     sibling = task_pipeline(pipe, inputs.task)
+    assert inputs.image is not None
     image = inputs.image.loaded().pixels
     assert image is not None
     if image.size != (width, height):
@@ -117,7 +140,7 @@ def denoise_images(
     arguments: dict[str, Any] = {"image": encoded.image, "strength": strength}
     if encoded.mask is not None:
         arguments["mask_image"] = encoded.mask
-    with _encoder_answering(sibling.vae, encoded):
+    with encoder_answering(sibling.vae, encoded):
         return denoise(
             sibling,
             embeds,
@@ -156,7 +179,7 @@ def noise_generators(
 
 
 @contextlib.contextmanager
-def _encoder_answering(vae: Any, encoded: EncodedImages) -> Iterator[None]:
+def encoder_answering(vae: Any, encoded: EncodedImages) -> Iterator[None]:
     """``vae.encode`` answers from ``encoded`` inside the block, for inputs equal to those encoded in that dtype."""
     with quiet_imports():
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution

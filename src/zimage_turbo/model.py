@@ -1,7 +1,7 @@
 """Facts about the Z-Image-Turbo architecture that several layers need: the text encoder's token limit, the VAE
 tile of our tiling rung, and the constructor arguments of each checkpoint size (``full`` is the real model's;
 the planner reads its shapes without the weights, and :func:`~zimage_turbo.checkpoints.make_checkpoint` builds
-random checkpoints from both).
+random checkpoints from both), the ControlNet of each size included.
 
 Kept apart from the modules that use them so that reading a folder, profiling it and building checkpoints do
 not import one another.
@@ -50,6 +50,8 @@ class CheckpointPreset:
     text_encoder: dict[str, Any]
     vae: dict[str, Any]
     dtype: torch.dtype
+    # ZImageControlNetModel's arguments: a ControlNet that fits this transformer
+    controlnet: dict[str, Any] = field(default_factory=dict)
     max_shard_size: str | None = None
     scheduler: dict[str, Any] = field(
         # Z-Image-Turbo's scheduler: a fixed shift of 3, no resolution-dependent shifting.
@@ -103,6 +105,28 @@ def _transformer(dim: int, layers: int, refiner_layers: int, heads: int, caption
     }
 
 
+def _controlnet(transformer: dict[str, Any], places: list[int]) -> dict[str, Any]:
+    """A ControlNet of the Z-Image-Turbo Fun ControlNet Union 2.x kind for ``transformer``: a control block at each
+    of the transformer layers ``places``, a control noise refiner beside each of its refiner layers, and a control
+    input of 33 channels (16 latent channels of the control image, the mask, 16 of the masked image), so that it
+    serves both ControlNet text-to-image and ControlNet inpainting."""
+    refiners = int(transformer["n_refiner_layers"])
+    return {
+        "control_layers_places": places,
+        "control_refiner_layers_places": list(range(refiners)),
+        "control_in_dim": 2 * int(transformer["in_channels"]) + 1,
+        "add_control_noise_refiner": "control_noise_refiner",
+        "all_patch_size": transformer["all_patch_size"],
+        "all_f_patch_size": transformer["all_f_patch_size"],
+        "dim": transformer["dim"],
+        "n_refiner_layers": refiners,
+        "n_heads": transformer["n_heads"],
+        "n_kv_heads": transformer["n_kv_heads"],
+        "norm_eps": transformer["norm_eps"],
+        "qk_norm": transformer["qk_norm"],
+    }
+
+
 def _qwen3(
     hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, **extra: Any
 ) -> dict[str, Any]:
@@ -122,23 +146,30 @@ def _qwen3(
     }
 
 
+_TINY_TRANSFORMER = _transformer(dim=64, layers=2, refiner_layers=1, heads=2, caption_dim=32)
+_FULL_TRANSFORMER = _transformer(dim=3840, layers=30, refiner_layers=2, heads=30, caption_dim=2560)
+
 PRESETS: dict[str, CheckpointPreset] = {
     "tiny": CheckpointPreset(
         name="tiny",
-        transformer=_transformer(dim=64, layers=2, refiner_layers=1, heads=2, caption_dim=32),
+        transformer=_TINY_TRANSFORMER,
         # vocab_size is the toy tokenizer's; the pipeline reads hidden_states[-2], so at least 2 layers.
         text_encoder=_qwen3(32, 64, layers=2, heads=2, kv_heads=1, head_dim=16, max_position_embeddings=1024),
         vae=_vae((16, 16, 32, 32), layers_per_block=1, groups=8),
         dtype=torch.float32,
+        controlnet=_controlnet(_TINY_TRANSFORMER, places=[0, 1]),
     ),
     "full": CheckpointPreset(
         name="full",
-        transformer=_transformer(dim=3840, layers=30, refiner_layers=2, heads=30, caption_dim=2560),
+        transformer=_FULL_TRANSFORMER,
         text_encoder=_qwen3(
             2560, 9728, layers=36, heads=32, kv_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960
         ),
         vae=_vae((128, 256, 512, 512), layers_per_block=2, groups=32),
         dtype=torch.bfloat16,
+        # the published Z-Image-Turbo-Fun-Controlnet-Union-2.1 (as diffusers' config for it has it): 15 control
+        # blocks, at every other layer of the 30
+        controlnet=_controlnet(_FULL_TRANSFORMER, places=list(range(0, 30, 2))),
         max_shard_size="5GB",
     ),
 }

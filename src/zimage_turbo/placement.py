@@ -4,7 +4,8 @@ A :class:`Placement` exists from the load to ``close()``. It applies a strategy 
 leaving in place what both keep on the same card), puts everything home after an interrupted move, applies an
 offloading strategy again after an exception (fresh hooks, streamed weights home), pins the pipeline's
 execution device once per placement, and remembers which strategies did not fit (``unplaceable``), failed on
-their first use (``broken``) or have made an image (``proven``). It knows nothing of requests or the ladder.
+their first use (``broken``) or have made an image (``proven``), and adds a ControlNet to the model when the
+first request needs one. It knows nothing of requests or the ladder.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 
 from .adapters import FusedWeights
+from .controlnet import attach_controlnet, controlnet_of, load_controlnet
+from .controlnet_sources import ControlNetSource
 from .errors import first_line
 from .execution import pin_execution_device
 from .hardware import Hardware
@@ -28,7 +31,7 @@ from .quantize import stored_bytes
 from .result import Fallback
 from .sources import ResolvedModel
 from .strategies import LoadStrategy
-from .strategies.base import components, host_homes, new_host_homes, send_everything_home
+from .strategies.base import CONTROLNET, component_names, components, host_homes, new_host_homes, send_everything_home
 
 __all__ = ["Placement", "load_placement"]
 
@@ -75,6 +78,7 @@ class Placement:
         self._execution_device: tuple[int, torch.device] | None = None
         # the LoRAs fused into the weights (they stay fused through every switch: they are in the weights)
         self.adapters = FusedWeights(pipe, host_homes(pipe), model.layout, dtype)
+        self.controlnet: str | None = None  # the label of the ControlNet loaded (see add_controlnet)
 
     # -- what is where ----------------------------------------------------------------------------------
 
@@ -146,12 +150,45 @@ class Placement:
         seen = self._seen()
         if wanted and seen is not None:
             held = self.active.resident(seen)
-            keep = [name for name, device in held.items() if wanted.get(name) == device]
+            present = component_names(self.pipe)  # no ControlNet until one is loaded
+            keep = [name for name, device in held.items() if wanted.get(name) == device and name in present]
         self.active.remove(self.pipe, keep)
         self.active = None
         self._forget_execution_device()
         self._held = None
         self.loaded_for = None
+
+    def add_controlnet(self, source: ControlNetSource) -> None:
+        """Load the ControlNet of ``source`` (checked against the model already) and make it part of the model:
+        the profile counts it and every strategy places it from the next placement on. It loads straight to the
+        GPU where the strategy in use keeps it resident (into its host homes when that runs out of memory, or
+        for any other strategy), as the other components were loaded. The strategy in use is removed, keeping in
+        place what it keeps resident, so that the next :meth:`use` applies it again (or what the planner now
+        prefers) with the ControlNet. Loaded once: it stays through every switch and fallback, as the other
+        components do."""
+        if controlnet_of(self.pipe) is not None:
+            return
+        module = self._load_controlnet(source)
+        if self.active is not None:
+            self.leave(self.active.resident(self.hardware()))
+        attach_controlnet(self.pipe, module)
+        self.profile = self.profile.with_controlnet(source.profile(self.dtype.itemsize))
+        self.controlnet = source.label
+
+    def _load_controlnet(self, source: ControlNetSource) -> Any:
+        homes = host_homes(self.pipe)
+        device = self.active.resident(self.hardware()).get(CONTROLNET) if self.active is not None else None
+        if device is not None and device.type == "cuda":
+            failure = ""
+            try:
+                return load_controlnet(source, dtype=self.dtype, homes=homes, destination=device)
+            except torch.OutOfMemoryError as exc:
+                failure = first_line(exc)
+            release_memory()  # outside the except block, so that the half-loaded weights can really be freed
+            logger.warning(
+                "out of memory loading the ControlNet onto %s; loading it into host memory: %s", device, failure
+            )
+        return load_controlnet(source, dtype=self.dtype, homes=homes)
 
     def set_loras(self, loras: Sequence[Lora]) -> None:
         """Fuse ``loras`` (and no others) into the weights. A quantized placement holds copies made from the

@@ -42,7 +42,7 @@ from .request import DEFAULT_STEPS, GenerationRequest, one_spelling, requests_fo
 from .result import GenerationResult
 from .settings import ZImageSettings
 from .strategies import MultiGPUDispatch, strategy_from
-from .task_inputs import ImageInput, task_inputs
+from .task_inputs import DEFAULT_CONTROL_SCALE, ImageInput, task_inputs
 
 __all__ = ["GeneratorPool", "Outcome", "PromptFailure"]
 
@@ -348,13 +348,15 @@ class GeneratorPool:
         image: ImageInput | None = None,
         strength: float | None = None,
         mask_image: ImageInput | None = None,
+        control_image: ImageInput | None = None,
+        control_scale: float = DEFAULT_CONTROL_SCALE,
     ) -> list[Outcome]:
         """Generate for every prompt over the replicas; the outcomes keep the prompts' order.
 
         The arguments and seeds are those of :meth:`Generator.generate_many` (diffusers' names
-        ``num_inference_steps`` and ``num_images_per_prompt`` too, and ``image``, ``strength``, ``mask_image`` for
-        image-to-image and inpainting; ``generator=`` is not taken: replicas draw their noise in parallel, so give
-        seeds): with the same arguments each
+        ``num_inference_steps`` and ``num_images_per_prompt`` too, ``image``, ``strength``, ``mask_image`` for
+        image-to-image and inpainting, and ``control_image``, ``control_scale`` for the ControlNet; ``generator=``
+        is not taken: replicas draw their noise in parallel, so give seeds): with the same arguments each
         image is the one a single Generator would make. Every prompt is validated before anything loads. A
         prompt that raises gives a :class:`PromptFailure` at its index; the others are unaffected.
         """
@@ -369,7 +371,7 @@ class GeneratorPool:
             guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
             num_images=num_images,
-            inputs=task_inputs(image, mask_image, strength),
+            inputs=task_inputs(image, mask_image, strength, control_image, control_scale),
         )
         return [outcome for _, outcome in self.generate_requests(requests, ordered=True)]
 
@@ -389,6 +391,8 @@ class GeneratorPool:
         image: ImageInput | None = None,
         strength: float | None = None,
         mask_image: ImageInput | None = None,
+        control_image: ImageInput | None = None,
+        control_scale: float = DEFAULT_CONTROL_SCALE,
     ) -> Iterator[tuple[int, Outcome]]:
         """Like :meth:`generate_many`, but yields ``(index, outcome)`` as each prompt finishes.
 
@@ -406,7 +410,7 @@ class GeneratorPool:
             guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
             num_images=num_images,
-            inputs=task_inputs(image, mask_image, strength),
+            inputs=task_inputs(image, mask_image, strength, control_image, control_scale),
         )
         return self.generate_requests(requests)
 

@@ -13,10 +13,15 @@ drives each phase, scaled by the architecture so that one calibration serves eve
   (batch doubles with classifier-free guidance);
 * VAE decode:   ``k_vae * images * pixels * channels[0] * dtype_bytes``, or with tiling the same for one
   512x512 tile plus the assembled image;
-* VAE encode of input images (image-to-image, inpainting): the same form, for the largest batch the encoder
-  takes at once. Not calibrated yet: it uses the decoder's constant (an over-estimate: the encoder's widest
-  full-resolution tensors have half the decoder's channels) and 0.45 of its time (the encoder's share of the
-  convolution work of the full-size VAE, counted: 0.43).
+* VAE encode of input images (image-to-image, inpainting, ControlNet): the same form, for the largest batch the
+  encoder takes at once. Not calibrated yet: it uses the decoder's constant (an over-estimate: the encoder's
+  widest full-resolution tensors have half the decoder's channels) and 0.45 of its time (the encoder's share of
+  the convolution work of the full-size VAE, counted: 0.43);
+* a ControlNet (when the profile has one, :meth:`ModelProfile.with_controlnet`) adds its weights, and to each
+  pass of a request that uses it the hints it hands the transformer, kept while both run: one token-sized tensor
+  per control block, held twice while the ControlNet stacks them. Its time is the transformer's per byte of
+  blocks, for its own blocks and the transformer's refiner blocks it runs again. Estimated from the
+  architecture, not measured yet.
 
 The ``k`` constants were measured on a GPU with the full-size checkpoint (``benchmarks/calibrate.py``); the
 measurements and the fit live in ``calibration.json`` beside this file. The time constants are that GPU's (an
@@ -49,6 +54,7 @@ __all__ = [
     "ComponentProfile",
     "ModelProfile",
     "Workload",
+    "component_profile",
     "load_calibration",
     "read_safetensors_shapes",
 ]
@@ -77,6 +83,7 @@ _DTYPE_BYTES = {
 _BLOCK_PATTERNS = {
     "transformer": re.compile(r"^((?:layers|noise_refiner|context_refiner)\.\d+)\."),
     "text_encoder": re.compile(r"^((?:model\.)?layers\.\d+)\."),
+    "controlnet": re.compile(r"^((?:control_layers|control_noise_refiner)\.\d+)\."),
     "vae": re.compile(r"^((?:encoder|decoder)\.(?:down_blocks|up_blocks)\.\d+)\."),
 }
 
@@ -92,16 +99,20 @@ class Workload:
     vae_tiling: bool = False
     # the batch of each pass of the VAE encoder over input images at the output's size (none for text-to-image)
     image_encodes: tuple[int, ...] = ()
+    # the ControlNet runs beside the transformer at each pass
+    control: bool = False
 
     @classmethod
     def of(cls, request: GenerationRequest) -> Workload:
         """The workload of a generation request."""
+        inputs = request.inputs
         return cls(
             height=request.height,
             width=request.width,
             images=request.num_images,
             guidance=request.guidance_scale > 0,
-            image_encodes=request.inputs.image_encodes if request.inputs is not None else (),
+            image_encodes=inputs.encoder_batches(request.num_images) if inputs is not None else (),
+            control=inputs is not None and inputs.control is not None,
         )
 
     @property
@@ -235,10 +246,17 @@ class ModelProfile:
     text_hidden: int = 2560
     vae_channels: int = 128
     calibration: Calibration = field(default_factory=load_calibration)
+    controlnet: ComponentProfile | None = None  # a ControlNet loaded (or about to be) beside the transformer
 
     @property
-    def components(self) -> tuple[ComponentProfile, ComponentProfile, ComponentProfile]:
-        return (self.text_encoder, self.transformer, self.vae)
+    def components(self) -> tuple[ComponentProfile, ...]:
+        """Every weighted component: the text encoder, the transformer, the VAE and the ControlNet if any."""
+        parts = (self.text_encoder, self.transformer, self.vae)
+        return parts if self.controlnet is None else (*parts, self.controlnet)
+
+    def with_controlnet(self, controlnet: ComponentProfile | None) -> ModelProfile:
+        """This profile with ``controlnet`` beside the transformer (None: without one)."""
+        return replace(self, controlnet=controlnet)
 
     @property
     def weight_bytes(self) -> int:
@@ -255,6 +273,10 @@ class ModelProfile:
     def denoise_activation_bytes(self, work: Workload) -> int:
         tokens = work.image_tokens + CAPTION_TOKENS
         per_pass = self.calibration.transformer_k * work.transformer_batch * tokens * self.transformer_dim
+        if work.control and self.controlnet is not None:
+            # one hint per control block (and the stream they come from), held twice while they are stacked
+            hints = len(self.controlnet.block_bytes) + 1
+            per_pass += 2 * hints * work.transformer_batch * tokens * self.transformer_dim
         return int(per_pass * self.dtype_bytes)
 
     def decode_activation_bytes(self, work: Workload) -> int:
@@ -298,13 +320,22 @@ class ModelProfile:
         """Seconds of pure compute per phase, everything resident on the calibration GPU."""
         cal = self.calibration
         tiled = cal.vae_tiling_slowdown if work.vae_tiling else 1.0
+        per_pass = cal.transformer_pass_s_fixed + self.transformer_pass_tflop(work) * cal.transformer_pass_s_per_tflop
         return {
             "encode": cal.text_encoder_s * (2 if work.guidance else 1),
             "encode_image": cal.encode_s_per_megapixel * sum(work.image_encodes) * work.pixels / 1e6 * tiled,
-            "denoise": steps
-            * (cal.transformer_pass_s_fixed + self.transformer_pass_tflop(work) * cal.transformer_pass_s_per_tflop),
+            "denoise": steps * per_pass * (1 + self.control_share(work)),
             "decode": cal.vae_s_per_megapixel * work.images * work.pixels / 1e6 * tiled,
         }
+
+    def control_share(self, work: Workload) -> float:
+        """The ControlNet's work per pass relative to the transformer's, for a request that uses it: its blocks
+        and the transformer's refiner blocks (which it runs again), per byte of the transformer's blocks."""
+        if not work.control or self.controlnet is None:
+            return 0.0
+        blocks = zip(self.transformer.block_names, self.transformer.block_bytes, strict=True)
+        refiners = sum(size for name, size in blocks if "refiner" in name)
+        return (sum(self.controlnet.block_bytes) + refiners) / max(sum(self.transformer.block_bytes), 1)
 
     def transfer_seconds(self, nbytes: float) -> float:
         """Seconds to copy ``nbytes`` from pinned host memory to the GPU."""
@@ -325,7 +356,7 @@ class ModelProfile:
         dtype_bytes: int = 2,
     ) -> ModelProfile:
         """From each component's tensor shapes (name -> (safetensors dtype, shape)) and config."""
-        parts = {name: _component(name, shapes[name], dtype_bytes) for name in _WEIGHTED}
+        parts = {name: component_profile(name, shapes[name], dtype_bytes) for name in _WEIGHTED}
         return cls(
             transformer=parts["transformer"],
             text_encoder=parts["text_encoder"],
@@ -367,7 +398,11 @@ def read_safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
     return {entry.name: (entry.dtype_name, entry.shape) for entry in read_safetensors_header(path)}
 
 
-def _component(name: str, shapes: Mapping[str, tuple[str, tuple[int, ...]]], dtype_bytes: int) -> ComponentProfile:
+def component_profile(
+    name: str, shapes: Mapping[str, tuple[str, tuple[int, ...]]], dtype_bytes: int = 2
+) -> ComponentProfile:
+    """One component's profile (``transformer``, ``text_encoder``, ``vae`` or ``controlnet``) from its tensor
+    shapes (name -> (safetensors dtype, shape)) at the run dtype."""
     pattern = _BLOCK_PATTERNS[name]
     blocks: dict[str, int] = {}
     total = largest = largest_in_block = 0
@@ -392,6 +427,7 @@ def _component(name: str, shapes: Mapping[str, tuple[str, tuple[int, ...]]], dty
 
 
 _STAGE_ORDER = {"noise_refiner": 0, "context_refiner": 1, "layers": 2, "encoder": 0, "decoder": 1}
+_STAGE_ORDER |= {"control_noise_refiner": 0, "control_layers": 1}  # the ControlNet's, in the 2.1 Union's order
 
 
 def _execution_order(block: str) -> tuple[int, str, int]:

@@ -61,15 +61,14 @@ class ReplicaActor:
             item = BatchItem.from_json(str(text))
             ids.append(item.id)
             try:
+                inputs = item.inputs()  # its files, checked again (an actor gets the line as JSON)
                 result = self.generator.generate(
                     item.prompt,
                     height=item.height,
                     width=item.width,
                     steps=item.steps,
                     seed=item.seed,
-                    image=item.image,
-                    mask_image=item.mask,
-                    strength=item.strength,
+                    **(inputs.arguments() if inputs is not None else {}),
                 )
                 write_image(self.out_dir, item, result)
                 rows.append(json.dumps(manifest_row(item, result, worker=_worker()), ensure_ascii=False))

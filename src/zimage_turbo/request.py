@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import InvalidRequestError
+from .errors import ControlNetError, InvalidRequestError
 from .model import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 
 if TYPE_CHECKING:
@@ -110,6 +110,13 @@ class GenerationRequest:
             if self.denoising_steps < 1:
                 raise InvalidRequestError(
                     f"strength {self.inputs.strength} leaves no denoising step of {self.steps}; raise strength or steps"
+                )
+            if self.inputs.task == "control_inpaint" and self.num_images > 1:
+                raise ControlNetError(
+                    f"ControlNet inpainting makes one image per request, got num_images={self.num_images}: diffusers' "
+                    "ZImageControlNetInpaintPipeline does not repeat its mask for more. Give several seeds to "
+                    "generate_many instead",
+                    argument="num_images",
                 )
 
     @property

@@ -174,10 +174,15 @@ class GenerationResult:
             where known, else None.
         loras: the LoRAs fused into the weights that made the images, name -> scale, in loading order (see
             :meth:`~zimage_turbo.Generator.load_lora`); empty without.
-        task: ``"text_to_image"``, ``"image_to_image"`` or ``"inpaint"``.
-        strength: the ``strength`` of image-to-image and inpainting (None for text-to-image).
-        input_sizes: (width, height) of each input image as given, by argument (``"image"``, ``"mask_image"``);
-            empty for text-to-image. ``warnings`` say when they were resized to the output's size.
+        task: ``"text_to_image"``, ``"image_to_image"``, ``"inpaint"``, ``"control"`` (ControlNet text-to-image) or
+            ``"control_inpaint"`` (ControlNet inpainting).
+        strength: the ``strength`` of image-to-image and inpainting (None for the other tasks).
+        input_sizes: (width, height) of each input image as given, by argument (``"image"``, ``"mask_image"``,
+            ``"control_image"``); empty for text-to-image. ``warnings`` say when they were resized to the output's
+            size.
+        control_scale: the ControlNet's ``control_scale`` (None without a ControlNet).
+        controlnet: the ControlNet that made the images: its repo id, or its folder's or file's name (None
+            without one).
     """
 
     images: tuple[Image.Image, ...]
@@ -206,6 +211,8 @@ class GenerationResult:
     task: str = "text_to_image"
     strength: float | None = None
     input_sizes: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    control_scale: float | None = None
+    controlnet: str | None = None
 
     @property
     def image(self) -> Image.Image:
@@ -238,11 +245,14 @@ class GenerationResult:
     def metadata(self, index: int = 0) -> dict[str, Any]:
         """How image ``index`` was made, as saved into its PNG (JSON-ready; see
         :mod:`zimage_turbo.image_metadata`). Image-to-image and inpainting add ``task``, ``strength`` and
-        ``input_sizes`` (``{"image": "WxH", ...}``)."""
+        ``input_sizes`` (``{"image": "WxH", ...}``); ControlNet requests ``task``, ``input_sizes``,
+        ``control_scale`` and ``controlnet``."""
         task: dict[str, Any] = {}
         if self.task != "text_to_image":
             sizes = {name: f"{width}x{height}" for name, (width, height) in self.input_sizes.items()}
             task = {"task": self.task, "strength": self.strength, "input_sizes": sizes}
+        if self.control_scale is not None:
+            task = {**task, "control_scale": self.control_scale, "controlnet": self.controlnet}
         return {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,

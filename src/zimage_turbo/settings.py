@@ -104,6 +104,14 @@ class ZImageSettings(BaseSettings):
         "variables (HF_HUB_CACHE, HF_HOME, MODELSCOPE_CACHE) or its default.",
     )
     revision: str | None = Field(None, min_length=1, description="Branch, tag or commit on the hub.")
+    controlnet: str | None = Field(
+        None,
+        min_length=1,
+        description="The ControlNet that requests with a control_image use: a folder in diffusers' layout (or a "
+        "model folder holding one named controlnet), a single .safetensors file, or a Hugging Face / ModelScope "
+        "repo id ('owner/name', or 'owner/name/file.safetensors' for one file of a repo), found like the model. "
+        "Loaded at the first such request.",
+    )
     offline: bool = Field(
         False, description="Never touch the network; use caches only (HF_HUB_OFFLINE=1 has the same effect)."
     )
@@ -181,7 +189,7 @@ class ZImageSettings(BaseSettings):
         except ValidationError as exc:
             raise InvalidSettingsError(_describe_validation_error(exc)) from None
 
-    @field_validator("model", "revision")
+    @field_validator("model", "revision", "controlnet")
     @classmethod
     def _text_not_blank(cls, value: str | None) -> str | None:
         if value is None:
@@ -191,6 +199,12 @@ class ZImageSettings(BaseSettings):
         if "\x00" in value:
             raise ValueError("must not contain a NUL character")
         return value.strip()
+
+    @field_validator("controlnet", mode="before")
+    @classmethod
+    def _controlnet_path(cls, value: Any) -> Any:
+        # a folder or file given as a Path, as the model may be
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @field_validator("dtype", mode="before")
     @classmethod

@@ -1,8 +1,13 @@
-"""The images a request starts from (image-to-image, inpainting): checked, decoded and sized before any weight moves.
+"""The images a request starts from (image-to-image, inpainting, ControlNet): checked, decoded and sized before any
+weight moves.
 
 ``generate(prompt, image=...)`` is image-to-image (diffusers' ``ZImageImg2ImgPipeline``); with ``mask_image=`` too
-it is inpainting (``ZImageInpaintPipeline``: white pixels of the mask are drawn anew, black ones kept). Each
-input may be a PIL image, a numpy array or a path (``~`` is the home folder). Here they become a
+it is inpainting (``ZImageInpaintPipeline``: white pixels of the mask are drawn anew, black ones kept).
+``control_image=`` conditions the denoising on a ControlNet: alone, ControlNet text-to-image
+(``ZImageControlNetPipeline``); with ``image=`` and ``mask_image=``, ControlNet inpainting
+(``ZImageControlNetInpaintPipeline``, which runs the whole schedule from noise and so takes no ``strength``).
+diffusers has no ControlNet image-to-image pipeline for Z-Image: ``control_image`` with ``image`` but no mask is
+refused. Each input may be a PIL image, a numpy array or a path (``~`` is the home folder). Here they become a
 :class:`TaskInputs`, or an :class:`~zimage_turbo.errors.InvalidImageError` naming the argument:
 
 * a file must exist, be an image Pillow reads, and stay within Pillow's decompression-bomb limit
@@ -15,9 +20,11 @@ input may be a PIL image, a numpy array or a path (``~`` is the home folder). He
   become 8-bit through diffusers' own ``numpy_to_pil``; a mask may also be ``bool``;
 * a mask must have the size of its image.
 
-Without ``height``/``width`` the output has the input's size, rounded down to multiples of 16 as diffusers'
-image processor rounds it; with them (or after a downscale by the out-of-memory ladder) the input is resized
-with diffusers' resize (Lanczos) and the result's ``warnings`` say so. The mask is resized by the pipeline.
+Without ``height``/``width`` the output has the input's size (``image``'s, else ``control_image``'s), rounded
+down to multiples of 16 as diffusers' image processor rounds it; with them (or after a downscale by the
+out-of-memory ladder) the input is resized with diffusers' resize (Lanczos) and the result's ``warnings`` say so.
+The mask is resized by the pipeline. (diffusers' ControlNet pipelines document the control image's size as their
+default but make 1024x1024 without ``height`` and ``width``: give both for the image diffusers makes.)
 """
 
 from __future__ import annotations
@@ -33,26 +40,30 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InvalidImageError, InvalidRequestError
+from .errors import ControlNetError, InvalidImageError, InvalidRequestError
 from .model import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 
 __all__ = [
+    "DEFAULT_CONTROL_SCALE",
     "DEFAULT_STRENGTH",
     "ImageInput",
     "InputImage",
     "TaskInputs",
     "TaskName",
+    "check_control_scale",
     "check_strength",
     "denoising_steps",
     "read_image",
     "task_inputs",
 ]
 
-TaskName = Literal["text_to_image", "image_to_image", "inpaint"]
-#: what ``image=`` and ``mask_image=`` take
+TaskName = Literal["text_to_image", "image_to_image", "inpaint", "control", "control_inpaint"]
+#: what ``image=``, ``mask_image=`` and ``control_image=`` take
 ImageInput = Image.Image | np.ndarray | str | os.PathLike[str]
 #: what ``strength=None`` means: the default of the diffusers pipeline that does the task
 DEFAULT_STRENGTH = {"image_to_image": 0.6, "inpaint": 1.0}
+#: ``controlnet_conditioning_scale``'s default in diffusers' ControlNet pipelines for Z-Image
+DEFAULT_CONTROL_SCALE = 0.75
 # EXIF orientations that turn the picture a quarter turn (its width and height swap)
 _QUARTER_TURNS = (5, 6, 7, 8)
 _EXIF_ORIENTATION = 0x0112
@@ -93,48 +104,64 @@ class InputImage:
 
 @dataclass(frozen=True, eq=False)
 class TaskInputs:
-    """The input images of one request and how strongly they are changed (see the module's description).
+    """The input images of one request and how strongly they act (see the module's description).
 
     ``strength`` is diffusers' ``strength`` in (0, 1]: the share of the denoising schedule that runs from the
-    noised input (1: the input's content is drawn anew, apart from what a mask keeps).
+    noised input (1: the input's content is drawn anew, apart from what a mask keeps). ControlNet requests run
+    the whole schedule (their pipelines take no strength): 1.0 there. ``control`` is the ControlNet's input and
+    ``control_scale`` diffusers' ``controlnet_conditioning_scale``, what the ControlNet's hints are multiplied by.
     """
 
-    image: InputImage
+    image: InputImage | None
     mask: InputImage | None = None
     strength: float = DEFAULT_STRENGTH["image_to_image"]
+    control: InputImage | None = None
+    control_scale: float = DEFAULT_CONTROL_SCALE
 
     @property
     def task(self) -> TaskName:
+        if self.control is not None:
+            return "control_inpaint" if self.mask is not None else "control"
         return "inpaint" if self.mask is not None else "image_to_image"
 
     @property
     def image_encodes(self) -> tuple[int, ...]:
-        """The batch of each pass of the VAE encoder in the request's ``encode_image`` phase: the image, and for
-        inpainting the image with the mask's area blanked."""
-        return (1, 1) if self.mask is not None else (1,)
+        """The batch of each pass of the VAE encoder in the request's ``encode_image`` phase, for one image: the
+        image, and for inpainting the image with the mask's area blanked; ControlNet requests the control image
+        (and for ControlNet inpainting the masked image) once per image (see :meth:`encoder_batches`)."""
+        return self.encoder_batches(1)
+
+    def encoder_batches(self, images: int) -> tuple[int, ...]:
+        """The batch of each pass of the VAE encoder for a request of ``images`` images: diffusers' ControlNet
+        pipelines encode their inputs repeated once per image, the others once."""
+        passes = 1 + (self.mask is not None)
+        return (images,) * passes if self.control is not None else (1,) * passes
 
     def sizes(self) -> dict[str, tuple[int, int]]:
         """(width, height) of each input, by argument name."""
-        return {each.argument: each.size for each in (self.image, self.mask) if each is not None}
+        return {each.argument: each.size for each in self._given()}
 
     def loaded(self) -> TaskInputs:
         """These inputs with every image decoded."""
-        mask = self.mask.loaded() if self.mask is not None else None
-        return TaskInputs(self.image.loaded(), mask, self.strength)
+        image, mask, control = (each.loaded() if each is not None else None for each in self._all())
+        return TaskInputs(image, mask, self.strength, control, self.control_scale)
 
     def arguments(self) -> dict[str, Any]:
         """The keyword arguments of ``generate`` that give these inputs again."""
-        return {
-            "image": self.image.given(),
-            "mask_image": self.mask.given() if self.mask is not None else None,
-            "strength": self.strength,
-        }
+        image, mask, control = (each.given() if each is not None else None for each in self._all())
+        given: dict[str, Any] = {"image": image, "mask_image": mask}
+        if control is None:
+            return {**given, "strength": self.strength}
+        return {**given, "control_image": control, "control_scale": self.control_scale}
 
     def output_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) of the output: as given; one side given, the other keeps the input's aspect ratio;
-        neither, the input's size rounded down to multiples of 16 (diffusers' rule). Checked later with every
-        request; a default outside the allowed sizes is refused here, naming the image."""
-        image_width, image_height = self.image.size
+        neither, the input's size rounded down to multiples of 16 (diffusers' rule). The input is ``image``, or
+        without one ``control_image``. Checked later with every request; a default outside the allowed sizes is
+        refused here, naming the input."""
+        source = self.image or self.control
+        assert source is not None
+        image_width, image_height = source.size
         if height is not None and width is not None:
             return height, width
         if height is not None:
@@ -146,10 +173,10 @@ class TaskInputs:
             scale = min(1024 / max(image_width, image_height), 1.0)
             hint = (_multiple(image_width * scale), _multiple(image_height * scale))
             raise InvalidImageError(
-                f"image is {image_width}x{image_height}; the output takes its size by default, in multiples of 16 "
-                f"between {MIN_SIDE} and {MAX_SIDE} pixels. Pass width and height to resize it (for instance "
-                f"width={hint[0]}, height={hint[1]} keeps its aspect ratio).",
-                argument="image",
+                f"{source.argument} is {image_width}x{image_height}; the output takes its size by default, in "
+                f"multiples of 16 between {MIN_SIDE} and {MAX_SIDE} pixels. Pass width and height to resize it (for "
+                f"instance width={hint[0]}, height={hint[1]} keeps its aspect ratio).",
+                argument=source.argument,
             )
         return rounded
 
@@ -157,16 +184,32 @@ class TaskInputs:
         """What the result should say about inputs resized to ``width`` x ``height``."""
         return [
             f"{each.argument} was resized from {each.size[0]}x{each.size[1]} to {width}x{height} (Lanczos)"
-            for each in (self.image, self.mask)
-            if each is not None and each.size != (width, height)
+            for each in self._given()
+            if each.size != (width, height)
         ]
+
+    def _all(self) -> tuple[InputImage | None, InputImage | None, InputImage | None]:
+        return self.image, self.mask, self.control
+
+    def _given(self) -> list[InputImage]:
+        return [each for each in self._all() if each is not None]
 
 
 def task_inputs(
-    image: object = None, mask_image: object = None, strength: object = None, *, decode: bool = True
+    image: object = None,
+    mask_image: object = None,
+    strength: object = None,
+    control_image: object = None,
+    control_scale: object = DEFAULT_CONTROL_SCALE,
+    *,
+    decode: bool = True,
 ) -> TaskInputs | None:
     """The checked inputs of a request, or None for text-to-image (and then ``mask_image`` and ``strength`` must
-    not be given). ``decode=False`` checks files by their headers only (their pixels are decoded at their turn)."""
+    not be given). ``decode=False`` checks files by their headers only (their pixels are decoded at their turn).
+    ``control_scale`` is checked whether or not ``control_image`` is given (it only acts with one)."""
+    scale = check_control_scale(control_scale)
+    if control_image is not None:
+        return _control_inputs(image, mask_image, strength, control_image, scale, decode)
     if image is None:
         for name, value in (("mask_image", mask_image), ("strength", strength)):
             if value is not None:
@@ -175,16 +218,64 @@ def task_inputs(
                 )
         return None
     source = read_image(image, "image", decode=decode)
-    mask = read_image(mask_image, "mask_image", decode=decode) if mask_image is not None else None
-    if mask is not None and mask.size != source.size:
+    mask = _mask_of(source, mask_image, decode)
+    task: TaskName = "inpaint" if mask is not None else "image_to_image"
+    chosen = DEFAULT_STRENGTH[task] if strength is None else check_strength(strength)
+    return TaskInputs(source, mask, chosen)
+
+
+def _control_inputs(
+    image: object, mask_image: object, strength: object, control_image: object, scale: float, decode: bool
+) -> TaskInputs:
+    """The inputs of a ControlNet request: ``control_image`` alone, or with ``image`` and ``mask_image``."""
+    if image is not None and mask_image is None:
+        raise ControlNetError(
+            "control_image with image= but no mask_image: diffusers has no ControlNet image-to-image pipeline for "
+            "Z-Image (ZImageControlNetPipeline takes no image, ZImageControlNetInpaintPipeline needs a mask). Give "
+            "mask_image= too for ControlNet inpainting, or leave out image=",
+            argument="image",
+        )
+    if image is None and mask_image is not None:
+        raise InvalidRequestError("mask_image applies to inpainting: give image= too, or leave out mask_image")
+    if strength is not None:
+        raise ControlNetError(
+            "strength does not apply to ControlNet requests: diffusers' ZImageControlNetPipeline and "
+            "ZImageControlNetInpaintPipeline run the whole schedule from noise. Leave out strength",
+            argument="strength",
+        )
+    control = read_image(control_image, "control_image", decode=decode)
+    source = read_image(image, "image", decode=decode) if image is not None else None
+    mask = _mask_of(source, mask_image, decode) if source is not None else None
+    return TaskInputs(source, mask, 1.0, control, scale)
+
+
+def _mask_of(source: InputImage, mask_image: object, decode: bool) -> InputImage | None:
+    """The checked mask of ``source`` (None without one): the size of its image."""
+    if mask_image is None:
+        return None
+    mask = read_image(mask_image, "mask_image", decode=decode)
+    if mask.size != source.size:
         raise InvalidImageError(
             f"mask_image is {mask.size[0]}x{mask.size[1]} but image is {source.size[0]}x{source.size[1]}; "
             "a mask must have the size of its image",
             argument="mask_image",
         )
-    task: TaskName = "inpaint" if mask is not None else "image_to_image"
-    chosen = DEFAULT_STRENGTH[task] if strength is None else check_strength(strength)
-    return TaskInputs(source, mask, chosen)
+    return mask
+
+
+def check_control_scale(value: object) -> float:
+    """``value`` as a ControlNet scale: a finite number >= 0 (diffusers' ``controlnet_conditioning_scale``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ControlNetError(
+            f"control_scale must be a number >= 0, got {type(value).__name__} {value!r}", argument="control_scale"
+        )
+    number = float(value)
+    if not (math.isfinite(number) and number >= 0):
+        raise ControlNetError(
+            f"control_scale must be a finite number >= 0 (what the ControlNet's hints are multiplied by), got {number}",
+            argument="control_scale",
+        )
+    return number
 
 
 def check_strength(value: object) -> float:

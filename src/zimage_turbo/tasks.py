@@ -4,7 +4,9 @@ A task is a list of phases (text-to-image: encode the prompt, denoise, decode). 
 ones left in :class:`~zimage_turbo.phases.Progress` and adds its own output, so a retry on another rung skips
 the phases already done (a decode that ran out of memory does not repeat the denoising). Image-to-image and
 inpainting add ``encode_image``, the VAE encoder over their input images (:mod:`~zimage_turbo.image_phases`),
-and denoise through their own diffusers pipelines; the ladder does not change.
+and denoise through their own diffusers pipelines; so do ControlNet text-to-image and ControlNet inpainting
+(:mod:`~zimage_turbo.control_phases`), whose ControlNet is a component that every placement places. The ladder
+does not change.
 
 Everything one call needs on its way down travels in a :class:`Call`, never as attributes of the Generator.
 """
@@ -19,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import process_state
+from .control_phases import denoise_control, encode_control
 from .errors import NumericalError, first_line
 from .execution import on_device
 from .failures import is_out_of_memory
@@ -44,7 +47,18 @@ from .request import GenerationRequest
 from .result import Fallback, GenerationResult, StepInfo, Timings
 from .speedups import SpeedupDriver
 
-__all__ = ["IMAGE_TO_IMAGE", "INPAINT", "TEXT_TO_IMAGE", "Attempt", "Call", "phases_of", "result_of", "run_task"]
+__all__ = [
+    "CONTROL",
+    "CONTROL_INPAINT",
+    "IMAGE_TO_IMAGE",
+    "INPAINT",
+    "TEXT_TO_IMAGE",
+    "Attempt",
+    "Call",
+    "phases_of",
+    "result_of",
+    "run_task",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +68,17 @@ TEXT_TO_IMAGE = ("encode", "denoise", "decode")
 IMAGE_TO_IMAGE = ("encode", "encode_image", "denoise", "decode")
 #: inpainting: the same phases; encode_image encodes the image and the image with the mask's area blanked
 INPAINT = ("encode", "encode_image", "denoise", "decode")
-_PHASES = {"text_to_image": TEXT_TO_IMAGE, "image_to_image": IMAGE_TO_IMAGE, "inpaint": INPAINT}
+#: ControlNet text-to-image: encode_image encodes the control image; the ControlNet runs beside the transformer
+CONTROL = ("encode", "encode_image", "denoise", "decode")
+#: ControlNet inpainting: encode_image encodes the control image and the image with the mask's area blanked
+CONTROL_INPAINT = ("encode", "encode_image", "denoise", "decode")
+_PHASES = {
+    "text_to_image": TEXT_TO_IMAGE,
+    "image_to_image": IMAGE_TO_IMAGE,
+    "inpaint": INPAINT,
+    "control": CONTROL,
+    "control_inpaint": CONTROL_INPAINT,
+}
 
 
 @dataclass
@@ -210,9 +234,14 @@ class _Run:
         self.ran.add("encode_image")
         self.progress.phase = "encode_image"
         request = self.request
-        assert request.inputs is not None
+        inputs = request.inputs
+        assert inputs is not None
         with on_device(self.device):
-            self.progress.images = encode_images(self.pipe, request.inputs, request.height, request.width, self.device)
+            if inputs.control is not None:
+                size = (request.height, request.width, request.num_images)
+                self.progress.images = encode_control(self.pipe, inputs, *size, self.device)
+            else:
+                self.progress.images = encode_images(self.pipe, inputs, request.height, request.width, self.device)
 
     def _denoise(self) -> None:
         if self.progress.latents is not None:
@@ -248,21 +277,25 @@ class _Run:
         call, request, progress = self.call, self.request, self.progress
         assert request.inputs is not None and progress.embeds is not None and progress.images is not None
         generator, call.noise_states = noise_generators(request.seeds, call.noise_from, call.noise_states)
+        shared: dict[str, Any] = {
+            "height": request.height,
+            "width": request.width,
+            "steps": request.steps,
+            "guidance_scale": request.guidance_scale,
+            "num_images": request.num_images,
+            "generator": generator,
+            "on_step": step_hook(call, request, self.rung),
+            "device": self.device,
+        }
+        inputs = request.inputs
         with on_device(self.device):
+            if inputs.control is not None:
+                scale = inputs.control_scale
+                return denoise_control(
+                    self.pipe, request.task, progress.images, progress.embeds, control_scale=scale, **shared
+                )
             return denoise_images(
-                self.pipe,
-                request.task,
-                progress.images,
-                progress.embeds,
-                strength=request.inputs.strength,
-                height=request.height,
-                width=request.width,
-                steps=request.steps,
-                guidance_scale=request.guidance_scale,
-                num_images=request.num_images,
-                generator=generator,
-                on_step=step_hook(call, request, self.rung),
-                device=self.device,
+                self.pipe, request.task, progress.images, progress.embeds, strength=inputs.strength, **shared
             )
 
     def _noise(self) -> torch.Tensor | None:
@@ -364,8 +397,10 @@ def result_of(
         )
     if request.negative_prompt is not None and request.guidance_scale == 0:
         warnings.append("negative_prompt has no effect when guidance_scale is 0")
-    if request.inputs is not None:
-        warnings += request.inputs.resized(request.height, request.width)
+    inputs = request.inputs
+    control = inputs is not None and inputs.control is not None
+    if inputs is not None:
+        warnings += inputs.resized(request.height, request.width)
     # the CPU's strategy, or a strategy given as an instance, does not quantize: said, not silently dropped
     if quantization not in ("auto", "none") and rung.strategy.quantize is None:
         warnings.append(
@@ -406,6 +441,8 @@ def result_of(
         model_revision=placement.model.revision,
         loras=placement.adapters.scales,
         task=request.task,
-        strength=request.inputs.strength if request.inputs is not None else None,
-        input_sizes=request.inputs.sizes() if request.inputs is not None else {},
+        strength=inputs.strength if inputs is not None and inputs.control is None else None,
+        input_sizes=inputs.sizes() if inputs is not None else {},
+        control_scale=inputs.control_scale if inputs is not None and control else None,
+        controlnet=placement.controlnet if control else None,
     )

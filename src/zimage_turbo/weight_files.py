@@ -35,11 +35,12 @@ WEIGHT_NAMES = {
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def choose_weight_files(root: Path, component: str, problems: Problems) -> tuple[str, ...]:
+def choose_weight_files(root: Path, component: str, problems: Problems, *, stem: str | None = None) -> tuple[str, ...]:
     """The safetensors files holding ``component``'s weights (relative to ``root``, in shard order), or ``()``
-    after adding to ``problems`` why there are none that can be used."""
+    after adding to ``problems`` why there are none that can be used. ``stem``: the weights' name, for a folder
+    that is not one of the pipeline's components (a ControlNet's: ``diffusion_pytorch_model``)."""
     folder = root / component
-    stem = WEIGHT_NAMES[component]
+    stem = stem or WEIGHT_NAMES[component]
     single, index = f"{stem}.safetensors", f"{stem}.safetensors.index.json"
     has_single, has_index = os.path.lexists(folder / single), os.path.lexists(folder / index)
     if has_single and has_index:

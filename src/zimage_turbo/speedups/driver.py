@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..controlnet import controlnet_of
 from ..errors import first_line
 from ..settings import AttentionName, CompileMode
 from .attention import AttentionShape, attention_available, choose_attention, set_attention
@@ -77,7 +78,9 @@ class SpeedupDriver:
         unhooked is not checked again (a walk over every module and weight). None: check every time."""
         height, width, upcoming_s = upcoming
         transformer = pipe.transformer
-        self._set_attention(transformer, device, dtype, AttentionShape.of(transformer, height, width))
+        shape = AttentionShape.of(transformer, height, width)
+        controlnet = controlnet_of(pipe)  # its attention runs with the same kernel as the transformer's
+        self._set_attention([transformer] if controlnet is None else [transformer, controlnet], device, dtype, shape)
         can_compile = not compile_unavailable(device)
         if device.type != "cuda" and self.compile_mode == "auto":
             can_compile = False  # on a CPU Inductor's compile would rarely pay back; "on" still compiles there
@@ -165,8 +168,10 @@ class SpeedupDriver:
             self._advisors[key] = CompileAdvisor(self.compile_mode, self.cache_dir, key, part, saving)
         return self._advisors[key]
 
-    def _set_attention(self, transformer: Any, device: torch.device, dtype: torch.dtype, shape: AttentionShape) -> None:
-        wanted: tuple[Any, ...] = (device, shape if self.attention_setting == "auto" else None)
+    def _set_attention(
+        self, models: list[Any], device: torch.device, dtype: torch.dtype, shape: AttentionShape
+    ) -> None:
+        wanted: tuple[Any, ...] = (device, shape if self.attention_setting == "auto" else None, len(models))
         if self._attention_for == wanted:
             return
         if self.attention_setting == "auto":
@@ -177,6 +182,7 @@ class SpeedupDriver:
             if reason:  # checked before loading for the first device; a fallback may have moved elsewhere
                 logger.warning("attention=%r cannot run on %s (%s); using the default kernel", name, device, reason)
                 name = "native"
-        set_attention(transformer, name, device)
+        for model in models:
+            set_attention(model, name, device)
         self.attention = name
         self._attention_for = wanted

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..controlnet import controlnet_of
 from ..errors import InvalidSettingsError, StrategyUnavailableError
 from ..hardware import Hardware
 from ..host import CHUNK_BYTES, HostHomes, module_tensors
@@ -36,6 +37,7 @@ __all__ = [
     "MemoryEstimate",
     "Quantizable",
     "QuantizableTransformer",
+    "component_names",
     "components",
     "host_homes",
     "new_host_homes",
@@ -54,6 +56,8 @@ _WEIGHTS_AS = {"encode_image": "decode"}
 # only with this margin on top of the estimated peak.
 ALLOCATOR_MARGIN = 0.04
 COMPONENTS = ("text_encoder", "transformer", "vae")
+# a ControlNet, once loaded (see zimage_turbo.controlnet): placed by every strategy beside the others
+CONTROLNET = "controlnet"
 _HOMES_ATTRIBUTE = "_zimage_turbo_homes"
 # Share of a transformer block's bytes in the linear layers that quantization replaces (attention and
 # feed-forward: 177 of 181 M parameters per block in Z-Image).
@@ -125,9 +129,14 @@ def pinned_size(nbytes: int, largest_tensor: int = 0, chunk: int = CHUNK_BYTES) 
     return full * chunk + (0 if rest == 0 else min(chunk, 1 << (rest - 1).bit_length()))
 
 
+def component_names(pipe: Any) -> tuple[str, ...]:
+    """The names of the pipeline's weighted components: its own three, and ``"controlnet"`` once one is loaded."""
+    return (*COMPONENTS, CONTROLNET) if controlnet_of(pipe) is not None else COMPONENTS
+
+
 def components(pipe: Any) -> dict[str, torch.nn.Module]:
-    """The pipeline's weighted components by name."""
-    return {name: getattr(pipe, name) for name in COMPONENTS}
+    """The pipeline's weighted components by name (the ControlNet among them once loaded)."""
+    return {name: getattr(pipe, name) for name in component_names(pipe)}
 
 
 def new_host_homes() -> HostHomes:
@@ -204,6 +213,8 @@ class LoadStrategy(ABC):
     offloads: ClassVar[bool] = True
     #: the transformer stays on one device with no hooks on its blocks, so the blocks can be compiled
     compilable: ClassVar[bool] = False
+    #: it places a ControlNet beside the transformer, so that requests with a control image run under it
+    places_controlnet: ClassVar[bool] = True
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         try:
@@ -261,8 +272,8 @@ class LoadStrategy(ABC):
     def load_targets(self, hardware: Hardware) -> dict[str, torch.device | str]:
         """Where each component's weights should go when the pipeline is first loaded: the device of every
         component this strategy keeps resident; the others (absent here) go to their host homes, pinned
-        where offloading will stream them from."""
-        return dict(self.resident(hardware))
+        where offloading will stream them from. (A ControlNet is loaded later, into its host homes.)"""
+        return {name: device for name, device in self.resident(hardware).items() if name in COMPONENTS}
 
     def encode_device(self, pipe: Any, execution_device: torch.device) -> torch.device:
         """Where prompt token ids go: the device the text encoder computes on (for most strategies the

@@ -9,6 +9,8 @@ always agree.
 :class:`MultiGPUHybrid` is the same with the text encoder streamed block by block onto one card per prompt:
 for cards that together hold the transformer but not the whole model (two 8 GiB cards).
 
+A ControlNet loaded earlier stays in its host homes: requests that use it are placed on one card instead.
+
 The transformer and the VAE compute on the ``main`` card, the text encoder on its own: the pipeline's
 execution device is pinned to ``main`` (diffusers would name the text encoder's card, see
 :mod:`zimage_turbo.execution`), and accelerate's hooks move each block's inputs to the block's card.
@@ -256,6 +258,7 @@ class MultiGPUDispatch(LoadStrategy):
 
     name: ClassVar[str] = "multi_gpu"
     offloads: ClassVar[bool] = False
+    places_controlnet: ClassVar[bool] = False  # its hints would have to reach every card: not built
     #: the text encoder streams from host memory onto one card per prompt instead of holding a card
     stream_text_encoder: ClassVar[bool] = False
     # Install accelerate's hooks even when a component lands on one card (lets tests run this path on one GPU).
@@ -285,6 +288,9 @@ class MultiGPUDispatch(LoadStrategy):
 
     def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
         self.target(hardware)  # fewer than two GPUs: unavailable here, like any GPU strategy without a GPU
+        if work.control and profile.controlnet is not None:
+            # its hints would have to reach each block's card: not built; a single-card placement runs these
+            return MemoryEstimate(gpu_peak={}, infeasible="does not place a ControlNet; single-GPU placements do")
         placed = self.assignment(profile, hardware, work)
         if placed is None:
             usable = sum(g.free_bytes for g in hardware.gpus) - len(hardware.gpus) * int(self.reserve_gib * GIB)
@@ -296,10 +302,12 @@ class MultiGPUDispatch(LoadStrategy):
                 f"{usable / GIB:.1f} GiB usable",
             )
         host = self._host_bytes(profile)
-        return MemoryEstimate(gpu_peak=dict(placed.peaks), host_bytes=host, pinned_bytes=host)
+        # a ControlNet loaded earlier waits in its host homes
+        controlnet = profile.controlnet.weight_bytes if profile.controlnet is not None else 0
+        return MemoryEstimate(gpu_peak=dict(placed.peaks), host_bytes=host + controlnet, pinned_bytes=host + controlnet)
 
     def _gpu_weight_bytes(self, profile: ModelProfile) -> int:
-        return profile.weight_bytes
+        return sum(c.weight_bytes for c in (profile.text_encoder, profile.transformer, profile.vae))
 
     def _host_bytes(self, profile: ModelProfile) -> int:
         return 0
@@ -377,7 +385,7 @@ class MultiGPUHybrid(MultiGPUDispatch):
     stream_text_encoder: ClassVar[bool] = True
 
     def _gpu_weight_bytes(self, profile: ModelProfile) -> int:
-        return profile.weight_bytes - profile.text_encoder.weight_bytes + streaming_bytes(profile.text_encoder)
+        return profile.transformer.weight_bytes + profile.vae.weight_bytes + streaming_bytes(profile.text_encoder)
 
     def _host_bytes(self, profile: ModelProfile) -> int:
         te = profile.text_encoder

@@ -12,6 +12,9 @@ place on the GPU for resident blocks (which can then be compiled), as flat layer
 for streamed ones; the bf16 weights keep their homes, for a switch back. When memory runs out anyway,
 :meth:`PartialOffload.smaller` offers the same placement with half the resident blocks, which the ladder tries
 before any other strategy.
+
+A ControlNet, once loaded, keeps its patch embedder on the GPU and streams its blocks, as ``streamed`` does
+(:mod:`~zimage_turbo.strategies.control_costs`); the resident blocks are sized with room for it.
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ from ..host import module_tensors
 from ..profile import ComponentProfile, ModelProfile, Workload
 from ..quantize import QuantizationName, quantize_linears, quantized_linears, restore_linears
 from ..request import DEFAULT_STEPS
+from . import control_costs
 from .base import (
     ALLOCATOR_MARGIN,
+    CONTROLNET,
     QUANTIZED_SHARE,
     LoadStrategy,
     MemoryEstimate,
     Quantizable,
+    component_names,
     components,
     host_homes,
     on_one_gpu,
@@ -43,7 +49,7 @@ from .base import (
 )
 from .partial_streaming import stream_blocks
 from .residency import Residency, partial_seconds, partial_weights, size_residency, streamed_blocks
-from .streaming import unstream
+from .streaming import BLOCK_OVERHEAD_S, stream, unstream
 
 __all__ = ["PartialOffload"]
 
@@ -127,12 +133,14 @@ class PartialOffload(Quantizable):
                 )
             )
         free = next((g.free_bytes for g in hardware.gpus if g.index == (device.index or 0)), 0)
+        # room for a ControlNet's streamed blocks (as if no transformer block streamed beside them) in every phase
+        control = max(control_costs.streamed_bytes(profile, work).values(), default=0)
         found = size_residency(
             profile,
             work,
             self._compute_seconds(profile, work, DEFAULT_STEPS),
             DEFAULT_STEPS,  # the split barely depends on the number of passes: resident blocks pay off at each
-            int((free - reserve_bytes) / (1 + ALLOCATOR_MARGIN)),
+            int((free - reserve_bytes) / (1 + ALLOCATOR_MARGIN)) - control,
             quantize=self._quantize,
             transformer=self.transformer_blocks,
             text_encoder=self.text_encoder_blocks,
@@ -166,7 +174,9 @@ class PartialOffload(Quantizable):
         assert sized.residency is not None
         residency = sized.residency.clamped(profile)
         weights = partial_weights(profile, residency, self._quantize)
-        host = self._host_bytes(profile, residency)
+        for phase, nbytes in control_costs.streamed_bytes(profile, work).items():
+            weights[phase] = weights.get(phase, weights["decode"]) + nbytes
+        host = self._host_bytes(profile, residency) + control_costs.streamed_pinned(profile)
         return on_one_gpu(self.gpu_index(hardware), weights, profile.activation_bytes(work), pinned=host)
 
     def _host_bytes(self, profile: ModelProfile, residency: Residency) -> int:
@@ -186,7 +196,15 @@ class PartialOffload(Quantizable):
         """Seconds per image (see :func:`~zimage_turbo.strategies.residency.partial_seconds`); an instance not
         yet sized is predicted with everything streamed."""
         residency = self.residency or Residency(self.transformer_blocks or 0, self.text_encoder_blocks or 0)
-        return partial_seconds(profile, self._compute_seconds(profile, work, steps), steps, residency, self._quantize)
+        seconds = partial_seconds(
+            profile, self._compute_seconds(profile, work, steps), steps, residency, self._quantize
+        )
+        if work.control and profile.controlnet is not None:  # its blocks cross the bus at each pass, not overlapped
+            moved = control_costs.streamed_transfer(profile, work, refiners_stream=False)
+            seconds += steps * (
+                profile.transfer_seconds(moved) + BLOCK_OVERHEAD_S * len(profile.controlnet.block_bytes)
+            )
+        return seconds
 
     # -- side effects ---------------------------------------------------------------------------------------
 
@@ -214,6 +232,9 @@ class PartialOffload(Quantizable):
         if keep_others:
             homes.send_to(_not_streamed(text, streamed), device)
         stream_blocks(text, streamed, homes, device, others_resident=keep_others, record_stream=self.record_stream)
+        if CONTROLNET in component_names(pipe):
+            controlnet = getattr(pipe, CONTROLNET)
+            stream(controlnet, homes, device, level="block", keep_other_resident=True, record_stream=self.record_stream)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -244,8 +265,9 @@ class PartialOffload(Quantizable):
         if self._originals:  # first: the quantized copies must not be sent "home" (they have none)
             restore_linears(pipe.transformer, self._originals)
             self._originals = {}
-        for name in ("transformer", "text_encoder"):
-            unstream(getattr(pipe, name), homes)  # hooks gone, every weight of it at home
+        for name in ("transformer", "text_encoder", CONTROLNET):
+            if name in component_names(pipe):
+                unstream(getattr(pipe, name), homes)  # hooks gone, every weight of it at home
         send_everything_home(pipe, keep)
         if self._flattened:
             homes.release(flattened_tensors(pipe.transformer))  # their pinned buffers are freed

@@ -10,6 +10,9 @@ pointed back at them afterwards (see :func:`stream`).
 * :class:`Hybrid`: transformer and VAE resident, only the text encoder streamed (8 GB once per prompt).
 * :class:`StreamedOffload`: text encoder and transformer streamed by blocks, VAE resident.
 * :class:`SequentialOffload`: the same at the level of single layers: the least GPU memory, the most syncs.
+
+A ControlNet, once loaded, goes where the transformer goes: resident under ``hybrid``, streamed by blocks or
+layers with it (see :mod:`~zimage_turbo.strategies.control_costs`).
 """
 
 from __future__ import annotations
@@ -25,13 +28,16 @@ from ..hardware import Hardware
 from ..profile import ModelProfile, Workload
 from ..quantize import QuantizationName
 from ..quiet_imports import quiet_imports
+from . import control_costs
 from .base import (
     COMPONENTS,
+    CONTROLNET,
     QUANTIZED_SHARE,
     LoadStrategy,
     MemoryEstimate,
     Quantizable,
     QuantizableTransformer,
+    component_names,
     host_homes,
     on_one_gpu,
     pinned_size,
@@ -147,9 +153,16 @@ def stream(
         group = _top_group(module)
         if group is None:
             return
-        if keep_other_resident:
+        if keep_other_resident and blocks:
             group.offload_device = device
             group.offload_()
+        elif keep_other_resident:
+            # Layer by layer, the group of the module's own tensors (the transformer's padding tokens) moves with
+            # the module's call, and with streams only to the host: kept out of the group, on the GPU, they are
+            # there also when a ControlNet reads them outside the transformer's call.
+            held = [*group.parameters, *group.buffers]
+            group.parameters, group.buffers = [], []
+            homes.send_to(held, device)
         elif blocks:
             _move_through_homes(group, others, homes, device)
 
@@ -194,8 +207,9 @@ class _StreamingStrategy(LoadStrategy):
     def apply(self, pipe: Any, hardware: Hardware) -> None:
         device = self.place_on(hardware)
         homes = host_homes(pipe)
-        self._place(pipe, [n for n in COMPONENTS if n not in self.streamed], device)
-        for name in self.streamed:
+        present = component_names(pipe)
+        self._place(pipe, [n for n in present if n not in self.streamed], device)
+        for name in (n for n in self.streamed if n in present):
             stream(
                 getattr(pipe, name),
                 homes,
@@ -207,7 +221,8 @@ class _StreamingStrategy(LoadStrategy):
 
     def remove(self, pipe: Any, keep: Collection[str] = ()) -> None:
         homes = host_homes(pipe)
-        for name in self.streamed:
+        present = component_names(pipe)
+        for name in (n for n in self.streamed if n in present):
             unstream(getattr(pipe, name), homes)
         keep = self._restore(pipe, [name for name in keep if name not in self.streamed])
         send_everything_home(pipe, keep)
@@ -221,7 +236,7 @@ class _StreamingStrategy(LoadStrategy):
 
     def resident(self, hardware: Hardware) -> dict[str, torch.device]:
         device = self.target(hardware)
-        return {n: device for n in COMPONENTS if n not in self.streamed}
+        return {n: device for n in (*COMPONENTS, CONTROLNET) if n not in self.streamed}
 
 
 class Hybrid(QuantizableTransformer, _StreamingStrategy):
@@ -246,6 +261,7 @@ class Hybrid(QuantizableTransformer, _StreamingStrategy):
         gpu = self.gpu_index(hardware)
         te = profile.text_encoder
         base = self._transformer_bytes(profile) + profile.vae.weight_bytes + te.other_bytes
+        base += control_costs.resident_bytes(profile)
         weights = {"encode": base + 2 * te.largest_block_bytes, "denoise": base, "decode": base}
         pinned = pinned_size(sum(te.block_bytes), te.largest_block_tensor_bytes) + self._quantized_host_bytes(profile)
         return on_one_gpu(gpu, weights, profile.activation_bytes(work), pinned=pinned)
@@ -269,9 +285,10 @@ class StreamedOffload(Quantizable, _StreamingStrategy):
     """
 
     name: ClassVar[str] = "streamed"
-    streamed: ClassVar[tuple[str, ...]] = ("text_encoder", "transformer")
-    # the transformer's embedders and final layer (50 MB) would otherwise cross the bus twice per pass
-    other_resident: ClassVar[tuple[str, ...]] = ("transformer",)
+    streamed: ClassVar[tuple[str, ...]] = ("text_encoder", "transformer", CONTROLNET)
+    # the transformer's embedders and final layer (50 MB) would otherwise cross the bus twice per pass; the
+    # ControlNet's patch embedder likewise
+    other_resident: ClassVar[tuple[str, ...]] = ("transformer", CONTROLNET)
 
     def __init__(
         self, device: str | torch.device | None = None, record_stream: bool = False, quantize: str | None = None
@@ -303,14 +320,18 @@ class StreamedOffload(Quantizable, _StreamingStrategy):
         gpu = self.gpu_index(hardware)
         te, tr = profile.text_encoder, profile.transformer
         base = profile.vae.weight_bytes + tr.other_bytes
+        largest = max(self._block_bytes(profile))
         weights = {
             "encode": base + te.other_bytes + 2 * te.largest_block_bytes,
-            "denoise": base + 2 * max(self._block_bytes(profile)),
+            "denoise": base + 2 * largest,
             "decode": base,
         }
+        for phase, nbytes in control_costs.streamed_bytes(profile, work, largest_other_block=largest).items():
+            weights[phase] = weights.get(phase, weights["decode"]) + nbytes
         pinned = pinned_size(sum(te.block_bytes), te.largest_block_tensor_bytes) + pinned_size(
             sum(tr.block_bytes), tr.largest_tensor_bytes
         )
+        pinned += control_costs.streamed_pinned(profile)
         # the text encoder's non-block weights stay in their pinned homes too (see stream())
         pinned += te.other_bytes
         if self._quantize is not None:  # the quantized layers' own homes, beside the bf16 ones
@@ -321,8 +342,11 @@ class StreamedOffload(Quantizable, _StreamingStrategy):
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
         compute = self._compute_seconds(profile, work, steps)
         te, tr = profile.text_encoder, profile.transformer
-        per_pass = max(compute["denoise"] / steps, profile.transfer_seconds(sum(self._block_bytes(profile))))
+        moved = sum(self._block_bytes(profile)) + control_costs.streamed_transfer(profile, work)
+        per_pass = max(compute["denoise"] / steps, profile.transfer_seconds(moved))
         per_pass += BLOCK_OVERHEAD_S * len(tr.block_bytes)
+        if work.control and profile.controlnet is not None:
+            per_pass += BLOCK_OVERHEAD_S * len(profile.controlnet.block_bytes)
         encode = max(compute["encode"], profile.transfer_seconds(sum(te.block_bytes)))
         encode += BLOCK_OVERHEAD_S * len(te.block_bytes)
         encode += profile.transfer_seconds(te.other_bytes)  # once per call, from their pinned homes
@@ -333,8 +357,10 @@ class SequentialOffload(_StreamingStrategy):
     """Text encoder and transformer streamed one layer at a time: the least GPU memory, the last resort."""
 
     name: ClassVar[str] = "sequential_offload"
-    streamed: ClassVar[tuple[str, ...]] = ("text_encoder", "transformer")
+    streamed: ClassVar[tuple[str, ...]] = ("text_encoder", "transformer", CONTROLNET)
     level: ClassVar[str] = "leaf"
+    # the transformer's own two padding tokens, which a ControlNet reads outside the transformer's call
+    other_resident: ClassVar[tuple[str, ...]] = ("transformer",)
 
     def estimate(self, profile: ModelProfile, hardware: Hardware, work: Workload) -> MemoryEstimate:
         gpu = self.gpu_index(hardware)
@@ -344,13 +370,16 @@ class SequentialOffload(_StreamingStrategy):
             "denoise": vae + 2 * profile.transformer.largest_tensor_bytes,
             "decode": vae,
         }
+        weights["denoise"] += control_costs.leaf_bytes(profile, work).get("denoise", 0)
         pinned = sum(
             pinned_size(c.weight_bytes, c.largest_tensor_bytes) for c in (profile.text_encoder, profile.transformer)
         )
+        pinned += control_costs.leaf_pinned(profile)
         return on_one_gpu(gpu, weights, profile.activation_bytes(work), pinned=pinned)
 
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
         compute = profile.compute_seconds(work, steps)
-        per_pass = max(compute["denoise"] / steps, profile.transfer_seconds(profile.transformer.weight_bytes))
+        moved = profile.transformer.weight_bytes + control_costs.streamed_transfer(profile, work)
+        per_pass = max(compute["denoise"] / steps, profile.transfer_seconds(moved))
         encode = max(compute["encode"], profile.transfer_seconds(profile.text_encoder.weight_bytes))
         return LEAF_OVERHEAD * (encode + steps * per_pass) + compute["encode_image"] + compute["decode"]
