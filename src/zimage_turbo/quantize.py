@@ -134,7 +134,10 @@ def _quantization_config(kind: QuantizationName) -> Any:
         return Float8DynamicActivationFloat8WeightConfig(
             granularity=PerRow(), activation_value_lb=FP8_ROW_FLOOR, set_inductor_config=False
         )
-    return Int8WeightOnlyConfig(set_inductor_config=False)
+    # version=2: torchao's Int8Tensor, whose inner tensors streaming can hold (flat_quantized). It is the
+    # default from torchao 0.18 on; 0.17 still defaults to the deprecated AffineQuantizedTensor (version 1),
+    # which streamed strategies cannot flatten, and warns about it.
+    return Int8WeightOnlyConfig(version=2, set_inductor_config=False)
 
 
 def stored_bytes(tensor: torch.Tensor) -> int:
