@@ -56,13 +56,14 @@ def quantization_unavailable(kind: str, device: torch.device) -> str:
     """Why ``kind`` cannot run on ``device`` ("" when it can)."""
     if kind not in QUANTIZATIONS:
         return f"unknown quantization {kind!r}; known: {', '.join(QUANTIZATIONS)}"
-    if importlib.util.find_spec("torchao") is None:
-        return "quantization needs torchao: pip install 'zimage-turbo[quant]'"
+    # What the device cannot do first: installing torchao would not help there.
     if kind == "fp8":
         if device.type != "cuda":
             return "fp8 needs a CUDA GPU"
         if torch.cuda.get_device_capability(device) < (8, 9):
             return "fp8 needs compute capability 8.9 or newer (Ada, Hopper); use int8"
+    if importlib.util.find_spec("torchao") is None:
+        return "quantization needs torchao: pip install 'zimage-turbo[quant]'"
     return ""
 
 
