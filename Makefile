@@ -63,12 +63,12 @@ gpu-test: $(VENV)/.installed-dev
 # The CPU tests against the lowest versions pyproject.toml declares, in a venv of their own made afresh each time,
 # in two passes (docs/development.md, "Minimum versions"):
 #   1. the package with its modelscope, ray and bench extras at their floors (ci/min-versions.txt) and without
-#      the quant extra (torchao is removed again after the dev extra brings it): the whole suite, whose tests
-#      marked `quant` skip there, as the library refuses quantization without torchao;
+#      the quant extra (torchao is removed again after the dev extra brings it): the whole suite, where the
+#      tests marked `quant` that quantize skip, as the library refuses quantization without torchao;
 #   2. the quant extra's floors (ci/min-versions-quant.txt: its own torch and torchao) installed over it: the
 #      tests marked `quant`.
 # PyPI has no CPU build of torch, so this downloads the CUDA builds of both torch releases (about 3 GB each with
-# their NVIDIA libraries; the CPU tests never load them). About 25 minutes on two cores, most of it the suite.
+# their NVIDIA libraries; the CPU tests never load them). About 30 minutes on two cores, most of it the suite.
 # Also worth running with the lowest Python supported, e.g. make test-min-versions PYTHON=python3.10
 MIN_VENV ?= .venv-min
 MIN_PIP := $(MIN_VENV)/bin/python -m pip install -q
