@@ -8,6 +8,7 @@ weights in and out without losing the originals, and how the planner ranks quant
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from zimage_turbo import (
     Hybrid,
     InvalidSettingsError,
     ModelProfile,
+    StrategyUnavailableError,
     StreamedOffload,
     ZImageSettings,
     plan,
@@ -309,6 +311,7 @@ def test_the_quantized_layers_are_the_blocks_attention_and_feed_forward(tiny_che
     assert set(names) == expected and len(expected) >= 4 * 4
 
 
+@pytest.mark.quant
 def test_int8_swaps_quantized_weights_in_and_the_originals_back(tiny_checkpoint: Path) -> None:
     plain = Generator(settings=_settings(tiny_checkpoint), strategy="cpu")
     reference = plain.generate(PROMPT, seed=5, **SIZE).image
@@ -327,6 +330,7 @@ def test_int8_swaps_quantized_weights_in_and_the_originals_back(tiny_checkpoint:
     assert all(type(linear.weight) is torch.nn.Parameter for linear in quantize.quantized_linears(transformer).values())
 
 
+@pytest.mark.quant
 def test_an_explicit_quantization_applies_to_strategies_named_not_to_instances(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -354,6 +358,7 @@ def test_the_plan_shows_the_quantized_rungs_before_loading(
     assert "full_gpu+fp8" in names and "hybrid+fp8" in names and not generator.is_loaded
 
 
+@pytest.mark.quant
 def test_hybrid_quantizes_its_resident_transformer(tiny_checkpoint: Path) -> None:
     generator = Generator(settings=_settings(tiny_checkpoint), strategy=Hybrid(device="cpu", quantize="int8"))
     result = generator.generate(PROMPT, seed=5, **SIZE)
@@ -372,13 +377,31 @@ def test_fp8_on_a_cpu_is_refused_before_loading(tiny_checkpoint: Path) -> None:
             FullGPU(device=device)  # type: ignore[arg-type]
 
 
-def test_stored_bytes_counts_what_a_quantized_weight_really_holds() -> None:
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+def test_quantization_without_torchao_is_refused_before_loading(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What `pip install zimage-turbo` without the quant extra gives (make test-min-versions' first pass).
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *rest: None if name == "torchao" else find_spec(name, *rest)
+    )
+    generator = Generator(settings=_settings(tiny_checkpoint, quantization="int8"), strategy="cpu")
+    with pytest.raises(InvalidSettingsError, match=r"quantization needs torchao: pip install 'zimage-turbo\[quant\]'"):
+        generator.generate(PROMPT, seed=1, **SIZE)
+    assert not generator.is_loaded
+    with pytest.raises(StrategyUnavailableError, match="needs torchao"):
+        quantize.quantized_weight(torch.ones(16, 16), "int8", CPU)
+    # what the device cannot do is said first: installing torchao would not help
+    assert quantize.quantization_unavailable("fp8", CPU) == "fp8 needs a CUDA GPU"
 
+
+@pytest.mark.quant
+def test_stored_bytes_counts_what_a_quantized_weight_really_holds() -> None:
     linear = torch.nn.Linear(64, 32, bias=False)
     assert quantize.stored_bytes(linear.weight) == 64 * 32 * 4
-    quantize_(linear, Int8WeightOnlyConfig())
-    assert 64 * 32 <= quantize.stored_bytes(linear.weight) < 64 * 32 * 2
+    quantized = quantize.quantized_weight(linear.weight, "int8", CPU)  # as the library quantizes
+    assert type(quantized) not in (torch.Tensor, torch.nn.Parameter)  # a torchao subclass
+    assert 64 * 32 <= quantize.stored_bytes(quantized) < 64 * 32 * 2
 
 
 def _card(gib: float) -> Hardware:

@@ -60,6 +60,7 @@ def _fp8_weight(weight: torch.Tensor) -> torch.Tensor:
     )
 
 
+@pytest.mark.quant
 def test_a_flattened_fp8_layer_computes_what_the_quantized_weight_does() -> None:
     torch.manual_seed(0)
     weight = torch.randn(64, 128, dtype=torch.bfloat16)
@@ -85,6 +86,7 @@ def test_a_flattened_fp8_layer_computes_what_the_quantized_weight_does() -> None
     assert "Float8Tensor" in repr(layer)
 
 
+@pytest.mark.quant
 def test_compiled_fp8_layers_compute_what_torchao_does_and_go_back_to_eager_when_the_compiler_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -127,6 +129,7 @@ def test_compiled_fp8_layers_compute_what_torchao_does_and_go_back_to_eager_when
     assert not part.compiled(pipe) and torch.equal(layer(x), expected)
 
 
+@pytest.mark.quant
 def test_an_inner_tensor_that_is_itself_a_subclass_is_refused() -> None:
     # Movers would re-point only its outer shell, as with the quantized weight itself.
     quantized = _fp8_weight(torch.randn(16, 32, dtype=torch.bfloat16))
@@ -135,6 +138,7 @@ def test_an_inner_tensor_that_is_itself_a_subclass_is_refused() -> None:
         inner_specs(quantized)
 
 
+@pytest.mark.quant
 def test_streamed_int8_gives_the_resident_int8_image_and_switching_back_gives_bf16(tiny_checkpoint: Path) -> None:
     resident = Generator(settings=_settings(tiny_checkpoint), strategy=FullGPU(device="cpu", quantize="int8"))
     expected = resident.generate(PROMPT, seed=5, **SIZE).image
@@ -159,6 +163,7 @@ def test_streamed_int8_gives_the_resident_int8_image_and_switching_back_gives_bf
     assert all(type(linear.weight) is torch.nn.Parameter for linear in quantize.quantized_linears(transformer).values())
 
 
+@pytest.mark.quant
 def test_an_error_while_flattening_leaves_every_bf16_layer_in_place(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -212,6 +217,7 @@ def test_the_planner_streams_fp8_blocks_on_the_smallest_cards() -> None:
     assert best.name == "hybrid+fp8" or getattr(best.strategy, "transformer_blocks", 0) == blocks
 
 
+@pytest.mark.quant
 def test_an_explicit_quantization_applies_to_streamed_by_name(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

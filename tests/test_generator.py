@@ -316,6 +316,7 @@ def test_a_gpu_strategy_without_its_gpus_is_unavailable(tiny_checkpoint: Path, n
         gen.generate("a cat", height=256, width=256, steps=1)
 
 
+@pytest.mark.quant
 def test_an_explicit_quantization_the_placement_cannot_apply_is_a_warning(tiny_checkpoint: Path) -> None:
     settings = ZImageSettings(progress=False, quantization="int8")
     result = Generator(model=tiny_checkpoint, strategy="cpu", settings=settings).generate(

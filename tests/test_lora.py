@@ -218,8 +218,8 @@ def test_every_placement_and_switch_keeps_the_lora(
             assert same(gen.generate(PROMPT, seed=SEED, **SIZE).image, plain), name
 
 
+@pytest.mark.quant
 def test_quantized_placement_fuses_first_then_quantizes(tiny_checkpoint: Path, files: dict[str, Path]) -> None:
-    pytest.importorskip("torchao")
     settings = ZImageSettings(model=str(tiny_checkpoint), progress=False)
     with Generator(settings=settings, strategy=FullGPU(device="cpu", quantize="int8")) as gen:
         plain = gen.generate(PROMPT, seed=SEED, **SIZE)

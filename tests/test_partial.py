@@ -134,6 +134,7 @@ def test_switches_to_and_from_partial_move_the_loaded_weights_without_reading_th
         assert torch.equal(value, original[key]), key
 
 
+@pytest.mark.quant
 def test_partial_int8_gives_the_resident_int8_image_and_a_switch_back_drops_the_quantized_copies(
     tiny_checkpoint: Path,
 ) -> None:
@@ -160,6 +161,7 @@ def test_partial_int8_gives_the_resident_int8_image_and_a_switch_back_drops_the_
     assert all(type(linear.weight) is torch.nn.Parameter for linear in quantized_linears(transformer).values())
 
 
+@pytest.mark.quant
 def test_quantizing_resident_layers_is_all_or_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """A card that fills up half-way through leaves no quantized copy that nothing knows about."""
     from zimage_turbo import quantize

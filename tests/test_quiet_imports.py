@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import zimage_turbo
 
 PACKAGE_PARENT = str(Path(zimage_turbo.__file__).resolve().parents[1])
@@ -24,6 +26,8 @@ def run(script: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+# With or without torchao: the noise came from it, so this runs again on the quant extra's floors.
+@pytest.mark.quant(needs_torchao=False)
 def test_a_tiny_generation_prints_none_of_the_import_noise(tiny_checkpoint: Path) -> None:
     done = run(
         f"""

@@ -56,13 +56,14 @@ def quantization_unavailable(kind: str, device: torch.device) -> str:
     """Why ``kind`` cannot run on ``device`` ("" when it can)."""
     if kind not in QUANTIZATIONS:
         return f"unknown quantization {kind!r}; known: {', '.join(QUANTIZATIONS)}"
-    if importlib.util.find_spec("torchao") is None:
-        return "quantization needs torchao: pip install 'zimage-turbo[quant]'"
+    # What the device cannot do first: installing torchao would not help there.
     if kind == "fp8":
         if device.type != "cuda":
             return "fp8 needs a CUDA GPU"
         if torch.cuda.get_device_capability(device) < (8, 9):
             return "fp8 needs compute capability 8.9 or newer (Ada, Hopper); use int8"
+    if importlib.util.find_spec("torchao") is None:
+        return "quantization needs torchao: pip install 'zimage-turbo[quant]'"
     return ""
 
 
@@ -134,7 +135,10 @@ def _quantization_config(kind: QuantizationName) -> Any:
         return Float8DynamicActivationFloat8WeightConfig(
             granularity=PerRow(), activation_value_lb=FP8_ROW_FLOOR, set_inductor_config=False
         )
-    return Int8WeightOnlyConfig(set_inductor_config=False)
+    # version=2: torchao's Int8Tensor, whose inner tensors streaming can hold (flat_quantized). It is the
+    # default from torchao 0.18 on; 0.17 still defaults to the deprecated AffineQuantizedTensor (version 1),
+    # which streamed strategies cannot flatten, and warns about it.
+    return Int8WeightOnlyConfig(version=2, set_inductor_config=False)
 
 
 def stored_bytes(tensor: torch.Tensor) -> int:
