@@ -17,9 +17,10 @@ with diffusers' image at no cap (``difference``: max and mean absolute differenc
 When the checkpoint holds a ControlNet (``make-checkpoint full DIR --controlnet``), the ControlNet tasks run too
 (``control``: ``ZImageControlNetPipeline``; ``control_inpaint``: ``ZImageControlNetInpaintPipeline``), with a
 control image of lines (an edge map's kind) at diffusers' default scale, 0.75. diffusers' side builds its ControlNet
-pipeline from the same modules (``from_pipe``) and places it as a user would (``.to("cuda")``, or
-``enable_group_offload`` on the ControlNet pipeline, which hooks the shared modules once); a failure there is
-recorded as that task's error.
+pipeline from the same modules (``from_pipe``) and places it as a user would (``.to("cuda")``, or group
+offloading the ControlNet after the other modules); a failure there is recorded as the ControlNet tasks' error
+(diffusers 0.42 refuses: the ControlNet pipeline registers the transformer's embedders inside the ControlNet,
+which group offloading then hooks twice), and the other tasks keep their placement.
 
     python benchmarks/tasks.py --checkpoint /tmp/full --out benchmarks/results/tasks-h200.json
     python benchmarks/tasks.py --checkpoint /tmp/tiny --out /tmp/tasks.json --device cpu --size 256x256 --images 1
@@ -128,6 +129,7 @@ def _ours(spec: dict[str, Any]) -> tuple[Any, Any]:
         last = results[task]
         return {
             "strategy": last.strategy,
+            "attention": last.attention,
             "fallbacks": [str(f) for f in last.fallbacks],
             "vae_tiling": last.vae_tiling,
             "strength": last.strength,
@@ -152,29 +154,42 @@ def _diffusers(spec: dict[str, Any]) -> tuple[Any, Any]:
     # none is given: always pass the pipeline's own
     same = {"dtype": pipe.dtype}
     pipes = {"image_to_image": pipe, "inpaint": ZImageInpaintPipeline.from_pipe(pipe, **same)}
-    placed = pipe
-    if set(spec["tasks"]) & set(CONTROL_TASKS):  # the same modules and a ControlNet, placed together below
+    controlnet_pipe = None
+    if set(spec["tasks"]) & set(CONTROL_TASKS):  # the same modules and a ControlNet
         from diffusers import ZImageControlNetInpaintPipeline, ZImageControlNetModel, ZImageControlNetPipeline
 
         controlnet = ZImageControlNetModel.from_pretrained(Path(spec["checkpoint"]) / "controlnet", dtype=dtype)
-        placed = pipes["control"] = ZImageControlNetPipeline.from_pipe(pipe, controlnet=controlnet, **same)
-        pipes["control_inpaint"] = ZImageControlNetInpaintPipeline.from_pipe(placed, **same)
+        controlnet_pipe = pipes["control"] = ZImageControlNetPipeline.from_pipe(pipe, controlnet=controlnet, **same)
+        pipes["control_inpaint"] = ZImageControlNetInpaintPipeline.from_pipe(controlnet_pipe, **same)
+    unplaced: dict[str, str] = {}  # task -> why diffusers could not place its pipeline
     if mode != "group_offload":
-        placed.to(device)
+        (controlnet_pipe or pipe).to(device)  # the ControlNet pipeline holds every module of the others
     else:
-        placed.enable_group_offload(
-            onload_device=device,
-            offload_device=torch.device("cpu"),
-            offload_type="block_level",
-            num_blocks_per_group=1,
-            use_stream=True,
-            exclude_modules=["vae"],
-        )
+        offload = {
+            "onload_device": device,
+            "offload_device": torch.device("cpu"),
+            "offload_type": "block_level",
+            "num_blocks_per_group": 1,
+            "use_stream": True,
+        }
+        pipe.enable_group_offload(**offload, exclude_modules=["vae"])
+        if controlnet_pipe is not None:
+            # The ControlNet pipeline registers the transformer's embedders and refiners inside the ControlNet
+            # (from_transformer), so offloading it hooks those modules a second time, which diffusers 0.42
+            # refuses ("Hook with name layer_execution_tracker already exists"): recorded as the ControlNet
+            # tasks' error, the other tasks keep their placement.
+            try:
+                controlnet_pipe.controlnet.enable_group_offload(**offload)
+            except Exception as exc:
+                for task in CONTROL_TASKS:
+                    unplaced[task] = f"diffusers' group offload cannot place the ControlNet: {exc}"
     passes: dict[str, int] = {}
     for each in pipes.values():
         each.set_progress_bar_config(disable=True)
 
     def run(task: str, seed: int, arguments: dict[str, Any]) -> Any:
+        if task in unplaced:
+            raise RuntimeError(unplaced[task])
         chosen = pipes[task]
         if task in CONTROL_TASKS:
             arguments = {**arguments, "controlnet_conditioning_scale": CONTROL_SCALE}

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from zimage_turbo import DeviceSpeeds, GPUInfo, Hardware, ModelProfile, PartialOffload, Workload, plan
 from zimage_turbo.hardware import GIB
-from zimage_turbo.planner import TILING_MARGIN, Candidate, candidate_for
+from zimage_turbo.planner import HOST_COPIES_MARGIN, TILING_MARGIN, Candidate, candidate_for
 from zimage_turbo.strategies.residency import Residency, partial_weights, size_residency, streamed_blocks
 
 PROFILE = ModelProfile.z_image_turbo()
@@ -159,3 +159,15 @@ def test_quantized_partial_keeps_more_blocks_and_ranks_as_a_quantized_placement(
     # keep the transformer on the GPU; here every lossless placement streams some of it
     lossless = [c for c in ranked.fitting if c.strategy.quantize is None]
     assert lossless and all(ranked.fitting.index(c) > 0 for c in lossless)
+
+
+@pytest.mark.parametrize("speeds", [H200, PCIE4, DeviceSpeeds(h2d_gib_per_s=51.5, bf16_tflops=773.0, source="given")])
+def test_a_partial_placement_that_streams_nothing_ranks_after_full_gpu(speeds: DeviceSpeeds | None) -> None:
+    # On a card that holds everything, partial keeps every block resident: the same predicted speed as full_gpu
+    # to rounding, but with pinned host copies of the whole model. Rounding once let it rank first on the H200.
+    ranked = plan(PROFILE, card(139, speeds))
+    best, partial = ranked.best, next(c for c in ranked.fitting if c.strategy.name == "partial")
+    assert best is not None and best.strategy.name == "full_gpu"
+    assert counts(partial).transformer == len(PROFILE.transformer.block_bytes)
+    assert partial.seconds == pytest.approx(best.seconds, rel=1e-3) and partial.margin == HOST_COPIES_MARGIN
+    assert partial.ranking_seconds > best.ranking_seconds

@@ -55,6 +55,11 @@ TILING_MARGIN = 0.05
 # H200 partial(20,26) was predicted 1.42 s and ran 1.47, hybrid was predicted 1.46 and ran 1.43
 # (benchmarks/results/gpu-tests-after-merges-h200-2026-11-29.log).
 STREAMING_MARGIN = 0.05
+# A partial placement that keeps every transformer block resident still holds pinned host copies of every weight
+# (host RAM the size of the model) for nothing: at the same predicted speed the resident placement ranks first.
+# Its prediction equals full_gpu's to rounding, and on the H200 rounding let partial win the tiny checkpoint's
+# plan (tests/gpu/test_gpu_controlnet.py, 2026-11-29).
+HOST_COPIES_MARGIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,8 @@ class Candidate:
     def ranking_seconds(self) -> float:
         """The predicted seconds the plan ranks by: a tiled decode counts :data:`TILING_MARGIN` more and streaming
         transformer blocks at every pass :data:`STREAMING_MARGIN` more, so that either is chosen only where
-        nothing else fits or where it is clearly faster."""
+        nothing else fits or where it is clearly faster; a partial placement streaming none of them counts
+        :data:`HOST_COPIES_MARGIN` more (its pinned host copies serve nothing)."""
         return self.seconds * (1 + self.margin)
 
 
@@ -286,7 +292,11 @@ def candidate_for(
     estimate = strategy.estimate(timed, hardware, work)
     seconds = strategy.predict_seconds(timed, work, steps)
     reason = _why_not(estimate, hardware, reserve_bytes)
-    margin = (TILING_MARGIN if work.vae_tiling else 0.0) + (STREAMING_MARGIN if _streams(strategy, profile) else 0.0)
+    margin = TILING_MARGIN if work.vae_tiling else 0.0
+    if _streams(strategy, profile):
+        margin += STREAMING_MARGIN
+    elif isinstance(strategy, PartialOffload):
+        margin += HOST_COPIES_MARGIN
     return Candidate(strategy, work.vae_tiling, estimate, seconds, fits=not reason, reason=reason, margin=margin)
 
 

@@ -107,7 +107,9 @@ def full_references(full_checkpoint: Path, full_controlnet: Path) -> dict[str, I
 def test_full_size_controlnet_matches_diffusers(
     full_checkpoint: Path, full_controlnet: Path, full_references: dict[str, Image.Image], strategy: str
 ) -> None:
-    settings = ZImageSettings(progress=False, controlnet=str(full_controlnet))
+    # diffusers runs PyTorch's own choice of attention kernel; "auto" may time another exact kernel as faster,
+    # whose rounding differs (with it, 2026-11-29: mean 0.68, max 6): compare like with like
+    settings = ZImageSettings(progress=False, controlnet=str(full_controlnet), attention="native")
     gen = Generator(model=full_checkpoint, strategy=strategy, settings=settings)
     for task, reference in full_references.items():
         result = gen.generate(PROMPT, steps=8, seed=42, **_arguments(task, 1024))
@@ -115,7 +117,8 @@ def test_full_size_controlnet_matches_diffusers(
         assert result.timings.encode_image > 0 and result.fallbacks == ()
         difference = _difference(result.image, reference)
         peak = result.peak_memory["cuda:0"] / GIB
-        print(f"{strategy} {task}: max abs diff {difference.max()}, mean {difference.mean():.4f}, peak {peak:.2f} GiB")
+        shown = f"max abs diff {difference.max()}, mean {difference.mean():.4f}, peak {peak:.2f} GiB"
+        print(f"{strategy} {task} ({result.attention} attention): {shown}")
         assert difference.mean() < 0.5 and difference.max() <= 8
         predicted = result.predicted_peak_memory["cuda:0"] / GIB
         assert peak <= predicted * 1.1, "the planner under-estimated this task's peak"
