@@ -13,8 +13,9 @@ image (ours also reports the first image's phases: encode, denoise, decode). Cas
 * ``ours``: ``Generator(...).generate(...)`` reading the source (``converted_copy="off"``);
 * ``ours_converted``: the same reading the converted copy, written beforehand by ``zimage-turbo convert``
   (its time is reported as ``convert_s``; seconds when a sound copy exists already);
-* ``ours_compiled``: ``ours_converted`` with ``compile="on"`` (the transformer's blocks, the text encoder and the
-  VAE decoder compiled before the first image);
+* ``ours_compiled``: ``ours_converted`` with ``compile="on"`` (the transformer's blocks compiled before the first
+  image; the text encoder and the VAE decoder wait until the work pays for them, as diffusers compiles only the
+  blocks);
 * ``diffusers_compiled``: ``diffusers`` with ``transformer.compile_repeated_blocks(fullgraph=True)``.
 
 The compiled cases keep Inductor's kernels in the cache folder (ours where the library puts them, diffusers' in
@@ -62,6 +63,10 @@ def worker(case: str, checkpoint: str, cache_dir: str, size: int) -> dict[str, A
     kernels = kernel_cache(case, cache_dir)
     if case == "diffusers_compiled":
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(kernels)
+    else:
+        # the library keeps its kernels in the cache folder unless this is set (the H200 machine's image sets it:
+        # ours then wrote elsewhere and every round was reported cold); a user's process normally has none
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
     warm = kernels.is_dir() and any(path.is_file() for path in kernels.rglob("*"))
 
     def mark(step: str) -> None:

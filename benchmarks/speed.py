@@ -8,9 +8,9 @@ ones (median). Cases, in this order:
 
 * our ``full_gpu`` with each attention kernel, eager (the first writes the reference image that every later
   case is compared with), and with ``attention="auto"``;
-* plain diffusers ``.to("cuda")``; ours with ``compile="on"`` (twice: the second process finds Inductor's
-  kernels cached), then diffusers with ``compile_repeated_blocks`` (it finds the cache warm too: compare its
-  s/image, not its first image);
+* plain diffusers ``.to("cuda")``; ours with ``compile="all"`` (every part compiled at once; twice: the second
+  process finds Inductor's kernels cached), then diffusers with ``compile_repeated_blocks`` (it finds the cache
+  warm too: compare its s/image, not its first image);
 * ours fp8 + compile and fp8 eager;
 * under a 12 GiB cap, ours with ``quantization="auto"`` (the planner's small-card rung) against diffusers'
   fastest mode there, block-level group offload; under 4 GiB, ours ``auto`` (bf16, and with
@@ -43,10 +43,10 @@ CASES: list[tuple[str, str, str, float | None, dict[str, str]]] = [
     ("ours full_gpu efficient", "ours", "full_gpu", None, {"attention": "efficient", "compile": "off"}),
     ("ours full_gpu auto-attention", "ours", "full_gpu", None, {"compile": "off"}),
     ("diffusers to_cuda", "diffusers", "to_cuda", None, {}),
-    ("ours full_gpu compiled", "ours", "full_gpu", None, {"compile": "on"}),
-    ("ours full_gpu compiled (cache warm)", "ours", "full_gpu", None, {"compile": "on"}),
+    ("ours full_gpu compiled", "ours", "full_gpu", None, {"compile": "all"}),
+    ("ours full_gpu compiled (cache warm)", "ours", "full_gpu", None, {"compile": "all"}),
     ("diffusers to_cuda compiled", "diffusers", "to_cuda", None, {"compile": "on"}),
-    ("ours full_gpu fp8 compiled", "ours", "full_gpu", None, {"compile": "on", "quantization": "fp8"}),
+    ("ours full_gpu fp8 compiled", "ours", "full_gpu", None, {"compile": "all", "quantization": "fp8"}),
     ("ours full_gpu fp8", "ours", "full_gpu", None, {"compile": "off", "quantization": "fp8"}),
     ("ours auto @12 quantization=auto", "ours", "auto", 12.0, {"compile": "on", "quantization": "auto"}),
     ("diffusers group_offload @12", "diffusers", "group_offload", 12.0, {}),

@@ -3,8 +3,8 @@
 # converted copy, plain diffusers) on a checkpoint stored like the published one, into $OUT.
 # Carry .whl. Usage: ZT_GIT_COMMIT=abc scripts/device_cold_start.sh [eager|compiled] [rounds]
 #   eager     diffusers, ours from the source, ours from the converted copy; page cache warm, then dropped (~8 min)
-#   compiled  ours with compile="on" and diffusers' compile_repeated_blocks, the first round from an empty kernel
-#             cache and the next from the warm one: what a second process on the same machine pays (~6 min)
+#   compiled  ours with compile="on" (the blocks) and diffusers' compile_repeated_blocks, the first round from an
+#             empty kernel cache and the next from the warm one: what a second process on the same machine pays
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/zimage-out}

@@ -113,7 +113,26 @@ def test_an_unknown_kernel_name_is_an_invalid_setting() -> None:
 
 def test_on_and_off_do_what_they_say(tmp_path: Path) -> None:
     assert compiling.CompileAdvisor("on", tmp_path, "k").should_compile(0.0)
+    assert compiling.CompileAdvisor("all", tmp_path, "k").should_compile(0.0)
     assert not compiling.CompileAdvisor("off", tmp_path, "k").should_compile(1e9)
+
+
+def test_on_compiles_the_blocks_at_once_and_leaves_the_small_parts_to_the_auto_rule(tmp_path: Path) -> None:
+    # The text encoder and the VAE decoder save 0.02 and 0.04 s per image for 52 and 21 s of compiling (12.6 and
+    # 3.4 s from a warm kernel cache) on the H200: compiling them at once made the first compiled image 4x later.
+    on, every = SpeedupDriver("native", "on", tmp_path), SpeedupDriver("native", "all", tmp_path)
+    modes = {part.name: (on.part_mode(part), every.part_mode(part)) for part in compiling.COMPILE_PARTS}
+    assert modes == {
+        "blocks": ("on", "all"),
+        "text_encoder": ("auto", "all"),
+        "vae_decoder": ("auto", "all"),
+        "fp8_linears": ("on", "all"),
+    }
+    # under "on" the small parts still compile once the work pays for them
+    work = {"encode": 1e4, "denoise": 1.0, "decode": 1e4}
+    advisors = {part.name: on._advisor(part, CPU, torch.float32, None) for part in compiling.COMPILE_PARTS}
+    assert all(advisor.should_compile(work[advisor.part.phase]) for advisor in advisors.values())
+    assert not advisors["text_encoder"].should_compile(1.0) and not advisors["vae_decoder"].should_compile(1.0)
 
 
 def test_known_work_compiles_when_its_saving_covers_the_compile(tmp_path: Path) -> None:
@@ -190,15 +209,19 @@ def test_parts_leave_compile_when_the_strategy_cannot_run_them_compiled(
     tiny_checkpoint: Path, tmp_path: Path, eager_compile: None
 ) -> None:
     pipe = Generator(settings=_settings(tiny_checkpoint, compile="off"), strategy="cpu").load().pipeline
-    accelerator = SpeedupDriver("native", "on", tmp_path)
+    accelerator = SpeedupDriver("native", "all", tmp_path)
     accelerator.prepare(pipe, CPU, torch.float32, True, (256, 256, {}), placement=1)
     assert accelerator.compiled == ("blocks", "text_encoder", "vae_decoder") == compiling.compiled_parts(pipe)
     accelerator.prepare(pipe, CPU, torch.float32, False, (256, 256, {}), placement=2)
     assert accelerator.compiled == () == compiling.compiled_parts(pipe)
-    # "auto" never compiles on a CPU ("on" above does)
+    # "auto" never compiles on a CPU ("all" above does; "on" compiles the blocks, whatever work is ahead)
     automatic = SpeedupDriver("native", "auto", tmp_path)
     automatic.prepare(pipe, CPU, torch.float32, True, (256, 256, {"denoise": 1e9}), placement=3)
     assert automatic.compiled == () == compiling.compiled_parts(pipe)
+    blocks_now = SpeedupDriver("native", "on", tmp_path)
+    work = {"encode": 1e9, "denoise": 1e9, "decode": 1e9}
+    blocks_now.prepare(pipe, CPU, torch.float32, True, (256, 256, work), placement=4)
+    assert blocks_now.compiled == ("blocks",) == compiling.compiled_parts(pipe)
 
 
 def test_a_damaged_record_file_means_no_record(tmp_path: Path) -> None:
@@ -222,7 +245,7 @@ def test_compiled_parts_give_the_eager_image_and_leave_with_a_streaming_strategy
 ) -> None:
     eager = Generator(settings=_settings(tiny_checkpoint, compile="off"), strategy="cpu")
     reference = eager.generate(PROMPT, seed=4, **SIZE).image
-    settings = _settings(tiny_checkpoint, compile="on", cache_dir=tmp_path)
+    settings = _settings(tiny_checkpoint, compile="all", cache_dir=tmp_path)
     generator = Generator(settings=settings, strategy="cpu")
     first = generator.generate(PROMPT, seed=4, **SIZE)
     everything = ("blocks", "text_encoder", "vae_decoder")
@@ -260,7 +283,7 @@ def test_a_compiler_failure_costs_speed_not_the_image(
         return untraceable(self, *args, **kwargs)
 
     monkeypatch.setattr(decoder_class, "forward", forward)
-    generator = Generator(settings=_settings(tiny_checkpoint, compile="on"), strategy="cpu")
+    generator = Generator(settings=_settings(tiny_checkpoint, compile="all"), strategy="cpu")
     try:
         first = generator.generate(PROMPT, seed=5, **SIZE)
         second = generator.generate(PROMPT, seed=5, **SIZE)

@@ -75,7 +75,7 @@ def test_each_exact_kernel_gives_the_default_image(full_checkpoint: Path, refere
 
 
 def test_compiled_parts_give_the_eager_image(full_checkpoint: Path, reference: np.ndarray, tmp_path: Path) -> None:
-    settings = ZImageSettings(progress=False, attention="native", compile="on", cache_dir=tmp_path)
+    settings = ZImageSettings(progress=False, attention="native", compile="all", cache_dir=tmp_path)
     with Generator(model=full_checkpoint, strategy="full_gpu", settings=settings) as generator:
         first = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
         again = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)

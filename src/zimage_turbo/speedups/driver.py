@@ -82,8 +82,6 @@ class SpeedupDriver:
         controlnet = controlnet_of(pipe)  # its attention runs with the same kernel as the transformer's
         self._set_attention([transformer] if controlnet is None else [transformer, controlnet], device, dtype, shape)
         can_compile = not compile_unavailable(device)
-        if device.type != "cuda" and self.compile_mode == "auto":
-            can_compile = False  # on a CPU Inductor's compile would rarely pay back; "on" still compiles there
         moved = placement is None or (id(pipe), placement) != self._placement
         if moved:
             self._placement = (id(pipe), placement)
@@ -93,6 +91,8 @@ class SpeedupDriver:
             self._compiled = set(compiled_parts(pipe))
         for part in COMPILE_PARTS:
             runnable = can_compile and (compilable or part.inside_hooks) and part.name not in self._failed
+            if device.type != "cuda" and self.part_mode(part) == "auto":
+                runnable = False  # on a CPU Inductor's compile would rarely pay back; "on" still compiles there
             if runnable and part.name not in self._unhooked:
                 modules = part.modules(pipe)
                 self._unhooked[part.name] = bool(modules) if part.inside_hooks else runs_unhooked_on(modules, device)
@@ -140,6 +140,13 @@ class SpeedupDriver:
                 compiling.compiled_in(measured[phase] - expected)
                 logger.info("%s compiled in about %.1f s", part.name, compiling.expected_compile_s)
 
+    def part_mode(self, part: CompilePart) -> CompileMode:
+        """The compile mode ``part`` follows: the setting, except that ``"on"`` leaves the parts that are not
+        :attr:`~.compile.CompilePart.at_once` to the ``"auto"`` rule."""
+        if self.compile_mode == "on" and not part.at_once:
+            return "auto"
+        return self.compile_mode
+
     @property
     def compiled(self) -> tuple[str, ...]:
         """The parts compiled now, in :data:`COMPILE_PARTS` order."""
@@ -165,7 +172,7 @@ class SpeedupDriver:
         else:  # only the transformer is quantized
             key = f"{compile_key(device, dtype)} / {part.name}"
         if key not in self._advisors:
-            self._advisors[key] = CompileAdvisor(self.compile_mode, self.cache_dir, key, part, saving)
+            self._advisors[key] = CompileAdvisor(self.part_mode(part), self.cache_dir, key, part, saving)
         return self._advisors[key]
 
     def _set_attention(
