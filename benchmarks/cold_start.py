@@ -57,9 +57,11 @@ def since_start() -> float:
     return time.time() - _START
 
 
-def worker(case: str, checkpoint: str, cache_dir: str, size: int) -> dict[str, Any]:
-    """One case in this (fresh) process: the marks, and ours' phases of the first image."""
+def worker(case: str, checkpoint: str, cache_dir: str, size: int, profile: bool = False) -> dict[str, Any]:
+    """One case in this (fresh) process: the marks, and ours' phases of the first image (with ``profile``, also
+    the library's log lines with their times and where the main thread spent the load and the first image)."""
     marks: list[tuple[str, float]] = [("python running", since_start())]
+    profiler, log = _watch() if profile else (None, [])
     kernels = kernel_cache(case, cache_dir)
     if case == "diffusers_compiled":
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(kernels)
@@ -131,7 +133,41 @@ def worker(case: str, checkpoint: str, cache_dir: str, size: int) -> dict[str, A
     torch.cuda.synchronize()
     mark("second image")
     result = {"case": case, "marks": dict(marks), **phases, "host_max_rss_gib": _max_rss_gib()}
+    if profiler is not None:
+        profiler.disable()
+        result["log"] = log
+        result["profile"] = _top_calls(profiler)
     return {**result, "kernel_cache_warm": warm} if case in COMPILED else result
+
+
+def _watch() -> tuple[Any, list[str]]:
+    """Start a profiler of this thread (the imports, the load and the images: the reading threads show as waits)
+    and keep the library's log lines (INFO and up), each with the seconds since the process started."""
+    import cProfile
+    import logging
+
+    log: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            log.append(f"{since_start():7.2f} {record.name}: {record.getMessage()}")
+
+    library = logging.getLogger("zimage_turbo")
+    library.setLevel(logging.INFO)
+    library.addHandler(Keep())
+    profiler = cProfile.Profile()
+    profiler.enable()
+    return profiler, log
+
+
+def _top_calls(profiler: Any, count: int = 45) -> list[str]:
+    """The calls that took the most time, their callees included, as pstats prints them."""
+    import io
+    import pstats
+
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(count)
+    return [line for line in text.getvalue().splitlines() if line.strip()]
 
 
 def kernel_cache(case: str, cache_dir: str) -> Path:
@@ -169,11 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--clear-kernel-cache", action="store_true", help="empty the compiled cases' kernel caches first"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="ours: keep the log with times and a profile of the main thread"
+    )
     parser.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cache_dir = args.cache_dir or str(args.out.parent / "cold-start-cache")
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.checkpoint, cache_dir, args.size)), flush=True)
+        watched = args.profile and args.worker.startswith("ours")
+        result = worker(args.worker, args.checkpoint, cache_dir, args.size, profile=watched)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
 
     import torch
@@ -204,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 dropped.append(drop_page_cache())
             command = [sys.executable, __file__, "--worker", case, "--checkpoint", args.checkpoint]
             command += ["--out", str(args.out), "--cache-dir", cache_dir, "--size", str(args.size)]
+            command += ["--profile"] if args.profile else []
             run = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
             if run.returncode != 0 or not lines:
