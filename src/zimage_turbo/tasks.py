@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import process_state
 from .control_phases import denoise_control, encode_control
 from .errors import NumericalError, first_line
 from .execution import on_device
@@ -42,6 +41,7 @@ from .phases import (
 )
 from .placement import Placement
 from .planner import Candidate
+from .process_state import shared as process_state_shared
 from .profile import Workload
 from .request import GenerationRequest
 from .result import Fallback, GenerationResult, StepInfo, Timings
@@ -135,7 +135,7 @@ def run_task(
     of memory without tiling, decode again in tiles from the same latents."""
     progress.phase = "place"
     # shared: never while another thread's load has torch's default dtype changed (process_state.py)
-    with process_state.shared():
+    with process_state_shared():
         placement.settle()
         try:
             placement.use(rung)  # outside inference mode: weights must stay ordinary tensors

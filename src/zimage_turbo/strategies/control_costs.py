@@ -17,15 +17,22 @@ from __future__ import annotations
 from ..profile import ModelProfile, Workload
 from .base import pinned_size
 
-__all__ = ["leaf_bytes", "leaf_pinned", "resident_bytes", "streamed_bytes", "streamed_pinned", "streamed_transfer"]
+__all__ = [
+    "controlnet_leaf_bytes",
+    "controlnet_leaf_pinned",
+    "controlnet_resident_bytes",
+    "controlnet_streamed_bytes",
+    "controlnet_streamed_pinned",
+    "controlnet_streamed_transfer",
+]
 
 
-def resident_bytes(profile: ModelProfile) -> int:
+def controlnet_resident_bytes(profile: ModelProfile) -> int:
     """Bytes of a resident ControlNet (0 without one)."""
     return profile.controlnet.weight_bytes if profile.controlnet is not None else 0
 
 
-def streamed_bytes(profile: ModelProfile, work: Workload, *, largest_other_block: int = 0) -> dict[str, int]:
+def controlnet_streamed_bytes(profile: ModelProfile, work: Workload, *, largest_other_block: int = 0) -> dict[str, int]:
     """GPU bytes per phase of a ControlNet streamed by blocks: its non-block weights always, and while ``work``
     denoises with it its two blocks in flight, of which the placement's own two transformer blocks
     (``largest_other_block`` each) cover all but one: the ControlNet and the transformer run one after the other,
@@ -39,7 +46,7 @@ def streamed_bytes(profile: ModelProfile, work: Workload, *, largest_other_block
     return spent
 
 
-def streamed_pinned(profile: ModelProfile) -> int:
+def controlnet_streamed_pinned(profile: ModelProfile) -> int:
     """Pinned host bytes of a ControlNet streamed by blocks: its blocks' homes (0 without one)."""
     controlnet = profile.controlnet
     if controlnet is None:
@@ -47,7 +54,7 @@ def streamed_pinned(profile: ModelProfile) -> int:
     return pinned_size(sum(controlnet.block_bytes), controlnet.largest_block_tensor_bytes)
 
 
-def streamed_transfer(profile: ModelProfile, work: Workload, *, refiners_stream: bool = True) -> int:
+def controlnet_streamed_transfer(profile: ModelProfile, work: Workload, *, refiners_stream: bool = True) -> int:
     """Bytes that cross the bus per pass for the ControlNet of a request that uses it: its blocks, and the
     transformer's refiner blocks once more when they stream (0 otherwise)."""
     controlnet = profile.controlnet
@@ -60,7 +67,7 @@ def streamed_transfer(profile: ModelProfile, work: Workload, *, refiners_stream:
     return sum(controlnet.block_bytes) + (refiners if refiners_stream else 0)
 
 
-def leaf_bytes(profile: ModelProfile, work: Workload) -> dict[str, int]:
+def controlnet_leaf_bytes(profile: ModelProfile, work: Workload) -> dict[str, int]:
     """GPU bytes per phase of a ControlNet streamed layer by layer: two of its largest tensors while denoising."""
     controlnet = profile.controlnet
     if controlnet is None or not work.control:
@@ -68,7 +75,7 @@ def leaf_bytes(profile: ModelProfile, work: Workload) -> dict[str, int]:
     return {"denoise": 2 * controlnet.largest_tensor_bytes}
 
 
-def leaf_pinned(profile: ModelProfile) -> int:
+def controlnet_leaf_pinned(profile: ModelProfile) -> int:
     """Pinned host bytes of a ControlNet streamed layer by layer: all its weights' homes."""
     controlnet = profile.controlnet
     if controlnet is None:

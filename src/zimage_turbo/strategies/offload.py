@@ -19,8 +19,8 @@ import torch
 
 from ..hardware import Hardware
 from ..profile import ModelProfile, Workload
-from . import control_costs
 from .base import CONTROLNET, LoadStrategy, MemoryEstimate, components, host_homes, on_one_gpu, pinned_size
+from .control_costs import controlnet_resident_bytes
 
 __all__ = ["ModelCPUOffload"]
 
@@ -83,7 +83,7 @@ class ModelCPUOffload(LoadStrategy):
         gpu = self.gpu_index(hardware)
         weights = {
             "encode": profile.text_encoder.weight_bytes,
-            "denoise": profile.transformer.weight_bytes + control_costs.resident_bytes(profile),
+            "denoise": profile.transformer.weight_bytes + controlnet_resident_bytes(profile),
             "decode": profile.vae.weight_bytes,
         }
         host = sum(pinned_size(c.weight_bytes, c.largest_tensor_bytes) for c in profile.components)

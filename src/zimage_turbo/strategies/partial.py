@@ -31,7 +31,6 @@ from ..host import module_tensors
 from ..profile import ComponentProfile, ModelProfile, Workload
 from ..quantize import QuantizationName, quantize_linears, quantized_linears, restore_linears
 from ..request import DEFAULT_STEPS
-from . import control_costs
 from .base import (
     ALLOCATOR_MARGIN,
     CONTROLNET,
@@ -47,6 +46,7 @@ from .base import (
     place_resident,
     send_everything_home,
 )
+from .control_costs import controlnet_streamed_bytes, controlnet_streamed_pinned, controlnet_streamed_transfer
 from .partial_streaming import stream_blocks
 from .residency import Residency, partial_seconds, partial_weights, size_residency, streamed_blocks
 from .streaming import BLOCK_OVERHEAD_S, stream, unstream
@@ -134,7 +134,7 @@ class PartialOffload(Quantizable):
             )
         free = next((g.free_bytes for g in hardware.gpus if g.index == (device.index or 0)), 0)
         # room for a ControlNet's streamed blocks (as if no transformer block streamed beside them) in every phase
-        control = max(control_costs.streamed_bytes(profile, work).values(), default=0)
+        control = max(controlnet_streamed_bytes(profile, work).values(), default=0)
         found = size_residency(
             profile,
             work,
@@ -174,9 +174,9 @@ class PartialOffload(Quantizable):
         assert sized.residency is not None
         residency = sized.residency.clamped(profile)
         weights = partial_weights(profile, residency, self._quantize)
-        for phase, nbytes in control_costs.streamed_bytes(profile, work).items():
+        for phase, nbytes in controlnet_streamed_bytes(profile, work).items():
             weights[phase] = weights.get(phase, weights["decode"]) + nbytes
-        host = self._host_bytes(profile, residency) + control_costs.streamed_pinned(profile)
+        host = self._host_bytes(profile, residency) + controlnet_streamed_pinned(profile)
         return on_one_gpu(self.gpu_index(hardware), weights, profile.activation_bytes(work), pinned=host)
 
     def _host_bytes(self, profile: ModelProfile, residency: Residency) -> int:
@@ -200,7 +200,7 @@ class PartialOffload(Quantizable):
             profile, self._compute_seconds(profile, work, steps), steps, residency, self._quantize
         )
         if work.control and profile.controlnet is not None:  # its blocks cross the bus at each pass, not overlapped
-            moved = control_costs.streamed_transfer(profile, work, refiners_stream=False)
+            moved = controlnet_streamed_transfer(profile, work, refiners_stream=False)
             seconds += steps * (
                 profile.transfer_seconds(moved) + BLOCK_OVERHEAD_S * len(profile.controlnet.block_bytes)
             )

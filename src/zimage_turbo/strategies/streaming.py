@@ -28,7 +28,6 @@ from ..hardware import Hardware
 from ..profile import ModelProfile, Workload
 from ..quantize import QuantizationName
 from ..quiet_imports import quiet_imports
-from . import control_costs
 from .base import (
     COMPONENTS,
     CONTROLNET,
@@ -44,6 +43,14 @@ from .base import (
     place_resident,
     quantized_block_bytes,
     send_everything_home,
+)
+from .control_costs import (
+    controlnet_leaf_bytes,
+    controlnet_leaf_pinned,
+    controlnet_resident_bytes,
+    controlnet_streamed_bytes,
+    controlnet_streamed_pinned,
+    controlnet_streamed_transfer,
 )
 
 __all__ = ["Hybrid", "SequentialOffload", "StreamedOffload"]
@@ -261,7 +268,7 @@ class Hybrid(QuantizableTransformer, _StreamingStrategy):
         gpu = self.gpu_index(hardware)
         te = profile.text_encoder
         base = self._transformer_bytes(profile) + profile.vae.weight_bytes + te.other_bytes
-        base += control_costs.resident_bytes(profile)
+        base += controlnet_resident_bytes(profile)
         weights = {"encode": base + 2 * te.largest_block_bytes, "denoise": base, "decode": base}
         pinned = pinned_size(sum(te.block_bytes), te.largest_block_tensor_bytes) + self._quantized_host_bytes(profile)
         return on_one_gpu(gpu, weights, profile.activation_bytes(work), pinned=pinned)
@@ -326,12 +333,12 @@ class StreamedOffload(Quantizable, _StreamingStrategy):
             "denoise": base + 2 * largest,
             "decode": base,
         }
-        for phase, nbytes in control_costs.streamed_bytes(profile, work, largest_other_block=largest).items():
+        for phase, nbytes in controlnet_streamed_bytes(profile, work, largest_other_block=largest).items():
             weights[phase] = weights.get(phase, weights["decode"]) + nbytes
         pinned = pinned_size(sum(te.block_bytes), te.largest_block_tensor_bytes) + pinned_size(
             sum(tr.block_bytes), tr.largest_tensor_bytes
         )
-        pinned += control_costs.streamed_pinned(profile)
+        pinned += controlnet_streamed_pinned(profile)
         # the text encoder's non-block weights stay in their pinned homes too (see stream())
         pinned += te.other_bytes
         if self._quantize is not None:  # the quantized layers' own homes, beside the bf16 ones
@@ -342,7 +349,7 @@ class StreamedOffload(Quantizable, _StreamingStrategy):
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
         compute = self._compute_seconds(profile, work, steps)
         te, tr = profile.text_encoder, profile.transformer
-        moved = sum(self._block_bytes(profile)) + control_costs.streamed_transfer(profile, work)
+        moved = sum(self._block_bytes(profile)) + controlnet_streamed_transfer(profile, work)
         per_pass = max(compute["denoise"] / steps, profile.transfer_seconds(moved))
         per_pass += BLOCK_OVERHEAD_S * len(tr.block_bytes)
         if work.control and profile.controlnet is not None:
@@ -370,16 +377,16 @@ class SequentialOffload(_StreamingStrategy):
             "denoise": vae + 2 * profile.transformer.largest_tensor_bytes,
             "decode": vae,
         }
-        weights["denoise"] += control_costs.leaf_bytes(profile, work).get("denoise", 0)
+        weights["denoise"] += controlnet_leaf_bytes(profile, work).get("denoise", 0)
         pinned = sum(
             pinned_size(c.weight_bytes, c.largest_tensor_bytes) for c in (profile.text_encoder, profile.transformer)
         )
-        pinned += control_costs.leaf_pinned(profile)
+        pinned += controlnet_leaf_pinned(profile)
         return on_one_gpu(gpu, weights, profile.activation_bytes(work), pinned=pinned)
 
     def predict_seconds(self, profile: ModelProfile, work: Workload, steps: int) -> float:
         compute = profile.compute_seconds(work, steps)
-        moved = profile.transformer.weight_bytes + control_costs.streamed_transfer(profile, work)
+        moved = profile.transformer.weight_bytes + controlnet_streamed_transfer(profile, work)
         per_pass = max(compute["denoise"] / steps, profile.transfer_seconds(moved))
         encode = max(compute["encode"], profile.transfer_seconds(profile.text_encoder.weight_bytes))
         return LEAF_OVERHEAD * (encode + steps * per_pass) + compute["encode_image"] + compute["decode"]
