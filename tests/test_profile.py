@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from zimage_turbo import IncompleteModelError, ModelProfile, Workload, check_pipeline_dir
-from zimage_turbo.profile import load_calibration, read_safetensors_shapes
+from zimage_turbo.activation_model import load_calibration
+from zimage_turbo.profile import read_safetensors_shapes
 
 GB = 1e9
 

@@ -126,8 +126,8 @@ def _this_machine(*, measure: bool) -> Hardware:
 def _given_speeds(args: argparse.Namespace) -> DeviceSpeeds | None:
     """Speeds typed on the command line (--h2d-gib-s, --bf16-tflops), the calibration GPU's for the one left
     out; None when neither is given."""
+    from .activation_model import load_calibration
     from .hardware import DeviceSpeeds
-    from .profile import load_calibration
 
     if args.h2d_gib_s is None and args.bf16_tflops is None:
         return None

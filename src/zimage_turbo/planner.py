@@ -19,9 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .activation_model import load_calibration
 from .hardware import GIB, DeviceSpeeds, Hardware
 from .model import VAE_TILE_PIXELS
-from .profile import ModelProfile, Workload, load_calibration
+from .profile import ModelProfile, Workload
 from .request import DEFAULT_STEPS, SIDE_MULTIPLE, GenerationRequest
 from .strategies import (
     CPUOnly,
