@@ -163,11 +163,23 @@ def test_quantized_partial_keeps_more_blocks_and_ranks_as_a_quantized_placement(
 
 @pytest.mark.parametrize("speeds", [H200, PCIE4, DeviceSpeeds(h2d_gib_per_s=51.5, bf16_tflops=773.0, source="given")])
 def test_a_partial_placement_that_streams_nothing_ranks_after_full_gpu(speeds: DeviceSpeeds | None) -> None:
-    # On a card that holds everything, partial keeps every block resident: the same predicted speed as full_gpu
-    # to rounding, but with pinned host copies of the whole model. Rounding once let it rank first on the H200.
+    # On a card that holds everything, partial keeps every block resident: the same predicted speed as full_gpu,
+    # but with pinned host copies of the whole model; the order of the candidates must not decide.
     ranked = plan(PROFILE, card(139, speeds))
     best, partial = ranked.best, next(c for c in ranked.fitting if c.strategy.name == "partial")
     assert best is not None and best.strategy.name == "full_gpu"
     assert counts(partial).transformer == len(PROFILE.transformer.block_bytes)
     assert partial.seconds == pytest.approx(best.seconds, rel=1e-3) and partial.margin == HOST_COPIES_MARGIN
     assert partial.ranking_seconds > best.ranking_seconds
+
+
+@pytest.mark.parametrize("inputs", [(1,), (1, 1)], ids=["image_to_image", "inpaint"])
+def test_partial_counts_the_image_encoder_as_every_placement_does(inputs: tuple[int, ...]) -> None:
+    # It was left out, so that for image tasks partial was predicted faster than full_gpu with the same weights
+    # resident, and auto chose it for the tiny checkpoint's ControlNet request on the H200 (2026-11-29).
+    work = Workload(image_encodes=inputs)
+    ranked = plan(PROFILE, card(139), work)
+    best, partial = ranked.best, next(c for c in ranked.fitting if c.strategy.name == "partial")
+    assert best is not None and best.strategy.name == "full_gpu"
+    assert partial.seconds == pytest.approx(best.seconds, rel=1e-9)
+    assert partial.seconds > plan(PROFILE, card(139)).best.seconds  # type: ignore[union-attr]

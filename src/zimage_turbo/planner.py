@@ -58,8 +58,7 @@ TILING_MARGIN = 0.05
 STREAMING_MARGIN = 0.05
 # A partial placement that keeps every transformer block resident still holds pinned host copies of every weight
 # (host RAM the size of the model) for nothing: at the same predicted speed the resident placement ranks first.
-# Its prediction equals full_gpu's to rounding, and on the H200 rounding let partial win the tiny checkpoint's
-# plan (tests/gpu/test_gpu_controlnet.py, 2026-11-29).
+# (Their predictions are equal, so without this the order of the candidates decided.)
 HOST_COPIES_MARGIN = 0.01
 
 

@@ -132,7 +132,7 @@ def test_tiny_controlnet_on_the_gpu_matches_diffusers_in_float32(tmp_path: Path)
     gen = Generator(model=checkpoint, settings=settings)
     for task in pipes:
         ours = gen.generate(PROMPT, steps=5, seed=11, height=512, width=512, **_arguments(task, 512))
-        # 2026-11-29 auto chose partial here (not reproduced with hand-made H200 hardware on a CPU): say why
+        # 2026-11-29 auto chose partial here (its prediction left out the image encoder; fixed): say why if again
         why = (ours.strategy, ours.fallbacks, ours.warnings, str(gen.plan(height=512, width=512, steps=5)))
         assert ours.strategy == "full_gpu" and ours.task == task, why
         assert _difference(ours.image, _theirs(pipes, task, 512, 5, 11)).max() <= 1

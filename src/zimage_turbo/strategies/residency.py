@@ -149,7 +149,8 @@ def _seconds(
     encode = text.run_seconds(profile, compute["encode"], m)
     if not m:
         encode += profile.transfer_seconds(text.other)  # the embedding, from its pinned home once per prompt
-    return encode + steps * per_pass + compute["decode"]
+    # the VAE stays resident: its encoder's pass over input images (image tasks) costs what it costs anywhere
+    return encode + compute["encode_image"] + steps * per_pass + compute["decode"]
 
 
 def size_residency(
