@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from zimage_turbo import GPUInfo, Hardware, ModelProfile, Workload, plan
 from zimage_turbo.hardware import GIB
-from zimage_turbo.planner import smaller_workloads
+from zimage_turbo.planner import candidate_for, smaller_workloads
 from zimage_turbo.strategies.multi_gpu import assign, device_map_for
 
 PROFILE = ModelProfile.z_image_turbo()
@@ -168,3 +168,17 @@ def test_the_encode_of_input_images_is_a_phase_the_plan_counts() -> None:
     plain, tiled = by_name["streamed"].estimate.by_phase, by_name["streamed+vae_tiling"].estimate.by_phase
     assert tiled["encode_image"][0] < plain["encode_image"][0] / 2  # VAE tiling covers the encoder too
     assert by_name["streamed"].seconds > next(c for c in text.candidates if c.name == "streamed").seconds
+
+
+@pytest.mark.parametrize("gib", [6, 12, 24, 80])
+def test_every_placement_counts_the_image_encoder(gib: float) -> None:
+    # Every phase of a request costs time under every placement: an input image's encoder pass included (partial
+    # once left it out, and was predicted faster than full_gpu for image tasks).
+    hardware = Hardware(gpus=(card(gib), card(gib, 1)), host_available_bytes=256 * GIB)
+    plain, image = Workload(), Workload(image_encodes=(1, 1))
+    encoder = PROFILE.compute_seconds(image, 8)["encode_image"]
+    assert encoder > 0
+    for candidate in plan(PROFILE, hardware, image).candidates:
+        # the same strategy, sized as it is for the image request, without the input image
+        without = candidate_for(candidate.strategy, PROFILE, hardware, plain).seconds
+        assert candidate.seconds - without >= 0.99 * encoder, candidate.name
