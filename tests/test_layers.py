@@ -87,6 +87,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "run": ("tasks", "ladder"),
     "api": (
         "call_guard",
+        "generator_core",
+        "generator_adapters",
         "generator",
         "pool",
         "batch_items",
