@@ -50,6 +50,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "weight_files",
         "layout",
         "sources",
+        "hub_snapshots",
         "profile",
         "checkpoints",
         "lora_sources",
