@@ -101,6 +101,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "bench.*",
         "cli_output",
         "cli_plan",
+        "cli_parser",
         "cli",
         "__init__",
         "__main__",
