@@ -91,6 +91,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "generator_core",
         "generator_adapters",
         "generator",
+        "pool_replicas",
         "pool",
         "batch_items",
         "batch_lock",
