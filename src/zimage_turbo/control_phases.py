@@ -7,8 +7,9 @@ input. As for image-to-image (:mod:`~zimage_turbo.image_phases`), that encoder w
 
 * :func:`encode_control` runs the VAE encoder on exactly the tensors the pipeline will hand it, made by the
   pipeline's own image and mask processors, and keeps what the encoder returns;
-* :func:`denoise_control` calls the pipeline, built on the same loaded modules and the pipeline's ControlNet
-  (:func:`~zimage_turbo.image_phases.task_pipeline`), with the VAE's ``encode`` answering from what was kept.
+* :func:`~zimage_turbo.image_phases.denoise_encoded` calls the pipeline, built on the same loaded modules and the
+  pipeline's ControlNet (:func:`~zimage_turbo.image_phases.task_pipeline`), given :func:`control_arguments`, with
+  the VAE's ``encode`` answering from what was kept.
   Everything else is the pipeline's own code: the noise drawn from the same generators, the ControlNet's hints
   scaled by ``control_scale`` and added to the transformer's layers at each step. The image is diffusers' own,
   bit for bit on a CPU (tests/test_controlnet.py).
@@ -16,17 +17,14 @@ input. As for image-to-image (:mod:`~zimage_turbo.image_phases`), that encoder w
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .execution import pin_execution_device
-from .image_phases import EncodedImages, encoder_answering, task_pipeline
-from .phases import denoise
-from .task_inputs import TaskInputs, TaskName
+from .image_phases import EncodedImages, task_pipeline
+from .task_inputs import TaskInputs
 
-__all__ = ["denoise_control", "encode_control"]
+__all__ = ["control_arguments", "encode_control"]
 
 
 def encode_control(
@@ -55,41 +53,10 @@ def encode_control(
     return EncodedImages(image, mask, encoded, vae.dtype, control=control)
 
 
-def denoise_control(
-    pipe: Any,
-    task: TaskName,
-    encoded: EncodedImages,
-    embeds: tuple[list[torch.Tensor], list[torch.Tensor]],
-    *,
-    control_scale: float,
-    height: int,
-    width: int,
-    steps: int,
-    guidance_scale: float,
-    num_images: int,
-    generator: torch.Generator | list[torch.Generator],
-    on_step: Callable[[int, float, torch.Tensor], None] | None,
-    device: torch.device,
-) -> torch.Tensor:
-    """Latents of a ControlNet request, denoised by ``task``'s diffusers pipeline from the inputs
-    :func:`encode_control` encoded (see the module's description)."""
-    sibling = task_pipeline(pipe, task)
-    pin_execution_device(sibling, device)  # as the placement pinned the base pipeline (see execution.py)
+def control_arguments(encoded: EncodedImages, control_scale: float) -> dict[str, Any]:
+    """What a ControlNet pipeline is given besides the prompt and the shape: the inputs :func:`encode_control`
+    encoded, and ``control_scale``; the pipeline is run by :func:`~zimage_turbo.image_phases.denoise_encoded`."""
     arguments: dict[str, Any] = {"control_image": encoded.control, "controlnet_conditioning_scale": control_scale}
     if encoded.mask is not None:
         arguments.update(image=encoded.image, mask_image=encoded.mask)
-    with encoder_answering(sibling.vae, encoded):
-        return denoise(
-            sibling,
-            embeds,
-            height=height,
-            width=width,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            seeds=(),
-            on_step=on_step,
-            device=device,
-            generator=generator,
-            num_images=num_images,
-            **arguments,
-        )
+    return arguments

@@ -33,11 +33,12 @@ from typing import Any
 
 from .errors import ControlNetError, ControlNetNotFoundError, IncompleteModelError, ModelLoadError, first_line
 from .folder_files import Problems, read_json
+from .hub_snapshots import snapshot_from_hubs
 from .profile import ComponentProfile, component_profile
 from .quiet_imports import quiet_imports
 from .safetensors_header import TensorEntry, read_safetensors_header
 from .settings import ZImageSettings
-from .sources import REPO_ID, huggingface_cache_dir, is_offline, modelscope_cache_dir, modelscope_installed
+from .sources import REPO_ID
 from .weight_files import choose_weight_files
 
 __all__ = [
@@ -292,46 +293,23 @@ def _from_hubs(repo_id: str, file: str | None, settings: ZImageSettings) -> Path
     """The repo's folder in a hub cache, else downloaded (the file asked for, or the diffusers layout, and
     ``config.json``) unless offline."""
     hubs = ["huggingface", "modelscope"] if settings.source == "auto" else [settings.source]
-    if "modelscope" in hubs and not modelscope_installed():
-        hubs.remove("modelscope")
     patterns = [file, "config.json"] if file else ["config.json", f"{_WEIGHTS}*.safetensors", f"{_WEIGHTS}*.json"]
-    tried = []
-    for local_only in (True, False):
-        if not local_only and is_offline(settings):
-            break
-        for hub in hubs:
-            try:
-                return _snapshot(hub, repo_id, settings, patterns, local_only, file)
-            except Exception as exc:  # each client has its own "not cached" / network errors
-                where = "cache" if local_only else "download"
-                tried.append(f"{hub} {where}: {type(exc).__name__}: {first_line(exc)}")
-                logger.debug("controlnet %s: %s", repo_id, tried[-1])
-    offline = " (offline: nothing was downloaded)" if is_offline(settings) else ""
-    raise ControlNetNotFoundError(f"controlnet repo {repo_id!r} was not found{offline}.\n  " + "\n  ".join(tried))
+    return snapshot_from_hubs(
+        repo_id,
+        settings,
+        hubs=hubs,
+        patterns=patterns,
+        check=lambda folder: _check_has_wanted(folder, repo_id, file),
+        label="controlnet",
+        not_found=ControlNetNotFoundError,
+        log=logger,
+    )
 
 
-def _snapshot(
-    hub: str, repo_id: str, settings: ZImageSettings, patterns: list[str], local_only: bool, file: str | None
-) -> Path:
-    if hub == "modelscope":
-        from modelscope import snapshot_download as modelscope_download
-
-        cache, _ = modelscope_cache_dir(settings)
-        folder = modelscope_download(
-            repo_id, cache_dir=str(cache), local_files_only=local_only, allow_patterns=patterns
-        )
-    else:
-        from huggingface_hub import snapshot_download
-
-        cache, _ = huggingface_cache_dir(settings)
-        folder = snapshot_download(
-            repo_id, revision=None, cache_dir=cache, local_files_only=local_only, allow_patterns=patterns
-        )
-    path = Path(str(folder))
-    wanted = path / file if file else path / "config.json"
+def _check_has_wanted(folder: Path, repo_id: str, file: str | None) -> None:
+    wanted = folder / file if file else folder / "config.json"
     if not wanted.is_file():
         raise FileNotFoundError(f"{repo_id} has no {wanted.name}" + ("" if file else " (not in diffusers' layout)"))
-    return path
 
 
 def transformer_config(folder: str | os.PathLike[str]) -> dict[str, Any]:

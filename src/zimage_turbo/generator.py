@@ -9,7 +9,9 @@ Loading is lazy: the model is found, checked and loaded by the first ``generate`
 and that call's ``timings.load`` says how long it took. Arguments are validated before that, so a bad
 argument never costs a 20 GB load.
 
-The Generator is the facade: it validates, locks, loads and closes. Below it, :mod:`~zimage_turbo.machine`
+The Generator is the facade: it validates, locks, loads and closes. Its LoRA and ControlNet methods are in
+:mod:`~zimage_turbo.generator_adapters`; loading, planning and running one request, which every public method
+shares, in :mod:`~zimage_turbo.generator_core`. Below it, :mod:`~zimage_turbo.machine`
 sees the hardware, :mod:`~zimage_turbo.placement` holds the loaded pipeline and the strategy applied to it,
 :mod:`~zimage_turbo.ladder` climbs to a placement that needs less memory when CUDA runs out (on the same
 weights, from the last finished phase), and :mod:`~zimage_turbo.tasks` runs a request's phases. Every change
@@ -30,29 +32,21 @@ Several GPUs at once: give each its own Generator with ``device="cuda:N"`` (or u
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from .adapters import check_fits
 from .call_guard import CallGuard
-from .controlnet_sources import ControlNetSource, find_controlnet
-from .converted import find_copy, start_background_copy, worth_converting
-from .errors import ControlNetError, InvalidRequestError, InvalidSettingsError
+from .errors import InvalidRequestError, InvalidSettingsError
+from .generator_adapters import GeneratorAdapters
 from .hardware import Hardware
-from .ladder import Ladder
-from .loras import Lora, added, check_scale, read_lora_source, removed, rescaled
 from .machine import Machine, parse_device
-from .phases import MAX_SEQUENCE_LENGTH, Progress, count_prompt_tokens, release_memory
-from .placement import Placement, load_placement
-from .planner import Candidate, Plan, candidate_for
-from .profile import ModelProfile, Workload
+from .phases import MAX_SEQUENCE_LENGTH, count_prompt_tokens, release_memory
+from .planner import candidate_for
+from .profile import Workload
 from .request import (
     DEFAULT_STEPS,
     GenerationRequest,
@@ -62,24 +56,23 @@ from .request import (
     requests_for,
     seed_or_generator,
 )
-from .result import Fallback, GenerationResult, StepInfo
-from .settings import ZImageSettings, settings_and_options
-from .sources import ResolvedModel, resolve_model
+from .result import GenerationResult, StepInfo
+from .settings import ZImageSettings, model_name, settings_and_options
+from .sources import ResolvedModel
 from .speedups import SpeedupDriver
 from .speedups.compile import compile_cache_dir
 from .strategies import LoadStrategy, strategy_from
 from .strategies.base import private_copy
 from .task_inputs import DEFAULT_CONTROL_SCALE, ImageInput, task_inputs
-from .tasks import Attempt, Call, result_of, run_task
+from .tasks import Call
 
 __all__ = ["MAX_SEQUENCE_LENGTH", "Generator", "count_prompt_tokens"]
 
-logger = logging.getLogger(__name__)
 # the keywords of Generator() that from_pretrained() passes on as they are (the rest are settings)
 GENERATOR_OPTIONS = frozenset({"settings", "strategy", "load", "device", "dtype", "torch_dtype"})
 
 
-class Generator:
+class Generator(GeneratorAdapters):
     """Generates images with Z-Image-Turbo, placing the model to suit the hardware.
 
     Args:
@@ -129,25 +122,23 @@ class Generator:
             )
         base = settings if settings is not None else ZImageSettings()
         if model is not None:
-            base = base.replace(model=_model_name(model))
+            base = base.replace(model=model_name(model))
         chosen_dtype = dtype if dtype is not None else torch_dtype
         if chosen_dtype is not None:
             base = base.replace(dtype=chosen_dtype)
         self.settings = base
         # Validate now, before any loading: None means "auto".
-        self._requested: LoadStrategy | None = private_copy(
-            strategy_from(strategy if strategy is not None else base.strategy)
-        )
+        self._requested = private_copy(strategy_from(strategy if strategy is not None else base.strategy))
         # a strategy given by name takes settings.quantization; an instance is used as it is
         self._requested_by_name = not isinstance(strategy, LoadStrategy)
         self._device = parse_device(device)
         self._machine = Machine(base, self._device)  # the hardware as this Generator sees it
         self._guard = CallGuard()  # one call at a time; closed; a CUDA error that poisoned the context
-        self._placement: Placement | None = None  # from the load to close()
-        self._pending: list[Fallback] = []  # what loading had to change, reported with the next result
-        self._conversion: threading.Thread | None = None  # writing the converted copy (converted.py)
-        self._loras: tuple[Lora, ...] = ()  # what load_lora() asked for, fused into the loaded weights
-        self._controlnet: ControlNetSource | None = None  # settings.controlnet, found and checked (headers only)
+        self._placement = None  # from the load to close()
+        self._pending = []  # what loading had to change, reported with the next result
+        self._conversion = None  # writing the converted copy (converted.py)
+        self._loras = ()  # what load_lora() asked for, fused into the loaded weights
+        self._controlnet = None  # settings.controlnet, found and checked (headers only)
         self._speedups = SpeedupDriver(base.attention, base.compile, compile_cache_dir(base.cache_dir))
         if load:
             self.load()
@@ -267,158 +258,6 @@ class Generator:
                 placement.unsettled = True  # stopped while moving weights: put everything home
                 self._after_failure(exc)
                 raise
-
-    # -- LoRA --------------------------------------------------------------------------------------------
-
-    def load_lora(
-        self,
-        source: str | os.PathLike[str],
-        *,
-        scale: float = 1.0,
-        name: str | None = None,
-        weight_name: str | None = None,
-    ) -> str:
-        """Load a LoRA and fuse it into the weights at ``scale``; returns the name it goes by (``name``, else the
-        file's name without ``.safetensors``). Loads the model first if it is not loaded yet.
-
-        ``source``: a ``.safetensors`` file, a folder holding one (``weight_name`` picks among several), or a
-        Hugging Face / ModelScope repo id, looked up in the caches first and downloaded unless offline. Layouts:
-        diffusers'/peft's, kohya's and ComfyUI's (whatever diffusers reads for Z-Image), transformer and
-        text-encoder layers. Several LoRAs stack, each with its own scale. They stay through strategy switches
-        and out-of-memory fallbacks, and cost nothing per image: they are in the weights (see
-        :mod:`~zimage_turbo.adapters`). A file that cannot be used raises
-        :class:`~zimage_turbo.errors.LoraError` naming it, before any weight changes.
-
-            >>> gen.load_lora("styles/ink.safetensors", scale=0.8)  # doctest: +SKIP
-            'ink'
-        """
-        lora = read_lora_source(source, scale=scale, name=name, weight_name=weight_name, settings=self.settings)
-        self._change_loras(lambda loras: added(loras, lora), load=True)
-        return lora.name
-
-    def set_lora_scale(self, name: str, scale: float) -> None:
-        """Fuse the loaded LoRA ``name`` at ``scale`` instead (0 takes it out of the weights and keeps it
-        loaded). Changes only the layers it touches."""
-        checked = check_scale(scale)
-        self._change_loras(lambda loras: rescaled(loras, name, checked))
-
-    def unload_lora(self, name: str | None = None) -> None:
-        """Take the LoRA ``name`` (None: every LoRA) out of the weights. The layers it changed get their values
-        back from the model's files, so the images are again exactly those without it."""
-        self._change_loras(lambda loras: removed(loras, name))
-
-    @property
-    def loras(self) -> dict[str, float]:
-        """The loaded LoRAs, name -> scale, in the order they were loaded."""
-        return {lora.name: lora.scale for lora in self._loras}
-
-    def _change_loras(self, change: Callable[[tuple[Lora, ...]], tuple[Lora, ...]], *, load: bool = False) -> None:
-        """Apply ``change`` to the list of LoRAs (it raises for a bad one, before anything changes) and fuse
-        the result. If fusing fails half-way, the list before is fused again and the exception propagates."""
-        with self._guard.exclusive(), self._machine.current():
-            self._guard.check_open()
-            self._guard.check_device()
-            wanted = change(self._loras)
-            if self._placement is None and not load:
-                self._loras = wanted  # nothing is fused without a model
-                return
-            with self._guard.watching_device():
-                self._ensure_loaded()
-                placement = self._placement
-                assert placement is not None
-                for lora in wanted:
-                    check_fits(placement.pipe, lora.file)
-                try:
-                    placement.set_loras(wanted)
-                except BaseException as exc:
-                    self._restore_loras(placement, exc)
-                    raise
-            self._loras = wanted
-
-    def _restore_loras(self, placement: Placement, exc: BaseException) -> None:
-        if self._guard.note(exc):
-            return
-        try:
-            placement.set_loras(self._loras)
-        except Exception as problem:  # the first exception matters more
-            logger.error("could not restore the LoRAs after %s: %s", type(exc).__name__, problem)
-            placement.unsettled = True
-
-    # -- planning ----------------------------------------------------------------------------------------
-
-    def plan(
-        self,
-        *,
-        height: int = 1024,
-        width: int = 1024,
-        steps: int = DEFAULT_STEPS,
-        num_images: int = 1,
-        guidance_scale: float = 0.0,
-    ) -> Plan:
-        """How a request of this shape would be placed, without generating (and without loading weights:
-        sizes come from the safetensors headers)."""
-        request = GenerationRequest(
-            prompt="plan", height=height, width=width, steps=steps, num_images=num_images, guidance_scale=guidance_scale
-        )
-        with self._guard.exclusive():
-            self._guard.check_open()
-            profile = self._placement.profile if self._placement else self._profile_without_loading()
-            return self._plan(profile, request)
-
-    def _profile_without_loading(self) -> ModelProfile:
-        return self._read_model()[2]
-
-    def _read_model(self) -> tuple[ResolvedModel, torch.dtype, ModelProfile]:
-        """Resolve the model (its converted copy when there is a sound one) and read its sizes (headers only)
-        at the dtype it will run in here."""
-        model = resolve_model(self.settings)
-        machine = self._machine
-        device = machine.first_device(machine.detect())
-        dtype = machine.dtype_for(device)
-        if self.settings.converted_copy == "auto":
-            model = find_copy(model, dtype, self.settings) or model
-        machine.resolve_quantization(device)  # plan() shows the quantized rungs before loading too
-        self._requested = machine.quantized_variant(self._requested, by_name=self._requested_by_name)
-        return model, dtype, ModelProfile.from_layout(model.layout, dtype_bytes=dtype.itemsize)
-
-    def _plan(self, profile: ModelProfile, request: GenerationRequest | Workload) -> Plan:
-        held = self._placement.held_bytes() if self._placement is not None else {}
-        return self._machine.plan(profile, request, held)
-
-    # -- loading -----------------------------------------------------------------------------------------
-
-    def _ensure_loaded(self) -> float:
-        """Load if needed; return the seconds spent loading (0 when already loaded)."""
-        self._guard.check_open()
-        if self._placement is not None:
-            return 0.0
-        started = time.perf_counter()
-        model, dtype, profile = self._read_model()
-        machine = self._machine
-        hardware = machine.hardware
-        assert hardware is not None
-        machine.check_attention(machine.first_device(hardware))
-        first = machine.first_candidate(self._requested, profile, hardware)
-        placement, fallbacks = load_placement(
-            model,
-            dtype=dtype,
-            profile=profile,
-            first=first.strategy,
-            hardware=hardware,
-            progress=self.settings.progress,
-            detect=machine.detect,
-            seen=machine.seen,
-        )
-        self._placement = placement
-        self._pending += fallbacks
-        # Place the weights now, so that a loaded Generator is ready; if that runs out of memory, the first
-        # generation's ladder takes over.
-        self._pending += self._ladder(placement).place_first(first)
-        seconds = time.perf_counter() - started
-        logger.info("loaded in %.1f s", seconds)
-        if self.settings.converted_copy == "auto" and model.source != "converted" and worth_converting(model, dtype):
-            self._conversion = start_background_copy(model, dtype, self.settings)  # for the next load
-        return seconds
 
     # -- generation --------------------------------------------------------------------------------------
 
@@ -592,76 +431,6 @@ class Generator:
                 results.append(self._generate(request, load_seconds, call))
                 load_seconds = 0.0
         return results
-
-    def _find_controlnet(self, task: str) -> ControlNetSource:
-        """The ControlNet of the settings, found and checked against the model once (headers only: a ControlNet
-        that cannot be used is refused before any weight moves), and checked for ``task``."""
-        if self._requested is not None and not self._requested.places_controlnet:
-            raise ControlNetError(
-                f"strategy {self._requested.name!r} does not place a ControlNet; use 'auto' (which runs control "
-                "requests on one card) or a single-GPU strategy",
-                argument="strategy",
-            )
-        if self._controlnet is None:
-            model = self._placement.model if self._placement is not None else resolve_model(self.settings)
-            self._controlnet = find_controlnet(self.settings, model.layout.root)
-        self._controlnet.check_task(task)
-        return self._controlnet
-
-    # -- locking and faults ------------------------------------------------------------------------------
-
-    def _after_failure(self, exc: BaseException) -> None:
-        """An exception is leaving a call: a CUDA error that poisons the context marks this Generator unusable;
-        anything else leaves the placement as a fresh ``apply()`` would (see :meth:`Placement.reset_after_failure`)."""
-        if self._guard.note(exc):
-            logger.error("CUDA error; this Generator refuses further work: %s", self._guard.device_failure)
-            return
-        if self._placement is not None:
-            self._placement.reset_after_failure(exc)
-
-    # -- one request -------------------------------------------------------------------------------------
-
-    def _generate(self, request: GenerationRequest, load_seconds: float, call: Call) -> GenerationResult:
-        """One request through the ladder; on any exception, the Generator is left usable (or, after a CUDA
-        error that poisons the context, marked unusable) before the exception propagates unchanged."""
-        call.fallbacks, self._pending = self._pending, []
-        try:
-            started = time.perf_counter()
-            assert self._placement is not None
-            request, attempt = self._ladder(self._placement).climb(call, request)
-            work = attempt.timings.work
-            timings = replace(attempt.timings, load=load_seconds, recovery=time.perf_counter() - started - work)
-            return result_of(
-                call, request, attempt, timings, self._placement, self._speedups, self.settings.quantization
-            )
-        except BaseException as exc:
-            self._after_failure(exc)
-            raise
-
-    def _ladder(self, placement: Placement) -> Ladder:
-        return Ladder(
-            placement,
-            requested=self._requested,
-            plan_for=lambda work: self._plan(placement.profile, work),
-            run=self._run_rung,
-            allow_downscale=self.settings.allow_downscale,
-        )
-
-    def _run_rung(self, call: Call, request: GenerationRequest, rung: Candidate, progress: Progress) -> Attempt:
-        assert self._placement is not None
-        return run_task(call, request, rung, progress, self._placement, self._speedups, self._machine.gpu_devices())
-
-
-def _model_name(model: object) -> str:
-    try:
-        name = os.fspath(model)  # type: ignore[call-overload]
-    except TypeError:
-        raise InvalidSettingsError(
-            f"model must be a repo id or a folder (str or os.PathLike), got {type(model).__name__}"
-        ) from None
-    if not isinstance(name, str):
-        raise InvalidSettingsError(f"model must be text, got {type(name).__name__}")
-    return name
 
 
 def _progress(items: list[GenerationRequest], *, enabled: bool) -> Any:

@@ -8,12 +8,13 @@ memory estimate and its own place on the out-of-memory ladder:
 * :func:`encode_images` runs the VAE encoder on exactly the tensors the pipeline will hand it (made by the
   pipeline's own image and mask processors) and keeps what the encoder returns: the parameters of the latent
   distribution, a latent-sized tensor per input;
-* :func:`denoise_images` then calls the pipeline, built on the same loaded modules (:func:`task_pipeline`: no
-  copy, no reload), with the VAE's ``encode`` answering from those parameters. The pipeline samples the latent
-  distribution, scales, draws the noise, noises the latents, runs the schedule cut by ``strength`` and, for
-  inpainting, blends the kept area back after every step, exactly as it always does, with the same draws from the
-  same generators: the image is diffusers' own, bit for bit on a CPU (tests/test_tasks.py). An encoder input that
-  was not encoded here (none is expected) is encoded there, as diffusers would.
+* :func:`denoise_encoded` then calls the pipeline, built on the same loaded modules (:func:`task_pipeline`: no
+  copy, no reload), given :func:`image_arguments`, with the VAE's ``encode`` answering from those parameters. The
+  pipeline samples the latent distribution, scales, draws the noise, noises the latents, runs the schedule cut by
+  ``strength`` and, for inpainting, blends the kept area back after every step, exactly as it always does, with
+  the same draws from the same generators: the image is diffusers' own, bit for bit on a CPU
+  (tests/test_tasks.py). An encoder input that was not encoded here (none is expected) is encoded there, as
+  diffusers would.
 
 The parameters stay where the encoder made them; a retry on another rung moves them to where it computes.
 ControlNet requests run the same way through diffusers' ControlNet pipelines (:mod:`~zimage_turbo.control_phases`).
@@ -38,9 +39,10 @@ from .task_inputs import TaskInputs, TaskName
 
 __all__ = [
     "EncodedImages",
-    "denoise_images",
+    "denoise_encoded",
     "encode_images",
     "encoder_answering",
+    "image_arguments",
     "noise_generators",
     "task_pipeline",
 ]
@@ -117,13 +119,22 @@ def encode_images(pipe: Any, inputs: TaskInputs, height: int, width: int, device
     return EncodedImages(image, mask, encoded, vae.dtype)
 
 
-def denoise_images(
+def image_arguments(encoded: EncodedImages, strength: float) -> dict[str, Any]:
+    """What an image-to-image or inpainting pipeline is given besides the prompt and the shape: the inputs
+    :func:`encode_images` encoded, and ``strength``."""
+    arguments: dict[str, Any] = {"image": encoded.image, "strength": strength}
+    if encoded.mask is not None:
+        arguments["mask_image"] = encoded.mask
+    return arguments
+
+
+def denoise_encoded(
     pipe: Any,
     task: TaskName,
     encoded: EncodedImages,
     embeds: tuple[list[torch.Tensor], list[torch.Tensor]],
+    task_arguments: dict[str, Any],
     *,
-    strength: float,
     height: int,
     width: int,
     steps: int,
@@ -133,13 +144,11 @@ def denoise_images(
     on_step: Callable[[int, float, torch.Tensor], None] | None,
     device: torch.device,
 ) -> torch.Tensor:
-    """Latents of an image-to-image or inpainting request, denoised by ``task``'s diffusers pipeline from the
-    inputs :func:`encode_images` encoded (see the module's description)."""
+    """Latents of a request with input images, denoised by ``task``'s diffusers pipeline given ``task_arguments``
+    (:func:`image_arguments`, :func:`~zimage_turbo.control_phases.control_arguments`), its VAE's ``encode``
+    answering from what the ``encode_image`` phase kept in ``encoded`` (see the module's description)."""
     sibling = task_pipeline(pipe, task)
     pin_execution_device(sibling, device)  # as the placement pinned the base pipeline (see execution.py)
-    arguments: dict[str, Any] = {"image": encoded.image, "strength": strength}
-    if encoded.mask is not None:
-        arguments["mask_image"] = encoded.mask
     with encoder_answering(sibling.vae, encoded):
         return denoise(
             sibling,
@@ -153,7 +162,7 @@ def denoise_images(
             device=device,
             generator=generator,
             num_images=num_images,
-            **arguments,
+            **task_arguments,
         )
 
 

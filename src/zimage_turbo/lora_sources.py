@@ -1,9 +1,9 @@
 """Find the file a LoRA source names: a file, a folder holding one, or a Hugging Face / ModelScope repo.
 
-Repos are looked up like the model (:mod:`zimage_turbo.sources`): the hubs' caches first without touching the
-network, then, unless offline, a download of the safetensors files only (a LoRA repo often also holds sample
-images and pickles). A folder or repo with several safetensors files needs ``weight_name``, except when one of
-them is diffusers' default name.
+Repos are looked up like the model (:mod:`zimage_turbo.sources`), by :mod:`zimage_turbo.hub_snapshots`: the hubs'
+caches first without touching the network, then, unless offline, a download of the safetensors files only (a LoRA
+repo often also holds sample images and pickles). A folder or repo with several safetensors files needs
+``weight_name``, except when one of them is diffusers' default name.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LoraError, LoraNotFoundError, first_line
+from .errors import LoraError, LoraNotFoundError
+from .hub_snapshots import snapshot_from_hubs
 from .settings import ZImageSettings
-from .sources import REPO_ID, huggingface_cache_dir, is_offline, modelscope_cache_dir, modelscope_installed
+from .sources import REPO_ID
 
 __all__ = ["LoraSource", "resolve_lora"]
 
@@ -82,40 +83,18 @@ def _pick(folder: Path, weight_name: str | None, label: str) -> Path:
 def _from_hubs(repo_id: str, weight_name: str | None, settings: ZImageSettings) -> Path:
     """The repo's folder in a hub cache, else downloaded (safetensors only) unless offline."""
     hubs = ["huggingface", "modelscope"] if settings.source in ("auto", "local") else [settings.source]
-    if "modelscope" in hubs and not modelscope_installed():
-        hubs.remove("modelscope")
-    patterns = [weight_name] if weight_name else ["*.safetensors"]
-    tried = []
-    for local_only in (True, False):
-        if not local_only and is_offline(settings):
-            break
-        for hub in hubs:
-            try:
-                return _snapshot(hub, repo_id, settings, patterns, local_only)
-            except Exception as exc:  # each client has its own "not cached" / network errors
-                where = "cache" if local_only else "download"
-                tried.append(f"{hub} {where}: {type(exc).__name__}: {first_line(exc)}")
-                logger.debug("LoRA %s: %s", repo_id, tried[-1])
-    offline = " (offline: nothing was downloaded)" if is_offline(settings) else ""
-    raise LoraNotFoundError(f"LoRA repo {repo_id!r} was not found{offline}.\n  " + "\n  ".join(tried), path=repo_id)
+    return snapshot_from_hubs(
+        repo_id,
+        settings,
+        hubs=hubs,
+        patterns=[weight_name] if weight_name else ["*.safetensors"],
+        check=lambda folder: _check_has_safetensors(folder, repo_id),
+        label="LoRA",
+        not_found=lambda message: LoraNotFoundError(message, path=repo_id),
+        log=logger,
+    )
 
 
-def _snapshot(hub: str, repo_id: str, settings: ZImageSettings, patterns: list[str], local_only: bool) -> Path:
-    if hub == "modelscope":
-        from modelscope import snapshot_download as modelscope_download
-
-        cache, _ = modelscope_cache_dir(settings)
-        folder = modelscope_download(
-            repo_id, cache_dir=str(cache), local_files_only=local_only, allow_patterns=patterns
-        )
-    else:
-        from huggingface_hub import snapshot_download
-
-        cache, _ = huggingface_cache_dir(settings)
-        folder = snapshot_download(
-            repo_id, revision=None, cache_dir=cache, local_files_only=local_only, allow_patterns=patterns
-        )
-    path = Path(str(folder))
-    if not any(path.rglob("*.safetensors")):
+def _check_has_safetensors(folder: Path, repo_id: str) -> None:
+    if not any(folder.rglob("*.safetensors")):
         raise FileNotFoundError(f"no safetensors file in {repo_id}")
-    return path

@@ -37,20 +37,16 @@ import torch
 
 from .errors import DeviceFailedError, GeneratorClosedError, InvalidRequestError, InvalidSettingsError, first_line
 from .generator import Generator
-from .planner import HOST_RESERVE_BYTES, Candidate
+from .pool_replicas import make_replicas, replica_name, wanted_devices
 from .request import DEFAULT_STEPS, GenerationRequest, one_spelling, requests_for
 from .result import GenerationResult
 from .settings import ZImageSettings
-from .strategies import MultiGPUDispatch, strategy_from
+from .strategies import strategy_from
 from .task_inputs import DEFAULT_CONTROL_SCALE, ImageInput, task_inputs
 
 __all__ = ["GeneratorPool", "Outcome", "PromptFailure"]
 
 logger = logging.getLogger(__name__)
-
-# "all" spreads one model over every card rather than making a replica per card unless the replicas together
-# are predicted this much faster: near a tie, one model needs no host RAM for streaming and answers sooner.
-SPLIT_MARGIN = 1.1
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,16 +117,7 @@ class GeneratorPool:
                 f"one Generator(strategy={name!r})"
             )
         self._strategy = name
-        if isinstance(devices, str):
-            if devices != "all":
-                raise InvalidRequestError(f"devices must be 'all' or a list like ['cuda:0', 'cuda:1'], got {devices!r}")
-            self._wanted: list[torch.device] | None = None
-        elif not isinstance(devices, collections.abc.Sequence):
-            raise InvalidRequestError(f"devices must be 'all' or a list like ['cuda:0', 'cuda:1'], got {devices!r}")
-        else:
-            self._wanted = [_device(d) for d in devices]
-            if not self._wanted:
-                raise InvalidRequestError("devices is empty: give at least one device, or 'all'")
+        self._wanted = wanted_devices(devices)  # None: "all"
         self._lock = threading.Lock()
         self._replicas: list[Generator] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -154,78 +141,17 @@ class GeneratorPool:
     def devices(self) -> tuple[str, ...]:
         """Each replica's device, e.g. ``("cuda:0", "cuda:1")``; ``"default"`` for a replica not restricted to
         one device."""
-        return tuple(_name(replica) for replica in self.replicas)
+        return tuple(replica_name(replica) for replica in self.replicas)
 
     def _resolve(self) -> list[Generator]:
         if self._closed:
             raise GeneratorClosedError("this GeneratorPool was closed; create a new one")
         if self._replicas is None:
-            self._replicas = self._make_replicas()
+            self._replicas = make_replicas(self._replica, self._strategy, self._wanted)
         return self._replicas
 
     def _replica(self, device: torch.device | None) -> Generator:
         return Generator(settings=self.settings, strategy=self._strategy, device=device)
-
-    def _make_replicas(self) -> list[Generator]:
-        if self._wanted is not None:
-            return [self._replica(device) for device in self._wanted]
-        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
-            logger.info("no CUDA GPU: one replica on the default device")
-            return [self._replica(None)]
-        chosen, refused = self._replicas_per_card()
-        for line in refused:
-            logger.info("no replica on %s", line)
-        if self._strategy != "auto":
-            if chosen:
-                return [replica for replica, _ in chosen]
-            logger.warning("%s fits on no single GPU (%s); one replica over every GPU", self._strategy, refused)
-            return [self._replica(None)]
-        per_card = sum(1 / best.seconds for _, best in chosen)
-        whole = self._replica(None)
-        best = whole.plan().best if torch.cuda.device_count() > 1 else None
-        # One model over every card, when it is about as fast as the replicas together: it needs no host RAM for
-        # streamed weights, and each image comes sooner.
-        if best is not None and isinstance(best.strategy, MultiGPUDispatch) and per_card < SPLIT_MARGIN / best.seconds:
-            logger.info(
-                "one replica over every GPU (%s, %.2f images/s predicted) rather than one per card (%.2f)",
-                best.name,
-                1 / best.seconds,
-                per_card,
-            )
-            return [whole]
-        if not chosen:
-            logger.warning("no single GPU can run the model (%s); one replica over every GPU", "; ".join(refused))
-            return [whole]
-        return [replica for replica, _ in chosen]
-
-    def _replicas_per_card(self) -> tuple[list[tuple[Generator, Candidate]], list[str]]:
-        """A replica for every card that can run the model alone (fastest first), as long as host RAM holds
-        what they stream from it; and why each other card has none."""
-        options: list[tuple[Generator, Candidate]] = []
-        refused: list[str] = []
-        host_available = 0
-        for index in range(torch.cuda.device_count()):
-            replica = self._replica(torch.device("cuda", index))
-            ranked = replica.plan()
-            host_available = ranked.hardware.host_available_bytes
-            fitting = [c for c in ranked.fitting if self._strategy in ("auto", c.strategy.name)]
-            if fitting:
-                options.append((replica, fitting[0]))
-            else:
-                refused.append(f"cuda:{index}: {'nothing' if self._strategy == 'auto' else self._strategy} fits")
-        options.sort(key=lambda option: option[1].seconds)
-        host_left = host_available - HOST_RESERVE_BYTES
-        chosen = []
-        for replica, best in options:
-            if best.estimate.host_bytes and best.estimate.host_bytes > host_left:
-                refused.append(
-                    f"{_name(replica)}: {best.name} would pin {best.estimate.host_bytes / 2**30:.1f} GiB of host RAM, "
-                    f"{max(host_left, 0) / 2**30:.1f} GiB left after the other replicas"
-                )
-                continue
-            host_left -= best.estimate.host_bytes
-            chosen.append((replica, best))
-        return chosen, refused
 
     def load(self) -> GeneratorPool:
         """Load every replica now (otherwise the first generation does). Returns self."""
@@ -244,7 +170,7 @@ class GeneratorPool:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=len(replicas), thread_name_prefix="zimage-turbo-replica"
             )
-            logger.info("pool of %d replica(s): %s", len(replicas), ", ".join(_name(r) for r in replicas))
+            logger.info("pool of %d replica(s): %s", len(replicas), ", ".join(replica_name(r) for r in replicas))
         return self._executor
 
     def close(self) -> None:
@@ -274,7 +200,7 @@ class GeneratorPool:
             wanted = "all" if self._wanted is None else [str(d) for d in self._wanted]
             return f"GeneratorPool(devices={wanted!r}, not resolved)"
         loaded = "loaded" if self._executor is not None else "not loaded"
-        return f"GeneratorPool(devices={[_name(r) for r in self._replicas]!r}, {loaded})"
+        return f"GeneratorPool(devices={[replica_name(r) for r in self._replicas]!r}, {loaded})"
 
     # -- LoRA --------------------------------------------------------------------------------------------
 
@@ -327,7 +253,7 @@ class GeneratorPool:
                 try:
                     undo(replica)
                 except Exception as problem:  # the first error matters more
-                    logger.error("could not undo a LoRA change on %s: %s", _name(replica), problem)
+                    logger.error("could not undo a LoRA change on %s: %s", replica_name(replica), problem)
             raise
 
     # -- generation --------------------------------------------------------------------------------------
@@ -431,7 +357,7 @@ class GeneratorPool:
     @property
     def retired(self) -> tuple[str, ...]:
         """Devices of the replicas retired after a CUDA error other than out-of-memory."""
-        return tuple(_name(replica) for replica in self._retired)
+        return tuple(replica_name(replica) for replica in self._retired)
 
     def _run(self, index: int, request: GenerationRequest) -> Outcome:
         broken = 0  # replicas this request was running on when their GPU failed
@@ -458,12 +384,12 @@ class GeneratorPool:
             except Exception as exc:
                 if replica.device_failure is None:  # the prompt's own failure: the replica goes on
                     self._idle.put(replica)
-                    logger.warning("prompt %d failed on %s: %s", index, _name(replica), first_line(exc))
-                    return PromptFailure(index, request.prompt, exc, _name(replica))
+                    logger.warning("prompt %d failed on %s: %s", index, replica_name(replica), first_line(exc))
+                    return PromptFailure(index, request.prompt, exc, replica_name(replica))
                 self._retire(replica)
                 broken += 1
                 if broken > 1:  # a second card broke on it: the prompt, not the card, is the likely cause
-                    return PromptFailure(index, request.prompt, exc, _name(replica))
+                    return PromptFailure(index, request.prompt, exc, replica_name(replica))
                 continue
             self._idle.put(replica)
             return result
@@ -486,7 +412,7 @@ class GeneratorPool:
             self._retired.append(replica)
         logger.error(
             "retiring the replica on %s after a CUDA error (%s); the other %d replica(s) take its prompts",
-            _name(replica),
+            replica_name(replica),
             replica.device_failure,
             self._healthy,
         )
@@ -517,15 +443,3 @@ def _outcome(future: concurrent.futures.Future[Outcome], index: int) -> Outcome:
     except concurrent.futures.CancelledError:
         # only close() cancels a prompt that someone still waits for
         raise GeneratorClosedError(f"the pool was closed before prompt {index} started") from None
-
-
-def _device(value: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError):
-        raise InvalidRequestError(f"not a device: {value!r} (use e.g. 'cuda:0' or 'cpu')") from None
-    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
-
-
-def _name(replica: Generator) -> str:
-    return str(replica.device) if replica.device is not None else "default"

@@ -263,6 +263,19 @@ def dtype_name(value: Any) -> Any:
     return name
 
 
+def model_name(model: object) -> str:
+    """The ``model`` argument (a repo id or a folder, ``str`` or ``os.PathLike``) as the ``model`` setting's text."""
+    try:
+        name = os.fspath(model)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidSettingsError(
+            f"model must be a repo id or a folder (str or os.PathLike), got {type(model).__name__}"
+        ) from None
+    if not isinstance(name, str):
+        raise InvalidSettingsError(f"model must be text, got {type(name).__name__}")
+    return name
+
+
 def _describe_validation_error(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():

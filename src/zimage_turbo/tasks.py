@@ -20,12 +20,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .control_phases import denoise_control, encode_control
+from .control_phases import control_arguments, encode_control
 from .errors import NumericalError, first_line
 from .execution import on_device
 from .failures import is_out_of_memory
 from .hardware import host_peak_rss_bytes
-from .image_phases import denoise_images, encode_images, noise_generators
+from .image_phases import denoise_encoded, encode_images, image_arguments, noise_generators
 from .phases import (
     MAX_SEQUENCE_LENGTH,
     PhaseClock,
@@ -287,16 +287,13 @@ class _Run:
             "on_step": step_hook(call, request, self.rung),
             "device": self.device,
         }
-        inputs = request.inputs
+        inputs, encoded = request.inputs, progress.images
+        if inputs.control is not None:
+            arguments = control_arguments(encoded, inputs.control_scale)
+        else:
+            arguments = image_arguments(encoded, inputs.strength)
         with on_device(self.device):
-            if inputs.control is not None:
-                scale = inputs.control_scale
-                return denoise_control(
-                    self.pipe, request.task, progress.images, progress.embeds, control_scale=scale, **shared
-                )
-            return denoise_images(
-                self.pipe, request.task, progress.images, progress.embeds, strength=inputs.strength, **shared
-            )
+            return denoise_encoded(self.pipe, request.task, encoded, progress.embeds, arguments, **shared)
 
     def _noise(self) -> torch.Tensor | None:
         """The initial noise drawn from the caller's generator(s), once per request: a retry reuses it (a
