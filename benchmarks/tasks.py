@@ -26,7 +26,7 @@ which group offloading then hooks twice), and the other tasks keep their placeme
     python benchmarks/tasks.py --checkpoint /tmp/tiny --out /tmp/tasks.json --device cpu --size 256x256 --images 1
 
 ``--resume`` keeps the cases already in ``--out`` (the JSON is rewritten after every case), so a run cut short
-by a time limit continues where it stopped.
+by a time limit continues where it stopped; a case none of whose tasks made an image runs again.
 """
 
 from __future__ import annotations
@@ -335,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.resume and args.out.is_file():
         report = json.loads(args.out.read_text(encoding="utf-8"))
-    done = {(r["side"], r["budget"]) for r in report["rows"]}
+    # a case counts as done once one of its tasks made an image; one where every task failed (a crash, a time
+    # limit, a placement that could not be made) runs again, its old rows replaced
+    done = {(r["side"], r["budget"]) for r in report["rows"] if r["status"] == "ok"}
+    report["rows"] = [r for r in report["rows"] if (r["side"], r["budget"]) in done]
     reference_dir = args.out.with_name(args.out.stem + "-references")
     reference_dir.mkdir(parents=True, exist_ok=True)
     budgets = args.budgets if args.device == "cuda" else ["unlimited"]

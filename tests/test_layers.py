@@ -51,6 +51,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "layout",
         "sources",
         "activation_model",
+        "hub_reach",
         "hub_snapshots",
         "profile",
         "checkpoints",

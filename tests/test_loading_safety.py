@@ -414,6 +414,7 @@ def _free_space(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
     monkeypatch.setattr(sources_module.shutil, "disk_usage", lambda _: usage(2**50, 2**50 - free, free))
 
 
+@pytest.mark.usefixtures("hubs_resolve")
 def test_a_download_that_does_not_fit_is_refused_before_any_byte(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_hubs: list[str]
 ) -> None:
@@ -428,6 +429,7 @@ def test_a_download_that_does_not_fit_is_refused_before_any_byte(
     assert offline_hubs == []  # neither client started a download: not Hugging Face's, not ModelScope's
 
 
+@pytest.mark.usefixtures("hubs_resolve")
 def test_files_already_in_the_cache_are_not_counted(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_hubs: list[str]
 ) -> None:
@@ -463,6 +465,7 @@ def test_modelscope_partial_files_count_as_resumable(tiny_checkpoint: Path, tmp_
     assert bytes_to_fetch(listing, present) == vae.size - 1000 + te.size
 
 
+@pytest.mark.usefixtures("hubs_resolve")
 def test_without_the_file_list_the_download_goes_ahead_and_fails_clearly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_hubs: list[str]
 ) -> None:
@@ -478,6 +481,7 @@ def test_without_the_file_list_the_download_goes_ahead_and_fails_clearly(
     assert offline_hubs == ["huggingface", "modelscope"]  # the check was skipped, the clients tried
 
 
+@pytest.mark.usefixtures("hubs_resolve")
 def test_an_unreachable_hub_fails_once_not_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_hubs: list[str]
 ) -> None:

@@ -160,6 +160,7 @@ def test_a_cached_snapshot_whose_blob_was_deleted_is_incomplete(tiny_checkpoint:
     assert "broken link" in str(caught.value)
 
 
+@pytest.mark.usefixtures("hubs_resolve")
 def test_a_cached_snapshot_whose_blob_was_deleted_is_downloaded_again(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -239,3 +240,49 @@ def test_modelscope_without_its_extra(monkeypatch: pytest.MonkeyPatch, tmp_path:
     with pytest.raises(ModelNotFoundError, match=r"ModelScope: not tried.*zimage-turbo\[modelscope\]") as missing:
         resolve_model(ZImageSettings(model=REPO, offline=True, cache_dir=tmp_path / "empty"))
     assert len(missing.value.searched) == 2
+
+
+def _no_name_service(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Name lookups fail as on a machine without a network; returns the hosts asked for."""
+    import socket
+
+    asked: list[str] = []
+
+    def fail(host: str, *args: object, **kwargs: object) -> object:
+        asked.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", fail)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    return asked
+
+
+def test_a_hub_whose_name_does_not_resolve_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a name service the clients would retry (ModelScope's for about 20 s) before failing the same way."""
+    from zimage_turbo.hub_reach import unreachable
+
+    asked = _no_name_service(monkeypatch)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"Hugging Face: cannot resolve huggingface\.co") as caught:
+        resolve_model(ZImageSettings(cache_dir=tmp_path / "cache"))
+    assert time.monotonic() - started < 5 and "huggingface.co" in asked
+    assert "no network" in str(caught.value)
+    # a proxy resolves names itself: then the client is asked, as before
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert unreachable("huggingface") == ""
+
+
+def test_the_host_checked_is_the_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zimage_turbo.hub_reach import hub_host, unreachable
+
+    asked = _no_name_service(monkeypatch)
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example:8080/")
+    monkeypatch.delenv("MODELSCOPE_ENDPOINT", raising=False)
+    monkeypatch.setenv("MODELSCOPE_DOMAIN", "www.example.cn")  # older clients' variable: a bare host
+    assert (hub_host("huggingface"), hub_host("modelscope")) == ("mirror.example", "www.example.cn")
+    assert "cannot resolve mirror.example" in unreachable("huggingface")
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "https://hub.example.org")  # wins over MODELSCOPE_DOMAIN
+    assert hub_host("modelscope") == "hub.example.org" and "hub.example.org" in unreachable("modelscope")
+    assert asked == ["mirror.example", "hub.example.org"]

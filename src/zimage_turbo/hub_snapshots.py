@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import first_line
+from .hub_reach import unreachable
 from .settings import ZImageSettings
 from .sources import huggingface_cache_dir, is_offline, modelscope_cache_dir, modelscope_installed
 
@@ -45,6 +46,9 @@ def snapshot_from_hubs(
             break
         for hub in hubs:
             try:
+                reason = "" if local_only else unreachable(hub)
+                if reason:  # fail now rather than after the client's retries
+                    raise ConnectionError(reason)
                 folder = _snapshot(hub, repo_id, settings, patterns, local_only)
                 check(folder)
                 return folder

@@ -44,6 +44,7 @@ from .errors import (
     NotEnoughDiskSpaceError,
     first_line,
 )
+from .hub_reach import unreachable
 from .layout import PipelineLayout, check_pipeline_dir
 from .settings import ZImageSettings
 
@@ -257,6 +258,10 @@ def _download(name: str, hubs: list[str], settings: ZImageSettings, *, skipped: 
     last: Exception | None = None
     for hub in hubs:
         cache, _ = _CACHE_DIRS[hub](settings)
+        reason = unreachable(hub)
+        if reason:  # fail now rather than after the client's retries
+            failures.append(f"{_HUB_TITLES[hub]}: {reason}")
+            continue
         logger.info("downloading %s from %s into %s", name, _HUB_TITLES[hub], cache)
         try:
             _check_room(hub, name, settings.revision, cache)
