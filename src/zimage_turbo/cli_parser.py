@@ -215,7 +215,12 @@ def _add_model_options(command: argparse.ArgumentParser) -> None:
     )
     speed = command.add_argument_group("speed (docs/speed.md)")
     speed.add_argument("--attention", choices=get_args(AttentionName), default=None, help="attention kernel")
-    speed.add_argument("--compile", choices=get_args(CompileMode), default=None, help="torch.compile the blocks")
+    speed.add_argument(
+        "--compile",
+        choices=get_args(CompileMode),
+        default=None,
+        help="torch.compile: auto (each part once it pays), on (the blocks now), all (every part now), off",
+    )
     speed.add_argument(
         "--quantization", choices=get_args(QuantizationSetting), default=None, help="fp8/int8 transformer (lossy)"
     )
