@@ -142,7 +142,7 @@ def worker(case: str, checkpoint: str, cache_dir: str, size: int, profile: bool 
 
 def _watch() -> tuple[Any, list[str]]:
     """Start a profiler of this thread (the imports, the load and the images: the reading threads show as waits)
-    and keep the library's log lines (INFO and up), each with the seconds since the process started."""
+    and keep the library's log lines (debug and up), each with the seconds since the process started."""
     import cProfile
     import logging
 
@@ -153,7 +153,7 @@ def _watch() -> tuple[Any, list[str]]:
             log.append(f"{since_start():7.2f} {record.name}: {record.getMessage()}")
 
     library = logging.getLogger("zimage_turbo")
-    library.setLevel(logging.INFO)
+    library.setLevel(logging.DEBUG)  # the loader says at debug what building and filling each component took
     library.addHandler(Keep())
     profiler = cProfile.Profile()
     profiler.enable()
