@@ -27,6 +27,8 @@ which group offloading then hooks twice), and the other tasks keep their placeme
 
 ``--resume`` keeps the cases already in ``--out`` (the JSON is rewritten after every case), so a run cut short
 by a time limit continues where it stopped; a case none of whose tasks made an image runs again.
+``--attention native`` runs ours on the attention kernel diffusers uses (PyTorch's choice), to compare like with
+like (``auto``, the default, is what users get); write it to another ``--out``.
 """
 
 from __future__ import annotations
@@ -112,7 +114,12 @@ def _ours(spec: dict[str, Any]) -> tuple[Any, Any]:
     cache = tempfile.mkdtemp(prefix="zimage-turbo-tasks-cache-")  # no compile times carried between cases
     controlnet = spec["checkpoint"] if set(spec["tasks"]) & set(CONTROL_TASKS) else None
     settings = ZImageSettings(
-        model=spec["checkpoint"], source="local", progress=False, cache_dir=cache, controlnet=controlnet
+        model=spec["checkpoint"],
+        source="local",
+        progress=False,
+        cache_dir=cache,
+        controlnet=controlnet,
+        attention=spec.get("attention", "auto"),
     )
     gen = Generator(settings=settings, strategy="auto").load()
     results: dict[str, Any] = {}
@@ -316,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: only to try the script")
     parser.add_argument("--resume", action="store_true", help="keep the cases already in --out")
     parser.add_argument("--case-timeout-s", type=float, default=300)
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        help="ours' attention setting (native: the kernel PyTorch picks, as diffusers runs; auto: the fastest timed)",
+    )
     args = parser.parse_args(argv)
     if args.worker is not None:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
@@ -330,7 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "tasks",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": os.environ.get("ZT_GIT_COMMIT", "unknown"),
-        "settings": {"size": args.size, "steps": args.steps, "images": args.images, "prompt": PROMPT},
+        "settings": {
+            "size": args.size,
+            "steps": args.steps,
+            "images": args.images,
+            "prompt": PROMPT,
+            "attention": args.attention,
+        },
         "rows": [],
     }
     if args.resume and args.out.is_file():
@@ -358,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             "images": args.images,
             "device": args.device,
             "reference_dir": str(reference_dir),
+            "attention": args.attention,
         }
         started = time.perf_counter()
         rows = _run(spec, args.case_timeout_s)
