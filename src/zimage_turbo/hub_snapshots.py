@@ -44,16 +44,17 @@ def snapshot_from_hubs(
     for local_only in (True, False):
         if not local_only and is_offline(settings):
             break
+        where = "cache" if local_only else "download"
         for hub in hubs:
+            reason = "" if local_only else unreachable(hub)
+            if reason:  # fail now rather than after the client's retries
+                tried.append(f"{hub} {where}: {reason}")
+                continue
             try:
-                reason = "" if local_only else unreachable(hub)
-                if reason:  # fail now rather than after the client's retries
-                    raise ConnectionError(reason)
                 folder = _snapshot(hub, repo_id, settings, patterns, local_only)
                 check(folder)
                 return folder
             except Exception as exc:  # each client has its own "not cached" / network errors
-                where = "cache" if local_only else "download"
                 tried.append(f"{hub} {where}: {type(exc).__name__}: {first_line(exc)}")
                 log.debug("%s %s: %s", label, repo_id, tried[-1])
     offline = " (offline: nothing was downloaded)" if is_offline(settings) else ""
