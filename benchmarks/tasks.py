@@ -8,7 +8,7 @@ image, then ``--images`` timed ones (the median is reported), the same seeds, in
 * ours: ``Generator(strategy="auto")``, ``generate(prompt, image=..., [mask_image=...], strength=...)``;
 * diffusers: ``ZImageImg2ImgPipeline.from_pretrained(dtype=bfloat16)`` with ``.to("cuda")`` when there is no cap,
   else block-level group offloading with a prefetching stream and the VAE resident (diffusers' fastest offload,
-  as the bench harness runs it); ``ZImageInpaintPipeline.from_pipe`` of it for inpainting.
+  as the bench harness runs it); ``ZImageInpaintPipeline`` built on its modules for inpainting.
 
 The input is a 1024x1024 picture made here (gradients and noise), the mask a centred square; ``strength`` is each
 pipeline's default (0.6 for image-to-image: 5 of 8 passes; 1.0 for inpainting: 8 passes). Every image is compared
@@ -17,7 +17,7 @@ with diffusers' image at no cap (``difference``: max and mean absolute differenc
 When the checkpoint holds a ControlNet (``make-checkpoint full DIR --controlnet``), the ControlNet tasks run too
 (``control``: ``ZImageControlNetPipeline``; ``control_inpaint``: ``ZImageControlNetInpaintPipeline``), with a
 control image of lines (an edge map's kind) at diffusers' default scale, 0.75. diffusers' side builds its ControlNet
-pipeline from the same modules (``from_pipe``) and places it as a user would (``.to("cuda")``, or group
+pipeline from the same modules (its constructor) and places it as a user would (``.to("cuda")``, or group
 offloading the ControlNet after the other modules); a failure there is recorded as the ControlNet tasks' error
 (diffusers 0.42 refuses: the ControlNet pipeline registers the transformer's embedders inside the ControlNet,
 which group offloading then hooks twice), and the other tasks keep their placement.
@@ -157,17 +157,17 @@ def _diffusers(spec: dict[str, Any]) -> tuple[Any, Any]:
     dtype = torch.bfloat16 if device.type == "cuda" else None
     pipe = ZImageImg2ImgPipeline.from_pretrained(spec["checkpoint"], dtype=dtype)
     mode = f"to_{device.type}" if spec["budget"] == "unlimited" or device.type != "cuda" else "group_offload"
-    # from_pipe casts the modules it shares (the image-to-image pipeline's too) to its dtype argument, float32 when
-    # none is given: always pass the pipeline's own
-    same = {"dtype": pipe.dtype}
-    pipes = {"image_to_image": pipe, "inpaint": ZImageInpaintPipeline.from_pipe(pipe, **same)}
+    # built on the same modules, as they are: from_pipe casts the modules it shares to its dtype argument, and that
+    # casts the text encoder's rotary inv_freq, which from_pretrained keeps in float32, to bf16 too (prompt
+    # embeddings, and so the image, then differ from what a user's from_pretrained pipeline makes)
+    pipes = {"image_to_image": pipe, "inpaint": ZImageInpaintPipeline(**pipe.components)}
     controlnet_pipe = None
     if set(spec["tasks"]) & set(CONTROL_TASKS):  # the same modules and a ControlNet
         from diffusers import ZImageControlNetInpaintPipeline, ZImageControlNetModel, ZImageControlNetPipeline
 
         controlnet = ZImageControlNetModel.from_pretrained(Path(spec["checkpoint"]) / "controlnet", dtype=dtype)
-        controlnet_pipe = pipes["control"] = ZImageControlNetPipeline.from_pipe(pipe, controlnet=controlnet, **same)
-        pipes["control_inpaint"] = ZImageControlNetInpaintPipeline.from_pipe(controlnet_pipe, **same)
+        controlnet_pipe = pipes["control"] = ZImageControlNetPipeline(**pipe.components, controlnet=controlnet)
+        pipes["control_inpaint"] = ZImageControlNetInpaintPipeline(**controlnet_pipe.components)
     unplaced: dict[str, str] = {}  # task -> why diffusers could not place its pipeline
     if mode != "group_offload":
         (controlnet_pipe or pipe).to(device)  # the ControlNet pipeline holds every module of the others

@@ -58,8 +58,10 @@ def _diffusers(path: Path, controlnet_folder: Path, dtype: torch.dtype) -> dict[
 
     controlnet = ZImageControlNetModel.from_pretrained(controlnet_folder, dtype=dtype)
     pipe = ZImageControlNetPipeline.from_pretrained(path, controlnet=controlnet, dtype=dtype).to("cuda")
-    # the dtype again: without one, from_pipe casts the modules it shares with `pipe` to float32
-    pipes = {"control": pipe, "control_inpaint": ZImageControlNetInpaintPipeline.from_pipe(pipe, dtype=dtype)}
+    # built on the same modules, as they are: from_pipe casts the modules it shares to its dtype argument, and that
+    # casts the text encoder's rotary inv_freq, which from_pretrained keeps in float32, to bf16 too (prompt
+    # embeddings, and so the image, then differ from what a user's from_pretrained pipeline makes)
+    pipes = {"control": pipe, "control_inpaint": ZImageControlNetInpaintPipeline(**pipe.components)}
     for each in pipes.values():
         each.set_progress_bar_config(disable=True)
     return pipes

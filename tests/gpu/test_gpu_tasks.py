@@ -41,9 +41,10 @@ def _diffusers(path: Path, dtype: torch.dtype) -> dict[str, Any]:
     from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline
 
     pipe = ZImageImg2ImgPipeline.from_pretrained(path, dtype=dtype).to("cuda")
-    # from_pipe casts the modules it shares to its own dtype argument, float32 when none is given: that would
-    # turn the image-to-image pipeline's modules to float32 too
-    pipes = {"image_to_image": pipe, "inpaint": ZImageInpaintPipeline.from_pipe(pipe, dtype=dtype)}
+    # built on the same modules, as they are: from_pipe casts the modules it shares to its dtype argument, and that
+    # casts the text encoder's rotary inv_freq, which from_pretrained keeps in float32, to bf16 too (prompt
+    # embeddings, and so the image, then differ from what a user's from_pretrained pipeline makes)
+    pipes = {"image_to_image": pipe, "inpaint": ZImageInpaintPipeline(**pipe.components)}
     for each in pipes.values():
         each.set_progress_bar_config(disable=True)
     return pipes
