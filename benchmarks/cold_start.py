@@ -66,8 +66,9 @@ def worker(case: str, checkpoint: str, cache_dir: str, size: int, profile: bool 
     if case == "diffusers_compiled":
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(kernels)
     else:
-        # the library keeps its kernels in the cache folder unless this is set (the H200 machine's image sets it:
-        # ours then wrote elsewhere and every round was reported cold); a user's process normally has none
+        # the library keeps its kernels in its cache folder unless someone chose another; a user's process has
+        # none set. (Until 2026-11-29 the library took torch's own default, which importing torch._dynamo sets,
+        # for a choice and wrote there: ours' warm rounds were then reported cold.)
         os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
     warm = kernels.is_dir() and any(path.is_file() for path in kernels.rglob("*"))
 

@@ -5,6 +5,7 @@ that while the cache is there."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,23 @@ def test_the_kernel_cache_is_where_inductor_is_told_to_write(tmp_path: Path, mon
     assert compiling.kernel_cache_dir(tmp_path / "other") == tmp_path / "inductor"  # the process's, once set
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert compiling.kernel_cache_dir(tmp_path) == tmp_path / "mine"
+
+
+def test_torchs_own_default_is_not_a_choice_and_the_library_folder_replaces_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # what importing torch._dynamo leaves in the environment (loading the model imports it), and a Triton folder
+    # derived from it by a compile earlier in the process
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(Path(default_cache_dir()) / "triton" / "0"))
+    assert compiling.kernel_cache_dir(tmp_path) == tmp_path / "inductor"
+    compiling.use_compile_cache(compiling.kernel_cache_dir(tmp_path))
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == tmp_path / "inductor"
+    assert "TRITON_CACHE_DIR" not in os.environ  # Inductor derives it from the folder above again
+    # a Triton folder someone chose stays
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-mine"))
+    compiling.use_compile_cache(compiling.kernel_cache_dir(tmp_path))
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton-mine")

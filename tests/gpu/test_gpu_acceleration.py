@@ -74,7 +74,15 @@ def test_each_exact_kernel_gives_the_default_image(full_checkpoint: Path, refere
     assert _psnr(image, reference) > 40
 
 
-def test_compiled_parts_give_the_eager_image(full_checkpoint: Path, reference: np.ndarray, tmp_path: Path) -> None:
+def test_compiled_parts_give_the_eager_image(
+    full_checkpoint: Path, reference: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    # as in a user's process: importing torch._dynamo has set the variable to torch's own default folder
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    cache_dir()
     settings = ZImageSettings(progress=False, attention="native", compile="all", cache_dir=tmp_path)
     with Generator(model=full_checkpoint, strategy="full_gpu", settings=settings) as generator:
         first = generator.generate(PROMPT, height=SIZE, width=SIZE, seed=3)
@@ -94,6 +102,10 @@ def test_compiled_parts_give_the_eager_image(full_checkpoint: Path, reference: n
     records = json.loads(next(tmp_path.rglob("zimage-turbo-compile-times.json")).read_text())
     print("compile seconds:", records)
     assert len(records) == 3 and all(value > 0 for value in records.values())
+    # and the kernels are in the library's cache folder, for the next process (not in torch's temporary default)
+    kernels = tmp_path / "torch-compile" / "inductor"
+    print("kernel cache:", sorted(entry.name for entry in kernels.iterdir()))
+    assert any(path.is_file() for path in (kernels / "triton").rglob("*"))
 
 
 def test_fp8_changes_the_image_a_little_and_switching_back_restores_bf16(

@@ -263,17 +263,39 @@ def compiled_parts(pipe: Any) -> tuple[str, ...]:
 
 
 def use_compile_cache(cache_dir: Path) -> None:
-    """Inductor's caches go to ``cache_dir`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set already, so that a later
-    process compiling the same graphs reuses the generated kernels instead of generating them again."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    """Inductor's caches go to ``cache_dir`` unless someone chose another folder (:func:`_chosen_kernel_cache`),
+    so that a later process compiling the same graphs reuses the generated kernels instead of generating them
+    again."""
+    if _chosen_kernel_cache() is not None:
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch_default = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    triton = os.environ.get("TRITON_CACHE_DIR")
+    if torch_default and triton and Path(triton).is_relative_to(torch_default):
+        # derived from torch's default by an earlier compile in this process: Inductor derives it again
+        del os.environ["TRITON_CACHE_DIR"]
 
 
 def kernel_cache_dir(cache_dir: Path) -> Path:
-    """Inductor's cache: ``TORCHINDUCTOR_CACHE_DIR`` when set, else ``inductor`` in ``cache_dir`` (the folder of
-    :func:`compile_cache_dir`, where :func:`use_compile_cache` points Inductor before each compile)."""
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir / "inductor")
+    """Inductor's cache: the folder chosen in ``TORCHINDUCTOR_CACHE_DIR``, else ``inductor`` in ``cache_dir`` (the
+    folder of :func:`compile_cache_dir`, where :func:`use_compile_cache` points Inductor before each compile)."""
+    return _chosen_kernel_cache() or cache_dir / "inductor"
+
+
+def _chosen_kernel_cache() -> Path | None:
+    """``TORCHINDUCTOR_CACHE_DIR`` when it names a folder of someone's choosing. PyTorch sets the variable to its
+    own default (a folder under the system's temporary directory, often emptied at a reboot) the first time it
+    asks for the cache, and importing ``torch._dynamo`` asks (loading the model imports it): that value is not a
+    choice, and the library's folder replaces it. Before this, every compile went to that default folder."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not chosen:
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another PyTorch layout: take the variable as set
+        return Path(chosen)
+    return None if os.path.abspath(chosen) == os.path.abspath(default_cache_dir()) else Path(chosen)
 
 
 def _holds_files(folder: Path) -> bool:
