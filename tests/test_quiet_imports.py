@@ -44,3 +44,32 @@ def test_a_tiny_generation_prints_none_of_the_import_noise(tiny_checkpoint: Path
     assert not [line for line in done.stderr.splitlines() if any(noise in line for noise in NOISE)], done.stderr
     assert "the program's own message" in done.stderr  # levels put back: nothing hidden for good
     assert done.stdout.strip() == "[0, 0]"
+
+
+def test_the_libraries_imports_scan_the_installed_distributions_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffusers and transformers each ask importlib.metadata.packages_distributions() while imported (1.6 s each
+    on the H200 machine's environment): inside the window the first answer serves both."""
+    import importlib.metadata
+
+    from zimage_turbo.quiet_imports import quiet_imports
+
+    scans: list[int] = []
+
+    def scan() -> dict[str, list[str]]:
+        scans.append(1)
+        return {"PIL": ["pillow"], "yaml": ["PyYAML"]}
+
+    monkeypatch.setattr(importlib.metadata, "packages_distributions", scan)
+    with quiet_imports():
+        kept = importlib.metadata.packages_distributions  # as a module that imports the name would
+        first = importlib.metadata.packages_distributions()
+        first["PIL"].append("changed by its caller")
+        with quiet_imports():  # nested: the same window
+            second = importlib.metadata.packages_distributions()
+    assert scans == [1] and second == {"PIL": ["pillow"], "yaml": ["PyYAML"]}
+    assert importlib.metadata.packages_distributions is scan  # put back
+    assert kept() == {"PIL": ["pillow"], "yaml": ["PyYAML"]} and len(scans) == 2  # past the window: a scan again
+    with quiet_imports():
+        importlib.metadata.packages_distributions()
+        importlib.metadata.packages_distributions()
+    assert len(scans) == 3  # a later window scans again, once
