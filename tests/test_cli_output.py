@@ -118,7 +118,16 @@ def test_generate_json(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.Cap
     assert all(Path(p).is_file() for p in answer["paths"])
     assert answer["seeds"] == [5, 6] and (answer["width"], answer["height"], answer["steps"]) == (256, 256, 1)
     assert answer["strategy"] == "cpu" and answer["device"] == "cpu"
-    assert set(answer["timings"]) == {"load", "encode", "encode_image", "denoise", "decode", "recovery", "total"}
+    assert set(answer["timings"]) == {
+        "load",
+        "prepare",
+        "encode",
+        "encode_image",
+        "denoise",
+        "decode",
+        "recovery",
+        "total",
+    }
     assert answer["timings"]["total"] > 0
     assert answer["timings"]["encode_image"] == 0 and answer["task"] == "text_to_image"  # no input image
     assert answer["fallbacks"] == [] and answer["warnings"] == []

@@ -153,8 +153,8 @@ class GeneratorCore:
             started = time.perf_counter()
             assert self._placement is not None
             request, attempt = self._ladder(self._placement).climb(call, request)
-            work = attempt.timings.work
-            timings = replace(attempt.timings, load=load_seconds, recovery=time.perf_counter() - started - work)
+            spent = attempt.timings.work + attempt.timings.prepare
+            timings = replace(attempt.timings, load=load_seconds, recovery=time.perf_counter() - started - spent)
             return result_of(
                 call, request, attempt, timings, self._placement, self._speedups, self.settings.quantization
             )

@@ -87,7 +87,10 @@ class Timings:
 
     ``load`` is non-zero only for the call that loaded the model; ``recovery`` is time spent on attempts that
     ran out of memory and on moving weights between strategies. ``encode_image`` is the VAE encoder's pass over
-    the input images of image-to-image and inpainting (0 for text-to-image).
+    the input images of image-to-image and inpainting (0 for text-to-image). ``prepare`` is what the call did
+    before its first phase: choosing the attention kernel for a new shape (timed once per GPU model and shape)
+    and setting up compilation where it starts to pay (the compiling itself happens in the phase that first runs
+    the compiled part).
     """
 
     load: float = 0.0
@@ -96,6 +99,7 @@ class Timings:
     decode: float = 0.0
     recovery: float = 0.0
     encode_image: float = 0.0
+    prepare: float = 0.0
 
     @property
     def work(self) -> float:
@@ -104,12 +108,13 @@ class Timings:
 
     @property
     def total(self) -> float:
-        return self.load + self.work + self.recovery
+        return self.load + self.prepare + self.work + self.recovery
 
     def to_dict(self) -> dict[str, float]:
         """Every phase's seconds and the total, as manifests and ``--json`` record them."""
         return {
             "load": self.load,
+            "prepare": self.prepare,
             "encode": self.encode,
             "encode_image": self.encode_image,
             "denoise": self.denoise,

@@ -14,6 +14,7 @@ Everything one call needs on its way down travels in a :class:`Call`, never as a
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -174,6 +175,7 @@ class _Run:
         assert active is not None
         self.device = self.placement.execution_device()
         # the attention kernel for this shape, and what is compiled when that pays off (see speedups/)
+        preparing = time.perf_counter()
         self.speedups.prepare(
             self.pipe,
             self.device,
@@ -183,6 +185,7 @@ class _Run:
             active.quantize,
             self.placement.placements,
         )
+        prepared = time.perf_counter() - preparing
         # Phase boundaries are marked without waiting for the GPU (a wait between phases would leave it idle
         # while the next phase is being prepared); the marks are read once, when the images are out.
         clock = PhaseClock(self.devices)
@@ -204,7 +207,7 @@ class _Run:
                 "black. float16 does this on GPUs without bf16: use dtype='float32' or 'bfloat16'."
             )
         measured = dict(zip(phases, clock.durations(), strict=True))
-        timings = Timings(**measured)
+        timings = Timings(**measured, prepare=prepared)
         if self.rung.vae_tiling:
             self.ran.discard("decode")  # a tiled decode (or encode) is not the workload the planner predicted
             self.ran.discard("encode_image")
