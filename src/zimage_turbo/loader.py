@@ -31,6 +31,7 @@ from .layout import WEIGHTED_COMPONENTS, PipelineLayout
 from .process_state import default_dtype, exclusive
 from .progress import library_progress_bars
 from .quiet_imports import quiet_imports
+from .readahead import start_readahead
 from .settings import DtypeName
 from .weights import TensorEntry, fill_module, read_safetensors_header
 
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 # Where a component's weights go when the pipeline is loaded: a device, "homes" (pinned host homes, plain
 # host tensors without CUDA) or "cpu" (plain host tensors).
 Target = str | torch.device
+
+# The order the components are read in (the largest first: the others arrive while it is being placed).
+_FILL_ORDER = ("transformer", "text_encoder", "vae")
 
 
 def resolve_dtype(name: DtypeName, device: torch.device, hardware: Hardware) -> torch.dtype:
@@ -70,17 +74,19 @@ def load_pipeline(
 ) -> Any:
     """Build a ``ZImagePipeline`` from a complete folder (see :func:`~zimage_turbo.layout.check_pipeline_dir`),
     each weighted component's weights placed at ``targets[name]`` (default ``"homes"``)."""
+    root = layout.root
+    entries = {name: _entries(layout, name) for name in WEIGHTED_COMPONENTS}
+    # the disk reads the files (if not in memory yet) while the libraries are imported
+    start_readahead([path for name in _FILL_ORDER for path in layout.weight_paths(name)])
     with quiet_imports():
         from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
         from transformers import Qwen2Tokenizer
 
-    root = layout.root
-    entries = {name: _entries(layout, name) for name in WEIGHTED_COMPONENTS}
     total = sum(entry.nbytes for listed in entries.values() for entry in listed)
     modules: dict[str, Any] = {}
     try:
         with library_progress_bars(enabled=progress), _bytes_bar(total, enabled=progress) as advance:
-            for name in ("transformer", "text_encoder", "vae"):
+            for name in _FILL_ORDER:
                 started = time.perf_counter()
                 module = _empty_module(layout, name, dtype)
                 built = time.perf_counter()
