@@ -60,6 +60,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "weights": (
         "host",
+        "readahead",
         "weights",
         "loader",
         "converted",
