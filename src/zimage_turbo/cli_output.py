@@ -82,11 +82,11 @@ def report(result: Any, written: list[Path]) -> None:
         f"on {result.device} ({result.dtype})"
     )
     load = f"load {timings.load:.1f} s, " if timings.load else ""
-    load += f"prepare {timings.prepare:.2f} s, " if timings.prepare >= 0.05 else ""  # a new shape's kernel timed
+    prepare = f"prepare {timings.prepare:.2f} s, " if timings.prepare >= 0.05 else ""  # a new shape's kernel timed
     image = f"encode image {timings.encode_image:.2f} s, " if result.input_sizes else ""
     print(
-        f"  {timings.total:.2f} s: {load}encode {timings.encode:.2f} s, {image}denoise {timings.denoise:.2f} s, "
-        f"decode {timings.decode:.2f} s"
+        f"  {timings.total:.2f} s: {load}{prepare}encode {timings.encode:.2f} s, {image}"
+        f"denoise {timings.denoise:.2f} s, decode {timings.decode:.2f} s"
     )
     if result.control_scale is not None:
         task = result.task.replace("_", "-")
