@@ -85,9 +85,8 @@ def _packages_distributions_once() -> Mapping[str, list[str]]:
     """``packages_distributions()``, scanned once in a window; a copy for each caller, who may change theirs."""
     with _lock:
         scan = _scan
-        if scan is None:  # a reference kept past the window: answer as the function in place now does
-            current = importlib.metadata.packages_distributions
-            scan = _ORIGINAL_SCAN if current is _packages_distributions_once else current
+        if scan is None:  # a reference kept past the window: answer as the function put back does
+            scan = importlib.metadata.packages_distributions
             first = None
         else:
             if not _scanned:
@@ -96,6 +95,3 @@ def _packages_distributions_once() -> Mapping[str, list[str]]:
     if first is None:
         return scan()
     return {name: list(distributions) for name, distributions in first.items()}
-
-
-_ORIGINAL_SCAN = importlib.metadata.packages_distributions
