@@ -222,6 +222,10 @@ def _sweep(spec: Spec) -> dict[str, Any]:
     sizes: list[dict[str, Any]] = []
     for width, height in spec.sweep_sizes:
         results: list[Any] = []
+        if spec.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()  # each size's peak its own, not the largest size's so far
 
         def once(seed: int, width: int = width, height: int = height, results: list[Any] = results) -> Any:
             result = gen.generate(PROMPT, width=width, height=height, steps=spec.steps, seed=seed)
@@ -238,6 +242,7 @@ def _sweep(spec: Spec) -> dict[str, Any]:
         measured.pop("_first_image", None)
         last = results[-1]
         measured.update(width=width, height=height, strategy=last.strategy, vae_tiling=last.vae_tiling)
+        measured["fallbacks"] = [str(step) for result in results for step in result.fallbacks]
         measured["timings"] = vars(last.timings)
         if profile is not None:
             from zimage_turbo.profile import Workload
