@@ -46,6 +46,8 @@ _CHILD = textwrap.dedent(
     strategy = spec["strategy"]
     if isinstance(strategy, list):
         strategy = PartialOffload(transformer_blocks=strategy[0], text_encoder_blocks=strategy[1])
+    elif isinstance(strategy, dict):
+        strategy = PartialOffload(**strategy)
     settings = {"progress": False, "attention": "native", "compile": "off", "cache_dir": spec["cache"]}
     settings.update(spec["settings"])
     gen = Generator(model=spec["model"], strategy=strategy, settings=ZImageSettings(**settings))
@@ -88,7 +90,7 @@ def run(
     out: Path,
     *,
     cap: float | None,
-    strategy: str | list[int] = "partial",
+    strategy: str | list[int] | dict[str, int] = "partial",
     images: int = 1,
     **settings: str,
 ) -> tuple[dict[str, Any], np.ndarray]:
@@ -134,6 +136,19 @@ def test_partial_under_a_cap_gives_the_full_gpu_image(
     assert not row["vae_tiling"] and close(image, reference), (np.abs(image - reference).max(), _psnr(image, reference))
     assert row["speeds"] is not None and row["speeds"]["source"] in ("measured", "cached")
     print(f"partial @ {cap} GiB: resident {transformer} + {text_encoder} blocks, first image {row['seconds'][0]:.2f} s")
+
+
+@pytest.mark.parametrize("cap", [8, 6])
+def test_partial_with_copies_further_ahead_stays_within_the_cap_and_gives_the_full_gpu_image(
+    full_checkpoint: Path, cache: Path, reference: np.ndarray, tmp_path: Path, cap: int
+) -> None:
+    """``lookahead=2``: the host runs one streamed block ahead, diffusers tracks the blocks' use across streams
+    (``record_stream``) and our pacing hook bounds what is in flight; the planner counts one more block."""
+    row, image = run(full_checkpoint, cache, tmp_path / "image.npy", cap=cap, strategy={"lookahead": 2}, images=3)
+    assert row["strategy"] == "partial" and row["fallbacks"] == [], row
+    assert row["reserved_gib"] <= cap
+    assert close(image, reference), (np.abs(image - reference).max(), _psnr(image, reference))
+    print(f"partial lookahead 2 @ {cap} GiB: {row['label']}, work per image {[round(s, 3) for s in row['seconds']]}")
 
 
 def test_auto_picks_partial_on_an_8_gib_card(
