@@ -4,19 +4,26 @@ diffusers can run attention through several kernels (PyTorch's SDPA with its def
 or memory-efficient kernels, or the FlashAttention packages when installed). Which is fastest depends on the
 GPU and the PyTorch build, so ``"auto"`` measures: it times each available kernel on this model's attention
 shape (a few milliseconds, once per GPU model and shape), checks that each gives the same output as the
-default within bf16 rounding, and uses the fastest.
+default within bf16 rounding, and uses the fastest. The choice is remembered in the cache folder, keyed by
+everything it depends on (GPU model, PyTorch, cuDNN and diffusers versions, the kernel packages installed,
+dtype and shape), so a later process skips the measuring (with the kernels' first use, 0.23 s of a first image
+on the H200).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
+import json
 import logging
 import math
+import os
 import statistics
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,20 +113,36 @@ _choices: dict[tuple[Any, ...], str] = {}
 _choices_lock = threading.Lock()
 
 
-def choose_attention(device: torch.device, dtype: torch.dtype, shape: AttentionShape) -> tuple[str, dict[str, float]]:
+# The file in the cache folder that remembers each choice (see choose_attention).
+_CHOICES_FILE = "zimage-turbo-attention-kernels.json"
+
+
+def choose_attention(
+    device: torch.device, dtype: torch.dtype, shape: AttentionShape, cache_dir: Path | None = None
+) -> tuple[str, dict[str, float]]:
     """The fastest exact kernel for ``shape`` on ``device``, and the seconds each took (inf: unavailable or
-    not matching). Measured once per GPU model, dtype and shape in a process; off CUDA it is ``"native"``."""
+    not matching; empty when the choice was not measured now). Measured once per GPU model, dtype and shape in
+    a process, and with ``cache_dir`` once on this machine: a choice remembered there is used while the kernel
+    can still run here. Off CUDA it is ``"native"``."""
     if device.type != "cuda":
         return "native", {}
     key = (torch.cuda.get_device_name(device), torch.__version__, dtype, shape)
     with _choices_lock:
         if key in _choices:
             return _choices[key], {}
+        remembered_key = _remembered_key(device, dtype, shape)
+        remembered = _remembered(cache_dir).get(remembered_key) if cache_dir is not None else None
+        if remembered in _AUTOMATIC_KERNELS and not attention_available(remembered, device):
+            _choices[key] = remembered
+            logger.info("attention kernel: %s (measured by an earlier run on this machine)", remembered)
+            return remembered, {}
         seconds = measure_attention(device, dtype, shape, _AUTOMATIC_KERNELS)
         best = min(seconds, key=lambda name: seconds[name])
         if not math.isfinite(seconds[best]):
             best = "native"
         _choices[key] = best
+        if cache_dir is not None:
+            _remember(cache_dir, remembered_key, best)
     logger.info(
         "attention kernel: %s (%s)",
         best,
@@ -168,6 +191,45 @@ def measure_attention(
                 logger.info("attention kernel %s unavailable here: %s", name, str(exc).splitlines()[0][:200])
                 results[name] = math.inf
     return results
+
+
+def _remembered_key(device: torch.device, dtype: torch.dtype, shape: AttentionShape) -> str:
+    """What a measured choice depends on: the GPU model, the libraries that hold the kernels, dtype and shape."""
+    packages = sorted(name for name in _KERNEL_PACKAGES.values() if importlib.util.find_spec(name) is not None)
+    try:
+        diffusers_version = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        diffusers_version = "?"
+    return " / ".join(
+        [
+            torch.cuda.get_device_name(device),
+            f"torch {torch.__version__}",
+            f"cudnn {torch.backends.cudnn.version()}",  # type: ignore[no-untyped-call]
+            f"diffusers {diffusers_version}",
+            "+".join(packages) or "no kernel packages",
+            str(dtype).removeprefix("torch."),
+            f"{shape.batch}x{shape.tokens}x{shape.heads}x{shape.head_dim}",
+        ]
+    )
+
+
+def _remembered(cache_dir: Path) -> dict[str, str]:
+    try:
+        data = json.loads((cache_dir / _CHOICES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, unreadable or damaged: measure again (and write it anew)
+        return {}
+    return {str(k): v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+
+
+def _remember(cache_dir: Path, key: str, name: str) -> None:
+    choices = {**_remembered(cache_dir), key: name}
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        temporary = cache_dir / f"{_CHOICES_FILE}.{os.getpid()}.tmp"
+        temporary.write_text(json.dumps(choices, indent=1, sort_keys=True), encoding="utf-8")
+        temporary.replace(cache_dir / _CHOICES_FILE)  # whole or not at all, also with other processes writing
+    except OSError as exc:  # a read-only cache folder must not stop a generation
+        logger.debug("could not remember the attention kernel: %s", exc)
 
 
 @contextlib.contextmanager

@@ -182,7 +182,7 @@ class SpeedupDriver:
         if self._attention_for == wanted:
             return
         if self.attention_setting == "auto":
-            name, _ = choose_attention(device, dtype, shape)
+            name, _ = choose_attention(device, dtype, shape, self.cache_dir)
         else:
             name = self.attention_setting
             reason = attention_available(name, device)
