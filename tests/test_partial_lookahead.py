@@ -100,6 +100,7 @@ def test_lookahead_is_checked_and_carried_through_sizing_and_halving() -> None:
             PartialOffload(lookahead=bad)  # type: ignore[arg-type]
     strategy = PartialOffload(transformer_blocks=12, text_encoder_blocks=4, lookahead=3)
     assert "lookahead=3" in repr(strategy) and "lookahead" not in repr(PartialOffload())
+    assert strategy.label == "partial(12,4)+lookahead3" and PartialOffload(quantize="fp8").label == "partial+fp8"
     halved = strategy.smaller("denoise")
     assert isinstance(halved, PartialOffload) and halved.lookahead == 3 and halved.transformer_blocks == 6
 

@@ -113,9 +113,11 @@ class PartialOffload(Quantizable):
 
     @property
     def label(self) -> str:
-        """``partial(20,4)``: 20 transformer blocks and 4 text-encoder blocks resident (``partial`` until sized)."""
+        """``partial(20,4)``: 20 transformer blocks and 4 text-encoder blocks resident (``partial`` until sized);
+        ``+fp8`` when quantized, ``+lookahead2`` with copies further ahead than the default."""
         counts = "" if self.residency is None else f"({self.transformer_blocks},{self.text_encoder_blocks})"
-        return f"{self.name}{counts}" + (f"+{self.quantize}" if self.quantize else "")
+        ahead = f"+lookahead{self.lookahead}" if self.lookahead != 1 else ""
+        return f"{self.name}{counts}" + (f"+{self.quantize}" if self.quantize else "") + ahead
 
     def __repr__(self) -> str:
         fields = [f"device={str(self.device)!r}"] if self.device is not None else []
