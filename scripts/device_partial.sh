@@ -14,8 +14,8 @@
 #                                     # the last call's JSON carried in the tree), usually twice in all.
 #   scripts/device_partial.sh speeds  # `zimage-turbo hardware` (measures and shows this GPU's speeds), a few seconds
 #   scripts/device_partial.sh lookahead  # partial with lookahead 1 and 2 at 12/8/6/4 GiB on the same weights
-#                                     # (scripts/partial_lookahead.py -> $OUT/partial_lookahead.json), then the GPU
-#                                     # tests of lookahead 2 at 8 and 6 GiB against full_gpu's image (about 5 minutes)
+#                                     # (scripts/partial_lookahead.py, each traced -> $OUT/partial_lookahead.json), the GPU
+#                                     # tests of lookahead 2 at 8 and 6 GiB against full_gpu's image (about 6 minutes)
 #
 # Building the checkpoint takes about 40 s the first time on a machine (/tmp/full is kept while it stays warm).
 set -uo pipefail
@@ -54,7 +54,8 @@ speeds)
     python3 -m zimage_turbo hardware
     ;;
 lookahead)
-    timeout 200 python3 scripts/partial_lookahead.py --checkpoint /tmp/full --caps 12 8 6 4 --images 3 --out "$out" \
+    timeout 240 python3 scripts/partial_lookahead.py --checkpoint /tmp/full --caps 12 8 6 4 --images 3 --trace \
+        --out "$out" \
         2>&1 | grep -v Warning | tail -12
     ZIMAGE_TEST_FULL_CHECKPOINT=/tmp/full timeout 300 python3 -m pytest -q -s -m gpu -p no:cacheprovider \
         tests/gpu/test_gpu_partial.py -k copies_further_ahead 2>&1 | tee "$out/gpu-tests-lookahead.log" \

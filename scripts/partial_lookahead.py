@@ -7,7 +7,7 @@ host waits for each streamed block's compute. ``PartialOffload(lookahead=2)`` le
 bus is free (the host up to one streamed block ahead of the GPU). This measures both, each sized by the planner
 for the cap (``Generator.switch``), with the GPU peaks and the largest pixel difference between the two images.
 
-    python3 scripts/partial_lookahead.py --checkpoint /tmp/full --caps 12 8 6 4 --out "$OUT"
+    python3 scripts/partial_lookahead.py --checkpoint /tmp/full --caps 12 8 6 4 --out "$OUT" [--trace]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,20 @@ def _timed(gen: Generator, images: int, size: int) -> dict[str, Any]:
     }
 
 
+def _traced(gen: Generator, size: int) -> dict[str, Any]:
+    """Where one image's time went: the bus, the compute, both, neither (trace_partial.summarize)."""
+    from torch.profiler import ProfilerActivity, profile
+    from trace_partial import summarize  # beside this script
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        gen.generate(PROMPT, width=size, height=size, steps=8, seed=1)
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        return summarize(json.loads(path.read_text(encoding="utf-8")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
@@ -62,6 +77,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--trace", action="store_true", help="also trace one image of each (scripts/trace_partial.py)")
     args = parser.parse_args()
     gen: Generator | None = None
     rows: list[dict[str, Any]] = []
@@ -81,6 +97,8 @@ def main() -> None:
             row.update(_timed(gen, args.images, args.size))
             images[lookahead] = row.pop("_image")
             row["max_diff_vs_first"] = int(np.abs(images[lookahead] - images[args.lookaheads[0]]).max())
+            if args.trace and torch.cuda.is_available():
+                row["trace"] = _traced(gen, args.size)
             rows.append(row)
             print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
