@@ -34,6 +34,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "image_metadata",
         "result",
         "hardware",
+        "json_files",
         "calibration",
         "process_state",
         "quiet_imports",

@@ -15,11 +15,9 @@ the planner then uses the H200's figures. A damaged cache file is measured again
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import re
 import statistics
 import threading
@@ -32,6 +30,7 @@ from typing import Any
 import torch
 
 from .hardware import DeviceSpeeds, GPUInfo, Hardware
+from .json_files import replace_json
 from .settings import library_cache_dir
 
 __all__ = [
@@ -135,15 +134,7 @@ def write_speeds(path: Path, entries: Mapping[str, DeviceSpeeds]) -> None:
         "about": "zimage-turbo's measured GPU speeds (zimage_turbo.calibration); delete to measure again",
         "speeds": {key: {k: v for k, v in s.to_dict().items() if k != "source"} for key, s in entries.items()},
     }
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
-    except OSError as exc:
-        logger.debug("could not keep the measured GPU speeds in %s: %s", path, exc)
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
+    replace_json(path, data, what="the measured GPU speeds")
 
 
 def speeds_for(key: str, path: Path, measure: Callable[[], DeviceSpeeds]) -> DeviceSpeeds:

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import statistics
 import threading
 from collections.abc import Iterator, Mapping
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import StrategyUnavailableError
+from ..json_files import replace_json
 from ..quiet_imports import quiet_imports
 
 __all__ = [
@@ -223,13 +223,7 @@ def _remembered(cache_dir: Path) -> dict[str, str]:
 
 def _remember(cache_dir: Path, key: str, name: str) -> None:
     choices = {**_remembered(cache_dir), key: name}
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        temporary = cache_dir / f"{_CHOICES_FILE}.{os.getpid()}.tmp"
-        temporary.write_text(json.dumps(choices, indent=1, sort_keys=True), encoding="utf-8")
-        temporary.replace(cache_dir / _CHOICES_FILE)  # whole or not at all, also with other processes writing
-    except OSError as exc:  # a read-only cache folder must not stop a generation
-        logger.debug("could not remember the attention kernel: %s", exc)
+    replace_json(cache_dir / _CHOICES_FILE, choices, what="the attention kernel chosen")
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import torch
 
 from ..failures import guard_compiled
 from ..flat_quantized import compilable_flat_linears, compile_flat_linears, uncompile_flat_linears
+from ..json_files import replace_json
 from ..settings import CompileMode, library_cache_dir
 
 __all__ = [
@@ -375,13 +376,7 @@ class CompileAdvisor:
         self.expected_compile_s = max(seconds, 0.0)
         records = self._recorded()
         records[self.device_key + (_WARM if self.cache_warm else "")] = round(self.expected_compile_s, 2)
-        try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            temporary = self.cache_dir / (_RECORD_FILE + f".{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(records, indent=1, sort_keys=True))
-            temporary.replace(self.cache_dir / _RECORD_FILE)
-        except OSError as exc:  # a read-only home folder must not stop a generation
-            logger.debug("could not record the compile time: %s", exc)
+        replace_json(self.cache_dir / _RECORD_FILE, records, what="the compile time")
 
     def _recorded(self) -> dict[str, float]:
         try:
