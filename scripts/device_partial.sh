@@ -13,9 +13,13 @@
 #                                     # JSON in /tmp while the machine stays warm, else from BENCH_RESUME, a copy of
 #                                     # the last call's JSON carried in the tree), usually twice in all.
 #   scripts/device_partial.sh speeds  # `zimage-turbo hardware` (measures and shows this GPU's speeds), a few seconds
-#   scripts/device_partial.sh lookahead  # partial with lookahead 1 and 2 at 12/8/6/4 GiB on the same weights
+#   scripts/device_partial.sh lookahead  # partial with lookahead 1 and 2 (the default) at 12/8/6/4 GiB, same weights
 #                                     # (scripts/partial_lookahead.py, each traced -> $OUT/partial_lookahead.json), the GPU
-#                                     # tests of lookahead 2 at 8 and 6 GiB against full_gpu's image (about 6 minutes)
+#                                     # tests of lookahead 1 at 8 and 3 at 6 GiB against full_gpu's image (about 6 minutes)
+#   scripts/device_partial.sh compiled   # partial at 12 GiB with the resident blocks compiled, lookahead 2 then 1 in one
+#                                     # process with attention="native" as the bench uses (the script measured 1.24 s
+#                                     # with attention "auto"), then the bench harness's fresh-process case (1.48 s
+#                                     # at the first try) -> $OUT/partial_lookahead.json, $OUT/bench-compile.json
 #
 # Building the checkpoint takes about 40 s the first time on a machine (/tmp/full is kept while it stays warm).
 set -uo pipefail
@@ -58,11 +62,18 @@ lookahead)
         --out "$out" \
         2>&1 | grep -v Warning | tail -12
     ZIMAGE_TEST_FULL_CHECKPOINT=/tmp/full timeout 300 python3 -m pytest -q -s -m gpu -p no:cacheprovider \
-        tests/gpu/test_gpu_partial.py -k copies_further_ahead 2>&1 | tee "$out/gpu-tests-lookahead.log" \
+        tests/gpu/test_gpu_partial.py -k another_lookahead 2>&1 | tee "$out/gpu-tests-lookahead.log" \
         | grep -v "^$" | tail -20
     ;;
+compiled)
+    timeout 220 python3 scripts/partial_lookahead.py --checkpoint /tmp/full --caps 12 --lookaheads 2 1 --images 3 \
+        --compile --attention native --out "$out" 2>&1 | grep -v Warning | tail -4
+    timeout 200 python3 -m zimage_turbo bench --checkpoint /tmp/full --out "$out/bench-compile.json" \
+        --docs "$out/bench-compile.md" --budgets 12 --strategies partial --diffusers-modes --images 3 \
+        --forced partial@12:compile=on 2>&1 | tail -6
+    ;;
 *)
-    echo "usage: scripts/device_partial.sh tests|bench|speeds|lookahead" >&2
+    echo "usage: scripts/device_partial.sh tests|bench|speeds|lookahead|compiled" >&2
     exit 2
     ;;
 esac

@@ -1,4 +1,4 @@
-"""``partial`` with lookahead 1 (today's default) and 2, on the same weights under each simulated cap, one process.
+"""``partial`` with lookahead 1 (group offloading as it is) and 2 (the default) on the same weights, per cap.
 
 On the GPU machine (issue 21). The trace of partial(13,0) at 8 GiB (scripts/trace_partial.py,
 benchmarks/results/trace-partial-8gib-h200-2026-11-29.json) showed the bus idle for 0.33 s of a 1.7 s image:
@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--trace", action="store_true", help="also trace one image of each (scripts/trace_partial.py)")
+    parser.add_argument("--compile", action="store_true", help="compile the resident blocks (compile='on')")
+    parser.add_argument("--attention", default="auto", help="the attention setting (the bench harness uses native)")
     args = parser.parse_args()
     gen: Generator | None = None
     rows: list[dict[str, Any]] = []
@@ -89,7 +91,13 @@ def main() -> None:
         for lookahead in args.lookaheads:
             strategy = PartialOffload(lookahead=lookahead)
             if gen is None:
-                settings = ZImageSettings(model=args.checkpoint, source="local", progress=False)
+                settings = ZImageSettings(
+                    model=args.checkpoint,
+                    source="local",
+                    progress=False,
+                    compile="on" if args.compile else "off",
+                    attention=args.attention,
+                )
                 gen = Generator(settings=settings, strategy=strategy).load()
             else:
                 gen.switch(strategy)

@@ -143,7 +143,7 @@ def test_a_cpu_run_of_the_tiny_checkpoint_writes_every_case(tiny_checkpoint: Pat
     assert set(rows) == set(partial["missing"]) and report["missing"] == []
     ours, theirs = rows["ours:auto@unlimited"], rows["diffusers:to_cuda@unlimited"]
     assert ours["status"] == theirs["status"] == "ok"
-    assert ours["strategy"] == "cpu" and ours["fallbacks"] == [] and len(ours["all_s"]) == 1
+    assert ours["strategy"] == ours["placement"] == "cpu" and ours["fallbacks"] == [] and len(ours["all_s"]) == 1
     # The same image from both sides of the comparison (the reference is our first image).
     assert ours["difference"]["reference"] and theirs["difference"]["max_abs"] == 0
     assert Image.open(out.with_name("bench-reference.png")).size == (256, 256)

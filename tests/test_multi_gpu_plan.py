@@ -266,9 +266,12 @@ def check_streamed(placed: Assignment, caps: dict[int, int], work: Workload) -> 
 
 def test_two_8_gib_cards_split_the_transformer_and_stream_the_text_encoder() -> None:
     ranked = plan(PROFILE, machine(8, 8))
-    best = ranked.best
-    assert best is not None and best.strategy.name == "multi_gpu_hybrid"
+    best = next(c for c in ranked.fitting if c.strategy.name == "multi_gpu_hybrid")
     assert isinstance(best.strategy, MultiGPUHybrid)
+    # One card's `partial` (lookahead 2) is predicted a little faster and ranks first: measured on the H200,
+    # 1.50 s at 8 GiB against 1.53 s for multi_gpu_hybrid on two H200s capped at 8 GiB.
+    assert ranked.best is not None and ranked.best.strategy.name == "partial"
+    assert ranked.best.seconds < best.seconds < 1.05 * ranked.best.seconds
     work = best.strategy.workload  # the planner's workload, with the tiled decode it chose
     placed = best.strategy.assignment(PROFILE, machine(8, 8), work)
     assert placed is not None and set(placed.transformer_blocks) == {0, 1}

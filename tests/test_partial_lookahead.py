@@ -17,8 +17,10 @@ import torch
 from zimage_turbo import FullGPU, GPUInfo, Hardware, ModelProfile, PartialOffload, Workload
 from zimage_turbo.errors import InvalidSettingsError
 from zimage_turbo.hardware import GIB
-from zimage_turbo.planner import candidate_for
-from zimage_turbo.strategies.partial import MAX_LOOKAHEAD
+from zimage_turbo.ladder import Ladder
+from zimage_turbo.planner import candidate_for, plan
+from zimage_turbo.strategies.base import LoadStrategy
+from zimage_turbo.strategies.partial import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
 from zimage_turbo.strategies.partial_streaming import Pacer, install_pacing
 from zimage_turbo.strategies.residency import Residency, _Split, partial_weights, streamed_blocks
 from zimage_turbo.strategies.streaming import BLOCK_OVERHEAD_S, unstream
@@ -82,7 +84,7 @@ def _card(gib: float) -> Hardware:
 @pytest.mark.parametrize(("gib", "faster"), [(6, True), (8, True), (12, False)])
 def test_the_planner_sizes_a_lookahead_placement_within_the_card_and_predicts_it_faster(gib: int, faster: bool) -> None:
     work = Workload()
-    one = candidate_for(PartialOffload(), PROFILE, _card(gib), work, reserve_bytes=GIB // 2)
+    one = candidate_for(PartialOffload(lookahead=1), PROFILE, _card(gib), work, reserve_bytes=GIB // 2)
     two = candidate_for(PartialOffload(lookahead=2), PROFILE, _card(gib), work, reserve_bytes=GIB // 2)
     assert isinstance(two.strategy, PartialOffload) and two.strategy.lookahead == 2
     assert one.strategy.residency is not None and two.strategy.residency is not None
@@ -103,6 +105,35 @@ def test_lookahead_is_checked_and_carried_through_sizing_and_halving() -> None:
     assert strategy.label == "partial(12,4)+lookahead3" and PartialOffload(quantize="fp8").label == "partial+fp8"
     halved = strategy.smaller("denoise")
     assert isinstance(halved, PartialOffload) and halved.lookahead == 3 and halved.transformer_blocks == 6
+    # the default is the measured one; the label and repr name any other
+    assert PartialOffload().lookahead == DEFAULT_LOOKAHEAD == 2
+    one = PartialOffload(lookahead=1)
+    assert one.label == "partial+lookahead1" and "lookahead=1" in repr(one)
+
+
+def _ladder(active: LoadStrategy, requested: LoadStrategy | None) -> Ladder:
+    placement = SimpleNamespace(
+        active=active, requested=requested, profile=PROFILE, tile_from=None, unplaceable=set(), broken=set()
+    )
+    return Ladder(placement, requested=requested, plan_for=None, run=None, allow_downscale=False)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("requested", [PartialOffload(lookahead=3), PartialOffload(transformer_blocks=None)])
+def test_a_named_strategy_that_no_longer_fits_is_sized_again_not_swapped_for_the_planners_pick(
+    requested: PartialOffload,
+) -> None:
+    """Sized at load for a larger card (or more free memory) than the request now sees: the ladder sizes the
+    user's strategy again (same lookahead) instead of taking the plan's best, which is a different placement."""
+    at_load = candidate_for(requested, PROFILE, _card(12), Workload(), reserve_bytes=GIB // 2).strategy
+    ranked = plan(PROFILE, _card(8), Workload())
+    assert not candidate_for(at_load, PROFILE, _card(8), Workload(), reserve_bytes=GIB // 2).fits
+    [first, *_] = _ladder(at_load, requested).rungs(ranked)
+    again = candidate_for(requested, PROFILE, _card(8), Workload(), reserve_bytes=GIB // 2)
+    assert first.strategy == again.strategy and first.fits
+    assert isinstance(first.strategy, PartialOffload) and first.strategy.lookahead == requested.lookahead
+    # under 'auto' the same placement gives way to the plan's best
+    [best, *_] = _ladder(at_load, None).rungs(ranked)
+    assert best == ranked.fitting[0]
 
 
 @dataclass

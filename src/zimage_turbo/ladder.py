@@ -137,8 +137,9 @@ class Ladder:
         )
 
     def rungs(self, ranked: Plan) -> list[Candidate]:
-        """The order to try: the requested strategy or the one in use if it still fits, else the plan's best;
-        then every other candidate that fits; then, if none fits, the one needing least memory."""
+        """The order to try: the one in use if it still fits, else the requested strategy (sized again for this
+        request) or, under 'auto', the plan's best; then every other candidate that fits; then, if none fits,
+        the one needing least memory."""
         placement = self.placement
         first: Candidate | None = None
         keep = placement.active or self.requested
@@ -164,7 +165,10 @@ class Ladder:
                     reserve_bytes=ranked.reserve_bytes,
                 )
             if keep is not self.requested and not first.fits:
-                first = None  # the strategy in use no longer fits this request: re-plan
+                # The strategy in use no longer fits this request. One the user named is sized again for it (a
+                # `partial` sized at load holds fewer blocks now), never swapped for the planner's pick; under
+                # 'auto', re-plan.
+                first = None if self.requested is None else self._requested_for(ranked)
         rungs = [first] if first is not None else []
         rungs += [c for c in ranked.fitting if c not in rungs]
         if not ranked.fitting:
@@ -173,6 +177,18 @@ class Ladder:
                 rungs.append(least)
         # A strategy whose weights did not fit on the card will not fit now either (the model has not shrunk).
         return [rung for rung in rungs if rung.strategy not in placement.unplaceable | placement.broken]
+
+    def _requested_for(self, ranked: Plan) -> Candidate:
+        """The requested strategy with the sizes it leaves open decided for ``ranked``'s request and hardware."""
+        assert self.requested is not None
+        return candidate_for(
+            self.requested,
+            self.placement.profile,
+            ranked.hardware,
+            ranked.workload,
+            steps=ranked.steps,
+            reserve_bytes=ranked.reserve_bytes,
+        )
 
     def _climb(self, call: Call, request: GenerationRequest) -> Attempt | None:
         """Try the rungs for ``request`` in order; None when every one failed."""

@@ -55,6 +55,7 @@ class Placement:
         loaded_for: LoadStrategy | None,
         detect: Callable[[], Hardware],
         seen: Callable[[], Hardware | None],
+        allocated_before: dict[int, int] | None = None,
     ) -> None:
         self.pipe = pipe
         self.model = model
@@ -74,6 +75,8 @@ class Placement:
         self._detect = detect
         self._seen = seen
         self._held: dict[int, int] | None = None  # held_bytes() of the placement in use
+        # what the caching allocator had handed out on each GPU before this pipeline was loaded (not ours)
+        self._allocated_before = dict(allocated_before or {})
         # (id of the pipeline, its execution device) under the placement in use; None: not asked yet
         self._execution_device: tuple[int, torch.device] | None = None
         # the LoRAs fused into the weights (they stay fused through every switch: they are in the weights)
@@ -83,7 +86,11 @@ class Placement:
     # -- what is where ----------------------------------------------------------------------------------
 
     def held_bytes(self) -> dict[int, int]:
-        """Bytes of our own weights on each GPU (the planner may count them as free: we can move them).
+        """Bytes our placement holds on each GPU, which the planner counts as free (we can move them): our
+        weights, and what the allocator has handed out beyond them since we loaded (the kernels' workspaces and
+        caches our calls left, 14-200 MiB on the H200). The plan a placement was sized by saw a card without
+        either; without the second, the same placement could look 72 MiB too large at the next call and be
+        swapped for a very different one of nearly the same predicted speed.
 
         Counted once per placement (walking every tensor of the pipeline takes milliseconds, on every call)."""
         if self._held is not None:
@@ -94,6 +101,9 @@ class Placement:
                 if tensor.device.type == "cuda":
                     index = tensor.device.index or 0
                     held[index] = held.get(index, 0) + stored_bytes(tensor)
+        for index, weights in held.items():
+            since_loading = torch.cuda.memory_allocated(index) - self._allocated_before.get(index, 0)
+            held[index] = max(weights, since_loading)
         if self.active is not None:
             self._held = held
         return held
@@ -264,6 +274,7 @@ def load_placement(
     pinned host homes for what it offloads); if that runs out of GPU memory, everything into host memory
     instead, reported as a fallback."""
     targets = first.load_targets(hardware)
+    allocated_before = allocated_now()
     where = ", ".join(f"{name} to {target}" for name, target in targets.items()) or "everything to host memory"
     logger.info("loading %s (%s) for %s, %s: %s", model.path, model.source, first.name, dtype, where)
     fallbacks: list[Fallback] = []
@@ -282,9 +293,23 @@ def load_placement(
         logger.warning("out of memory loading onto %s; loading into host memory instead", where)
         pipe, loaded_for = _load(model, dtype, {}, progress), None  # None: the weights are in their host homes
     placement = Placement(
-        pipe, model=model, profile=profile, dtype=dtype, loaded_for=loaded_for, detect=detect, seen=seen
+        pipe,
+        model=model,
+        profile=profile,
+        dtype=dtype,
+        loaded_for=loaded_for,
+        detect=detect,
+        seen=seen,
+        allocated_before=allocated_before,
     )
     return placement, fallbacks
+
+
+def allocated_now() -> dict[int, int]:
+    """Bytes the caching allocator has handed out on each GPU this process has used (none before CUDA starts)."""
+    if not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # nothing allocated yet, and no start
+        return {}
+    return {index: torch.cuda.memory_allocated(index) for index in range(torch.cuda.device_count())}
 
 
 def _load(model: ResolvedModel, dtype: torch.dtype, targets: dict[str, torch.device | str], progress: bool) -> Any:

@@ -359,15 +359,15 @@ def plan(
         >>> from zimage_turbo.hardware import GIB
         >>> gpu = GPUInfo(0, "RTX 4080", total_bytes=16 * GIB, free_bytes=15 * GIB, compute_capability=(8, 9))
         >>> ranking = plan(ModelProfile.z_image_turbo(), Hardware(gpus=(gpu,), host_available_bytes=48 * GIB))
-        >>> ranking.best.name  # 18 transformer and 24 text-encoder blocks resident, the rest streamed
-        'partial(18,24)'
+        >>> ranking.best.name  # 23 transformer and 15 text-encoder blocks resident, the rest streamed
+        'partial(23,15)'
         >>> [candidate.name for candidate in ranking.candidates if not candidate.fits]
         ['hybrid', 'full_gpu+vae_tiling', 'full_gpu']
         >>> print(ranking)  # the table `zimage-turbo plan` prints
         Workload: 1024x1024, 1 image(s), 8 steps
         ...
           strategy   GPU peak   host RAM  s/image*  verdict
-        ->partial(18,24)   cuda:0 13.8   19.7G   ...  fits
+        ->partial(23,15)   cuda:0 13.8   19.7G   ...  fits
         ...
     """
     work, steps = _workload(request, steps)

@@ -114,7 +114,7 @@ def markdown(report: dict[str, Any], *, json_name: str) -> str:
     ]
     for row in _case_rows(report):
         if row.get("status") == "ok":
-            result = row.get("strategy") or "ok"
+            result = row.get("placement") or row.get("strategy") or "ok"
             if row.get("fallbacks"):
                 result += f" after {len(row['fallbacks'])} fallback(s)"
             if row.get("vae_tiling"):

@@ -243,7 +243,8 @@ def _print_row(row: dict[str, Any]) -> None:
     label = f"{row['key']:42}"
     if row.get("status") == "ok" and "s_per_image" in row:
         peak = max(row.get("peak_allocated_gib", {}).values(), default=0.0)
-        how = f" [{row['strategy']}]" if row.get("strategy") else ""
+        shown = row.get("placement") or row.get("strategy")
+        how = f" [{shown}]" if shown else ""
         note = f"  (inferred from {row['inferred_from']})" if row.get("inferred_from") else ""
         print(
             f"{label} {row['s_per_image']:6.2f} s/image  first {row['first_image_s']:5.2f} s  load "

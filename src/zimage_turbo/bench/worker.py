@@ -102,6 +102,9 @@ def _ours(spec: Spec) -> dict[str, Any]:
     row.update(
         load_s=load_s,
         strategy=last.strategy,
+        # the placement with its sizes (partial(18,9)): near-equal predictions can size the same strategy very
+        # differently from one process to the next, and the split decides the speed once compiled
+        placement=gen.strategy.label if gen.strategy is not None else None,
         fallbacks=[str(f) for r in results for f in r.fallbacks],
         vae_tiling=last.vae_tiling,
         attention=last.attention,

@@ -51,11 +51,14 @@ from .partial_streaming import stream_blocks
 from .residency import Residency, partial_seconds, partial_weights, size_residency, streamed_blocks
 from .streaming import BLOCK_OVERHEAD_S, stream, unstream
 
-__all__ = ["MAX_LOOKAHEAD", "PartialOffload"]
+__all__ = ["DEFAULT_LOOKAHEAD", "MAX_LOOKAHEAD", "PartialOffload"]
 
 # Each step of lookahead holds one more streamed block on the GPU (0.34 GiB in bf16) for a deeper overlap; past
 # 2 or 3 the bus is busy all the time anyway (see residency's time model).
 MAX_LOOKAHEAD = 4
+# Measured on the H200 (benchmarks/results/partial-lookahead-h200-2026-11-29.json): 2 was faster than 1 under
+# every cap from 4 to 12 GiB (1.59 -> 1.50 s/image at 8 GiB), its peak within the cap and its image the same.
+DEFAULT_LOOKAHEAD = 2
 
 
 class PartialOffload(Quantizable):
@@ -70,9 +73,10 @@ class PartialOffload(Quantizable):
         text_encoder_blocks: the same for the text encoder's 36 blocks (with any, its token embedding stays too).
         lookahead: how many of the transformer's streamed blocks may be on their way while one computes. 1: each
             is copied while the streamed block before it computes, and the host waits for each streamed block's
-            compute (diffusers' group offloading as it is). 2 to 4: copies start as soon as the bus is free and
-            the GPU has reached the streamed block ``lookahead`` back, so the bus also works while resident blocks
-            compute; it holds ``lookahead + 1`` streamed blocks on the GPU instead of 2 (the planner counts them).
+            compute (diffusers' group offloading as it is). 2 (the default) to 4: copies start as soon as the bus
+            is free and the GPU has reached the streamed block ``lookahead`` back, so the bus also works while
+            resident blocks compute; it holds ``lookahead + 1`` streamed blocks on the GPU instead of 2 (the
+            planner counts them).
     """
 
     name: ClassVar[str] = "partial"
@@ -87,7 +91,7 @@ class PartialOffload(Quantizable):
         transformer_blocks: int | None = None,
         text_encoder_blocks: int | None = None,
         *,
-        lookahead: int = 1,
+        lookahead: int = DEFAULT_LOOKAHEAD,
     ) -> None:
         super().__init__(device)
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or not 1 <= lookahead <= MAX_LOOKAHEAD:
@@ -114,9 +118,9 @@ class PartialOffload(Quantizable):
     @property
     def label(self) -> str:
         """``partial(20,4)``: 20 transformer blocks and 4 text-encoder blocks resident (``partial`` until sized);
-        ``+fp8`` when quantized, ``+lookahead2`` with copies further ahead than the default."""
+        ``+fp8`` when quantized, ``+lookahead1`` (``3``, ``4``) with another lookahead than the default."""
         counts = "" if self.residency is None else f"({self.transformer_blocks},{self.text_encoder_blocks})"
-        ahead = f"+lookahead{self.lookahead}" if self.lookahead != 1 else ""
+        ahead = f"+lookahead{self.lookahead}" if self.lookahead != DEFAULT_LOOKAHEAD else ""
         return f"{self.name}{counts}" + (f"+{self.quantize}" if self.quantize else "") + ahead
 
     def __repr__(self) -> str:
@@ -126,7 +130,7 @@ class PartialOffload(Quantizable):
             fields.append(f"transformer_blocks={self.transformer_blocks}")
         if self.text_encoder_blocks is not None:
             fields.append(f"text_encoder_blocks={self.text_encoder_blocks}")
-        if self.lookahead != 1:
+        if self.lookahead != DEFAULT_LOOKAHEAD:
             fields.append(f"lookahead={self.lookahead}")
         return f"{type(self).__name__}({', '.join(fields)})"
 
