@@ -1,5 +1,5 @@
 """What a placement counts as its own on each GPU (``Placement.held_bytes``), which the planner adds back to the
-free memory: our weights, and what the allocator handed out beyond them since the pipeline was loaded.
+free memory: our weights, and what the allocator handed out beyond them since the pipeline was loaded (up to a bound).
 
 Without the second, the plan at the first call saw the kernels' workspaces (14-200 MiB on the H200) as someone
 else's memory, and a `partial` placement sized at load no longer fitted and was re-sized into a very different
@@ -17,7 +17,7 @@ import torch
 
 import zimage_turbo.placement as placement_module
 from zimage_turbo import StreamedOffload
-from zimage_turbo.placement import Placement
+from zimage_turbo.placement import UNTRACKED_MAX, Placement
 
 MIB = 2**20
 
@@ -46,3 +46,9 @@ def test_never_less_than_our_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     # 500 MiB someone else held before we loaded, 600 MiB of theirs freed since: the difference undercounts us
     placement = _placement(monkeypatch, 4 * 1024 * MIB, (500 + 4 * 1024 - 600) * MIB, 500 * MIB)
     assert placement.held_bytes() == {0: 4 * 1024 * MIB}
+
+
+def test_another_models_weights_loaded_since_count_only_up_to_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 6 GiB of someone else's model loaded onto the card after ours: at most UNTRACKED_MAX of it passes for ours
+    placement = _placement(monkeypatch, 4 * 1024 * MIB, (4 * 1024 + 6 * 1024) * MIB, 0)
+    assert placement.held_bytes() == {0: 4 * 1024 * MIB + UNTRACKED_MAX}

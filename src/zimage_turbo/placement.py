@@ -38,6 +38,11 @@ __all__ = ["Placement", "load_placement"]
 logger = logging.getLogger(__name__)
 
 
+# The most the allocator may hold beyond our weights that still counts as ours (see Placement.held_bytes): the
+# largest seen on the H200 was 197 MiB (full_gpu, after loading).
+UNTRACKED_MAX = 512 * 2**20
+
+
 class Placement:
     """The pipeline loaded from ``model`` in ``dtype``, and what is applied to it.
 
@@ -90,7 +95,9 @@ class Placement:
         weights, and what the allocator has handed out beyond them since we loaded (the kernels' workspaces and
         caches our calls left, 14-200 MiB on the H200). The plan a placement was sized by saw a card without
         either; without the second, the same placement could look 72 MiB too large at the next call and be
-        swapped for a very different one of nearly the same predicted speed.
+        swapped for a very different one of nearly the same predicted speed. The allocator's count cannot tell
+        our allocations from another model's loaded on the same card since: at most :data:`UNTRACKED_MAX` beyond
+        our weights counts as ours, so such a model costs a plan that much optimism, which the ladder absorbs.
 
         Counted once per placement (walking every tensor of the pipeline takes milliseconds, on every call)."""
         if self._held is not None:
@@ -103,7 +110,7 @@ class Placement:
                     held[index] = held.get(index, 0) + stored_bytes(tensor)
         for index, weights in held.items():
             since_loading = torch.cuda.memory_allocated(index) - self._allocated_before.get(index, 0)
-            held[index] = max(weights, since_loading)
+            held[index] = weights + min(max(since_loading - weights, 0), UNTRACKED_MAX)
         if self.active is not None:
             self._held = held
         return held
