@@ -136,6 +136,17 @@ def test_a_named_strategy_that_no_longer_fits_is_sized_again_not_swapped_for_the
     assert best == ranked.fitting[0]
 
 
+def test_a_named_strategy_that_cannot_fit_the_request_gives_way_to_the_plan() -> None:
+    """A fallback in use that no longer fits, with the named strategy unable to fit either (its counts fixed):
+    the plan's best comes first, not a strategy known to be too large."""
+    named = PartialOffload(transformer_blocks=34, text_encoder_blocks=36)
+    in_use = candidate_for(PartialOffload(lookahead=1), PROFILE, _card(12), Workload(), reserve_bytes=GIB // 2)
+    ranked = plan(PROFILE, _card(8), Workload())
+    assert not candidate_for(named, PROFILE, _card(8), Workload(), reserve_bytes=GIB // 2).fits
+    [first, *_] = _ladder(in_use.strategy, named).rungs(ranked)
+    assert first == ranked.fitting[0] and first.fits
+
+
 @dataclass
 class _Mark:
     """A stand-in for a recorded CUDA event: what was asked of it, in one log shared by all."""

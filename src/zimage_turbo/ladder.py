@@ -137,8 +137,8 @@ class Ladder:
         )
 
     def rungs(self, ranked: Plan) -> list[Candidate]:
-        """The order to try: the one in use if it still fits, else the requested strategy (sized again for this
-        request) or, under 'auto', the plan's best; then every other candidate that fits; then, if none fits,
+        """The order to try: the one in use if it still fits, else the requested strategy sized again for this
+        request if that fits, else the plan's best; then every other candidate that fits; then, if none fits,
         the one needing least memory."""
         placement = self.placement
         first: Candidate | None = None
@@ -165,10 +165,11 @@ class Ladder:
                     reserve_bytes=ranked.reserve_bytes,
                 )
             if keep is not self.requested and not first.fits:
-                # The strategy in use no longer fits this request. One the user named is sized again for it (a
-                # `partial` sized at load holds fewer blocks now), never swapped for the planner's pick; under
-                # 'auto', re-plan.
-                first = None if self.requested is None else self._requested_for(ranked)
+                # The strategy in use no longer fits this request. One the user named, sized again for it, comes
+                # first if it fits then (a `partial` sized at load holding fewer blocks now), rather than the
+                # planner's pick; else (a fallback in use, or 'auto') re-plan.
+                again = None if self.requested is None else self._requested_for(ranked)
+                first = again if again is not None and again.fits else None
         rungs = [first] if first is not None else []
         rungs += [c for c in ranked.fitting if c not in rungs]
         if not ranked.fitting:
