@@ -470,3 +470,23 @@ def test_quantized_rungs_are_for_small_cards_unless_asked_for() -> None:
     assert asked.best is not None and asked.best.name == "full_gpu+fp8"
     # fp8 weights take about half the transformer's bytes
     assert fp8.peak_bytes < big.best.peak_bytes - 5 * GIB
+
+
+def test_the_first_compiled_run_after_the_compile_measures_the_saving_once(tmp_path: Path) -> None:
+    """The driver records the compile's cost from the image that compiled, and the saving from the next one,
+    against what that run would have taken eagerly (the planner's prediction scaled by the measured eager
+    rate)."""
+    driver = SpeedupDriver("native", "auto", tmp_path)
+    blocks = compiling.COMPILE_PARTS[0]
+    advisor = driver._advisor(blocks, CPU, torch.bfloat16, None)
+    driver.finished(None, {"denoise": 1.2}, {"denoise": 1.0})  # eager: 1.2 times the prediction
+    driver._compiled.add(blocks.name)  # as prepare() does when it compiles
+    driver._compiling[blocks.name] = advisor
+    driver.finished(None, {"denoise": 6.0}, {"denoise": 1.0})
+    assert advisor.expected_compile_s == pytest.approx(6.0 - 1.2 * (1 - compiling.COMPILE_SAVING))
+    driver.finished(None, {"denoise": 0.6}, {"denoise": 1.0})
+    assert advisor.saving == pytest.approx(0.5)
+    driver.finished(None, {"denoise": 0.9}, {"denoise": 1.0})  # measured once
+    assert advisor.saving == pytest.approx(0.5)
+    records = json.loads((tmp_path / "zimage-turbo-compile-times.json").read_text())
+    assert records[advisor.device_key + " / saving"] == 0.5

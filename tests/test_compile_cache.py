@@ -88,3 +88,34 @@ def test_torchs_own_default_is_not_a_choice_and_the_library_folder_replaces_it(
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-mine"))
     compiling.use_compile_cache(compiling.kernel_cache_dir(tmp_path))
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton-mine")
+
+
+def test_the_saving_measured_here_replaces_the_default_for_later_advisors(tmp_path: Path) -> None:
+    advisor = compiling.CompileAdvisor("auto", tmp_path, KEY)
+    assert advisor.saving == compiling.COMPILE_SAVING
+    advisor.measured_saving(0.72, 1.18)  # H200 at 923f722: 1.18 s eager, about 0.72 s compiled
+    assert advisor.saving == pytest.approx(0.39, abs=0.005)
+    assert _records(tmp_path) == {KEY + " / saving": 0.39}
+    assert compiling.CompileAdvisor("auto", tmp_path, KEY).saving == 0.39
+    # other graphs (fp8 blocks, another GPU) keep their own default until measured
+    assert compiling.CompileAdvisor("auto", tmp_path, KEY + " / fp8", saving=0.55).saving == 0.55
+    # a run disturbed by a recompile (a new image size) or a stall is not kept
+    advisor.measured_saving(5.0, 1.18)
+    advisor.measured_saving(0.01, 1.18)
+    assert advisor.saving == pytest.approx(0.39, abs=0.005) and _records(tmp_path) == {KEY + " / saving": 0.39}
+
+
+def test_with_the_h200s_measured_saving_a_warm_cache_compiles_for_a_call_of_ten_images(tmp_path: Path) -> None:
+    """Issue 22's case: a second process, the kernels cached, 10 images of 1.18 s of eager denoising ahead. The
+    warm compile cost 4.18 s at 923f722 (4.90 s of denoising in the first compiled image, about 0.72 s later):
+    with the default saving (0.33, from an older measurement) that is 11 images' worth, with the measured one
+    (0.39) fewer than 10."""
+    compiling.CompileAdvisor("auto", tmp_path, KEY).compiled_in(20.0)
+    _fill_kernel_cache(tmp_path)
+    warm = compiling.CompileAdvisor("auto", tmp_path, KEY)
+    warm.compiled_in(4.18)
+    ten_images = 10 * 1.18
+    assert not compiling.CompileAdvisor("auto", tmp_path, KEY).should_compile(ten_images)
+    warm.measured_saving(0.72, 1.18)
+    later = compiling.CompileAdvisor("auto", tmp_path, KEY)
+    assert later.should_compile(ten_images) and not later.should_compile(8 * 1.18)
