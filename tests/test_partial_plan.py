@@ -141,7 +141,9 @@ def test_the_sized_placement_fits_and_more_memory_is_never_slower(
     smaller, bigger = sized(gib, work, speeds), sized(gib + more, work, speeds)
     if smaller.fits:
         assert smaller.peak_bytes * 1.04 <= (gib - 0.5) * GIB  # the peak of every phase, margin included
-        assert bigger.fits and bigger.seconds <= smaller.seconds + 1e-9
+        # (near ties go to more transformer blocks: the bigger card's choice may be up to NEAR_TIE above its
+        # optimum, which is never slower than the smaller card's)
+        assert bigger.fits and bigger.seconds <= smaller.seconds * (1 + NEAR_TIE) + 1e-9
     else:  # even with nothing resident it does not fit
         assert counts(smaller) == Residency(0, 0)
 

@@ -13,6 +13,7 @@ from zimage_turbo import GPUInfo, Hardware, ModelProfile, Workload, plan
 from zimage_turbo.hardware import GIB
 from zimage_turbo.planner import candidate_for, smaller_workloads
 from zimage_turbo.strategies.multi_gpu import assign, device_map_for
+from zimage_turbo.strategies.residency import NEAR_TIE
 
 PROFILE = ModelProfile.z_image_turbo()
 
@@ -114,7 +115,9 @@ def test_more_memory_never_gives_a_slower_plan(free: float, more: float, side: i
     smaller = plan(PROFILE, machine(free), work)
     bigger = plan(PROFILE, machine(free + more), work)
     if smaller.best is not None:
-        assert bigger.best is not None and bigger.best.ranking_seconds <= smaller.best.ranking_seconds
+        # (within partial's near-tie tolerance: its split may be up to NEAR_TIE above the optimum it found)
+        assert bigger.best is not None
+        assert bigger.best.ranking_seconds <= smaller.best.ranking_seconds * (1 + NEAR_TIE) + 1e-9
         # whatever is chosen fits with the margin and the reserve
         assert smaller.best.peak_bytes * 1.04 <= (free - 0.5) * GIB
     assert plan(PROFILE, machine(free), work) == smaller  # pure: same input, same plan
