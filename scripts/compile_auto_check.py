@@ -1,7 +1,8 @@
 """Does ``compile="auto"`` compile for a call of 10 images in a second process? (issue 22, on the GPU machine)
 
 Process 1 runs ``compile="on"`` for three images into a fresh cache folder: it compiles the blocks, records
-what the compile cost and what it saved (``zimage-turbo-compile-times.json``), and leaves Inductor's kernels.
+what the compile cost and what it saved (``torch-compile/zimage-turbo-compile-times.json``), and leaves
+Inductor's kernels.
 Process 2, on the same cache folder, asks ``compile="auto"`` for ``generate_many`` of ``--images`` prompts and
 reports at which image the blocks were compiled and the seconds of each; then process 3 does the same with the
 saving record removed (the default saving), for comparison. One JSON line per process, and the whole into
@@ -52,7 +53,7 @@ def _run(model: str, cache: Path, compile_mode: str, images: int) -> dict[str, A
     if done.returncode != 0 or not lines:
         return {"compile": compile_mode, "error": done.stderr[-3000:]}
     row: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
-    records = cache / "zimage-turbo-compile-times.json"
+    records = cache / "torch-compile" / "zimage-turbo-compile-times.json"
     row["records_after"] = json.loads(records.read_text()) if records.is_file() else {}
     return row
 
@@ -65,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     cache = Path(tempfile.mkdtemp(prefix="zimage-turbo-compile-auto-"))
     rows = [_run(args.checkpoint, cache, "on", 3), _run(args.checkpoint, cache, "auto", args.images)]
-    records = cache / "zimage-turbo-compile-times.json"
+    records = cache / "torch-compile" / "zimage-turbo-compile-times.json"
     if records.is_file():  # the same with the default saving: drop what process 1 measured
         kept = {k: v for k, v in json.loads(records.read_text()).items() if not k.endswith(" / saving")}
         records.write_text(json.dumps(kept))
