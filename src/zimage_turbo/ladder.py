@@ -156,19 +156,12 @@ class Ladder:
                     first = candidate
                     break
             else:
-                first = candidate_for(
-                    keep,
-                    placement.profile,
-                    ranked.hardware,
-                    ranked.workload,
-                    steps=ranked.steps,
-                    reserve_bytes=ranked.reserve_bytes,
-                )
+                first = self._candidate(keep, ranked)
             if keep is not self.requested and not first.fits:
                 # The strategy in use no longer fits this request. One the user named, sized again for it, comes
                 # first if it fits then (a `partial` sized at load holding fewer blocks now), rather than the
                 # planner's pick; else (a fallback in use, or 'auto') re-plan.
-                again = None if self.requested is None else self._requested_for(ranked)
+                again = None if self.requested is None else self._candidate(self.requested, ranked)
                 first = again if again is not None and again.fits else None
         rungs = [first] if first is not None else []
         rungs += [c for c in ranked.fitting if c not in rungs]
@@ -179,11 +172,10 @@ class Ladder:
         # A strategy whose weights did not fit on the card will not fit now either (the model has not shrunk).
         return [rung for rung in rungs if rung.strategy not in placement.unplaceable | placement.broken]
 
-    def _requested_for(self, ranked: Plan) -> Candidate:
-        """The requested strategy with the sizes it leaves open decided for ``ranked``'s request and hardware."""
-        assert self.requested is not None
+    def _candidate(self, strategy: LoadStrategy, ranked: Plan) -> Candidate:
+        """``strategy`` with the sizes it leaves open decided for ``ranked``'s request and hardware."""
         return candidate_for(
-            self.requested,
+            strategy,
             self.placement.profile,
             ranked.hardware,
             ranked.workload,

@@ -383,9 +383,7 @@ class CompileAdvisor:
         """Record what the compile took (the part's phase in its first compiled image, minus what that phase
         takes compiled)."""
         self.expected_compile_s = max(seconds, 0.0)
-        records = self._recorded()
-        records[self.device_key + (_WARM if self.cache_warm else "")] = round(self.expected_compile_s, 2)
-        replace_json(self.cache_dir / _RECORD_FILE, records, what="the compile time")
+        self._record(_WARM if self.cache_warm else "", round(self.expected_compile_s, 2), "the compile time")
 
     def measured_saving(self, compiled_s: float, eager_s: float) -> None:
         """After a compiled run of the part's phase (not the one that compiled it): it took ``compiled_s``
@@ -399,9 +397,13 @@ class CompileAdvisor:
             logger.info("not keeping a measured compile saving of %.0f%% (disturbed?)", 100 * saving)
             return
         self.saving = saving
+        self._record(_SAVING, round(saving, 3), "the compile saving")
+
+    def _record(self, suffix: str, value: float, what: str) -> None:
+        """Keep ``value`` under this advisor's key plus ``suffix``, beside the other records."""
         records = self._recorded()
-        records[self.device_key + _SAVING] = round(self.saving, 3)
-        replace_json(self.cache_dir / _RECORD_FILE, records, what="the compile saving")
+        records[self.device_key + suffix] = value
+        replace_json(self.cache_dir / _RECORD_FILE, records, what=what)
 
     def _recorded(self) -> dict[str, float]:
         try:

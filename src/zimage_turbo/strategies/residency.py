@@ -17,8 +17,8 @@ model for the request's size and the bytes the card can give:
   it overlaps the compute of that block and of the resident ones up to it: a streamed block costs the longer of
   its copy (at the card's pinned bandwidth) and that compute, plus a small fixed cost (hooks, synchronisation);
   resident blocks cost only their compute. So the transformer's resident blocks pay off eight times per image,
-  the text encoder's once, and :func:`size_residency` picks the fastest split that fits, the most resident
-  blocks on ties.
+  the text encoder's once, and :func:`size_residency` picks the fastest split that fits, or among splits
+  within :data:`NEAR_TIE` of it the one with the most transformer blocks.
 * lookahead (the transformer's): with 1, as above, the host waits for each streamed block's compute before
   going on, so a copy cannot start before the streamed block ahead of it computes, and the bus idles while
   resident blocks compute (traced on the H200 at 8 GiB: 0.33 s of 1.7 s per image). With ``L`` > 1 the host may

@@ -55,8 +55,8 @@ from .control_costs import (
 
 __all__ = ["Hybrid", "SequentialOffload", "StreamedOffload"]
 
-# diffusers' hook names (private constants there; stable since group offloading appeared).
-# diffusers' hook names, then ours (partial_streaming's pacing): unstream removes them all
+# diffusers' hook names (private constants there; stable since group offloading appeared), then ours
+# (partial_streaming's pacing): unstream removes them all.
 _HOOK_NAMES = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading", "zimage_turbo_pace")
 # Cost of each streamed block beyond its transfer (hooks, a stream synchronisation). Measured on the H200
 # (benchmarks/results/strategies-issue18-h200-2026-11-28.json): `streamed` denoised 8 passes in 1.945 s where
