@@ -150,6 +150,8 @@ def test_partial_int8_gives_the_resident_int8_image_and_a_switch_back_drops_the_
     kept = quantized_linears(transformer)
     assert kept and all(not name.startswith(("context_refiner.0.", "layers.1.")) for name in kept)
     assert all(type(linear.weight) is not torch.nn.Parameter for linear in kept.values())
+    blocks = next(part for part in compiling.COMPILE_PARTS if part.name == "blocks")
+    assert blocks.inside(gen.pipeline) == []  # flat layers compile on their own path (the "fp8_linears" part)
     homes = host_homes(gen.pipeline)
     copies = flattened_tensors(transformer)
     assert homes.has_home(copies)
@@ -214,6 +216,47 @@ def test_the_compiler_is_offered_only_the_resident_blocks(tiny_checkpoint: Path)
     assert blocks.modules(pipe) == [] and not compiling.runs_unhooked_on(blocks.modules(pipe), torch.device("cpu"))
     compiling.uncompile_part(pipe, blocks)
     assert all(module._compiled_call_impl is None for module in every)
+
+
+def test_streamed_blocks_compute_compiled_beneath_their_hooks(
+    tiny_checkpoint: Path, reference: Image.Image, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """compile="on": the resident blocks compile whole; in the streamed ones (their hooks move the weights) the
+    attention, feed-forward and norms compile, one graph per class for every block; the image is the eager one.
+    Once a placement keeps every block resident, they compile whole and no inside stays compiled."""
+    from torch._dynamo.testing import CompileCounter
+
+    from zimage_turbo.speedups.block_insides import insides_compiled
+
+    counter = CompileCounter()  # traces with Dynamo, runs the graphs as captured
+    monkeypatch.setitem(compiling.COMPILE_OPTIONS, "backend", counter)
+    torch._dynamo.reset()
+    try:
+        settings = ZImageSettings(progress=False, compile="on", cache_dir=tmp_path)
+        gen = Generator(model=tiny_checkpoint, strategy=partial(2, 1), settings=settings)
+        first = gen.generate(PROMPT, seed=5, **SIZE)
+        pipe = gen.pipeline
+        blocks = next(part for part in compiling.COMPILE_PARTS if part.name == "blocks")
+        assert blocks.every is not None
+        streamed = [block for block in blocks.every(pipe) if all(block is not kept for kept in blocks.modules(pipe))]
+        insides = blocks.inside(pipe)
+        assert streamed and {id(block.attention) for block in streamed} <= {id(module) for module in insides}
+        assert {id(block.feed_forward) for block in streamed} <= {id(module) for module in insides}
+        assert {type(module).__name__ for module in insides} == {"Attention", "FeedForward", "RMSNorm"}
+        assert all(insides_compiled(module) for module in insides)
+        assert first.compiled == ("blocks",) and same(first.image, reference)
+        # the resident blocks' graphs (with and without modulation) and one per class inside streamed blocks
+        graphs = counter.frame_count
+        assert graphs >= 4
+        assert same(gen.generate(PROMPT, seed=5, **SIZE).image, reference) and counter.frame_count == graphs
+
+        gen.switch(CPUOnly())
+        resident = gen.generate(PROMPT, seed=5, **SIZE)
+        assert resident.compiled == ("blocks",) and same(resident.image, reference)
+        assert not any(insides_compiled(module) for module in blocks.inside(pipe, hooked_only=False))
+        assert all(block._compiled_call_impl is not None for block in blocks.every(pipe))
+    finally:
+        torch._dynamo.reset()
 
 
 def test_prefetch_links_each_streamed_block_to_the_next_from_the_modules_own_hook() -> None:

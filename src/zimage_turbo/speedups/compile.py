@@ -25,6 +25,7 @@ from ..failures import guard_compiled
 from ..flat_quantized import compilable_flat_linears, compile_flat_linears, uncompile_flat_linears
 from ..json_files import replace_json
 from ..settings import CompileMode, library_cache_dir
+from .block_insides import block_insides, compile_insides, insides_compiled, uncompile_insides
 
 __all__ = [
     "COMPILE_OPTIONS",
@@ -118,14 +119,26 @@ class CompilePart:
     #: whether ``compile="on"`` compiles it at once; False: it waits until the work pays for it, as under
     #: ``"auto"`` (``"all"`` compiles it at once too)
     at_once: bool = True
+    #: whether the modules of ``every`` that hooks move (the blocks ``partial`` streams) get their insides
+    #: compiled beneath the hooks (:mod:`.block_insides`)
+    insides: bool = False
 
     def modules(self, pipe: Any) -> list[torch.nn.Module]:
         return self.find(pipe)
 
+    def inside(self, pipe: Any, hooked_only: bool = True) -> list[torch.nn.Module]:
+        """The insides compiled beneath the hooks of the hooked modules of ``every`` (of all of them: False)."""
+        if not self.insides or self.every is None:
+            return []
+        modules = self.every(pipe)
+        return block_insides([m for m in modules if _hooked(m)] if hooked_only else modules, _hooked)
+
     def compiled(self, pipe: Any) -> bool:
         if self.inside_hooks:
             return any(getattr(module, "compiled", None) is not None for module in self.modules(pipe))
-        return any(getattr(module, "_compiled_call_impl", None) is not None for module in self.modules(pipe))
+        return any(getattr(module, "_compiled_call_impl", None) is not None for module in self.modules(pipe)) or any(
+            insides_compiled(module) for module in self.inside(pipe)
+        )
 
 
 def _install_output_hooks(pipe: Any) -> None:
@@ -168,8 +181,17 @@ def _flat_fp8_linears(pipe: Any) -> list[torch.nn.Module]:
 
 
 COMPILE_PARTS: tuple[CompilePart, ...] = (
-    # The transformer's 34 repeated blocks, one graph for all (regional compile); under `partial` the resident ones.
-    CompilePart("blocks", "denoise", COMPILE_SAVING, DEFAULT_COMPILE_SECONDS, _unhooked_blocks, every=_repeated_blocks),
+    # The transformer's 34 repeated blocks, one graph for all (regional compile); under `partial` the resident ones
+    # whole and the streamed ones' attention, feed-forward and norms beneath their hooks.
+    CompilePart(
+        "blocks",
+        "denoise",
+        COMPILE_SAVING,
+        DEFAULT_COMPILE_SECONDS,
+        _unhooked_blocks,
+        every=_repeated_blocks,
+        insides=True,
+    ),
     # The text encoder as a whole (transformers captures the hidden states with hooks that only a whole-model
     # compile traces). Eager, its 36 layers at 512 tokens are bound by Python, not by the GPU.
     CompilePart(
@@ -243,6 +265,7 @@ def compile_part(pipe: Any, part: CompilePart, on_failure: Callable[[CompilePart
             continue  # compiled already (under an earlier placement that kept it resident too)
         compiled = torch.compile(module._call_impl, **COMPILE_OPTIONS)
         module._compiled_call_impl = guard_compiled(compiled, module._call_impl, failed)
+    compile_insides(part.inside(pipe), COMPILE_OPTIONS, failed)
 
 
 def uncompile_part(pipe: Any, part: CompilePart) -> None:
@@ -252,6 +275,7 @@ def uncompile_part(pipe: Any, part: CompilePart) -> None:
         return
     for module in (part.every or part.find)(pipe):
         module._compiled_call_impl = None
+    uncompile_insides(part.inside(pipe, hooked_only=False))
 
 
 def uncompile_hooked(pipe: Any, part: CompilePart) -> None:
@@ -263,6 +287,8 @@ def uncompile_hooked(pipe: Any, part: CompilePart) -> None:
     for module in part.every(pipe):
         if id(module) not in kept:
             module._compiled_call_impl = None
+    streamed = {id(module) for module in part.inside(pipe)}  # insides of blocks now resident go back to eager
+    uncompile_insides(module for module in part.inside(pipe, hooked_only=False) if id(module) not in streamed)
 
 
 def compiled_parts(pipe: Any) -> tuple[str, ...]:

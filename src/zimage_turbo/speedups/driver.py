@@ -96,8 +96,7 @@ class SpeedupDriver:
             if device.type != "cuda" and self.part_mode(part) == "auto":
                 runnable = False  # on a CPU Inductor's compile would rarely pay back; "on" still compiles there
             if runnable and part.name not in self._unhooked:
-                modules = part.modules(pipe)
-                self._unhooked[part.name] = bool(modules) if part.inside_hooks else runs_unhooked_on(modules, device)
+                self._unhooked[part.name] = _has_compilable(pipe, part, device)
             if not (runnable and self._unhooked[part.name]):
                 if part.name in self._compiled:
                     uncompile_part(pipe, part)  # hooks of the new strategy must not run inside a compiled graph
@@ -204,3 +203,13 @@ class SpeedupDriver:
             set_attention(model, name, device)
         self.attention = name
         self._attention_for = wanted
+
+
+def _has_compilable(pipe: Any, part: CompilePart, device: torch.device) -> bool:
+    """Whether ``part`` has modules to compile under the current placement on ``device``: modules that run there
+    unhooked, or the insides of hooked blocks (their hooks bring the weights there), or layers that compile
+    inside hooks."""
+    modules = part.modules(pipe)
+    if part.inside_hooks:
+        return bool(modules)
+    return runs_unhooked_on(modules, device) if modules else bool(part.inside(pipe))
