@@ -49,8 +49,9 @@ __all__ = [
 # Splits predicted this close to the fastest count as a tie, won by the one keeping more transformer blocks. The
 # predicted time is flat across very different splits (at 12 GiB on the H200, partial(18,9) 1.499 s, (12,19)
 # 1.502 s), so without it 100 MB less free memory swapped one for the other; and the transformer's resident
-# blocks are the ones that compile: compiled, (18,9) ran 1.21 s/image and a split streaming 22 transformer
-# blocks about 1.48 s (benchmarks/results/partial-lookahead-compiled-h200-2026-11-29.json and
+# blocks are the ones that compile whole (a streamed one compiles only its insides): compiled, (18,9) ran 1.21
+# s/image and a split streaming 22 transformer blocks about 1.48 s, both before the insides compiled
+# (benchmarks/results/partial-lookahead-compiled-h200-2026-11-29.json and
 # bench-partial-compile-lookahead2-h200-2026-11-29.json).
 NEAR_TIE = 0.01
 
