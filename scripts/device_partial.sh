@@ -16,11 +16,13 @@
 #   scripts/device_partial.sh lookahead  # partial with lookahead 1 and 2 (the default) at 12/8/6/4 GiB, same weights
 #                                     # (scripts/partial_lookahead.py, each traced -> $OUT/partial_lookahead.json), the GPU
 #                                     # tests of lookahead 1 at 8 and 3 at 6 GiB against full_gpu's image (about 6 minutes)
-#   scripts/device_partial.sh compiled   # partial at 12 GiB with the resident blocks compiled, lookahead 2 then 1 in one
-#                                     # process with attention="native" as the bench uses (the script measured 1.24 s
-#                                     # with attention "auto"), then the bench harness's fresh-process case (1.48 s
-#                                     # at the first try) -> $OUT/partial_lookahead.json, $OUT/bench-compile.json
+#   scripts/device_partial.sh compiled   # partial at 12 GiB compiled (resident blocks whole, streamed ones' insides),
+#                                     # lookahead 2 then 1 in one process with attention="native" as the bench uses,
+#                                     # then the bench harness's fresh-process case (1.09 s at b6f5422)
+#                                     # -> $OUT/partial_lookahead.json, $OUT/bench-compile.json
 #
+# Give the commit on the command line, ZT_GIT_COMMIT=<short hash> bash scripts/device_partial.sh bench: the copy of
+# the tree on the GPU machine may carry a stale .git, and the bench records the commit it ran on.
 # Building the checkpoint takes about 40 s the first time on a machine (/tmp/full is kept while it stays warm).
 set -uo pipefail
 cd "$(dirname "$0")/.."

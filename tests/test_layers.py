@@ -73,7 +73,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "controlnet",
     ),
     "pipeline": ("phases", "image_phases", "control_phases"),
-    "speedups": ("speedups", "speedups.attention", "speedups.compile", "speedups.driver"),
+    "speedups": ("speedups", "speedups.attention", "speedups.block_insides", "speedups.compile", "speedups.driver"),
     "place": (
         "strategies",
         "strategies.base",
