@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 import torch
 
-from zimage_turbo import FullGPU, GPUInfo, Hardware, ModelProfile, PartialOffload, Workload
+from zimage_turbo import FullGPU, GPUInfo, Hardware, ModelProfile, PartialOffload, Workload, ZImageSettings
 from zimage_turbo.errors import InvalidSettingsError
 from zimage_turbo.hardware import GIB
 from zimage_turbo.ladder import Ladder
+from zimage_turbo.machine import Machine
 from zimage_turbo.planner import candidate_for, plan
 from zimage_turbo.strategies.base import LoadStrategy
 from zimage_turbo.strategies.partial import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
@@ -109,6 +110,12 @@ def test_lookahead_is_checked_and_carried_through_sizing_and_halving() -> None:
     assert PartialOffload().lookahead == DEFAULT_LOOKAHEAD == 2
     one = PartialOffload(lookahead=1)
     assert one.label == "partial+lookahead1" and "lookahead=1" in repr(one)
+    # strategy="partial" with quantization="fp8": the same placement, quantized
+    machine = Machine(ZImageSettings(calibrate=False), None)
+    machine.quantize, machine.prefer_lossless = "fp8", False
+    quantized = machine.quantized_variant(strategy, by_name=True)
+    assert isinstance(quantized, PartialOffload) and quantized.label == "partial(12,4)+fp8+lookahead3"
+    assert (quantized.lookahead, quantized.residency, strategy.quantize) == (3, Residency(12, 4), None)
 
 
 def _ladder(active: LoadStrategy, requested: LoadStrategy | None) -> Ladder:

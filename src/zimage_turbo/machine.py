@@ -120,8 +120,7 @@ class Machine:
         if isinstance(strategy, (Hybrid, StreamedOffload)) and strategy.quantize is None:
             return type(strategy)(device=strategy.device, record_stream=strategy.record_stream, quantize=kind)
         if isinstance(strategy, PartialOffload) and strategy.quantize is None:
-            counts = (strategy.transformer_blocks, strategy.text_encoder_blocks)
-            return PartialOffload(strategy.device, strategy.record_stream, kind, *counts, lookahead=strategy.lookahead)
+            return strategy.with_quantize(kind)
         return strategy
 
     def plan(self, profile: ModelProfile, work: GenerationRequest | Workload, held: dict[int, int]) -> Plan:

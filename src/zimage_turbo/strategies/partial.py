@@ -135,14 +135,17 @@ class PartialOffload(Quantizable):
         return f"{type(self).__name__}({', '.join(fields)})"
 
     def with_counts(self, residency: Residency) -> PartialOffload:
-        """The same placement (device, quantization) with these resident counts."""
+        """The same placement (device, quantization, lookahead) with these resident counts."""
+        return self._changed(self.quantize, residency.transformer, residency.text_encoder)
+
+    def with_quantize(self, quantize: str | None) -> PartialOffload:
+        """The same placement (device, counts, lookahead) with ``quantize``: a new strategy, not placed."""
+        return self._changed(quantize, self.transformer_blocks, self.text_encoder_blocks)
+
+    def _changed(self, quantize: str | None, transformer: int | None, text_encoder: int | None) -> PartialOffload:
+        # every setting but the ones changed, in one place: a new setting is added here only
         return PartialOffload(
-            self.device,
-            self.record_stream,
-            self.quantize,
-            residency.transformer,
-            residency.text_encoder,
-            lookahead=self.lookahead,
+            self.device, self.record_stream, quantize, transformer, text_encoder, lookahead=self.lookahead
         )
 
     def sized(self, profile: ModelProfile, hardware: Hardware, work: Workload, reserve_bytes: int = 0) -> LoadStrategy:
