@@ -63,6 +63,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "host",
         "readahead",
         "weights",
+        "early_read",
         "loader",
         "converted",
         "quantize",

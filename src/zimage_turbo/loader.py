@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .early_read import EarlyReads, reads_early
 from .errors import ModelLoadError, ZImageError
 from .hardware import Hardware
 from .host import HostHomes
@@ -74,12 +75,35 @@ def load_pipeline(
 ) -> Any:
     """Build a ``ZImagePipeline`` from a complete folder (see :func:`~zimage_turbo.layout.check_pipeline_dir`),
     each weighted component's weights placed at ``targets[name]`` (default ``"homes"``)."""
-    root = layout.root
     entries = {name: _entries(layout, name) for name in WEIGHTED_COMPONENTS}
     # the disk reads the files (if not in memory yet) while the libraries are imported
     start_readahead([path for name in _FILL_ORDER for path in layout.weight_paths(name)])
+    # and the components headed for a GPU (or plain host memory) are read into it meanwhile (early_read.py)
+    ahead = [(name, entries[name], reads_early(targets.get(name, "homes"))) for name in _FILL_ORDER]
+    early = EarlyReads([(name, listed, device) for name, listed, device in ahead if device is not None], dtype)
+    try:
+        with quiet_imports():
+            from diffusers import ZImagePipeline
+
+        modules = _fill_modules(layout, entries, dtype, targets, homes, early, progress)
+    finally:
+        early.close()
+    pipe = ZImagePipeline(**modules)
+    return _finish(pipe, progress)
+
+
+def _fill_modules(
+    layout: PipelineLayout,
+    entries: Mapping[str, list[TensorEntry]],
+    dtype: torch.dtype,
+    targets: Mapping[str, Target],
+    homes: HostHomes,
+    early: EarlyReads,
+    progress: bool,
+) -> dict[str, Any]:
+    """The pipeline's components by name, each module built empty and given its weights."""
     with quiet_imports():
-        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+        from diffusers import FlowMatchEulerDiscreteScheduler
         from transformers import Qwen2Tokenizer
 
     total = sum(entry.nbytes for listed in entries.values() for entry in listed)
@@ -91,22 +115,29 @@ def load_pipeline(
                 module = _empty_module(layout, name, dtype)
                 built = time.perf_counter()
                 target = targets.get(name, "homes")
-                fill_module(module, entries[name], dtype=dtype, destination=target, homes=homes, on_bytes=advance)
+                ready = early.take(name)
+                fill_module(
+                    module, entries[name], dtype=dtype, destination=target, homes=homes, on_bytes=advance, ready=ready
+                )
                 modules[name] = module.eval()
                 logger.debug(
-                    "%s: built empty in %.2f s, weights into %s in %.2f s",
+                    "%s: built empty in %.2f s, weights into %s in %.2f s%s",
                     name,
                     built - started,
                     target,
                     time.perf_counter() - built,
+                    " (read while the libraries were imported)" if ready is not None else "",
                 )
-            tokenizer = Qwen2Tokenizer.from_pretrained(root / "tokenizer")
-            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
+            modules["tokenizer"] = Qwen2Tokenizer.from_pretrained(layout.root / "tokenizer")
+            modules["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(layout.root / "scheduler")
     except (torch.OutOfMemoryError, MemoryError, ZImageError):  # out of memory: the Generator's ladder's business
         raise
     except Exception as exc:  # the libraries' errors for files they cannot use (the folder check misses some)
-        raise ModelLoadError(f"Loading the model from {root} failed: {type(exc).__name__}: {exc}") from exc
-    pipe = ZImagePipeline(scheduler=scheduler, tokenizer=tokenizer, **modules)
+        raise ModelLoadError(f"Loading the model from {layout.root} failed: {type(exc).__name__}: {exc}") from exc
+    return modules
+
+
+def _finish(pipe: Any, progress: bool) -> Any:
     pipe.set_progress_bar_config(disable=not progress)
     # diffusers makes its denoising bar with tqdm.auto, which warns in a notebook without ipywidgets: make it with
     # ours. (The bar finds the pipeline through a weak reference, so the pipeline holds no cycle to itself.)
@@ -137,7 +168,9 @@ def _empty_module(layout: PipelineLayout, component: str, dtype: torch.dtype) ->
 
     folder = layout.root / component
     # exclusive: both contexts change what every thread of the process shares (see process_state.py)
-    with exclusive(), init_empty_weights(), default_dtype(dtype):
+    # include_buffers=False whatever the environment says: with buffers, accelerate would point every tensor
+    # constructor of the process at the meta device meanwhile, and early_read.py's thread allocates tensors
+    with exclusive(), init_empty_weights(include_buffers=False), default_dtype(dtype):
         if component == "text_encoder":
             from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 

@@ -37,8 +37,10 @@ from .host import HostHomes
 from .safetensors_header import TensorEntry, read_safetensors_header
 
 __all__ = [
+    "EntryValues",
     "TensorEntry",
     "fill_module",
+    "read_entries",
     "read_safetensors_header",
     "read_tensors",
 ]
@@ -51,6 +53,8 @@ STAGING_SLOTS = 3
 READ_THREADS = min(8, os.cpu_count() or 1)
 _SEEK_LOCK = threading.Lock()
 T = TypeVar("T")
+# Values read ahead of their module (:func:`read_entries`), by (file, tensor name).
+EntryValues = Mapping[tuple[Path, str], torch.Tensor]
 
 
 def fill_module(
@@ -61,10 +65,12 @@ def fill_module(
     destination: str | torch.device,
     homes: HostHomes | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    ready: EntryValues | None = None,
 ) -> None:
     """Give every parameter and persistent buffer of ``module`` (built with meta parameters) its values from
     ``entries``, placed at ``destination``: ``"homes"`` (pinned host homes in ``homes``), ``"cpu"``, or a
-    device. Floating tensors become ``dtype``; others keep theirs.
+    device. Floating tensors become ``dtype``; others keep theirs. ``ready``: the values :func:`read_entries`
+    already read for this ``dtype`` and ``destination`` (not ``"homes"``), used instead of reading again.
 
     Raises :class:`~zimage_turbo.errors.ModelLoadError` naming the keys when the files and the module do not
     match (a missing tensor, an unexpected one, another shape).
@@ -75,7 +81,11 @@ def fill_module(
     unique = list(_unique(by_name))
     device = None if str(destination) in ("homes", "cpu") else torch.device(destination)
     into_homes = homes if destination == "homes" else None
-    if device is None:
+    if ready is not None and into_homes is None and all((entry.path, entry.name) in ready for entry, _ in unique):
+        values, group = [ready[entry.path, entry.name] for entry, _ in unique], None
+        if on_bytes is not None:
+            on_bytes(sum(entry.nbytes for entry, _ in unique))
+    elif device is None:
         values, group = _read_to_host(unique, wanted, into_homes, on_bytes)
     elif device.type == "cuda":
         values, group = _read_to_cuda(unique, wanted, device, on_bytes), None
@@ -96,6 +106,20 @@ def fill_module(
     leftover = [name for name, tensor in _named_tensors(module).items() if tensor.is_meta]
     if leftover:
         raise ModelLoadError(f"{type(module).__name__}: no values for {', '.join(leftover[:5])}")
+
+
+def read_entries(entries: Sequence[TensorEntry], dtype: torch.dtype, destination: torch.device) -> EntryValues:
+    """Every tensor of ``entries`` read into ``destination`` (the CPU or a CUDA device) as :func:`fill_module`
+    would read it there (floating ones cast to ``dtype``), before any module exists to put it in."""
+    unique = [(entry, [str(index)]) for index, entry in enumerate(entries)]
+    wanted = {names[0]: (dtype if entry.dtype.is_floating_point else entry.dtype) for entry, names in unique}
+    if destination.type == "cuda":
+        values = _read_to_cuda(unique, wanted, destination, None)
+    elif destination.type == "cpu":
+        values, _ = _read_to_host(unique, wanted, None, None)
+    else:
+        raise ValueError(f"read_entries reads into the CPU or a CUDA device, not {destination}")
+    return {(entry.path, entry.name): value for (entry, _), value in zip(unique, values, strict=True)}
 
 
 def read_tensors(entries: Sequence[TensorEntry], dtype: torch.dtype) -> list[torch.Tensor]:
