@@ -124,3 +124,33 @@ def test_detection_sees_the_per_process_cap() -> None:
     assert 15 * GIB < usable <= 16 * GIB
     assert fraction < 1
     assert 5 * GIB < budgeted <= 6 * GIB
+
+
+def test_weights_read_ahead_into_the_gpu_equal_those_read_into_the_built_modules(tiny_checkpoint: Path) -> None:
+    """The early reads (zimage_turbo.early_read) on CUDA: a background thread's copies through its own streams give
+    the module the values a read into the built module gives (here: into host memory, then moved)."""
+    from zimage_turbo.early_read import EarlyReads
+    from zimage_turbo.host import HostHomes
+    from zimage_turbo.loader import load_pipeline
+
+    layout = check_pipeline_dir(tiny_checkpoint)
+    cuda = torch.device("cuda", 0)
+    targets = {name: cuda for name in ("transformer", "text_encoder", "vae")}
+    read_ahead: list[EarlyReads] = []
+    original = EarlyReads.__init__
+
+    def remember(self: EarlyReads, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        read_ahead.append(self)
+
+    EarlyReads.__init__ = remember  # type: ignore[method-assign]
+    try:
+        ahead = load_pipeline(layout, dtype=torch.bfloat16, targets=targets, homes=HostHomes(), progress=False)
+    finally:
+        EarlyReads.__init__ = original  # type: ignore[method-assign]
+    assert [name for name, _, _ in read_ahead[0]._jobs] == ["transformer", "text_encoder", "vae"]
+    homes = load_pipeline(layout, dtype=torch.bfloat16, targets={}, homes=HostHomes(), progress=False)
+    for name in targets:
+        mine, reference = getattr(ahead, name).state_dict(), getattr(homes, name).state_dict()
+        assert all(tensor.device == cuda for tensor in mine.values())
+        assert all(torch.equal(mine[key].cpu(), value) for key, value in reference.items()), name
