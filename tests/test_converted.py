@@ -177,3 +177,40 @@ def test_cli_convert(settings: ZImageSettings, published: Path, capsys: pytest.C
     assert "Wrote the converted copy" in capsys.readouterr().out
     assert main(argv) == 0
     assert "A sound converted copy exists" in capsys.readouterr().out
+
+
+def test_a_load_from_the_copy_reads_no_more_bytes_than_the_weights_own_size(
+    settings: ZImageSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22's "reading the converted copy moves no more bytes than the weights' own size": every tensor read
+    once, in the run dtype (from the float32 source, the transformer's bytes are read twice over)."""
+    from zimage_turbo import weights
+
+    first_load(settings)
+    read: list[int] = []
+    pread = weights._pread_into
+
+    def counted(fd: int, view: memoryview, position: int) -> int:
+        got = pread(fd, view, position)
+        read.append(got)
+        return got
+
+    monkeypatch.setattr(weights, "_pread_into", counted)
+
+    def load(chosen: ZImageSettings, source: str) -> tuple[int, int]:
+        """Bytes read from weight files by a load, and the bytes of the weights it loaded."""
+        read.clear()
+        with Generator(settings=chosen, strategy="cpu") as gen:
+            gen.load()
+            assert gen.model is not None and gen.model.source == source
+            storages = {
+                tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+                for name in ("transformer", "text_encoder", "vae")
+                for tensor in getattr(gen.pipeline, name).state_dict(keep_vars=True).values()
+            }
+            return sum(read), sum(storages.values())
+
+    from_copy, weights_size = load(settings, "converted")
+    assert 0 < from_copy <= weights_size
+    from_source, same_size = load(settings.model_copy(update={"converted_copy": "off"}), "local")
+    assert same_size == weights_size and from_source > 1.5 * from_copy  # float32 transformer: twice its bytes
