@@ -39,6 +39,7 @@ from zimage_turbo import (
 from zimage_turbo.hardware import GIB
 from zimage_turbo.speedups import SpeedupDriver, attention
 from zimage_turbo.speedups import compile as compiling
+from zimage_turbo.speedups import compile_advisor as advising
 
 PROMPT = "a red fox in fresh snow at dawn"
 CPU = torch.device("cpu")
@@ -132,9 +133,9 @@ def test_an_unknown_kernel_name_is_an_invalid_setting() -> None:
 
 
 def test_on_and_off_do_what_they_say(tmp_path: Path) -> None:
-    assert compiling.CompileAdvisor("on", tmp_path, "k").should_compile(0.0)
-    assert compiling.CompileAdvisor("all", tmp_path, "k").should_compile(0.0)
-    assert not compiling.CompileAdvisor("off", tmp_path, "k").should_compile(1e9)
+    assert advising.CompileAdvisor("on", tmp_path, "k").should_compile(0.0)
+    assert advising.CompileAdvisor("all", tmp_path, "k").should_compile(0.0)
+    assert not advising.CompileAdvisor("off", tmp_path, "k").should_compile(1e9)
 
 
 def test_on_compiles_the_blocks_at_once_and_leaves_the_small_parts_to_the_auto_rule(tmp_path: Path) -> None:
@@ -156,7 +157,7 @@ def test_on_compiles_the_blocks_at_once_and_leaves_the_small_parts_to_the_auto_r
 
 
 def test_known_work_compiles_when_its_saving_covers_the_compile(tmp_path: Path) -> None:
-    advisor = compiling.CompileAdvisor("auto", tmp_path, "k")
+    advisor = advising.CompileAdvisor("auto", tmp_path, "k")
     assert advisor.expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
     break_even = compiling.DEFAULT_COMPILE_SECONDS / compiling.COMPILE_SAVING
     assert not advisor.should_compile(0.9 * break_even)
@@ -165,7 +166,7 @@ def test_known_work_compiles_when_its_saving_covers_the_compile(tmp_path: Path) 
 
 def test_work_arriving_one_image_at_a_time_compiles_once_it_has_paid_the_compile(tmp_path: Path) -> None:
     """Ski rental: compile once the eager time already spent would have saved the compile's cost."""
-    advisor = compiling.CompileAdvisor("auto", tmp_path, "k")
+    advisor = advising.CompileAdvisor("auto", tmp_path, "k")
     per_image = 1.2
     images = 0
     while not advisor.should_compile(per_image):
@@ -182,26 +183,26 @@ def test_work_arriving_one_image_at_a_time_compiles_once_it_has_paid_the_compile
 
 
 def test_a_measured_compile_time_is_what_the_next_advisor_expects(tmp_path: Path) -> None:
-    compiling.CompileAdvisor("auto", tmp_path, "torch x / GPU y / bfloat16").compiled_in(3.25)
+    advising.CompileAdvisor("auto", tmp_path, "torch x / GPU y / bfloat16").compiled_in(3.25)
     records = json.loads((tmp_path / "zimage-turbo-compile-times.json").read_text())
     assert records == {"torch x / GPU y / bfloat16": 3.25}
-    assert compiling.CompileAdvisor("auto", tmp_path, "torch x / GPU y / bfloat16").expected_compile_s == 3.25
+    assert advising.CompileAdvisor("auto", tmp_path, "torch x / GPU y / bfloat16").expected_compile_s == 3.25
     # another device or PyTorch version starts from the default
-    assert compiling.CompileAdvisor("auto", tmp_path, "other").expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
+    assert advising.CompileAdvisor("auto", tmp_path, "other").expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
 
 
 def test_each_part_has_its_own_cost_saving_and_record(tmp_path: Path) -> None:
     """The text encoder saves a share of the encode, not of the denoising, and costs its own compile time;
     fp8 blocks expect a larger saving than bf16 ones (activation quantization fuses away)."""
     blocks, text_encoder, *_ = compiling.COMPILE_PARTS
-    advisor = compiling.CompileAdvisor("auto", tmp_path, "k / text_encoder", text_encoder)
+    advisor = advising.CompileAdvisor("auto", tmp_path, "k / text_encoder", text_encoder)
     assert advisor.expected_compile_s == compiling.TEXT_ENCODER_COMPILE_SECONDS
     break_even = compiling.TEXT_ENCODER_COMPILE_SECONDS / compiling.TEXT_ENCODER_SAVING
     assert not advisor.should_compile(0.9 * break_even) and advisor.should_compile(1.1 * break_even)
     advisor.compiled_in(12.5)
-    assert compiling.CompileAdvisor("auto", tmp_path, "k / text_encoder", text_encoder).expected_compile_s == 12.5
+    assert advising.CompileAdvisor("auto", tmp_path, "k / text_encoder", text_encoder).expected_compile_s == 12.5
     assert (
-        compiling.CompileAdvisor("auto", tmp_path, "k", blocks).expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
+        advising.CompileAdvisor("auto", tmp_path, "k", blocks).expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
     )
     accelerator = SpeedupDriver("native", "auto", tmp_path)
     bf16 = accelerator._advisor(blocks, CPU, torch.bfloat16, None)
@@ -218,7 +219,7 @@ def test_known_work_pays_for_each_part_from_its_own_phase(tmp_path: Path) -> Non
         "decode": 1.0,
     }
     decisions = {
-        part.name: compiling.CompileAdvisor("auto", tmp_path, part.name, part).should_compile(upcoming[part.phase])
+        part.name: advising.CompileAdvisor("auto", tmp_path, part.name, part).should_compile(upcoming[part.phase])
         for part in compiling.COMPILE_PARTS
     }
     # (the fp8 layers of streamed blocks are compiled from the denoising time too; only streamed fp8 has them)
@@ -246,9 +247,9 @@ def test_parts_leave_compile_when_the_strategy_cannot_run_them_compiled(
 
 def test_a_damaged_record_file_means_no_record(tmp_path: Path) -> None:
     (tmp_path / "zimage-turbo-compile-times.json").write_text("{not json")
-    assert compiling.CompileAdvisor("auto", tmp_path, "k").expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
+    assert advising.CompileAdvisor("auto", tmp_path, "k").expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
     (tmp_path / "zimage-turbo-compile-times.json").write_text('{"k": "NaN", "j": [1]}')
-    assert compiling.CompileAdvisor("auto", tmp_path, "k").expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
+    assert advising.CompileAdvisor("auto", tmp_path, "k").expected_compile_s == compiling.DEFAULT_COMPILE_SECONDS
 
 
 def test_compile_cache_folder_follows_the_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -280,7 +281,7 @@ def test_compiled_parts_give_the_eager_image_and_leave_with_a_streaming_strategy
     assert generator.generate(PROMPT, seed=4, **SIZE).compiled == everything
     # each part's compile was timed and recorded where the settings keep caches
     records = json.loads((tmp_path / "torch-compile" / "zimage-turbo-compile-times.json").read_text())
-    key = compiling.compile_key(CPU, torch.float32)
+    key = advising.compile_key(CPU, torch.float32)
     assert sorted(records) == [key, f"{key} / text_encoder", f"{key} / vae_decoder"]
     assert all(math.isfinite(value) for value in records.values())
 

@@ -74,7 +74,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "controlnet",
     ),
     "pipeline": ("phases", "image_phases", "control_phases"),
-    "speedups": ("speedups", "speedups.attention", "speedups.block_insides", "speedups.compile", "speedups.driver"),
+    "speedups": (
+        "speedups",
+        "speedups.attention",
+        "speedups.block_insides",
+        "speedups.compile",
+        "speedups.compile_advisor",
+        "speedups.driver",
+    ),
     "place": (
         "strategies",
         "strategies.base",

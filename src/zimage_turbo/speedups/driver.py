@@ -17,9 +17,7 @@ from .attention import AttentionShape, attention_available, choose_attention, se
 from .compile import (
     COMPILE_PARTS,
     QUANTIZED_COMPILE_SAVING,
-    CompileAdvisor,
     CompilePart,
-    compile_key,
     compile_part,
     compile_unavailable,
     compiled_parts,
@@ -29,6 +27,7 @@ from .compile import (
     uncompile_part,
     use_compile_cache,
 )
+from .compile_advisor import CompileAdvisor, compile_key
 
 __all__ = ["SpeedupDriver"]
 
