@@ -79,8 +79,8 @@ def load_pipeline(
     # the disk reads the files (if not in memory yet) while the libraries are imported
     start_readahead([path for name in _FILL_ORDER for path in layout.weight_paths(name)])
     # and the components headed for a GPU (or plain host memory) are read into it meanwhile (early_read.py)
-    ahead = [(name, entries[name], reads_early(targets.get(name, "homes"))) for name in _FILL_ORDER]
-    early = EarlyReads([(name, listed, device) for name, listed, device in ahead if device is not None], dtype)
+    ahead = {name: reads_early(targets.get(name, "homes")) for name in _FILL_ORDER}
+    early = EarlyReads([(name, entries[name], device) for name, device in ahead.items() if device is not None], dtype)
     try:
         with quiet_imports():
             from diffusers import ZImagePipeline

@@ -125,10 +125,8 @@ def read_entries(entries: Sequence[TensorEntry], dtype: torch.dtype, destination
 def read_tensors(entries: Sequence[TensorEntry], dtype: torch.dtype) -> list[torch.Tensor]:
     """The values of ``entries`` in ordinary host memory, floating ones cast to ``dtype`` as loading casts them:
     an exact copy of what the model was loaded with (LoRA unloading restores weights from it)."""
-    unique = [(entry, [entry.name]) for entry in entries]
-    wanted = {entry.name: (dtype if entry.dtype.is_floating_point else entry.dtype) for entry in entries}
-    values, _ = _read_to_host(unique, wanted, None, None)
-    return values
+    values = read_entries(entries, dtype, torch.device("cpu"))
+    return [values[entry.path, entry.name] for entry in entries]
 
 
 def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
