@@ -58,10 +58,12 @@ def since_start() -> float:
 
 
 def worker(case: str, checkpoint: str, cache_dir: str, size: int, profile: bool = False) -> dict[str, Any]:
-    """One case in this (fresh) process: the marks, and ours' phases of the first image (with ``profile``, also
-    the library's log lines with their times and where the main thread spent the load and the first image)."""
+    """One case in this (fresh) process: the marks, and ours' phases of the first image and the library's log
+    lines with their times (with ``profile``, also where the main thread spent the load and the first image)."""
     marks: list[tuple[str, float]] = [("python running", since_start())]
-    profiler, log = _watch() if profile else (None, [])
+    # ours keeps the library's log lines with their times (cheap); the profiler only when asked (it slows the run)
+    log = _keep_log() if case.startswith("ours") else []
+    profiler = _profile_main_thread() if profile else None
     kernels = kernel_cache(case, cache_dir)
     if case == "diffusers_compiled":
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(kernels)
@@ -134,17 +136,16 @@ def worker(case: str, checkpoint: str, cache_dir: str, size: int, profile: bool 
     torch.cuda.synchronize()
     mark("second image")
     result = {"case": case, "marks": dict(marks), **phases, "host_max_rss_gib": _max_rss_gib()}
+    if log:
+        result["log"] = log
     if profiler is not None:
         profiler.disable()
-        result["log"] = log
         result["profile"] = _top_calls(profiler)
     return {**result, "kernel_cache_warm": warm} if case in COMPILED else result
 
 
-def _watch() -> tuple[Any, list[str]]:
-    """Start a profiler of this thread (the imports, the load and the images: the reading threads show as waits)
-    and keep the library's log lines (debug and up), each with the seconds since the process started."""
-    import cProfile
+def _keep_log() -> list[str]:
+    """The library's log lines (debug and up) from now on, each with the seconds since the process started."""
     import logging
 
     log: list[str] = []
@@ -156,9 +157,17 @@ def _watch() -> tuple[Any, list[str]]:
     library = logging.getLogger("zimage_turbo")
     library.setLevel(logging.DEBUG)  # the loader says at debug what building and filling each component took
     library.addHandler(Keep())
+    return log
+
+
+def _profile_main_thread() -> Any:
+    """A profiler of this thread from now on (the imports, the load and the images: the reading threads show as
+    waits)."""
+    import cProfile
+
     profiler = cProfile.Profile()
     profiler.enable()
-    return profiler, log
+    return profiler
 
 
 def _top_calls(profiler: Any, count: int = 45) -> list[str]:
@@ -206,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--clear-kernel-cache", action="store_true", help="empty the compiled cases' kernel caches first"
     )
-    parser.add_argument(
-        "--profile", action="store_true", help="ours: keep the log with times and a profile of the main thread"
-    )
+    parser.add_argument("--profile", action="store_true", help="ours: keep a profile of the main thread")
     parser.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cache_dir = args.cache_dir or str(args.out.parent / "cold-start-cache")

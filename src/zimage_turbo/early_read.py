@@ -16,7 +16,9 @@ thread and drops anything not taken, so that a failed load leaves no memory behi
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +26,8 @@ import torch
 from .weights import EntryValues, TensorEntry, read_entries
 
 __all__ = ["EarlyReads", "reads_early"]
+
+logger = logging.getLogger(__name__)
 
 
 def reads_early(target: str | torch.device) -> torch.device | None:
@@ -59,7 +63,9 @@ class EarlyReads:
         for name, entries, device in self._jobs:
             try:
                 if not self._stop.is_set():
+                    started = time.perf_counter()
                     self._values[name] = read_entries(entries, self._dtype, device)
+                    logger.debug("%s read ahead into %s in %.2f s", name, device, time.perf_counter() - started)
             except BaseException as exc:  # raised on the loading thread, where the component is taken
                 self._errors[name] = exc
                 self._stop.set()  # the rest is read when filled, if the load goes on
