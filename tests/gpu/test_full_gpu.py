@@ -145,11 +145,11 @@ def test_weights_read_ahead_into_the_gpu_equal_those_read_into_the_built_modules
 
     EarlyReads.__init__ = remember  # type: ignore[method-assign]
     try:
-        ahead = load_pipeline(layout, dtype=torch.bfloat16, targets=targets, homes=HostHomes(), progress=False)
+        ahead = load_pipeline(layout, dtype=torch.bfloat16, targets=targets, homes=HostHomes(pin=False), progress=False)
     finally:
         EarlyReads.__init__ = original  # type: ignore[method-assign]
     assert [name for name, _, _ in read_ahead[0]._jobs] == ["transformer", "text_encoder", "vae"]
-    homes = load_pipeline(layout, dtype=torch.bfloat16, targets={}, homes=HostHomes(), progress=False)
+    homes = load_pipeline(layout, dtype=torch.bfloat16, targets={}, homes=HostHomes(pin=False), progress=False)
     for name in targets:
         mine, reference = getattr(ahead, name).state_dict(), getattr(homes, name).state_dict()
         assert all(tensor.device == cuda for tensor in mine.values())
