@@ -28,21 +28,6 @@ from pathlib import Path
 from typing import Any
 
 
-def _imports() -> None:
-    """The imports a load makes (loader.py), in its order."""
-    from zimage_turbo.quiet_imports import quiet_imports
-
-    with quiet_imports():
-        from accelerate import init_empty_weights  # noqa: F401
-        from diffusers import (  # noqa: F401
-            AutoencoderKL,
-            FlowMatchEulerDiscreteScheduler,
-            ZImagePipeline,
-            ZImageTransformer2DModel,
-        )
-        from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM  # noqa: F401
-
-
 def worker(mode: str, checkpoint: str, threads: int, chunk_mib: int) -> dict[str, Any]:
     import torch
 
@@ -50,7 +35,7 @@ def worker(mode: str, checkpoint: str, threads: int, chunk_mib: int) -> dict[str
     from zimage_turbo import weights
     from zimage_turbo.early_read import EarlyReads
     from zimage_turbo.layout import check_pipeline_dir
-    from zimage_turbo.loader import _FILL_ORDER, _entries
+    from zimage_turbo.loader import _FILL_ORDER, _entries, import_model_libraries
 
     weights.READ_THREADS = threads
     weights.STAGING_CHUNK_BYTES = chunk_mib * 2**20
@@ -70,7 +55,7 @@ def worker(mode: str, checkpoint: str, threads: int, chunk_mib: int) -> dict[str
     start = time.perf_counter()
     early = EarlyReads(jobs if mode != "imports" else [], torch.bfloat16)
     if mode != "reads":
-        _imports()
+        import_model_libraries()
         result["imports_end_s"] = time.perf_counter() - start
     for name, _, _ in jobs:
         early.take(name)

@@ -63,6 +63,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "host",
         "readahead",
         "weights",
+        "cuda_warmup",
         "early_read",
         "loader",
         "converted",

@@ -36,13 +36,17 @@ from .readahead import start_readahead
 from .settings import DtypeName
 from .weights import TensorEntry, fill_module, read_safetensors_header
 
-__all__ = ["load_pipeline", "resolve_dtype"]
+__all__ = ["import_model_libraries", "load_pipeline", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
 # Where a component's weights go when the pipeline is loaded: a device, "homes" (pinned host homes, plain
 # host tensors without CUDA) or "cpu" (plain host tensors).
 Target = str | torch.device
+
+# Whether the early-read thread also loads the CUDA libraries for the first image (cuda_warmup.py); the cold-start
+# benchmark turns it off to measure what it saves.
+WARM_CUDA_LIBRARIES = True
 
 # The order the components are read in (the largest first: the others arrive while it is being placed).
 _FILL_ORDER = ("transformer", "text_encoder", "vae")
@@ -80,16 +84,31 @@ def load_pipeline(
     start_readahead([path for name in _FILL_ORDER for path in layout.weight_paths(name)])
     # and the components headed for a GPU (or plain host memory) are read into it meanwhile (early_read.py)
     ahead = {name: reads_early(targets.get(name, "homes")) for name in _FILL_ORDER}
-    early = EarlyReads([(name, entries[name], device) for name, device in ahead.items() if device is not None], dtype)
+    jobs = [(name, entries[name], device) for name, device in ahead.items() if device is not None]
+    early = EarlyReads(jobs, dtype, warm_up=WARM_CUDA_LIBRARIES)
     try:
-        with quiet_imports():
-            from diffusers import ZImagePipeline
+        import_model_libraries()
+        from diffusers import ZImagePipeline
 
         modules = _fill_modules(layout, entries, dtype, targets, homes, early, progress)
     finally:
         early.close()
     pipe = ZImagePipeline(**modules)
     return _finish(pipe, progress)
+
+
+def import_model_libraries() -> None:
+    """Import what a load builds the pipeline with, in one quiet window (seconds: diffusers imports
+    ``torch._dynamo``, transformers imports torchao where it is installed; see quiet_imports.py)."""
+    with quiet_imports():
+        import accelerate  # noqa: F401
+        import diffusers
+        import transformers
+
+        for name in ("ZImagePipeline", "ZImageTransformer2DModel", "AutoencoderKL", "FlowMatchEulerDiscreteScheduler"):
+            getattr(diffusers, name)  # the lazy module imports each on first use
+        for name in ("Qwen2Tokenizer", "Qwen3Config", "Qwen3ForCausalLM", "Qwen3Model"):
+            getattr(transformers, name)
 
 
 def _fill_modules(
