@@ -37,6 +37,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "json_files",
         "calibration",
         "process_state",
+        "package_map",
         "quiet_imports",
         "execution",
         "failures",

@@ -3,6 +3,7 @@ those loggers is left as it was. (``import zimage_turbo`` alone imports none of 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,22 +29,34 @@ def run(script: str) -> subprocess.CompletedProcess[str]:
 
 # With or without torchao: the noise came from it, so this runs again on the quant extra's floors.
 @pytest.mark.quant(needs_torchao=False)
-def test_a_tiny_generation_prints_none_of_the_import_noise(tiny_checkpoint: Path) -> None:
+def test_a_tiny_generation_prints_none_of_the_import_noise(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Also: its load's imports scan the installed distributions once and keep the map for the next process
+    (package_map.py; test_package_map.py checks that a later process takes it)."""
     done = run(
         f"""
+        import importlib.metadata
         import logging
+        from pathlib import Path
         from zimage_turbo import Generator, ZImageSettings
 
-        settings = ZImageSettings(model={str(tiny_checkpoint)!r}, source="local", progress=False)
+        real, scans = importlib.metadata.packages_distributions, []
+        def counted():
+            scans.append(1)
+            return real()
+        importlib.metadata.packages_distributions = counted
+        settings = ZImageSettings(
+            model={str(tiny_checkpoint)!r}, source="local", progress=False, cache_dir=Path({str(tmp_path)!r})
+        )
         Generator(settings=settings).generate("a fox", width=256, height=256, steps=1, seed=0)
         logging.getLogger("torchao").warning("the program's own message")
-        print([logging.getLogger(name).level for name in ("torchao", "torch.utils._pytree")])
+        print([logging.getLogger(name).level for name in ("torchao", "torch.utils._pytree")], len(scans))
         """
     )
     assert done.returncode == 0, done.stderr
     assert not [line for line in done.stderr.splitlines() if any(noise in line for noise in NOISE)], done.stderr
     assert "the program's own message" in done.stderr  # levels put back: nothing hidden for good
-    assert done.stdout.strip() == "[0, 0]"
+    assert done.stdout.strip() == "[0, 0] 1"
+    assert json.loads((tmp_path / "package-map.json").read_text())["map"]
 
 
 def test_the_libraries_imports_scan_the_installed_distributions_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,10 +22,12 @@ from .call_guard import CallGuard
 from .converted import find_copy, start_background_copy, worth_converting
 from .ladder import Ladder
 from .machine import Machine
+from .package_map import package_map_file
 from .phases import Progress
 from .placement import Placement, load_placement
 from .planner import Candidate, Plan
 from .profile import ModelProfile, Workload
+from .quiet_imports import quiet_imports
 from .request import DEFAULT_STEPS, GenerationRequest
 from .result import Fallback, GenerationResult
 from .settings import ZImageSettings
@@ -111,16 +113,18 @@ class GeneratorCore:
         assert hardware is not None
         machine.check_attention(machine.first_device(hardware))
         first = machine.first_candidate(self._requested, profile, hardware)
-        placement, fallbacks = load_placement(
-            model,
-            dtype=dtype,
-            profile=profile,
-            first=first.strategy,
-            hardware=hardware,
-            progress=self.settings.progress,
-            detect=machine.detect,
-            seen=machine.seen,
-        )
+        # the load's imports take the installed distributions' map kept by an earlier process (package_map.py)
+        with quiet_imports(package_map=package_map_file(self.settings.cache_dir)):
+            placement, fallbacks = load_placement(
+                model,
+                dtype=dtype,
+                profile=profile,
+                first=first.strategy,
+                hardware=hardware,
+                progress=self.settings.progress,
+                detect=machine.detect,
+                seen=machine.seen,
+            )
         self._placement = placement
         self._pending += fallbacks
         # Place the weights now, so that a loaded Generator is ready; if that runs out of memory, the first

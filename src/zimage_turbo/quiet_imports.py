@@ -17,6 +17,8 @@ diffusers and transformers each call ``importlib.metadata.packages_distributions
 imported: a scan of every installed distribution's file list, 0.7 s on a small environment and 1.6 s on the
 H200 machine's (2026-11-29 profile of a cold start). Within the same window the first answer is kept and handed
 (as a copy) to the second caller: nothing is installed in between, and a process start pays the scan once.
+A window opened with ``package_map`` (the Generator's load) takes that answer from the map kept between processes
+(:mod:`~zimage_turbo.package_map`) while the environment is unchanged, so a process start need not scan at all.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
+
+from .package_map import kept_packages_distributions
 
 __all__ = ["QUIETED_LOGGERS", "quiet_imports"]
 
@@ -40,15 +45,18 @@ _depth = 0
 _saved: dict[str, int] = {}
 _scan: Callable[[], Mapping[str, list[str]]] | None = None  # the real packages_distributions, while replaced
 _scanned: list[Mapping[str, list[str]]] = []  # its first answer in this window
+_kept_in: Path | None = None  # where this window keeps the answer between processes (None: nowhere)
 
 
 @contextmanager
-def quiet_imports() -> Iterator[None]:
+def quiet_imports(package_map: Path | None = None) -> Iterator[None]:
     """Within the block, the loggers of :data:`QUIETED_LOGGERS` show errors only. Nested and concurrent blocks
-    share one window: the levels are put back when the last of them ends."""
-    global _depth
+    share one window: the levels are put back when the last of them ends. ``package_map``: the file that keeps
+    the installed distributions' package map between processes (used by the block that opens the window)."""
+    global _depth, _kept_in
     with _lock:
         if _depth == 0:
+            _kept_in = package_map
             for name in QUIETED_LOGGERS:
                 logger = logging.getLogger(name)
                 _saved[name] = logger.level
@@ -74,10 +82,11 @@ def _share_package_map() -> None:
 
 
 def _unshare_package_map() -> None:
-    global _scan
+    global _scan, _kept_in
     if importlib.metadata.packages_distributions is _packages_distributions_once and _scan is not None:
         importlib.metadata.packages_distributions = _scan  # (left alone if someone replaced it meanwhile)
     _scan = None
+    _kept_in = None
     _scanned.clear()
 
 
@@ -90,7 +99,7 @@ def _packages_distributions_once() -> Mapping[str, list[str]]:
             first = None
         else:
             if not _scanned:
-                _scanned.append(scan())
+                _scanned.append(scan() if _kept_in is None else kept_packages_distributions(_kept_in, scan))
             first = _scanned[0]
     if first is None:
         return scan()
