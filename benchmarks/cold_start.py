@@ -57,9 +57,7 @@ def since_start() -> float:
     return time.time() - _START
 
 
-def worker(
-    case: str, checkpoint: str, cache_dir: str, size: int, profile: bool = False, warm_up: bool = True
-) -> dict[str, Any]:
+def worker(case: str, checkpoint: str, cache_dir: str, size: int, profile: bool = False) -> dict[str, Any]:
     """One case in this (fresh) process: the marks, and ours' phases of the first image and the library's log
     lines with their times (with ``profile``, also where the main thread spent the load and the first image)."""
     marks: list[tuple[str, float]] = [("python running", since_start())]
@@ -111,9 +109,6 @@ def worker(
 
     else:
         import zimage_turbo  # light: diffusers and transformers come with the first load, as in an app
-        import zimage_turbo.loader
-
-        zimage_turbo.loader.WARM_CUDA_LIBRARIES = warm_up
 
         mark("import libraries")
         converted = "off" if case == "ours" else "auto"
@@ -221,17 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         "--clear-kernel-cache", action="store_true", help="empty the compiled cases' kernel caches first"
     )
     parser.add_argument("--profile", action="store_true", help="ours: keep a profile of the main thread")
-    parser.add_argument(
-        "--no-warm-up", action="store_true", help="ours: the CUDA libraries loaded by the first image, not ahead"
-    )
     parser.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cache_dir = args.cache_dir or str(args.out.parent / "cold-start-cache")
     if args.worker:
         watched = args.profile and args.worker.startswith("ours")
-        result = worker(
-            args.worker, args.checkpoint, cache_dir, args.size, profile=watched, warm_up=not args.no_warm_up
-        )
+        result = worker(args.worker, args.checkpoint, cache_dir, args.size, profile=watched)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -245,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "steps": 8,
         "bytecode": {"written": not sys.dont_write_bytecode, "pycache_prefix_set": sys.pycache_prefix is not None},
-        "cuda_libraries_warmed_ahead": not args.no_warm_up,
         "runs": [],
     }
     if args.clear_kernel_cache:
@@ -265,7 +254,6 @@ def main(argv: list[str] | None = None) -> int:
             command = [sys.executable, __file__, "--worker", case, "--checkpoint", args.checkpoint]
             command += ["--out", str(args.out), "--cache-dir", cache_dir, "--size", str(args.size)]
             command += ["--profile"] if args.profile else []
-            command += ["--no-warm-up"] if args.no_warm_up else []
             run = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
             if run.returncode != 0 or not lines:

@@ -64,7 +64,6 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "host",
         "readahead",
         "weights",
-        "cuda_warmup",
         "early_read",
         "loader",
         "converted",

@@ -9,9 +9,6 @@ the load, and each module takes its values once built (:func:`~zimage_turbo.weig
 headed for host homes (offloading placements) are read as before, when filled: their pinned buffers are
 reserved as each module is filled.
 
-After its reads the thread also loads the CUDA libraries the first image uses
-(:func:`~zimage_turbo.cuda_warmup.warm_cuda_libraries`), on each GPU it read into.
-
 If a read fails (a truncated file, the GPU out of memory), the error is raised where the component is taken,
 as it would have been when read there, and nothing more is read ahead; :meth:`EarlyReads.close` waits for the
 thread and drops anything not taken, so that a failed load leaves no memory behind.
@@ -26,7 +23,6 @@ from collections.abc import Sequence
 
 import torch
 
-from .cuda_warmup import warm_cuda_libraries
 from .weights import EntryValues, TensorEntry, read_entries
 
 __all__ = ["EarlyReads", "reads_early"]
@@ -49,20 +45,11 @@ class EarlyReads:
     Args:
         jobs: (component name, its tensor entries, the device to read them into), in the order they are needed.
         dtype: the run dtype floating tensors are cast to.
-        warm_up: after the reads, load the CUDA libraries on each GPU read into (the benchmarks turn it off to
-            measure what it saves).
     """
 
-    def __init__(
-        self,
-        jobs: Sequence[tuple[str, Sequence[TensorEntry], torch.device]],
-        dtype: torch.dtype,
-        *,
-        warm_up: bool = True,
-    ) -> None:
+    def __init__(self, jobs: Sequence[tuple[str, Sequence[TensorEntry], torch.device]], dtype: torch.dtype) -> None:
         self._jobs = list(jobs)
         self._dtype = dtype
-        self._warm_up = warm_up
         self._values: dict[str, EntryValues] = {}
         self._errors: dict[str, BaseException] = {}
         self._finished = {name: threading.Event() for name, _, _ in self._jobs}
@@ -84,9 +71,6 @@ class EarlyReads:
                 self._stop.set()  # the rest is read when filled, if the load goes on
             finally:
                 self._finished[name].set()
-        if self._warm_up and not self._stop.is_set():
-            for device in dict.fromkeys(device for _, _, device in self._jobs if device.type == "cuda"):
-                warm_cuda_libraries(device, self._dtype)
 
     def take(self, name: str) -> EntryValues | None:
         """The values read ahead for component ``name`` (waiting for them), or None where it was not read ahead;

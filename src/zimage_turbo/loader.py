@@ -44,10 +44,6 @@ logger = logging.getLogger(__name__)
 # host tensors without CUDA) or "cpu" (plain host tensors).
 Target = str | torch.device
 
-# Whether the early-read thread also loads the CUDA libraries for the first image (cuda_warmup.py); the cold-start
-# benchmark turns it off to measure what it saves.
-WARM_CUDA_LIBRARIES = True
-
 # The order the components are read in (the largest first: the others arrive while it is being placed).
 _FILL_ORDER = ("transformer", "text_encoder", "vae")
 
@@ -85,7 +81,7 @@ def load_pipeline(
     # and the components headed for a GPU (or plain host memory) are read into it meanwhile (early_read.py)
     ahead = {name: reads_early(targets.get(name, "homes")) for name in _FILL_ORDER}
     jobs = [(name, entries[name], device) for name, device in ahead.items() if device is not None]
-    early = EarlyReads(jobs, dtype, warm_up=WARM_CUDA_LIBRARIES)
+    early = EarlyReads(jobs, dtype)
     try:
         import_model_libraries()
         from diffusers import ZImagePipeline
