@@ -10,15 +10,14 @@ and, for each folder on ``sys.path`` that has any, in path order, the names and 
 distributions' metadata entries (``*.dist-info``, ``*.egg-info``). Installing, upgrading or removing a
 distribution creates, rewrites or removes such an entry, so the fingerprint no longer matches and the map is
 read again (a few milliseconds of directory listing decide). Programs started from different folders share the
-map. An environment with finders of its own that list distributions (anything on ``sys.meta_path``
-besides Python's path finder with a ``find_distributions``) is never kept: its answer may not come from
-those folders.
+map. The finders that list distributions are part of the fingerprint: Python's path finder, and the
+``importlib_metadata`` backport's once something imports it. An environment with any other such finder on
+``sys.meta_path`` keeps nothing: its answer may not come from those folders.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.machinery
 import json
 import logging
 import os
@@ -35,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 PACKAGE_MAP_FILE = "package-map.json"
 _METADATA_SUFFIXES = (".dist-info", ".egg-info")
+# Finders that list distributions from the folders on sys.path, as Python's own does (the importlib_metadata
+# backport adds its own to sys.meta_path once anything imports it: Jupyter's stack does).
+_PATH_FINDERS = ("_frozen_importlib_external.PathFinder", "importlib_metadata.MetadataPathFinder")
 
 PackageMap = Mapping[str, list[str]]
 
@@ -47,12 +49,16 @@ def package_map_file(cache_root: Path | None) -> Path:
 def environment_fingerprint() -> str | None:
     """A digest of where ``importlib.metadata`` finds distributions and of their metadata entries, or None
     where other finders may add distributions (nothing is kept then)."""
+    finders: list[str] = []
     for finder in sys.meta_path:
-        if finder is not importlib.machinery.PathFinder and hasattr(finder, "find_distributions"):
-            return None
+        if hasattr(finder, "find_distributions"):
+            name = f"{getattr(finder, '__module__', '?')}.{getattr(finder, '__qualname__', type(finder).__qualname__)}"
+            if name not in _PATH_FINDERS:
+                return None
+            finders.append(name)
     # Only folders holding metadata entries count (in path order, which orders the answer's lists): programs
     # started from different folders share the map, and an entry appearing in any folder changes the digest.
-    parts: list[object] = [sys.version]
+    parts: list[object] = [sys.version, finders]
     for entry in sys.path:
         folder = os.path.abspath(entry or ".")
         try:
