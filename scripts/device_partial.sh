@@ -48,7 +48,12 @@ bench)
     fi
     resume=()
     [ -f "$json" ] && resume=(--resume)
-    timeout 540 python3 -m zimage_turbo bench --checkpoint /tmp/full --out "$json" --docs "$work/bench-partial.md" \
+    # the peer baseline (mmgp, from .whl/peers), for this command only: it makes optimum-quanto importable, which
+    # changes what transformers and diffusers import, not the seconds per image the bench measures
+    if compgen -G ".whl/peers/*.whl" > /dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/peers .whl/peers/*.whl 2>&1 | tail -3
+    fi
+    PYTHONPATH=/tmp/peers:$PYTHONPATH timeout 540 python3 -m zimage_turbo bench --checkpoint /tmp/full --out "$json" --docs "$work/bench-partial.md" \
         --budgets 12 8 6 4 --strategies streamed partial --diffusers-modes group_offload mmgp --sweep-budgets \
         --images 3 --deadline-s 380 ${resume[@]+"${resume[@]}"} \
         --forced partial@12:compile=on partial@8:quantization=fp8 partial@8:quantization=fp8,compile=on 2>&1 | tail -40
