@@ -38,7 +38,7 @@ from .safetensors_header import DTYPE_NAMES, TensorEntry, read_safetensors_heade
 from .settings import ZImageSettings
 from .sources import DISK_MARGIN_BYTES, ResolvedModel, free_disk_bytes
 from .weight_files import WEIGHT_NAMES
-from .weights import read_tensors
+from .weights import read_dtype, read_tensors
 
 __all__ = ["converted_root", "copy_folder", "find_copy", "start_background_copy", "worth_converting", "write_copy"]
 
@@ -263,9 +263,7 @@ def _plain_files(source: Path) -> list[tuple[Path, str]]:
 
 
 def _stored_bytes(entry: TensorEntry, dtype: torch.dtype) -> int:
-    if not entry.dtype.is_floating_point:
-        return entry.nbytes
-    return entry.nbytes // entry.dtype.itemsize * dtype.itemsize
+    return entry.nbytes // entry.dtype.itemsize * read_dtype(entry, dtype).itemsize
 
 
 def _write_safetensors(path: Path, entries: Sequence[TensorEntry], dtype: torch.dtype) -> str:
@@ -274,7 +272,7 @@ def _write_safetensors(path: Path, entries: Sequence[TensorEntry], dtype: torch.
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "zimage_turbo_converted": _dtype_name(dtype)}}
     offset = 0
     for entry in entries:
-        stored = dtype if entry.dtype.is_floating_point else entry.dtype
+        stored = read_dtype(entry, dtype)
         size = _stored_bytes(entry, dtype)
         header[entry.name] = {
             "dtype": DTYPE_NAMES[stored],

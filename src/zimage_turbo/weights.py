@@ -40,6 +40,7 @@ __all__ = [
     "EntryValues",
     "TensorEntry",
     "fill_module",
+    "read_dtype",
     "read_entries",
     "read_safetensors_header",
     "read_tensors",
@@ -55,6 +56,12 @@ _SEEK_LOCK = threading.Lock()
 T = TypeVar("T")
 # Values read ahead of their module (:func:`read_entries`), by (file, tensor name).
 EntryValues = Mapping[tuple[Path, str], torch.Tensor]
+
+
+def read_dtype(entry: TensorEntry, dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``entry`` is read in for a run in ``dtype``: floating tensors are cast to it, others keep theirs
+    (the one rule for loading, reading ahead and the converted copy)."""
+    return dtype if entry.dtype.is_floating_point else entry.dtype
 
 
 def fill_module(
@@ -77,7 +84,7 @@ def fill_module(
     """
     targets = _named_tensors(module)
     by_name = _match(module, targets, entries)
-    wanted = {name: (dtype if entry.dtype.is_floating_point else entry.dtype) for name, entry in by_name.items()}
+    wanted = {name: read_dtype(entry, dtype) for name, entry in by_name.items()}
     unique = list(_unique(by_name))
     device = None if str(destination) in ("homes", "cpu") else torch.device(destination)
     into_homes = homes if destination == "homes" else None
@@ -112,7 +119,7 @@ def read_entries(entries: Sequence[TensorEntry], dtype: torch.dtype, destination
     """Every tensor of ``entries`` read into ``destination`` (the CPU or a CUDA device) as :func:`fill_module`
     would read it there (floating ones cast to ``dtype``), before any module exists to put it in."""
     unique = [(entry, [str(index)]) for index, entry in enumerate(entries)]
-    wanted = {names[0]: (dtype if entry.dtype.is_floating_point else entry.dtype) for entry, names in unique}
+    wanted = {names[0]: read_dtype(entry, dtype) for entry, names in unique}
     if destination.type == "cuda":
         values = _read_to_cuda(unique, wanted, destination, None)
     elif destination.type == "cpu":
