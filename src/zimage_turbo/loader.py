@@ -116,10 +116,10 @@ def _fill_modules(
     early: EarlyReads,
     progress: bool,
 ) -> dict[str, Any]:
-    """The pipeline's components by name, each module built empty and given its weights."""
-    with quiet_imports():
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        from transformers import Qwen2Tokenizer
+    """The pipeline's components by name, each module built empty and given its weights (after
+    :func:`import_model_libraries`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import Qwen2Tokenizer
 
     total = sum(entry.nbytes for listed in entries.values() for entry in listed)
     modules: dict[str, Any] = {}
